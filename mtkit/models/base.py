@@ -1,0 +1,70 @@
+"""The Seq2Seq contract every model family implements.
+
+Tensors are batch-first. ``src`` is (B, S) token ids padded with ``pad_id`` and ending in EOS;
+``src_len`` (B,) counts the non-pad tokens. ``tgt_in`` is (B, T): BOS followed by the target.
+
+- ``forward(src, src_len, tgt_in) -> logits (B, T, V)``: teacher-forced training.
+- ``encode(src, src_len) -> enc``: per-sentence constants (a flat dict of batch-first tensors):
+  encoder memory, its mask, precomputed cross-attention keys/values. Expanded once for the beam.
+- ``init_state(enc) -> state``: what changes per step (a flat dict of batch-first tensors).
+- ``step(prev_tokens (B,), enc, state) -> (log_probs (B, V), state, attn (B, S) or None)``.
+
+Because ``enc`` and ``state`` are flat dicts of batch-first tensors, :func:`expand_state` and
+:func:`reorder_state` work for every family. Log-probabilities everywhere: higher is better.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mtkit.config import ModelConfig
+
+State = dict[str, torch.Tensor]
+
+
+class Seq2Seq(nn.Module):
+    """Base class of all translators. Subclasses set ``Config`` and implement the four methods."""
+
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.src_vocab_size = src_vocab_size
+        self.tgt_vocab_size = tgt_vocab_size
+        self.pad_id = pad_id
+
+    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    def init_state(self, enc: State) -> State:
+        raise NotImplementedError
+
+    def step(
+        self, prev_tokens: torch.Tensor, enc: State, state: State
+    ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def max_positions(self) -> int | None:
+        """Longest source/target the model accepts (``None``: unbounded)."""
+        return None
+
+
+def expand_state(state: State, k: int) -> State:
+    """Repeat every entry k times along the batch axis: (B, ...) -> (B*k, ...)."""
+    return {name: t.repeat_interleave(k, dim=0) for name, t in state.items()}
+
+
+def reorder_state(state: State, order: torch.Tensor) -> State:
+    """Select batch rows: ``order`` (N,) of row indices (beam backpointers)."""
+    return {name: t.index_select(0, order) for name, t in state.items()}
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

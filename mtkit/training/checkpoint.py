@@ -1,0 +1,177 @@
+"""One checkpoint format for every model family: atomic writes, checksummed reads.
+
+File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, then a
+``torch.save`` payload. The payload is a dict of plain types and tensors (loaded with
+``weights_only=True``):
+
+- ``format_version`` (int), ``mtkit_version`` (str)
+- ``config``: the resolved config as a nested dict (``Config.to_dict()``)
+- ``spm``: {"src": bytes, "tgt": bytes} sentencepiece models (the same bytes when joint)
+- ``vocab``: {"src_size", "tgt_size", "pad", "bos", "eos", "unk", "joint"}
+- ``model``: the model's state dict
+- resuming (optional for inference): ``optimizer``, ``scheduler``, ``update`` (int), ``epoch``,
+  ``data_state`` (dict), ``rng`` (dict of tensors), ``scaler``
+- ``metrics``: {"valid_loss", "valid_ppl", "valid_bleu", ...} at the time of saving
+- ``train_state``: trainer bookkeeping (best metric, bad-update count, elapsed time, ...)
+
+Writes go to ``<name>.tmp-<pid>`` in the same directory, are fsynced and renamed over the
+target, so an interrupted write never replaces the previous good checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtkit import __version__
+from mtkit.errors import MtkitError
+
+MAGIC = b"MTKITCK1"
+HEADER = len(MAGIC) + 32
+FORMAT_VERSION = 1
+
+
+class _OffsetReader(io.RawIOBase):
+    """A read-only view of a file that starts ``offset`` bytes in (what torch.load reads)."""
+
+    def __init__(self, f: io.BufferedReader, offset: int):
+        self.f, self.offset = f, offset
+        self.f.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self.f.readinto(b)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 0:
+            return self.f.seek(pos + self.offset) - self.offset
+        return self.f.seek(pos, whence) - self.offset
+
+    def tell(self) -> int:
+        return self.f.tell() - self.offset
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f):
+        self.f = f
+        self.h = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        return self.f.write(b)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically to ``path`` (temp file, fsync, rename)."""
+    path = Path(path)
+    payload = dict(payload)
+    payload.setdefault("format_version", FORMAT_VERSION)
+    payload.setdefault("mtkit_version", __version__)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + b"\0" * 32)
+            writer = _HashingWriter(f)
+            torch.save(payload, writer)
+            f.seek(len(MAGIC))
+            f.write(writer.h.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise MtkitError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and verify a checkpoint; any problem is a one-line :class:`MtkitError`."""
+    path = Path(path)
+    if not path.exists():
+        raise MtkitError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise MtkitError(f"checkpoint path is a directory, not a file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(HEADER)
+        if len(head) < HEADER or head[: len(MAGIC)] != MAGIC:
+            raise MtkitError(f"{path} is not an mtkit checkpoint")
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        if h.digest() != head[len(MAGIC) :]:
+            raise MtkitError(f"checkpoint {path} is corrupt or truncated (checksum mismatch)")
+        try:
+            payload = torch.load(_OffsetReader(f, HEADER), map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises many types for a bad archive
+            raise MtkitError(f"checkpoint {path} could not be read: {exc.__class__.__name__}") from None
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise MtkitError(f"{path} is not an mtkit checkpoint (no model/config)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise MtkitError(f"checkpoint {path} was written by a newer mtkit (format {payload['format_version']})")
+    return payload
+
+
+def build_from_checkpoint(payload: dict[str, Any], path: str | Path = "<checkpoint>"):
+    """Rebuild (model, config, src SubwordModel, tgt SubwordModel) from a loaded payload.
+
+    The model is in eval mode on the payload's device; nothing besides the payload is needed.
+    """
+    from mtkit.config import config_from_dict
+    from mtkit.data.subword import SubwordModel
+    from mtkit.models import build_model
+
+    cfg = config_from_dict(payload["config"])
+    src_spm = SubwordModel(payload["spm"]["src"], f"{path}:spm.src")
+    tgt_spm = SubwordModel(payload["spm"]["tgt"], f"{path}:spm.tgt")
+    vocab = payload["vocab"]
+    model = build_model(cfg.model, vocab["src_size"], vocab["tgt_size"], vocab["pad"])
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if missing or unexpected:
+        names = (missing or unexpected)[:3]
+        raise MtkitError(
+            f"checkpoint {path} does not match model '{cfg.model.arch}' "
+            f"({'missing' if missing else 'unexpected'} weights: {', '.join(names)})"
+        )
+    model.eval()
+    return model, cfg, src_spm, tgt_spm
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a checkpoint file for inference: (model on device, config, src spm, tgt spm)."""
+    payload = load_checkpoint(path, map_location="cpu")
+    try:
+        model, cfg, src_spm, tgt_spm = build_from_checkpoint(payload, path)
+    except RuntimeError as exc:  # shape mismatch from load_state_dict
+        raise MtkitError(f"checkpoint {path} does not match its model config: {str(exc).splitlines()[0]}") from None
+    return model.to(device), cfg, src_spm, tgt_spm

@@ -1,0 +1,48 @@
+"""Logging and progress reporting: tqdm on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+logger = logging.getLogger("mtkit")
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """verbosity: -1 quiet (warnings only), 0 info, 1 debug. Logs always go to stderr."""
+    level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
+    root = logging.getLogger("mtkit")
+    root.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def progress_enabled() -> bool:
+    return sys.stderr.isatty() and logging.getLogger("mtkit").getEffectiveLevel() <= logging.INFO
+
+
+def progress(
+    items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it", log_every: float = 30.0
+) -> Iterator[T]:
+    """Iterate with a tqdm bar on a terminal; otherwise log a plain line every ``log_every`` s."""
+    if progress_enabled():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+        return
+    start = last = time.monotonic()
+    n = 0
+    for n, item in enumerate(items, start=1):  # noqa: B007
+        yield item
+        now = time.monotonic()
+        if now - last >= log_every:
+            last = now
+            of = f"/{total}" if total else ""
+            logger.info("%s: %d%s %s (%.1f %s/s)", desc, n, of, unit, n / (now - start), unit)
