@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -110,8 +111,23 @@ def train_sentencepiece(
     try:
         spm.SentencePieceTrainer.train(**kwargs)
     except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "training failed"
-        if "Vocabulary size too high" in msg or "vocab_size" in msg:
-            raise MtkitError(f"vocab size {vocab_size} is too large for this data: {msg}") from None
-        raise MtkitError(f"sentencepiece training failed: {msg}") from None
+        raise MtkitError(_training_error(str(exc), vocab_size)) from None
     return SubwordModel(proto.getvalue(), "<trained>")
+
+
+def _training_error(text: str, vocab_size: int) -> str:
+    """Turn sentencepiece's C++ error text into one line a user can act on."""
+    msg = text.strip().splitlines()[-1] if text.strip() else "training failed"
+    high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", msg)
+    if high:
+        return f"vocab size {vocab_size} is too large for this data (at most {high.group(2)} pieces possible)"
+    low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if low:
+        return (
+            f"vocab size {vocab_size} is too small: the data needs at least {low.group(2)} pieces "
+            "(characters + special pieces); raise the vocab size or lower the character coverage"
+        )
+    if "sentences_.empty()" in msg:
+        return "sentencepiece training failed: no training sentences"
+    msg = re.sub(r"^\w+: src/\S+ ", "", msg)
+    return f"sentencepiece training failed: {msg}"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import itertools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+import numpy as np
 
 from mtkit.errors import MtkitError
 
@@ -70,3 +74,96 @@ def open_output(path: str | Path | None, append: bool = False) -> io.TextIOBase:
         raise MtkitError(f"output path is a directory: {path}") from None
     except FileNotFoundError:
         raise MtkitError(f"output directory does not exist: {Path(path).parent}") from None
+
+
+def resolve_corpus_file(prefix: str | Path, lang: str) -> Path:
+    """The file holding ``lang`` for ``prefix``: ``PREFIX.LANG`` or else ``PREFIX.LANG.gz``."""
+    plain = Path(f"{prefix}.{lang}")
+    gz = Path(f"{prefix}.{lang}.gz")
+    for candidate in (plain, gz):
+        if candidate.is_file():
+            return candidate
+    if plain.is_dir():
+        raise MtkitError(f"expected a file but {plain} is a directory")
+    raise MtkitError(f"file not found: {plain} (nor {gz.name})")
+
+
+def iter_parallel(src_path: str | Path, tgt_path: str | Path) -> Iterator[tuple[str, str]]:
+    """Yield aligned (source, target) lines; unequal line counts are an error naming both."""
+    src_it, tgt_it = iter_lines(src_path), iter_lines(tgt_path)
+    n = 0
+    for src, tgt in itertools.zip_longest(src_it, tgt_it):
+        if src is None or tgt is None:  # one file ended: count what is left of the other
+            src_n = n + (src is not None) + sum(1 for _ in src_it)
+            tgt_n = n + (tgt is not None) + sum(1 for _ in tgt_it)
+            raise MtkitError(
+                f"line counts differ: {display_name(src_path)} has {src_n} lines, "
+                f"{display_name(tgt_path)} has {tgt_n}"
+            )
+        n += 1
+        yield src, tgt
+
+
+# Cleaning filters over token lengths (training data only). A pair is counted under the first
+# filter that drops it, in this order; duplicates are found afterwards among the kept pairs.
+KEEP, EMPTY, TOO_LONG, RATIO = 0, 1, 2, 3
+FILTER_NAMES = {EMPTY: "empty", TOO_LONG: "max_len", RATIO: "ratio"}
+
+
+def filter_codes(
+    src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float
+) -> np.ndarray:
+    """Per pair: KEEP, or the code of the first filter that drops it.
+
+    EMPTY: a side has no tokens. TOO_LONG: a side has more than ``max_len`` subword tokens
+    (``max_len <= 0``: off). RATIO: longer / shorter side > ``max_ratio`` (``<= 0``: off).
+    """
+    src_lens = np.asarray(src_lens, dtype=np.int64)
+    tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
+    codes = np.full(len(src_lens), KEEP, dtype=np.int8)
+    if max_ratio > 0:
+        longer, shorter = np.maximum(src_lens, tgt_lens), np.minimum(src_lens, tgt_lens)
+        codes[longer > max_ratio * np.maximum(shorter, 1)] = RATIO
+    if max_len > 0:
+        codes[(src_lens > max_len) | (tgt_lens > max_len)] = TOO_LONG
+    codes[(src_lens == 0) | (tgt_lens == 0)] = EMPTY
+    return codes
+
+
+def pair_hashes(src_lines: list[str], tgt_lines: list[str]) -> np.ndarray:
+    """An 8-byte hash (uint64) of each exact (source, target) pair of lines."""
+    out = np.empty(len(src_lines), dtype=np.uint64)
+    for i, (s, t) in enumerate(zip(src_lines, tgt_lines)):
+        digest = hashlib.blake2b(f"{s}\n{t}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little")
+    return out
+
+
+class DuplicateFilter:
+    """Remembers pair hashes at 8 bytes each: sorted uint64 runs merged like a binary counter.
+
+    ``first_seen(hashes)`` marks each hash not seen in earlier calls nor earlier in this batch,
+    and remembers the batch; lookups cost O(batch * log n) per run, with O(log n) runs.
+    """
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def first_seen(self, hashes: np.ndarray) -> np.ndarray:
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        new = np.zeros(len(hashes), dtype=bool)
+        _, first = np.unique(hashes, return_index=True)
+        new[first] = True
+        for run in self.runs:
+            pos = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            new &= run[pos] != hashes
+        added = np.sort(hashes[new])
+        if len(added):
+            self.runs.append(added)
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            last = self.runs.pop()
+            self.runs[-1] = np.sort(np.concatenate((self.runs[-1], last)), kind="stable")
+        return new
