@@ -1,0 +1,291 @@
+"""Checkpoint averaging: pick checkpoints (last N, best N, or a list) and average their weights.
+
+Selection uses only the numbered files ``checkpoint_<update>.pt`` of a directory (not
+``checkpoint_last.pt`` / ``checkpoint_best.pt``, which duplicate one of them):
+
+- ``last=N``: the N highest update numbers, parsed from the file names (file times are ignored).
+- ``best=N``: the N best by the validation metric stored in each checkpoint's
+  ``payload["metrics"]``: BLEU (``valid_bleu``, higher is better) when every candidate has
+  one, otherwise loss (``valid_loss``, lower is better); ties go to the newer checkpoint.
+
+Averaging keeps one checkpoint in memory at a time plus a float32 running sum, so the peak
+is about two copies of the weights whatever the number of checkpoints. Floating-point
+tensors are averaged and cast back to their dtype; integer/bool buffers and everything
+besides the weights (config, sentencepiece models, vocabulary) come from the newest
+checkpoint (highest ``update``; the last given when no update is recorded). The result is a
+normal self-contained checkpoint without optimizer state.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtkit.errors import MtkitError
+from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+logger = logging.getLogger("mtkit.average")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
+BLEU_KEYS = ("valid_bleu", "bleu")
+LOSS_KEYS = ("valid_loss", "loss")
+
+
+def numbered_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """``[(update, path), ...]`` of the ``checkpoint_<update>.pt`` files in a directory, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.exists():
+        raise MtkitError(f"checkpoint directory not found: {ckpt_dir}")
+    if not ckpt_dir.is_dir():
+        raise MtkitError(f"expected a checkpoint directory but {ckpt_dir} is a file")
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _metric(metrics: Any, keys: Sequence[str]) -> float | None:
+    if not isinstance(metrics, dict):
+        return None
+    for key in keys:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def select_checkpoints(
+    ckpt_dir: str | Path | Sequence[str | Path], last: int | None = None, best: int | None = None
+) -> list[Path]:
+    """The checkpoints to average, oldest first.
+
+    ``ckpt_dir`` is a directory (with exactly one of ``last`` / ``best``) or an explicit list
+    of checkpoint files (with neither).
+    """
+    if last is not None and best is not None:
+        raise MtkitError("give one of --last and --best, not both")
+    for name, n in (("--last", last), ("--best", best)):
+        if n is not None and n < 1:
+            raise MtkitError(f"{name} must be at least 1, got {n}")
+    if not isinstance(ckpt_dir, (str, Path)):
+        if last is not None or best is not None:
+            raise MtkitError("--last/--best take one checkpoint directory, not a list of files")
+        return _explicit([Path(p) for p in ckpt_dir])
+    path = Path(ckpt_dir)
+    if last is None and best is None:
+        if path.is_dir():
+            raise MtkitError(f"{path} is a directory: give --last N or --best N, or list checkpoint files")
+        return _explicit([path])
+
+    found = numbered_checkpoints(path)
+    if not found:
+        raise MtkitError(f"no checkpoint_<update>.pt files in {path}")
+    if last is not None:
+        chosen = found[-last:]
+        if len(chosen) < last:
+            logger.warning("only %d checkpoints in %s, averaging all of them", len(chosen), path)
+        return [p for _, p in chosen]
+
+    assert best is not None
+    scored = []  # (update, path, bleu, loss)
+    for update, p in found:
+        metrics = load_checkpoint(p).get("metrics")
+        scored.append((update, p, _metric(metrics, BLEU_KEYS), _metric(metrics, LOSS_KEYS)))
+    if all(s[2] is not None for s in scored):
+        what, ranked = "valid BLEU", sorted(scored, key=lambda s: (s[2], s[0]), reverse=True)
+    elif all(s[3] is not None for s in scored):
+        what, ranked = "valid loss", sorted(scored, key=lambda s: (-s[3], s[0]), reverse=True)
+    else:
+        missing = next(s[1] for s in scored if s[2] is None and s[3] is None)
+        raise MtkitError(f"checkpoint {missing} records no validation BLEU or loss; use --last or a list")
+    chosen = sorted(ranked[:best])
+    if len(chosen) < best:
+        logger.warning("only %d checkpoints in %s, averaging all of them", len(chosen), path)
+    logger.info(
+        "best %d by %s: %s", len(chosen), what,
+        ", ".join(f"{s[1].name} ({s[2] if what == 'valid BLEU' else s[3]:.4g})" for s in chosen),
+    )
+    return [s[1] for s in chosen]
+
+
+def _explicit(paths: list[Path]) -> list[Path]:
+    if not paths:
+        raise MtkitError("no checkpoints selected to average")
+    seen = set()
+    for p in paths:
+        if not p.exists():
+            raise MtkitError(f"checkpoint not found: {p}")
+        if p.is_dir():
+            raise MtkitError(f"{p} is a directory: use --last N or --best N with a directory")
+        key = p.resolve()
+        if key in seen:
+            raise MtkitError(f"checkpoint {p} is given twice")
+        seen.add(key)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    """Name of the first differing key between two nested dicts ('' if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{prefix}{key}"
+            diff = _first_difference(a[key], b[key], f"{prefix}{key}.")
+            if diff:
+                return diff
+        return ""
+    return "" if a == b else prefix.rstrip(".") or "value"
+
+
+def _aliases(state: dict[str, Any]) -> dict[str, str]:
+    """Tied weights: key -> the first key that shares its storage, shape and strides."""
+    first: dict[tuple, str] = {}
+    alias = {}
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if ident in first:
+            alias[key] = first[ident]
+        else:
+            first[ident] = key
+    return alias
+
+
+class _Reference:
+    """What every later checkpoint is checked against (from the first one read)."""
+
+    def __init__(self, path: Path, payload: dict[str, Any]):
+        self.path = path
+        self.config = payload["config"]
+        self.spm = payload.get("spm")
+        self.vocab = payload.get("vocab")
+        state = payload["model"]
+        if not isinstance(state, dict):
+            raise MtkitError(f"checkpoint {path} has no weights dict")
+        self.shapes = {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self.keys = set(state)
+        self.aliases = _aliases(state)
+
+    def check(self, path: Path, payload: dict[str, Any]) -> None:
+        ref, cfg = self.config, payload["config"]
+        arch_a = (ref.get("model") or {}).get("arch") if isinstance(ref, dict) else None
+        arch_b = (cfg.get("model") or {}).get("arch") if isinstance(cfg, dict) else None
+        if arch_a != arch_b:
+            raise MtkitError(f"cannot average different architectures: {self.path} is '{arch_a}', {path} is '{arch_b}'")
+        diff = _first_difference((ref or {}).get("model"), (cfg or {}).get("model"))
+        if diff:
+            raise MtkitError(f"cannot average different model configs: model.{diff} differs between {self.path} and {path}")
+        if self.vocab != payload.get("vocab"):
+            diff = _first_difference(self.vocab, payload.get("vocab"))
+            raise MtkitError(f"cannot average different vocabularies: vocab.{diff} differs between {self.path} and {path}")
+        spm = payload.get("spm")
+        if self.spm != spm:
+            side = next((s for s in ("src", "tgt") if (self.spm or {}).get(s) != (spm or {}).get(s)), "model")
+            raise MtkitError(f"cannot average different vocabularies: the {side} sentencepiece models of {self.path} and {path} differ")
+        state = payload["model"]
+        if not isinstance(state, dict):
+            raise MtkitError(f"checkpoint {path} has no weights dict")
+        if set(state) != self.keys:
+            extra = sorted(set(state) - self.keys)
+            missing = sorted(self.keys - set(state))
+            what = f"extra weight '{extra[0]}'" if extra else f"missing weight '{missing[0]}'"
+            raise MtkitError(f"cannot average: {path} has {what} compared with {self.path}")
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            shape, is_float = self.shapes[k]
+            if tuple(v.shape) != shape:
+                raise MtkitError(
+                    f"cannot average: weight '{k}' has shape {list(v.shape)} in {path} but {list(shape)} in {self.path}"
+                )
+            if v.is_floating_point() != is_float:
+                raise MtkitError(f"cannot average: weight '{k}' is floating-point in only one of {self.path} and {path}")
+        if _aliases(state) != self.aliases:
+            raise MtkitError(f"cannot average: {path} ties weights differently from {self.path}")
+
+
+def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> None:
+    """Average the weights of ``paths`` into a new checkpoint ``out_path`` (see the module doc)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise MtkitError("no checkpoints selected to average")
+    ref: _Reference | None = None
+    sums: dict[str, torch.Tensor] = {}
+    newest: dict[str, Any] = {}  # payload (without float weights) of the newest checkpoint so far
+    newest_key: tuple[int, int] = (-1, -1)
+    updates: list[int | None] = []
+    for i, path in enumerate(paths):
+        payload = load_checkpoint(path, map_location="cpu")
+        if ref is None:
+            ref = _Reference(path, payload)
+        else:
+            ref.check(path, payload)
+        state = payload["model"]
+        update = payload.get("update")
+        updates.append(update if isinstance(update, int) else None)
+        for k, v in state.items():
+            if k in ref.aliases or not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                continue
+            if k in sums:
+                sums[k].add_(v.to(torch.float32))
+            else:
+                sums[k] = v.to(torch.float32, copy=True)
+        order = (update if isinstance(update, int) else -1, i)
+        if order > newest_key:
+            newest_key = order
+            keep = {k: v for k, v in state.items() if not (isinstance(v, torch.Tensor) and v.is_floating_point())}
+            dtypes = {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+            newest = {
+                "path": path,
+                "config": payload["config"],
+                "spm": payload.get("spm"),
+                "vocab": payload.get("vocab"),
+                "update": update,
+                "epoch": payload.get("epoch"),
+                "keep": keep,
+                "dtypes": dtypes,
+                "keys": list(state),
+            }
+        del payload, state  # only the running sum outlives this iteration
+        logger.info("read %s (%d/%d)", path, i + 1, len(paths))
+
+    assert ref is not None
+    n = len(paths)
+    model: dict[str, Any] = {}
+    for k in newest["keys"]:
+        if k in ref.aliases:
+            continue
+        if k in sums:
+            model[k] = sums.pop(k).div_(n).to(newest["dtypes"][k])
+        else:
+            model[k] = newest["keep"][k]
+    for k, target in ref.aliases.items():
+        model[k] = model[target]
+    model = {k: model[k] for k in newest["keys"]}  # the original key order
+
+    payload_out: dict[str, Any] = {
+        "config": newest["config"],
+        "model": model,
+        "metrics": {
+            "averaged": True,
+            "averaged_updates": updates,
+            "averaged_checkpoints": [str(p) for p in paths],
+        },
+    }
+    for key in ("spm", "vocab", "update", "epoch"):
+        if newest[key] is not None:
+            payload_out[key] = newest[key]
+    save_checkpoint(out_path, payload_out)
+    shown = ", ".join(str(u) for u in updates) if all(u is not None for u in updates) else f"{n} checkpoints"
+    logger.info("averaged %d checkpoints (updates %s) into %s", n, shown, out_path)
