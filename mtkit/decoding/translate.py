@@ -1,0 +1,437 @@
+"""Streaming, order-preserving translation of a file or stdin with one or more checkpoints.
+
+Input is read in buffers of ``buffer_lines`` lines; each buffer is encoded with the checkpoint's
+source sentencepiece model, sorted by length, cut into batches (sentences or a source-token
+budget), decoded, and written back in input order as soon as a prefix of lines is complete. A
+large file therefore never sits in memory, and every input line gives exactly one output line
+(``nbest``: one or more lines numbered by input line; empty input lines give empty output).
+
+``resume=True`` continues a partly written output file: its complete lines are kept (a trailing
+partial line or, for n-best output, the last sentence's group is dropped), as many input lines
+are skipped, and the rest is appended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtkit.config import DecodeConfig
+from mtkit.data.batching import collate_source
+from mtkit.data.subword import SubwordModel
+from mtkit.data.text import display_name, iter_lines, open_output
+from mtkit.decoding import search
+from mtkit.decoding.search import Hypothesis, SamplingOptions
+from mtkit.errors import MtkitError
+from mtkit.models.base import Seq2Seq
+from mtkit.utils import progress
+
+logger = logging.getLogger("mtkit.translate")
+
+INPUT_FORMATS = ("text", "pieces", "ids")
+OUTPUT_FORMATS = ("text", "nbest", "jsonl")
+OUTPUT_UNITS = ("text", "pieces", "ids")
+ALIGNMENTS = ("none", "argmax", "full")
+
+
+@dataclass
+class Options:
+    """Everything besides the decode config that shapes a translation run."""
+
+    batch_size: int | None = None  # sentences per batch; overrides decode.batch_size
+    max_tokens: int | None = None  # source-token budget per batch; overrides decode.max_tokens
+    input_format: str = "text"  # text | pieces (space-separated) | ids (space-separated)
+    output_units: str = "text"  # text | pieces | ids (hypotheses in text/nbest/jsonl output)
+    alignment: str = "argmax"  # jsonl: none | argmax (per target token) | full (attention matrix)
+    errors: str = "strict"  # invalid UTF-8 input: strict (error with line number) | replace
+    plot_attention: str | None = None  # directory for one heatmap PNG per sentence
+    buffer_lines: int = 10000
+    sampling: bool = False
+    temperature: float = 1.0
+    topk: int = 0
+    topp: float = 1.0
+    seed: int | None = None
+    decode_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    engine: str = "torch"
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MtkitError(f"device '{device}' requested but CUDA is not available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise MtkitError(f"unknown device '{device}' (auto, cpu or cuda)")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Translator:
+    """Loaded models (an ensemble shares its vocabularies) and how to feed them."""
+
+    models: list[Seq2Seq]
+    src_spm: SubwordModel
+    tgt_spm: SubwordModel
+    cfg: DecodeConfig
+    max_src_len: int | None
+    device: torch.device
+
+    @classmethod
+    def load(cls, model_paths: Sequence[str | Path], device: torch.device) -> Translator:
+        from mtkit.training.checkpoint import load_model
+
+        if not model_paths:
+            raise MtkitError("no checkpoint given (-m CKPT)")
+        models, first = [], None
+        limits: list[int] = []
+        for path in model_paths:
+            model, cfg, src_spm, tgt_spm = load_model(path, device)
+            if first is None:
+                first = (path, cfg, src_spm, tgt_spm)
+            elif (src_spm.sha256, tgt_spm.sha256) != (first[2].sha256, first[3].sha256):
+                raise MtkitError(f"ensemble checkpoints {first[0]} and {path} have different vocabularies")
+            models.append(model)
+            if cfg.data.max_src_len:
+                limits.append(cfg.data.max_src_len)
+            if model.max_positions() is not None:
+                limits.append(int(model.max_positions()))
+        assert first is not None
+        _, cfg, src_spm, tgt_spm = first
+        return cls(models, src_spm, tgt_spm, cfg.decode, min(limits) if limits else None, device)
+
+
+def check_options(cfg: DecodeConfig, opts: Options) -> None:
+    for name, value, valid in (
+        ("input format", opts.input_format, INPUT_FORMATS),
+        ("output units", opts.output_units, OUTPUT_UNITS),
+        ("alignment", opts.alignment, ALIGNMENTS),
+        ("errors", opts.errors, ("strict", "replace")),
+    ):
+        if value not in valid:
+            raise MtkitError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
+    if opts.engine != "torch":
+        raise MtkitError(f"engine '{opts.engine}' is not available (only 'torch')")
+    if opts.batch_size is not None and opts.batch_size <= 0:
+        raise MtkitError(f"batch size must be at least 1, got {opts.batch_size}")
+    if opts.max_tokens is not None and opts.max_tokens <= 0:
+        raise MtkitError(f"max tokens must be at least 1, got {opts.max_tokens}")
+    if cfg.batch_size < 0 or (cfg.batch_size == 0 and cfg.max_tokens <= 0):
+        raise MtkitError(f"decode batch_size={cfg.batch_size}, max_tokens={cfg.max_tokens}: need a positive batch limit")
+    if opts.buffer_lines <= 0:
+        raise MtkitError(f"buffer lines must be at least 1, got {opts.buffer_lines}")
+    search.check_config(cfg, sampling_options(opts, torch.device("cpu")))
+
+
+def sampling_options(opts: Options, device: torch.device) -> SamplingOptions | None:
+    if not opts.sampling:
+        return None
+    gen = None
+    if opts.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(opts.seed)
+    return SamplingOptions(opts.temperature, opts.topk, opts.topp, gen)
+
+
+def resolve_decode_config(base: DecodeConfig, decode_cfg: DecodeConfig | None, opts: Options) -> DecodeConfig:
+    cfg = decode_cfg if decode_cfg is not None else base
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)}
+    for key in opts.decode_overrides:
+        if key not in fields:
+            raise MtkitError(f"unknown decode option '{key}'")
+    cfg = dataclasses.replace(cfg, **opts.decode_overrides)
+    if opts.batch_size is not None:
+        cfg = dataclasses.replace(cfg, batch_size=opts.batch_size)
+    elif opts.max_tokens is not None:
+        cfg = dataclasses.replace(cfg, batch_size=0)
+    if opts.max_tokens is not None:
+        cfg = dataclasses.replace(cfg, max_tokens=opts.max_tokens)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+def encode_line(line: str, lineno: int, tr: Translator, fmt: str, name: str) -> list[int]:
+    if fmt == "text":
+        return tr.src_spm.encode([line])[0]
+    if fmt == "pieces":
+        return [tr.src_spm.sp.piece_to_id(p) for p in line.split()]
+    try:
+        ids = [int(x) for x in line.split()]
+    except ValueError:
+        raise MtkitError(f"{name} line {lineno}: expected space-separated token ids") from None
+    bad = [i for i in ids if not 0 <= i < tr.src_spm.size]
+    if bad:
+        raise MtkitError(f"{name} line {lineno}: token id {bad[0]} outside the vocabulary (size {tr.src_spm.size})")
+    return ids
+
+
+def make_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut into batches of ``batch_size`` sentences, or (0) of at most
+    ``max_tokens`` padded source tokens (a longer single sentence gets its own batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[i] + 1  # + EOS; sorted, so the newest is the longest
+        if cur and ((batch_size and len(cur) >= batch_size) or (not batch_size and (len(cur) + 1) * width > max_tokens)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+class Decoder:
+    """Decodes lists of id sequences; an out-of-memory batch is retried in halves."""
+
+    def __init__(self, tr: Translator, cfg: DecodeConfig, sampling: SamplingOptions | None, attention: bool):
+        self.tr, self.cfg, self.sampling, self.attention = tr, cfg, sampling, attention
+        self.oom_splits = 0
+        self.batches = 0
+
+    def __call__(self, seqs: list[list[int]]) -> list[list[Hypothesis]]:
+        tr = self.tr
+        src, src_len = collate_source(seqs, tr.src_spm.pad, tr.src_spm.eos, tr.max_src_len)
+        try:
+            self.batches += 1
+            return search.generate(
+                tr.models, src.to(tr.device), src_len.to(tr.device), self.cfg, tr.tgt_spm.bos, tr.tgt_spm.eos,
+                attention=self.attention, sampling=self.sampling,
+            )
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not is_oom(exc):
+                raise
+            if len(seqs) == 1:
+                raise MtkitError(f"out of memory decoding a single sentence of {len(seqs[0])} tokens on {tr.device}") from None
+            if tr.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.oom_splits += 1
+            half = len(seqs) // 2
+            logger.warning("out of memory on a batch of %d sentences; retrying in halves", len(seqs))
+            return self(seqs[:half]) + self(seqs[half:])
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    index: int  # 0-based input line number
+    src_ids: list[int]
+    hyps: list[Hypothesis]  # empty for an empty input line
+
+
+class Formatter:
+    def __init__(self, tr: Translator, fmt: str, units: str, alignment: str):
+        self.tr, self.fmt, self.units, self.alignment = tr, fmt, units, alignment
+
+    def hyp_text(self, h: Hypothesis) -> str:
+        if self.units == "ids":
+            return " ".join(map(str, h.tokens))
+        if self.units == "pieces":
+            return " ".join(self.tr.tgt_spm.id_to_piece(h.tokens))
+        return self.tr.tgt_spm.decode([h.tokens])[0]
+
+    def __call__(self, rec: Record) -> str:
+        if self.fmt == "text":
+            return (self.hyp_text(rec.hyps[0]) if rec.hyps else "") + "\n"
+        if self.fmt == "nbest":
+            if not rec.hyps:
+                return f"{rec.index} |||  ||| 0.0000\n"
+            return "".join(f"{rec.index} ||| {self.hyp_text(h)} ||| {h.score:.4f}\n" for h in rec.hyps)
+        return json.dumps(self.jsonl(rec), ensure_ascii=False) + "\n"
+
+    def jsonl(self, rec: Record) -> dict[str, Any]:
+        if not rec.hyps:
+            return {"line": rec.index, "hypothesis": "", "score": 0.0, "log_prob": 0.0, "tokens": []}
+        out = [self.one(h) for h in rec.hyps]
+        obj = {"line": rec.index, **out[0]}
+        if len(out) > 1:
+            obj["nbest"] = out
+        return obj
+
+    def one(self, h: Hypothesis) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "hypothesis": self.hyp_text(h),
+            "score": round(h.score, 6),
+            "log_prob": round(h.log_prob, 6),
+            "tokens": self.tr.tgt_spm.id_to_piece(h.tokens),
+        }
+        if h.attn is not None and self.alignment != "none":
+            # row j: attention while producing target piece j; the last row is the EOS step;
+            # the last source column is the source EOS
+            obj["alignment"] = h.attn[: len(h.tokens)].argmax(1).tolist() if len(h.tokens) else []
+            if self.alignment == "full":
+                obj["attention"] = [[round(x, 4) for x in row] for row in h.attn.tolist()]
+        return obj
+
+
+# ---------------------------------------------------------------------------------------------
+def prepare_resume(path: Path, output_format: str) -> int:
+    """Truncate ``path`` to its complete output and return how many input lines it covers."""
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as f:
+        data = f.read()
+        keep = data.rfind(b"\n") + 1  # drop a trailing partial line
+        lines = data[:keep].split(b"\n")[:-1]
+        done = len(lines)
+        if output_format == "nbest" and lines:
+            try:
+                last = int(lines[-1].split(b" ||| ", 1)[0])
+            except ValueError:
+                raise MtkitError(f"{path}: not n-best output (line {len(lines)}), cannot resume") from None
+            group = sum(1 for ln in lines if ln.split(b" ||| ", 1)[0] == str(last).encode())
+            keep -= sum(len(ln) + 1 for ln in lines[len(lines) - group :])  # redo the last sentence
+            done = last
+        f.truncate(keep)
+    return done
+
+
+def translate_file(
+    model_paths: Sequence[str | Path],
+    input_path: str | Path,
+    output_path: str | Path,
+    decode_cfg: DecodeConfig | None = None,
+    device: str = "auto",
+    output_format: str = "text",
+    resume: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Translate ``input_path`` into ``output_path`` (``-``: stdin / stdout); returns stats.
+
+    ``options`` are the fields of :class:`Options` (batch_size, max_tokens, input_format,
+    output_units, alignment, errors, plot_attention, sampling, temperature, topk, topp, seed,
+    decode_overrides, buffer_lines, engine).
+    """
+    valid = {f.name for f in dataclasses.fields(Options)}
+    for key in options:
+        if key not in valid:
+            raise MtkitError(f"unknown translate option '{key}'")
+    opts = Options(**options)
+    if output_format not in OUTPUT_FORMATS:
+        raise MtkitError(f"unknown output format '{output_format}'; valid: {', '.join(OUTPUT_FORMATS)}")
+    to_stdout = str(output_path) == "-"
+    if resume and to_stdout:
+        raise MtkitError("--resume needs an output file (-o FILE)")
+    if opts.plot_attention:
+        from mtkit.decoding.plot import check_available
+
+        check_available()
+    dev = pick_device(device)
+    tr = Translator.load(model_paths, dev)
+    cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
+    check_options(cfg, opts)
+    attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
+    decoder = Decoder(tr, cfg, sampling_options(opts, dev), attention)
+    fmt = Formatter(tr, output_format, opts.output_units, opts.alignment)
+
+    skip = prepare_resume(Path(output_path), output_format) if resume else 0
+    stats = {"lines": 0, "translated": 0, "skipped": skip, "truncated": 0, "src_tokens": 0, "tgt_tokens": 0}
+    start = time.monotonic()
+    out = open_output(output_path, append=resume)
+    written = skip
+    try:
+        records = _records(input_path, skip, tr, cfg, opts, decoder, stats)
+        for rec in progress(records, desc="translate", unit="lines"):
+            out.write(fmt(rec))
+            written += 1
+            if opts.plot_attention and rec.hyps and rec.hyps[0].attn is not None:
+                from mtkit.decoding.plot import plot_attention
+
+                h = rec.hyps[0]
+                plot_attention(
+                    h.attn, tr.src_spm.id_to_piece(rec.src_ids) + ["</s>"],
+                    tr.tgt_spm.id_to_piece(h.tokens) + ["</s>"],
+                    Path(opts.plot_attention) / f"{rec.index:06d}.png",
+                )
+            if to_stdout or written % 64 == 0:
+                out.flush()
+    except BaseException:
+        if not to_stdout:
+            out.flush()
+            logger.error("stopped after %d complete lines of %s; rerun with --resume to continue", written, output_path)
+        raise
+    finally:
+        if to_stdout:
+            out.flush()
+            out.detach()  # leave sys.stdout usable
+        else:
+            out.close()
+    seconds = time.monotonic() - start
+    stats.update(
+        seconds=round(seconds, 3),
+        batches=decoder.batches,
+        oom_splits=decoder.oom_splits,
+        sentences_per_s=round(stats["translated"] / seconds, 2) if seconds > 0 else 0.0,
+        tgt_tokens_per_s=round(stats["tgt_tokens"] / seconds, 1) if seconds > 0 else 0.0,
+    )
+    return stats
+
+
+def _records(
+    input_path: str | Path, skip: int, tr: Translator, cfg: DecodeConfig, opts: Options, decoder: Decoder,
+    stats: dict[str, Any],
+) -> Iterator[Record]:
+    """Yield one :class:`Record` per input line (after ``skip``), in input order."""
+    name = display_name(input_path)
+    lines = iter_lines(input_path, errors=opts.errors)
+    lineno = 0
+    for _ in range(skip):
+        if next(lines, None) is None:
+            raise MtkitError(f"cannot resume: the output already has {skip} lines but {name} has only {lineno}")
+        lineno += 1
+    while True:
+        buffer: list[tuple[int, list[int]]] = []
+        for line in lines:
+            lineno += 1
+            ids = encode_line(line, lineno, tr, opts.input_format, name) if line.strip() else []
+            if tr.max_src_len is not None and len(ids) + 1 > tr.max_src_len:
+                logger.warning("%s line %d: %d tokens, truncated to the model limit of %d", name, lineno,
+                               len(ids), tr.max_src_len - 1)
+                ids = ids[: tr.max_src_len - 1]
+                stats["truncated"] += 1
+            buffer.append((lineno - 1, ids))
+            if len(buffer) >= opts.buffer_lines:
+                break
+        if not buffer:
+            return
+        yield from _translate_buffer(buffer, cfg, decoder, stats)
+
+
+def _translate_buffer(
+    buffer: list[tuple[int, list[int]]], cfg: DecodeConfig, decoder: Decoder, stats: dict[str, Any]
+) -> Iterator[Record]:
+    todo = [i for i, (_, ids) in enumerate(buffer) if ids]
+    results: dict[int, list[Hypothesis]] = {}
+    nxt = 0
+
+    def ready() -> Iterator[Record]:
+        nonlocal nxt
+        while nxt < len(buffer) and (not buffer[nxt][1] or nxt in results):
+            index, ids = buffer[nxt]
+            stats["lines"] += 1
+            yield Record(index, ids, results.pop(nxt, []))
+            nxt += 1
+
+    yield from ready()
+    for batch in make_batches([len(buffer[i][1]) for i in todo], cfg.batch_size, cfg.max_tokens):
+        rows = [todo[j] for j in batch]
+        hyps = decoder([buffer[r][1] for r in rows])
+        for r, h in zip(rows, hyps):
+            results[r] = h
+            stats["translated"] += 1
+            stats["src_tokens"] += len(buffer[r][1])
+            stats["tgt_tokens"] += len(h[0].tokens)
+        yield from ready()
+    yield from ready()
