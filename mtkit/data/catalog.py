@@ -1,0 +1,424 @@
+"""The dataset catalog: named corpora and where each of their files comes from.
+
+A recipe names data as ``"<dataset>/<split>"`` (e.g. ``multi30k/train``); a split has one
+line-aligned file per language, known locally as ``<split>.<lang>.gz`` (or plain
+``<split>.<lang>``). :func:`resolve_file` finds each file, in this order:
+
+1. the data directories: ``--data-dir`` or ``MTKIT_DATA`` (``:``-separated), as
+   ``DIR/<file>`` or ``DIR/<dataset>/<file>``;
+2. the cache: ``MTKIT_CACHE`` or ``~/.cache/mtkit``, as ``<cache>/<dataset>/<file>``;
+3. a download into the cache (progress bar, sha256 check where the catalog lists one).
+
+With no local copy and downloads impossible (offline, ``MTKIT_OFFLINE=1``, or
+``allow_download=False``) the error names the files to place and where.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import re
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtkit.errors import MtkitError
+from mtkit.utils import progress
+
+logger = logging.getLogger("mtkit.data.catalog")
+
+CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
+FORMATS = ("text", "iwslt_tags", "iwslt_xml")
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a catalog dataset: its languages and how to fetch its files."""
+
+    dataset: str
+    name: str
+    langs: tuple[str, ...]
+    url: str | None = None
+    archive: str | None = None
+    member: str | None = None
+    format: str = "text"
+    sacrebleu: dict[str, str] | None = None
+    sha256: Any = None  # str, {lang: str}, or None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.dataset}/{self.name}"
+
+    def filename(self, lang: str) -> str:
+        return f"{self.name}.{lang}.gz"
+
+    def checksum(self, lang: str) -> str | None:
+        if isinstance(self.sha256, dict):
+            return self.sha256.get(lang)
+        return self.sha256
+
+    def source(self, lang: str) -> str:
+        """A one-line description of where ``lang``'s file is downloaded from."""
+        if self.url:
+            return self.url.format(lang=lang)
+        if self.archive:
+            return f"{self.archive} ({self.member.format(lang=lang)})"
+        return f"sacrebleu test set {self.sacrebleu['test_set']} {self.sacrebleu['langpair']}"
+
+
+@dataclass
+class Catalog:
+    datasets: dict[str, dict[str, Split]] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
+
+    def split(self, ref: str) -> Split:
+        """Look up ``"<dataset>/<split>"``; an unknown name is an error with a suggestion."""
+        import difflib
+
+        if not isinstance(ref, str) or ref.count("/") != 1:
+            raise MtkitError(f"data reference {ref!r} must look like <dataset>/<split>, e.g. multi30k/train")
+        dataset, name = ref.split("/")
+        if dataset not in self.datasets:
+            close = difflib.get_close_matches(dataset, list(self.datasets), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(self.datasets))}"
+            raise MtkitError(f"unknown dataset '{dataset}' in '{ref}'{hint}")
+        splits = self.datasets[dataset]
+        if name not in splits:
+            close = difflib.get_close_matches(name, list(splits), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(splits))}"
+            raise MtkitError(f"unknown split '{name}' of dataset '{dataset}'{hint}")
+        return splits[name]
+
+
+def _check_split(dataset: str, name: str, raw: Any, where: str) -> Split:
+    ctx = f"{where}: datasets.{dataset}.splits.{name}"
+    if not isinstance(raw, dict):
+        raise MtkitError(f"{ctx} must be a mapping")
+    known = {"langs", "url", "archive", "member", "format", "sacrebleu", "sha256"}
+    unknown = set(raw) - known
+    if unknown:
+        raise MtkitError(f"{ctx}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(known))})")
+    langs = raw.get("langs")
+    if not isinstance(langs, list) or not langs or not all(isinstance(x, str) for x in langs):
+        raise MtkitError(f"{ctx}.langs must be a non-empty list of language codes")
+    kinds = [k for k in ("url", "archive", "sacrebleu") if raw.get(k)]
+    if len(kinds) != 1:
+        raise MtkitError(f"{ctx} needs exactly one source: url, archive or sacrebleu")
+    if raw.get("archive") and not raw.get("member"):
+        raise MtkitError(f"{ctx}: an archive source needs 'member'")
+    fmt = raw.get("format", "text")
+    if fmt not in FORMATS:
+        raise MtkitError(f"{ctx}.format '{fmt}' is not one of {', '.join(FORMATS)}")
+    sb = raw.get("sacrebleu")
+    if sb is not None and (not isinstance(sb, dict) or set(sb) != {"test_set", "langpair"}):
+        raise MtkitError(f"{ctx}.sacrebleu needs exactly test_set and langpair")
+    sha = raw.get("sha256")
+    shas = list(sha.values()) if isinstance(sha, dict) else [sha]
+    for s in shas:
+        if s is not None and not (isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s)):
+            raise MtkitError(f"{ctx}.sha256 {s!r} is not a sha256 hex digest")
+    return Split(
+        dataset=dataset,
+        name=name,
+        langs=tuple(langs),
+        url=raw.get("url"),
+        archive=raw.get("archive"),
+        member=raw.get("member"),
+        format=fmt,
+        sacrebleu=dict(sb) if sb else None,
+        sha256=sha,
+    )
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """Read and validate a catalog file (the one shipped with mtkit by default)."""
+    path = Path(path) if path is not None else CATALOG_PATH
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MtkitError(f"dataset catalog not found: {path}") from None
+    except yaml.YAMLError:
+        raise MtkitError(f"dataset catalog {path}: invalid YAML") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), dict):
+        raise MtkitError(f"dataset catalog {path} must hold a 'datasets' mapping")
+    cat = Catalog()
+    for dataset, entry in raw["datasets"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("splits"), dict):
+            raise MtkitError(f"{path}: datasets.{dataset} needs a 'splits' mapping")
+        cat.descriptions[dataset] = str(entry.get("description", "")).strip()
+        cat.datasets[dataset] = {
+            name: _check_split(dataset, name, s, str(path)) for name, s in entry["splits"].items()
+        }
+    return cat
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+
+
+def data_dirs(data_dir: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
+    """The data directories to search: ``data_dir`` if given, else ``MTKIT_DATA``."""
+    if data_dir:
+        items = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
+    else:
+        items = [p for p in os.environ.get("MTKIT_DATA", "").split(os.pathsep) if p]
+    dirs = []
+    for item in items:
+        for part in str(item).split(os.pathsep):
+            if part:
+                dirs.append(Path(part).expanduser())
+    return dirs
+
+
+def cache_dir() -> Path:
+    """``MTKIT_CACHE`` or ``~/.cache/mtkit``."""
+    env = os.environ.get("MTKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mtkit"
+
+
+def downloads_allowed() -> bool:
+    return os.environ.get("MTKIT_OFFLINE", "").strip().lower() not in ("1", "true", "yes")
+
+
+def find_local(split: Split, lang: str, dirs: Sequence[Path]) -> tuple[Path, str] | None:
+    """The first local copy of ``split``'s ``lang`` file: (path, "data-dir" | "cache")."""
+    names = [split.filename(lang), f"{split.name}.{lang}"]
+    for d in dirs:
+        for sub in (d, d / split.dataset):
+            for n in names:
+                if (sub / n).is_file():
+                    return sub / n, "data-dir"
+    cache = cache_dir() / split.dataset
+    for n in names:
+        if (cache / n).is_file():
+            return cache / n, "cache"
+    return None
+
+
+def where_to_place(splits_langs: Sequence[tuple[Split, str]], dirs: Sequence[Path]) -> str:
+    files = ", ".join(s.filename(lang) for s, lang in splits_langs)
+    datasets = sorted({s.dataset for s, _ in splits_langs})
+    target = str(dirs[0]) if dirs else "a directory passed as --data-dir or MTKIT_DATA"
+    caches = " or ".join(str(cache_dir() / d) for d in datasets)
+    return f"place {files} in {target} (or in {caches})"
+
+
+def resolve_file(
+    split: Split,
+    lang: str,
+    data_dir: str | Path | Sequence[str | Path] | None = None,
+    allow_download: bool = True,
+) -> Path:
+    """Find or fetch one file of a split; returns a local path (plain text or gzip)."""
+    if lang not in split.langs:
+        raise MtkitError(f"{split.ref} has no '{lang}' side (languages: {', '.join(split.langs)})")
+    dirs = data_dirs(data_dir)
+    found = find_local(split, lang, dirs)
+    if found is not None:
+        logger.debug("%s.%s: %s (%s)", split.ref, lang, found[0], found[1])
+        return found[0]
+    dest = cache_dir() / split.dataset / split.filename(lang)
+    archive = _cached_archive(split)  # a hand-placed archive counts as local
+    if archive is None and not (allow_download and downloads_allowed()):
+        why = "downloads are off" if allow_download else "this run does not download"
+        raise MtkitError(f"no local copy of {split.ref} ({lang}) and {why}: {where_to_place([(split, lang)], dirs)}")
+    try:
+        _fetch(split, lang, dest)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise MtkitError(
+            f"could not download {split.source(lang)} ({reason}); offline? {where_to_place([(split, lang)], dirs)}"
+        ) from None
+    return dest
+
+
+def resolution_plan(
+    refs_langs: Sequence[tuple[str, str]],
+    data_dir: str | Path | Sequence[str | Path] | None = None,
+    catalog: Catalog | None = None,
+) -> list[dict[str, str]]:
+    """Where each (ref, lang) file would come from, without fetching anything."""
+    cat = catalog or load_catalog()
+    dirs = data_dirs(data_dir)
+    plan = []
+    for ref, lang in refs_langs:
+        split = cat.split(ref)
+        found = find_local(split, lang, dirs)
+        if found is not None:
+            plan.append({"ref": ref, "lang": lang, "from": found[1], "path": str(found[0])})
+        elif _cached_archive(split) is not None:
+            plan.append({"ref": ref, "lang": lang, "from": "cached archive", "path": str(_cached_archive(split))})
+        else:
+            plan.append({"ref": ref, "lang": lang, "from": "download", "path": split.source(lang)})
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _archive_path(split: Split) -> Path:
+    return cache_dir() / "downloads" / Path(split.archive.split("?")[0]).name
+
+
+def _cached_archive(split: Split) -> Path | None:
+    if split.archive and _archive_path(split).is_file():
+        return _archive_path(split)
+    return None
+
+
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``dest`` through a temp file; verify ``sha256`` when given."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    logger.info("downloading %s", url)
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+        size = int(resp.headers.get("Content-Length") or 0)
+        chunks = iter(lambda: resp.read(CHUNK), b"")
+        total = (size + CHUNK - 1) // CHUNK if size else None
+        for chunk in progress(chunks, total=total, desc=dest.name, unit="MiB"):
+            out.write(chunk)
+    verify(tmp, sha256, url)
+    os.replace(tmp, dest)
+    return dest
+
+
+def verify(path: Path, sha256: str | None, what: str) -> None:
+    """Check a file's sha256; on mismatch delete it and raise."""
+    if not sha256:
+        logger.warning("no checksum known for %s; using it unverified", what)
+        return
+    got = sha256_file(path)
+    if got != sha256:
+        path.unlink(missing_ok=True)
+        raise MtkitError(f"checksum mismatch for {what}: expected sha256 {sha256}, got {got}")
+
+
+def _write_gz(lines: Iterator[str], dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    with gzip.open(tmp, "wt", encoding="utf-8", newline="\n") as out:
+        for line in lines:
+            out.write(line + "\n")
+    os.replace(tmp, dest)
+
+
+def _fetch(split: Split, lang: str, dest: Path) -> None:
+    if split.url:
+        url = split.url.format(lang=lang)
+        raw = cache_dir() / "downloads" / f"{split.dataset}.{Path(url).name}"
+        download(url, raw, split.checksum(lang))
+        if raw.name.endswith(".gz"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(raw, dest)
+        else:
+            _write_gz(_decode_lines(raw.read_bytes(), url), dest)
+        return
+    if split.archive:
+        path = _cached_archive(split)
+        if path is None:
+            path = download(split.archive, _archive_path(split), split.checksum(lang))
+        member = split.member.format(lang=lang)
+        data = read_member(path, member)
+        _write_gz(convert(_decode_lines(data, f"{path}:{member}"), split.format), dest)
+        return
+    _fetch_sacrebleu(split, lang, dest)
+
+
+def _fetch_sacrebleu(split: Split, lang: str, dest: Path) -> None:
+    test_set, langpair = split.sacrebleu["test_set"], split.sacrebleu["langpair"]
+    src_lang, tgt_lang = langpair.split("-")
+    if lang not in (src_lang, tgt_lang):
+        raise MtkitError(f"{split.ref}: sacrebleu pair {langpair} has no '{lang}' side")
+    path = sacrebleu_file(test_set, langpair, "src" if lang == src_lang else "ref")
+    with open(path, encoding="utf-8") as f:
+        _write_gz((line.rstrip("\n") for line in f), dest)
+
+
+def sacrebleu_file(test_set: str, langpair: str, side: str) -> str:
+    """Download (through sacrebleu) and return the path of a test set's source or reference."""
+    from sacrebleu.dataset import DATASETS
+
+    if test_set not in DATASETS:
+        raise MtkitError(f"sacrebleu does not know the test set '{test_set}'")
+    ds = DATASETS[test_set]
+    if langpair not in ds.langpairs:
+        raise MtkitError(f"sacrebleu test set '{test_set}' has no language pair {langpair}")
+    try:
+        return ds.get_source_file(langpair) if side == "src" else ds.get_reference_files(langpair)[0]
+    except SystemExit:  # sacrebleu exits on a failed download
+        raise MtkitError(f"sacrebleu could not fetch {test_set} {langpair}; offline?") from None
+
+
+def read_member(archive: Path, member: str) -> bytes:
+    """The bytes of one file inside a tar or zip archive (gunzipped if it is gzip)."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                data = z.read(member)
+        else:
+            with tarfile.open(archive) as t:
+                f = t.extractfile(member)
+                if f is None:
+                    raise KeyError(member)
+                data = f.read()
+    except KeyError:
+        raise MtkitError(f"archive {archive} has no member {member}") from None
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError):
+        raise MtkitError(f"archive {archive} is corrupt or truncated; delete it and retry") from None
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data
+
+
+def _decode_lines(data: bytes, name: str) -> Iterator[str]:
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    for lineno, raw in enumerate(io.BytesIO(data), start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
+        except UnicodeDecodeError:
+            raise MtkitError(f"{name} line {lineno}: invalid UTF-8") from None
+
+
+_IWSLT_DROP = ("<url>", "<talkid>", "<keywords>")  # as fairseq's prepare-iwslt14.sh
+_IWSLT_TAGS = re.compile(r"</?(title|description)>")
+_SEG = re.compile(r"<seg id=\"?\d+\"?>\s*(.*?)\s*</seg>")
+
+
+def convert(lines: Iterator[str], fmt: str) -> Iterator[str]:
+    """Turn a source file's lines into plain sentences according to the catalog ``format``."""
+    if fmt == "text":
+        yield from lines
+    elif fmt == "iwslt_tags":
+        for line in lines:
+            if line.lstrip().startswith(_IWSLT_DROP):
+                continue
+            yield _IWSLT_TAGS.sub("", line).strip()
+    elif fmt == "iwslt_xml":
+        for line in lines:
+            m = _SEG.search(line)
+            if m:
+                yield m.group(1).replace("\u2019", "'")
+    else:
+        raise MtkitError(f"unknown catalog format '{fmt}'")

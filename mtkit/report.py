@@ -1,0 +1,232 @@
+"""The end of a recipe run: ``results.json``, ``report.md`` and a PNG of the training curves.
+
+The report sets the test-set scores (with sacrebleu signatures) beside the number the recipe
+reproduces, states both metrics, and says when they are not directly comparable (a paper's
+tokenized BLEU is computed on its own tokenization; mtkit reports sacreBLEU on detokenized
+text).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mtkit.recipes import RunContext
+
+logger = logging.getLogger("mtkit.report")
+
+OUR_METRIC = "sacreBLEU"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The events of a ``metrics.jsonl`` file (unreadable lines are skipped)."""
+    events = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict):
+                    events.append(obj)
+    except FileNotFoundError:
+        return []
+    return events
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") -> Path | None:
+    """Train/valid loss and valid BLEU against updates; ``None`` without matplotlib or data."""
+    events = read_metrics(metrics_file)
+    train = [(e["update"], e["loss"]) for e in events if e.get("kind") == "train" and _finite(e.get("loss"))]
+    valid = [(e["update"], e["loss"]) for e in events if e.get("kind") == "valid" and _finite(e.get("loss"))]
+    bleu = [(e["update"], e["bleu"]) for e in events if e.get("kind") == "valid" and _finite(e.get("bleu"))]
+    if not (train or valid or bleu):
+        logger.info("no training metrics in %s; no curves drawn", metrics_file)
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install mtkit[plot]); no training-curve PNG")
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        ax1.plot(*zip(*train), label="train loss", alpha=0.7)
+    if valid:
+        ax1.plot(*zip(*valid), "o-", label="valid loss")
+    ax1.set_xlabel("updates")
+    ax1.set_ylabel("loss (nats/token)")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    if bleu:
+        ax2.plot(*zip(*bleu), "o-", color="tab:green")
+    ax2.set_xlabel("updates")
+    ax2.set_ylabel("valid BLEU")
+    ax2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def count_parameters(checkpoint: str | Path) -> int | None:
+    """Number of model parameters in a checkpoint (``None`` if it cannot be read)."""
+    from mtkit.errors import MtkitError
+    from mtkit.models.base import num_parameters
+    from mtkit.training.checkpoint import load_model
+
+    try:
+        model = load_model(checkpoint)[0]
+    except (MtkitError, OSError, RuntimeError) as exc:
+        logger.warning("could not count parameters of %s: %s", checkpoint, exc)
+        return None
+    return num_parameters(model)
+
+
+def _bleu(scores: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for s in scores:
+        if str(s.get("name", "")).lower().startswith("bleu"):
+            return s
+    return None
+
+
+def compare(reference: dict[str, Any], tests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One published number beside ours on the same test set, with the difference."""
+    ours = (tests.get(reference["test_set"]) or {}).get("bleu")
+    value = reference.get("value")
+    diff = round(ours - value, 2) if _finite(ours) and _finite(value) else None
+    comparable = reference["metric"] == OUR_METRIC
+    return {
+        **reference,
+        "ours": ours,
+        "our_metric": OUR_METRIC,
+        "difference": diff,
+        "comparable": comparable,
+        "caveat": None if comparable else (
+            f"the paper reports {reference['metric']}; mtkit reports {OUR_METRIC} on detokenized "
+            "output, so the difference is indicative only"
+        ),
+    }
+
+
+def build_results(ctx: RunContext, scores: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    from mtkit.recipes import STAGES, Markers
+
+    r = ctx.recipe
+    tests = {}
+    for name, result in scores.items():
+        b = _bleu(result) or {}
+        tests[name] = {"bleu": b.get("score"), "signature": b.get("signature"), "scores": result,
+                       "lines": (ctx.outputs.get("prepare") or {}).get("lines", {}).get(name)}
+    train = ctx.outputs.get("train") or {}
+    translate = ctx.outputs.get("translate") or {}
+    ckpt = translate.get("checkpoint")
+    markers = Markers(ctx.workdir)
+    stage_seconds = {}
+    for stage in STAGES:
+        m = markers.read(stage)
+        if m and m.get("status") == "done":
+            stage_seconds[stage] = m.get("seconds")
+    return {
+        "recipe": r.name,
+        "recipe_file": str(r.path),
+        "smoke": r.smoke,
+        "src_lang": r.src_lang,
+        "tgt_lang": r.tgt_lang,
+        "tests": tests,
+        "reproduces": compare(r.raw["reproduces"], tests),
+        "see_also": [compare(x, tests) for x in r.raw.get("see_also") or []],
+        "training": {k: train.get(k) for k in
+                     ("updates", "epochs", "train_seconds", "best_checkpoint", "last_checkpoint", "metrics_file")},
+        "model": {
+            "arch": r.config.model.arch,
+            "preset": r.raw.get("preset"),
+            "parameters": count_parameters(ckpt) if ckpt else None,
+            "checkpoint": ckpt,
+            "averaged_from": (ctx.outputs.get("average") or {}).get("from"),
+        },
+        "decode": {k: getattr(r.config.decode, k) for k in ("beam", "length_penalty", "alpha")},
+        "stage_seconds": stage_seconds,
+        "total_seconds": round(sum(v for v in stage_seconds.values() if _finite(v)), 1),
+    }
+
+
+def _fmt(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    rep = res["reproduces"]
+    lines = [
+        f"# {res['recipe']}{' (smoke run: tiny model, not a real result)' if res['smoke'] else ''}",
+        "",
+        f"{res['src_lang']} -> {res['tgt_lang']}, model `{res['model']['arch']}` "
+        f"(preset `{res['model']['preset']}`, {_fmt(res['model']['parameters'])} parameters), "
+        f"{_fmt(res['training']['updates'])} updates in {_fmt((res['training']['train_seconds'] or 0) / 60, 1)} min of "
+        f"training; {_fmt(res['total_seconds'] / 60, 1)} min for all stages.",
+        "",
+        "## Test sets",
+        "",
+        "| test set | lines | score | sacrebleu signature |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, t in res["tests"].items():
+        for s in t["scores"]:
+            lines.append(f"| {name} | {_fmt(t['lines'])} | {s.get('name')} {_fmt(s.get('score'))} | `{s.get('signature')}` |")
+    lines += ["", "## Against the published number", "",
+              "| source | table | test set | their metric | theirs | ours (sacreBLEU) | difference |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in [rep, *res["see_also"]]:
+        lines.append(
+            f"| {c['paper']} | {c['table']} | {c['test_set']} | {c['metric']} | {_fmt(c.get('value'))} | "
+            f"{_fmt(c['ours'])} | {_fmt(c['difference'])} |"
+        )
+    notes = [c for c in [rep, *res["see_also"]] if c.get("note") or c.get("caveat")]
+    if notes:
+        lines += [""]
+        for c in notes:
+            text = " ".join(x for x in (c.get("note"), c.get("caveat")) if x)
+            lines.append(f"- {c['paper']}: {text.strip()}")
+    lines += ["", "## Stages", "", "| stage | seconds |", "| --- | --- |"]
+    for stage, secs in res["stage_seconds"].items():
+        lines.append(f"| {stage} | {_fmt(secs, 1)} |")
+    if res.get("curves"):
+        lines += ["", f"![training curves]({Path(res['curves']).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(ctx: RunContext, scores: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Write results.json, report.md and training_curves.png into the work dir."""
+    res = build_results(ctx, scores)
+    metrics = res["training"].get("metrics_file") or ctx.save_dir / "metrics.jsonl"
+    png = plot_curves(metrics, ctx.workdir / "training_curves.png", title=ctx.recipe.name)
+    res["curves"] = str(png) if png else None
+    results = ctx.workdir / "results.json"
+    results.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+    report = ctx.workdir / "report.md"
+    report.write_text(render_markdown(res), encoding="utf-8")
+    rep = res["reproduces"]
+    logger.info(
+        "%s: %s %s on %s (paper: %s %s)", ctx.recipe.name, OUR_METRIC, _fmt(rep["ours"]), rep["test_set"],
+        _fmt(rep.get("value")), rep["metric"],
+    )
+    return {"results": str(results), "report": str(report), "curves": res["curves"],
+            "bleu": {k: v["bleu"] for k, v in res["tests"].items()}}
