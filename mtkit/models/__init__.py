@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from mtkit.models.base import Seq2Seq
+from mtkit.models.gnmt import GNMT
+from mtkit.models.lstm import LSTMSeq2Seq
+from mtkit.models.rnn_attention import RNNAttention
+from mtkit.models.transformer import Transformer
 
-MODELS: dict[str, type[Seq2Seq]] = {}
+MODELS: dict[str, type[Seq2Seq]] = {
+    "transformer": Transformer,
+    "lstm": LSTMSeq2Seq,
+    "rnn_attention": RNNAttention,
+    "gnmt": GNMT,
+}
 
 
 def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int, pad_id: int) -> Seq2Seq:

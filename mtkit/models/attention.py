@@ -1,0 +1,185 @@
+"""Attention for the recurrent translators: a score function plus an optional local window.
+
+Scores (each a small class with the same constructor):
+- :class:`AdditiveScore` (Bahdanau et al. 2015): ``v^T tanh(W q + U h_s)``.
+- :class:`DotScore`, :class:`GeneralScore`, :class:`ConcatScore` (Luong et al. 2015):
+  ``q^T h_s``, ``q^T W h_s``, ``v^T tanh(W [q; h_s])``.
+
+Windows (Luong et al. 2015, section 3.2), added to the scores as a log-space bias:
+- :class:`GlobalWindow`: every source position.
+- :class:`MonotonicWindow` (local-m): ``p_t = t`` (clamped to the sentence), positions
+  ``[p_t - D, p_t + D]``.
+- :class:`PredictiveWindow` (local-p): ``p_t = S * sigmoid(v^T tanh(W q))`` with S the source
+  length, the same window, and a Gaussian ``exp(-(s - p_t)^2 / (2 sigma^2))``, ``sigma = D/2``.
+  The Gaussian multiplies the alignment inside the softmax, so the weights are renormalised
+  and still sum to 1 (the paper multiplies after the softmax).
+
+Padding is masked in every variant: weights are exactly zero on padding and sum to 1 per row.
+The projected memory (``keys``) depends only on the source, so it is computed once per
+sentence by :meth:`Attention.precompute` and kept in the encoder output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtkit.errors import MtkitError
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis of (B, S) scores where ``mask`` (B, S) is True; zero elsewhere."""
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+# --- scores: precompute(memory) -> keys; forward(query (B, Hq), keys (B, S, K)) -> (B, S) ----
+class AdditiveScore(nn.Module):
+    """Bahdanau's MLP score ``v^T tanh(W q + U h_s)`` with an ``attn_dim``-unit hidden layer."""
+
+    def __init__(self, query_dim: int, memory_dim: int, attn_dim: int):
+        super().__init__()
+        self.key_proj = nn.Linear(memory_dim, attn_dim, bias=False)  # U
+        self.query_proj = nn.Linear(query_dim, attn_dim)  # W (+ bias)
+        self.v = nn.Linear(attn_dim, 1, bias=False)
+
+    def precompute(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.key_proj(memory)  # (B, S, A)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(keys + self.query_proj(query).unsqueeze(1))  # (B, S, A)
+        return self.v(hidden).squeeze(-1)  # (B, S)
+
+
+class ConcatScore(AdditiveScore):
+    """Luong's ``concat``: ``v^T tanh(W_a [q; h_s])``, i.e. the additive score with W_a split in two."""
+
+
+class DotScore(nn.Module):
+    """Luong's ``dot``: ``q^T h_s`` (query and memory must have the same size)."""
+
+    def __init__(self, query_dim: int, memory_dim: int, attn_dim: int):
+        super().__init__()
+        if query_dim != memory_dim:
+            raise MtkitError(
+                f"dot attention needs the decoder hidden size ({query_dim}) to equal the encoder "
+                f"output size ({memory_dim}); use model.attention=general or a unidirectional encoder"
+            )
+
+    def precompute(self, memory: torch.Tensor) -> torch.Tensor:
+        return memory
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(keys, query.unsqueeze(2)).squeeze(2)  # (B, S, H) @ (B, H, 1) -> (B, S)
+
+
+class GeneralScore(DotScore):
+    """Luong's ``general``: ``q^T W_a h_s``; ``W_a h_s`` is precomputed once per sentence."""
+
+    def __init__(self, query_dim: int, memory_dim: int, attn_dim: int):
+        nn.Module.__init__(self)
+        self.key_proj = nn.Linear(memory_dim, query_dim, bias=False)  # W_a
+
+    def precompute(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.key_proj(memory)  # (B, S, Hq)
+
+
+# --- windows: forward(query, src_len, t, width) -> (B, S) log-space bias or None -------------
+class GlobalWindow(nn.Module):
+    def __init__(self, size: int, query_dim: int):
+        super().__init__()
+
+    def forward(self, query: torch.Tensor, src_len: torch.Tensor, t: torch.Tensor | None, width: int) -> None:
+        return None
+
+
+class MonotonicWindow(nn.Module):
+    """local-m: attend to ``[p_t - D, p_t + D]`` with ``p_t = t`` clamped to the last source token."""
+
+    def __init__(self, size: int, query_dim: int):
+        super().__init__()
+        if size < 1:
+            raise MtkitError(f"config key 'model.window_size' must be >= 1 for local attention, got {size}")
+        self.size = size
+
+    def center(self, query: torch.Tensor, src_len: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(t, src_len - 1).to(query.dtype)  # (B,)
+
+    def forward(self, query: torch.Tensor, src_len: torch.Tensor, t: torch.Tensor, width: int) -> torch.Tensor:
+        p = self.center(query, src_len, t).unsqueeze(1)  # (B, 1)
+        pos = torch.arange(width, device=query.device, dtype=query.dtype).unsqueeze(0)  # (1, S)
+        inside = (pos - p).abs() <= self.size
+        return torch.where(inside, self.inside_bias(pos, p), torch.full_like(pos - p, float("-inf")))
+
+    def inside_bias(self, pos: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(pos - p)
+
+
+class PredictiveWindow(MonotonicWindow):
+    """local-p: ``p_t = S * sigmoid(v_p^T tanh(W_p q))`` and a Gaussian of ``sigma = D/2`` around it."""
+
+    def __init__(self, size: int, query_dim: int):
+        super().__init__(size, query_dim)
+        self.proj = nn.Linear(query_dim, query_dim, bias=False)  # W_p
+        self.v = nn.Linear(query_dim, 1, bias=False)  # v_p
+        self.sigma = size / 2.0
+
+    def center(self, query: torch.Tensor, src_len: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.v(torch.tanh(self.proj(query)))).squeeze(-1)  # (B,)
+        return src_len.to(query.dtype) * gate
+
+    def inside_bias(self, pos: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return -((pos - p) ** 2) / (2 * self.sigma**2)
+
+
+SCORES: dict[str, type[nn.Module]] = {
+    "bahdanau": AdditiveScore,
+    "dot": DotScore,
+    "general": GeneralScore,
+    "concat": ConcatScore,
+}
+WINDOWS: dict[str, type[nn.Module]] = {
+    "global": GlobalWindow,
+    "local-m": MonotonicWindow,
+    "local-p": PredictiveWindow,
+}
+
+
+class Attention(nn.Module):
+    """A score plus a window. ``forward`` returns (context (B, Hm), weights (B, S))."""
+
+    def __init__(self, score: nn.Module, window: nn.Module):
+        super().__init__()
+        self.score = score
+        self.window = window
+
+    def precompute(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.score.precompute(memory)
+
+    def forward(
+        self,
+        query: torch.Tensor,  # (B, Hq)
+        memory: torch.Tensor,  # (B, S, Hm)
+        keys: torch.Tensor,  # (B, S, K) from precompute
+        mask: torch.Tensor,  # (B, S) True on real tokens
+        src_len: torch.Tensor,  # (B,)
+        t: torch.Tensor | None = None,  # (B,) decoder position (local-m needs it)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.score(query, keys)  # (B, S)
+        bias = self.window(query, src_len, t, memory.size(1))
+        if bias is not None:
+            scores = scores + bias
+        weights = masked_softmax(scores, mask)  # (B, S), float32
+        context = torch.bmm(weights.to(memory.dtype).unsqueeze(1), memory).squeeze(1)  # (B, Hm)
+        return context, weights
+
+
+def build_attention(
+    score: str, query_dim: int, memory_dim: int, attn_dim: int, window: str = "global", window_size: int = 10
+) -> Attention:
+    """Build from config names (``model.attention``, ``model.window``)."""
+    if score not in SCORES:
+        raise MtkitError(f"config key 'model.attention': unknown value '{score}' (valid: {', '.join(SCORES)})")
+    if window not in WINDOWS:
+        raise MtkitError(f"config key 'model.window': unknown value '{window}' (valid: {', '.join(WINDOWS)})")
+    return Attention(SCORES[score](query_dim, memory_dim, attn_dim), WINDOWS[window](window_size, query_dim))

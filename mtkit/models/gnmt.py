@@ -1,0 +1,174 @@
+"""Google's Neural Machine Translation system (Wu et al., 2016).
+
+Encoder: a bidirectional bottom layer (forward and backward outputs concatenated), then
+unidirectional layers; from layer ``residual_start`` (the third, 1-based) up every layer adds
+its input to its output. All layers run over one packed sequence, so padding never enters.
+
+Decoder: a stack of LSTM (or GRU) cells. The bottom layer reads the previous word and the
+previous context; its output queries an additive attention over the encoder output, and the
+new context ``a_i`` is concatenated to the input of every layer above; residual connections
+as in the encoder. The top layer's output predicts the word. Decoder states start at zero.
+(The paper queries with the bottom layer's output of the previous step; querying with the
+current one, as the reference GNMT implementation's "new attention" does, learns faster and
+gives the same structure: the bottom layer attends, every layer receives the context.)
+
+Beam search applies GNMT's length normalisation and coverage penalty (``decode.alpha``,
+``decode.beta``) using the attention weights ``step`` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from mtkit.config import ModelConfig
+from mtkit.errors import MtkitError
+from mtkit.models.attention import Attention, build_attention
+from mtkit.models.base import Seq2Seq, State
+from mtkit.models.lstm import (
+    CELL_CLASSES,
+    RNN_CLASSES,
+    check_choice,
+    check_positive,
+    init_uniform,
+    padding_mask,
+)
+
+
+@dataclass
+class Config(ModelConfig):
+    arch: str = "gnmt"
+    cell: str = "lstm"  # lstm | gru
+    embed_dim: int = 512
+    hidden_dim: int = 512  # every layer (the bidirectional bottom layer: per direction)
+    encoder_layers: int = 4  # the first one bidirectional
+    decoder_layers: int = 4
+    residual_start: int = 3  # 1-based layer from which residual connections start (>= 3)
+    attn_dim: int = 0  # hidden units of the additive attention; 0 = hidden_dim
+    dropout: float = 0.2  # on embeddings, between layers and before the output layer
+    init_scale: float = 0.0  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
+
+
+def residual_layers(n: int, start: int) -> list[bool]:
+    """Which of ``n`` layers (0-based list) add their input to their output."""
+    return [i + 1 >= start for i in range(n)]
+
+
+class GNMTEncoder(nn.Module):
+    def __init__(self, cfg: Config, vocab: int, pad_id: int):
+        super().__init__()
+        rnn, h = RNN_CLASSES[cfg.cell], cfg.hidden_dim
+        self.embed = nn.Embedding(vocab, cfg.embed_dim, padding_idx=pad_id)
+        self.dropout = nn.Dropout(cfg.dropout)
+        layers = [rnn(cfg.embed_dim, h, batch_first=True, bidirectional=True)]  # -> 2H
+        layers += [rnn(2 * h if i == 1 else h, h, batch_first=True) for i in range(1, cfg.encoder_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.residual = residual_layers(cfg.encoder_layers, cfg.residual_start)
+        self.out_dim = h if cfg.encoder_layers > 1 else 2 * h
+
+    def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(self.embed(src))  # (B, S, E)
+        packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        for layer, residual in zip(self.layers, self.residual):
+            out, _ = layer(packed)  # PackedSequence; .data is (tokens, H)
+            data = out.data + packed.data if residual else out.data
+            packed = out._replace(data=self.dropout(data))
+        memory, _ = pad_packed_sequence(packed, batch_first=True, total_length=src.size(1))
+        return memory  # (B, S, Hm), zero on padding
+
+
+class GNMTDecoder(nn.Module):
+    def __init__(self, cfg: Config, memory_dim: int):
+        super().__init__()
+        cell, h = CELL_CLASSES[cfg.cell], cfg.hidden_dim
+        self.hidden = h
+        self.has_cell_state = cfg.cell == "lstm"
+        self.attention: Attention = build_attention("bahdanau", h, memory_dim, cfg.attn_dim or h)
+        self.cells = nn.ModuleList(
+            [cell((cfg.embed_dim if i == 0 else h) + memory_dim, h) for i in range(cfg.decoder_layers)]
+        )
+        self.residual = residual_layers(cfg.decoder_layers, cfg.residual_start)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def init_state(self, enc: State) -> State:
+        memory = enc["memory"]
+        zeros = memory.new_zeros(memory.size(0), len(self.cells), self.hidden)  # (B, L, H)
+        state = {"h": zeros, "c": zeros.clone()} if self.has_cell_state else {"h": zeros}
+        state["ctx"] = memory.new_zeros(memory.size(0), memory.size(2))  # previous context (B, Hm)
+        return state
+
+    def _cell(self, i: int, inp: torch.Tensor, state: State, hs: list, cs: list) -> torch.Tensor:
+        if self.has_cell_state:
+            h, c = self.cells[i](inp, (state["h"][:, i], state["c"][:, i]))
+            cs.append(c)
+        else:
+            h = self.cells[i](inp, state["h"][:, i])
+        hs.append(h)
+        return h
+
+    def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+        hs: list[torch.Tensor] = []
+        cs: list[torch.Tensor] = []
+        bottom = self._cell(0, torch.cat([emb, state["ctx"]], dim=-1), state, hs, cs)  # (B, H)
+        ctx, weights = self.attention(bottom, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+        x = self.dropout(bottom)
+        for i in range(1, len(self.cells)):
+            h = self._cell(i, torch.cat([x, ctx], dim=-1), state, hs, cs)  # context into every layer
+            x = self.dropout(h + x if self.residual[i] else h)
+        new_state = {"h": torch.stack(hs, dim=1), "ctx": ctx}  # h: (B, L, H)
+        if self.has_cell_state:
+            new_state["c"] = torch.stack(cs, dim=1)
+        return x, new_state, weights
+
+
+class GNMT(Seq2Seq):
+    """Residual bidirectional-bottom encoder + attention-fed residual decoder."""
+
+    Config = Config
+
+    def __init__(self, cfg: Config, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
+        super().__init__(cfg, src_vocab_size, tgt_vocab_size, pad_id)
+        check_choice(cfg.cell, RNN_CLASSES, "model.cell")
+        check_positive(cfg, "embed_dim", "hidden_dim", "encoder_layers", "decoder_layers")
+        if cfg.residual_start < 3:
+            raise MtkitError(
+                f"config key 'model.residual_start' must be >= 3 (layer 2 changes the encoder's width), "
+                f"got {cfg.residual_start}"
+            )
+        self.encoder = GNMTEncoder(cfg, src_vocab_size, pad_id)
+        self.decoder = GNMTDecoder(cfg, self.encoder.out_dim)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_dim, tgt_vocab_size)
+        init_uniform(self, cfg.init_scale)
+
+    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
+        src_len = src_len.to(src.device)
+        memory = self.encoder(src, src_len)
+        return {
+            "memory": memory,  # (B, S, Hm)
+            "keys": self.decoder.attention.precompute(memory),  # (B, S, A)
+            "mask": padding_mask(src_len, src.size(1)),  # (B, S)
+            "src_len": src_len,
+        }
+
+    def init_state(self, enc: State) -> State:
+        return self.decoder.init_state(enc)
+
+    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        enc = self.encode(src, src_len)
+        state = self.init_state(enc)
+        emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
+        outs = []
+        for i in range(tgt_in.size(1)):
+            o, state, _ = self.decoder(emb[:, i], enc, state)
+            outs.append(o)
+        return self.out(torch.stack(outs, dim=1))  # (B, T, V)
+
+    def step(self, prev_tokens: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+        emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
+        o, state, weights = self.decoder(emb, enc, state)
+        return torch.log_softmax(self.out(o).float(), dim=-1), state, weights

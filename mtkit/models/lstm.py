@@ -1,0 +1,165 @@
+"""Sequence to sequence with deep LSTMs (Sutskever, Vinyals and Le, 2014).
+
+A stacked LSTM (or GRU) reads the source, optionally reversed, and its final per-layer states
+initialise a stacked decoder of the same shape; there is no attention. The building blocks
+shared by the other recurrent families also live here: the cell choice, the conversion
+between torch's (layers, batch, hidden) states and mtkit's batch-first state dicts, source
+reversal, and a packed-sequence encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from mtkit.config import ModelConfig
+from mtkit.errors import MtkitError
+from mtkit.models.base import Seq2Seq, State
+
+RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+CELL_CLASSES: dict[str, type[nn.RNNCellBase]] = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
+
+Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+# --- shared helpers --------------------------------------------------------------------------
+def check_choice(value: str, choices, key: str) -> None:
+    """Raise a one-line error naming the config key when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise MtkitError(f"config key '{key}': unknown value '{value}' (valid: {', '.join(sorted(choices))})")
+
+
+def check_positive(cfg: ModelConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise MtkitError(f"config key 'model.{name}' must be >= 1, got {getattr(cfg, name)}")
+
+
+def init_uniform(module: nn.Module, scale: float) -> None:
+    """Uniform(-scale, scale) for every parameter (the papers' init); 0 keeps torch's defaults."""
+    if scale > 0:
+        for p in module.parameters():
+            nn.init.uniform_(p, -scale, scale)
+        for m in module.modules():
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+
+def to_state(hidden: Hidden) -> State:
+    """torch RNN state (layers, B, H) [+ cell] -> {"h": (B, layers, H)[, "c": ...]}."""
+    if isinstance(hidden, tuple):
+        return {"h": hidden[0].transpose(0, 1), "c": hidden[1].transpose(0, 1)}
+    return {"h": hidden.transpose(0, 1)}
+
+
+def from_state(state: State) -> Hidden:
+    """Inverse of :func:`to_state`: an LSTM state has "c", a GRU state has only "h"."""
+    h = state["h"].transpose(0, 1).contiguous()
+    if "c" in state:
+        return h, state["c"].transpose(0, 1).contiguous()
+    return h
+
+
+def reverse_padded(src: torch.Tensor, src_len: torch.Tensor) -> torch.Tensor:
+    """Reverse the first ``src_len[i]`` tokens of each row, leaving the padding in place."""
+    pos = torch.arange(src.size(1), device=src.device).unsqueeze(0)  # (1, S)
+    lens = src_len.to(src.device).unsqueeze(1)  # (B, 1)
+    index = torch.where(pos < lens, lens - 1 - pos, pos)  # (B, S)
+    return src.gather(1, index)
+
+
+def padding_mask(src_len: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) bool, True on real tokens."""
+    return torch.arange(width, device=src_len.device).unsqueeze(0) < src_len.unsqueeze(1)
+
+
+class RNNEncoder(nn.Module):
+    """Embedding + stacked (optionally bidirectional) RNN over packed sequences.
+
+    Returns the memory (B, S, dirs*H), zero on padding, and the final states as a
+    batch-first dict {"h": (B, layers, dirs*H)[, "c": ...]} (directions concatenated).
+    """
+
+    def __init__(self, cell: str, vocab: int, embed_dim: int, hidden: int, layers: int,
+                 dropout: float, pad_id: int, bidirectional: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed_dim, padding_idx=pad_id)
+        self.dropout = nn.Dropout(dropout)
+        self.rnn = RNN_CLASSES[cell](embed_dim, hidden, layers, batch_first=True,
+                                     dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
+        self.dirs = 2 if bidirectional else 1
+        self.layers = layers
+        self.out_dim = self.dirs * hidden
+
+    def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[torch.Tensor, State]:
+        x = self.dropout(self.embed(src))  # (B, S, E)
+        packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        out, hidden = self.rnn(packed)
+        memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, dirs*H)
+        final = {}
+        for name, t in to_state(hidden).items():  # (B, layers*dirs, H) -> (B, layers, dirs*H)
+            final[name] = t.reshape(t.size(0), self.layers, self.out_dim)
+        return self.dropout(memory), final
+
+
+# --- the Sutskever model ---------------------------------------------------------------------
+@dataclass
+class Config(ModelConfig):
+    arch: str = "lstm"
+    cell: str = "lstm"  # lstm | gru
+    embed_dim: int = 256
+    hidden_dim: int = 256
+    layers: int = 2  # encoder and decoder depth (the encoder's final states seed the decoder)
+    reverse_source: bool = True  # feed the source backwards (the paper's key trick)
+    dropout: float = 0.2  # on embeddings, between layers and before the output layer
+    init_scale: float = 0.0  # uniform(-s, s) init of every weight (paper: 0.08); 0 = torch defaults
+    tie_embeddings: bool = False  # share decoder input embedding and output projection
+
+
+class LSTMSeq2Seq(Seq2Seq):
+    """Deep encoder-decoder without attention; ``step`` returns ``attn=None``."""
+
+    Config = Config
+
+    def __init__(self, cfg: Config, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
+        super().__init__(cfg, src_vocab_size, tgt_vocab_size, pad_id)
+        check_choice(cfg.cell, RNN_CLASSES, "model.cell")
+        check_positive(cfg, "embed_dim", "hidden_dim", "layers")
+        if cfg.tie_embeddings and cfg.embed_dim != cfg.hidden_dim:
+            raise MtkitError("model.tie_embeddings needs model.embed_dim == model.hidden_dim")
+        self.encoder = RNNEncoder(cfg.cell, src_vocab_size, cfg.embed_dim, cfg.hidden_dim,
+                                  cfg.layers, cfg.dropout, pad_id)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
+        self.decoder = RNN_CLASSES[cfg.cell](cfg.embed_dim, cfg.hidden_dim, cfg.layers, batch_first=True,
+                                             dropout=cfg.dropout if cfg.layers > 1 else 0.0)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_dim, tgt_vocab_size)
+        init_uniform(self, cfg.init_scale)
+        if cfg.tie_embeddings:
+            self.out.weight = self.tgt_embed.weight
+
+    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
+        if self.cfg.reverse_source:
+            src = reverse_padded(src, src_len)
+        _, final = self.encoder(src, src_len)
+        return {f"init_{k}": v for k, v in final.items()}  # (B, layers, H) each
+
+    def init_state(self, enc: State) -> State:
+        return {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+
+    def _decode(self, tgt_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        x = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
+        out, hidden = self.decoder(x, from_state(state))  # (B, T, H)
+        return self.out(self.dropout(out)), to_state(hidden)  # (B, T, V)
+
+    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        logits, _ = self._decode(tgt_in, self.init_state(self.encode(src, src_len)))
+        return logits
+
+    def step(self, prev_tokens: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, None]:
+        logits, state = self._decode(prev_tokens.unsqueeze(1), state)
+        return torch.log_softmax(logits.squeeze(1).float(), dim=-1), state, None

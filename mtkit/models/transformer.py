@@ -1,0 +1,336 @@
+"""The Transformer (Vaswani et al. 2017) behind the Seq2Seq contract, in one file.
+
+Embeddings are scaled by sqrt(d_model); positions are sinusoidal, learned, rotary (RoPE) or
+ALiBi; attention runs through ``F.scaled_dot_product_attention``; pre- or post-norm layers.
+Incremental decoding keeps a per-layer self-attention key/value cache in ``state`` and the
+encoder's cross-attention keys/values in ``enc`` (computed once by :meth:`encode`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mtkit.config import ModelConfig
+from mtkit.errors import MtkitError
+from mtkit.models.base import Seq2Seq, State
+
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+@dataclass
+class Config(ModelConfig):
+    arch: str = "transformer"
+    d_model: int = 512
+    heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.1  # on embeddings and every residual branch
+    attention_dropout: float = 0.0  # on attention weights
+    activation_dropout: float = 0.0  # inside the feed-forward block
+    activation: str = "relu"  # relu | gelu | silu
+    pre_norm: bool = False  # LayerNorm before each block (plus a final one) instead of after
+    positions: str = "sinusoidal"  # sinusoidal | learned | rope | alibi
+    max_positions: int = 1024  # longest source/target (learned positions need a table this long)
+    tie_embeddings: bool = True  # output projection = target embedding (and = source when sizes match)
+    grad_checkpointing: bool = False  # recompute layer activations in backward to save memory
+
+
+# --- positions --------------------------------------------------------------------------------
+def sinusoid_table(n: int, d: int) -> torch.Tensor:
+    """(n, d) sin in the first half of the channels, cos in the second (tensor2tensor layout)."""
+    half = d // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1)))
+    angles = torch.arange(n, dtype=torch.float32)[:, None] * freq[None, :]
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(table, (0, d - 2 * half))
+
+
+def rope_tables(n: int, dh: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (n, dh) for rotary embeddings over the two halves of each head."""
+    inv = 1.0 / (10000.0 ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
+    angles = torch.arange(n, dtype=torch.float32)[:, None] * inv[None, :]  # (n, dh/2)
+    angles = torch.cat([angles, angles], dim=1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, Dh); cos/sin broadcastable to it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """Geometric slopes 2^(-8 i / H) (Press et al. 2022), (H,)."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)])
+
+
+# --- blocks -----------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head attention; ``self_attn`` fuses the q/k/v projections into one matmul."""
+
+    def __init__(self, cfg: Config, self_attn: bool):
+        super().__init__()
+        d = cfg.d_model
+        self.heads, self.dh = cfg.heads, d // cfg.heads
+        self.self_attn = self_attn
+        if self_attn:
+            self.qkv = nn.Linear(d, 3 * d)
+        else:
+            self.q = nn.Linear(d, d)
+            self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+        self.p_drop = cfg.attention_dropout
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H*Dh) -> (B, H, T, Dh)
+        return x.view(x.size(0), x.size(1), self.heads, self.dh).transpose(1, 2)
+
+    def project_kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(mem).chunk(2, dim=-1)
+        return self.split(k), self.split(v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
+        p = self.p_drop if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        B, H, T, Dh = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+    def attend_with_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit attention that also returns the head-averaged weights (B, T, S)."""
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh)  # (B, H, T, S)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        y = F.dropout(weights, self.p_drop, self.training) @ v
+        B, H, T, Dh = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, H * Dh)), weights.mean(1)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.act, self.p_drop = ACTIVATIONS[cfg.activation], cfg.activation_dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.dropout(self.act(self.fc1(x)), self.p_drop, self.training))
+
+
+class Sublayer(nn.Module):
+    """Residual wrapper: x + drop(f(norm(x))) in pre-norm, norm(x + drop(f(x))) in post-norm."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.norm, self.pre_norm, self.p_drop = nn.LayerNorm(cfg.d_model), cfg.pre_norm, cfg.dropout
+
+    def forward(self, x: torch.Tensor, fn) -> torch.Tensor:
+        if self.pre_norm:
+            return x + F.dropout(fn(self.norm(x)), self.p_drop, self.training)
+        return self.norm(x + F.dropout(fn(x), self.p_drop, self.training))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn, self.ffn = Attention(cfg, self_attn=True), FeedForward(cfg)
+        self.sub1, self.sub2 = Sublayer(cfg), Sublayer(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple | None) -> torch.Tensor:
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            q, k, v = (self.attn.split(t) for t in self.attn.qkv(h).chunk(3, dim=-1))
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            return self.attn.attend(q, k, v, mask)
+
+        return self.sub2(self.sub1(x, self_attention), self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.self_attn, self.cross_attn = Attention(cfg, self_attn=True), Attention(cfg, self_attn=False)
+        self.ffn = FeedForward(cfg)
+        self.sub1, self.sub2, self.sub3 = Sublayer(cfg), Sublayer(cfg), Sublayer(cfg)
+
+    def forward(self, x, mem_k, mem_v, mem_mask, self_mask, rope, cache=None, need_weights=False):
+        """x (B, T, D). ``cache`` (k, v) of earlier positions when decoding step by step;
+        returns (x, (k, v) of all positions so far, cross-attention weights or None)."""
+        new_cache, weights = None, None
+
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            nonlocal new_cache
+            q, k, v = (self.self_attn.split(t) for t in self.self_attn.qkv(h).chunk(3, dim=-1))
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            new_cache = (k, v)
+            causal = cache is None and self_mask is None
+            return self.self_attn.attend(q, k, v, self_mask, causal=causal)
+
+        def cross_attention(h: torch.Tensor) -> torch.Tensor:
+            nonlocal weights
+            q = self.cross_attn.split(self.cross_attn.q(h))
+            if need_weights:
+                y, weights = self.cross_attn.attend_with_weights(q, mem_k, mem_v, mem_mask)
+                return y
+            return self.cross_attn.attend(q, mem_k, mem_v, mem_mask)
+
+        x = self.sub1(x, self_attention)
+        x = self.sub2(x, cross_attention)
+        return self.sub3(x, self.ffn), new_cache, weights
+
+
+# --- the model --------------------------------------------------------------------------------
+class Transformer(Seq2Seq):
+    Config = Config
+
+    def __init__(self, cfg: Config, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
+        super().__init__(cfg, src_vocab_size, tgt_vocab_size, pad_id)
+        if cfg.d_model % cfg.heads:
+            raise MtkitError(f"model.d_model {cfg.d_model} must be divisible by model.heads {cfg.heads}")
+        if cfg.positions not in POSITIONS:
+            raise MtkitError(f"model.positions '{cfg.positions}' must be one of {', '.join(POSITIONS)}")
+        if cfg.activation not in ACTIVATIONS:
+            raise MtkitError(f"model.activation '{cfg.activation}' must be one of {', '.join(ACTIVATIONS)}")
+        if cfg.decoder_layers < 1:
+            raise MtkitError(f"model.decoder_layers must be at least 1, got {cfg.decoder_layers}")
+        d, dh = cfg.d_model, cfg.d_model // cfg.heads
+        if cfg.positions == "rope" and dh % 2:
+            raise MtkitError(f"model.positions rope needs an even head size, got {dh}")
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, d, padding_idx=pad_id)
+        share_src = cfg.tie_embeddings and src_vocab_size == tgt_vocab_size
+        self.src_embed = self.tgt_embed if share_src else nn.Embedding(src_vocab_size, d, padding_idx=pad_id)
+        for emb in {id(self.src_embed): self.src_embed, id(self.tgt_embed): self.tgt_embed}.values():
+            nn.init.normal_(emb.weight, 0.0, d**-0.5)
+            nn.init.zeros_(emb.weight[pad_id])
+        self.output = nn.Linear(d, tgt_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tgt_embed.weight
+        if cfg.positions == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_positions, d)
+            nn.init.normal_(self.pos_embed.weight, 0.0, d**-0.5)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoid_table(cfg.max_positions, d), persistent=False)
+        elif cfg.positions == "rope":
+            cos, sin = rope_tables(cfg.max_positions, dh)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.register_buffer("slopes", alibi_slopes(cfg.heads), persistent=False)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.enc_norm = nn.LayerNorm(d) if cfg.pre_norm else nn.Identity()
+        self.dec_norm = nn.LayerNorm(d) if cfg.pre_norm else nn.Identity()
+        self.scale = math.sqrt(d)
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and "embed" not in name and name != "output.weight":
+                nn.init.xavier_uniform_(p)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, 0.0, d**-0.5)
+
+    def max_positions(self) -> int | None:
+        return self.cfg.max_positions
+
+    # -- helpers -------------------------------------------------------------------------------
+    def embed(self, table: nn.Embedding, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T), pos (B, T) absolute positions -> (B, T, D)."""
+        x = table(tokens) * self.scale
+        if self.cfg.positions == "learned":
+            x = x + self.pos_embed(pos)
+        elif self.cfg.positions == "sinusoidal":
+            x = x + self.pos_table[pos]
+        return F.dropout(x, self.cfg.dropout, self.training)
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """pos (B, T) -> cos/sin (B, 1, T, Dh) for RoPE, else None."""
+        if self.cfg.positions != "rope":
+            return None
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+
+    def alibi(self, q_pos: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
+        """Float bias (1, H, T, S): -slope * distance; -inf on future keys when causal."""
+        dist = q_pos[:, None] - torch.arange(k_len, device=q_pos.device)[None, :]  # (T, S)
+        bias = -self.slopes[:, None, None] * dist.abs()[None].float()
+        if causal:
+            bias = bias.masked_fill(dist[None] < 0, float("-inf"))
+        return bias.unsqueeze(0)
+
+    def run(self, layer: nn.Module, *args):
+        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    # -- the contract --------------------------------------------------------------------------
+    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
+        B, S = src.shape
+        if S > self.cfg.max_positions:
+            raise MtkitError(f"source of {S} tokens exceeds model.max_positions {self.cfg.max_positions}")
+        pos = torch.arange(S, device=src.device).expand(B, S)
+        key_ok = torch.arange(S, device=src.device)[None, :] < src_len[:, None]  # (B, S)
+        mask = key_ok[:, None, None, :]  # (B, 1, 1, S): True = attend
+        if self.cfg.positions == "alibi":
+            mask = self.alibi(pos[0], S, causal=False).masked_fill(~mask, float("-inf"))
+        x, rope = self.embed(self.src_embed, src, pos), self.rope(pos)
+        for layer in self.encoder:
+            x = self.run(layer, x, mask, rope)
+        mem = self.enc_norm(x)
+        enc: State = {"src_mask": key_ok}
+        for i, layer in enumerate(self.decoder):
+            enc[f"cross_k{i}"], enc[f"cross_v{i}"] = layer.cross_attn.project_kv(mem)  # (B, H, S, Dh)
+        return enc
+
+    def decode(self, tgt: torch.Tensor, pos: torch.Tensor, enc: State, caches: list | None, need_weights: bool = False):
+        """Decoder stack over tgt (B, T) at positions pos (B, T) -> (hidden (B, T, D), caches, attn)."""
+        mem_mask = enc["src_mask"][:, None, None, :]
+        T = tgt.size(1)
+        past = 0 if caches is None else caches[0][0].size(2)
+        self_mask = None
+        if self.cfg.positions == "alibi":
+            self_mask = self.alibi(torch.arange(past, past + T, device=tgt.device), past + T, causal=True)
+        elif caches is not None and T > 1:
+            raise ValueError("incremental decoding takes one position at a time")
+        x, rope = self.embed(self.tgt_embed, tgt, pos), self.rope(pos)
+        new_caches, attn = [], None
+        last = len(self.decoder) - 1
+        for i, layer in enumerate(self.decoder):
+            cache = None if caches is None else caches[i]
+            args = (x, enc[f"cross_k{i}"], enc[f"cross_v{i}"], mem_mask, self_mask, rope, cache, need_weights and i == last)
+            x, kv, w = self.run(layer, *args) if caches is None else layer(*args)
+            new_caches.append(kv)
+            attn = w if w is not None else attn
+        return self.dec_norm(x), new_caches, attn
+
+    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        B, T = tgt_in.shape
+        if T > self.cfg.max_positions:
+            raise MtkitError(f"target of {T} tokens exceeds model.max_positions {self.cfg.max_positions}")
+        enc = self.encode(src, src_len)
+        pos = torch.arange(T, device=tgt_in.device).expand(B, T)
+        return self.output(self.decode(tgt_in, pos, enc, None)[0])  # (B, T, V)
+
+    def init_state(self, enc: State) -> State:
+        B, dev = enc["src_mask"].size(0), enc["src_mask"].device
+        ref = enc["cross_k0"]
+        state: State = {"pos": torch.zeros(B, dtype=torch.long, device=dev)}
+        for i in range(len(self.decoder)):
+            empty = ref.new_zeros(B, self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
+            state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
+        return state
+
+    def step(self, prev_tokens: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        pos = state["pos"]
+        if state["self_k0"].size(2) >= self.cfg.max_positions:  # cache length, no host sync
+            raise MtkitError(f"output longer than model.max_positions {self.cfg.max_positions}")
+        caches = [(state[f"self_k{i}"], state[f"self_v{i}"]) for i in range(len(self.decoder))]
+        h, caches, attn = self.decode(prev_tokens[:, None], pos[:, None], enc, caches, need_weights=True)
+        log_probs = F.log_softmax(self.output(h[:, -1]).float(), dim=-1)  # last position only
+        new_state: State = {"pos": pos + 1}
+        for i, (k, v) in enumerate(caches):
+            new_state[f"self_k{i}"], new_state[f"self_v{i}"] = k, v
+        return log_probs, new_state, None if attn is None else attn[:, -1]

@@ -1,0 +1,351 @@
+"""The recurrent families (lstm, rnn_attention, gnmt): contract, attention, structure, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtkit.config import PRESET_DIR, config_from_dict, load_config
+from mtkit.errors import MtkitError
+from mtkit.models import MODELS, build_model
+from mtkit.models.attention import SCORES, WINDOWS, build_attention, masked_softmax
+from mtkit.models.base import expand_state, reorder_state
+from mtkit.models.lstm import padding_mask, reverse_padded
+from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+torch.set_num_threads(1)
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+V = 17
+RNN_ARCHS = ("lstm", "rnn_attention", "gnmt")
+TINY = sorted(
+    p.stem for p in PRESET_DIR.glob("*_tiny.yaml") if load_config(p.stem).model.arch in RNN_ARCHS
+)
+
+
+def make_model(preset: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg = load_config(preset, [f"model.{k}={v}" for k, v in overrides.items()])
+    return build_model(cfg.model, V, V, PAD).eval(), cfg
+
+
+def batch(lengths: list[int], tgt_lengths: list[int], seed: int = 1):
+    """Padded random source (ending in EOS) and decoder input (BOS + ids)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths)), PAD)
+    tgt = torch.full((len(lengths), max(tgt_lengths) + 1), PAD)
+    for i, (n, m) in enumerate(zip(lengths, tgt_lengths)):
+        src[i, : n - 1] = torch.randint(4, V, (n - 1,), generator=g)
+        src[i, n - 1] = EOS
+        tgt[i, 0] = BOS
+        tgt[i, 1 : m + 1] = torch.randint(4, V, (m,), generator=g)
+    return src, torch.tensor(lengths), tgt
+
+
+def test_every_family_has_tiny_presets():
+    archs = {load_config(p).model.arch for p in TINY}
+    assert archs == set(RNN_ARCHS)
+    assert {"lstm", "rnn_attention", "gnmt"} <= set(MODELS)
+
+
+# --- the Seq2Seq contract ---------------------------------------------------------------------
+@pytest.mark.parametrize("preset", TINY)
+def test_step_equals_forward(preset):
+    model, _ = make_model(preset)
+    src, src_len, tgt = batch([7, 3, 5], [6, 2, 4])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(src, src_len, tgt), dim=-1)  # (B, T, V)
+        enc = model.encode(src, src_len)
+        state = model.init_state(enc)
+        for t in range(tgt.size(1)):
+            log_probs, state, attn = model.step(tgt[:, t], enc, state)
+            assert log_probs.shape == (3, V)
+            torch.testing.assert_close(log_probs, ref[:, t], atol=1e-5, rtol=0)
+            for name, value in state.items():
+                assert value.size(0) == 3, name  # batch-first
+            if attn is not None:
+                assert attn.shape == src.shape
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_state_layout_is_batch_first(preset):
+    model, cfg = make_model(preset)
+    src, src_len, _ = batch([4, 6], [1, 1])
+    state = model.init_state(model.encode(src, src_len))
+    layers = getattr(cfg.model, "decoder_layers", getattr(cfg.model, "layers", None))
+    assert state["h"].shape == (2, layers, cfg.model.hidden_dim)
+    assert ("c" in state) == (cfg.model.cell == "lstm")
+    if "c" in state:
+        assert state["c"].shape == state["h"].shape
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_expand_reorder_round_trip(preset):
+    model, _ = make_model(preset)
+    k = 3
+    src, src_len, _ = batch([6, 4], [1, 1])
+    g = torch.Generator().manual_seed(5)
+    tok1 = torch.randint(4, V, (2 * k,), generator=g)
+    tok2 = torch.randint(4, V, (2 * k,), generator=g)
+    # beam backpointers: each row picks a row of its own sentence
+    order = torch.tensor([2, 0, 0, 4, 5, 3])
+    with torch.no_grad():
+        enc = expand_state(model.encode(src, src_len), k)
+        state = model.init_state(enc)
+        lp0, state, _ = model.step(torch.full((2 * k,), BOS), enc, state)
+        lp1, state, _ = model.step(tok1, enc, state)
+        state = reorder_state(state, order)
+        lp2, _, _ = model.step(tok2, enc, state)
+        for r in range(2 * k):
+            i = r // k
+            prefix = torch.tensor([[BOS, int(tok1[order[r]]), int(tok2[r])]])
+            ref = torch.log_softmax(model(src[i : i + 1], src_len[i : i + 1], prefix), dim=-1)[0]
+            torch.testing.assert_close(lp0[r], ref[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(lp1[order[r]], ref[1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(lp2[r], ref[2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_padding_invariance(preset):
+    model, _ = make_model(preset)
+    src, src_len, tgt = batch([8, 3, 5], [7, 2, 4], seed=3)
+    with torch.no_grad():
+        together = torch.log_softmax(model(src, src_len, tgt), dim=-1)
+        enc = model.encode(src, src_len)
+        _, _, attn_batch = model.step(tgt[:, 0], enc, model.init_state(enc))
+        for i, (n, m) in enumerate(zip([8, 3, 5], [7, 2, 4])):
+            s, t = src[i : i + 1, :n], tgt[i : i + 1, : m + 1]
+            alone = torch.log_softmax(model(s, src_len[i : i + 1], t), dim=-1)
+            torch.testing.assert_close(alone[0], together[i, : m + 1], atol=1e-5, rtol=0)
+            enc1 = model.encode(s, src_len[i : i + 1])
+            _, _, attn_alone = model.step(t[:, 0], enc1, model.init_state(enc1))
+            if attn_batch is not None:
+                torch.testing.assert_close(attn_alone[0], attn_batch[i, :n], atol=1e-6, rtol=0)
+                if n < src.size(1):
+                    assert (attn_batch[i, n:] == 0).all()
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_checkpoint_round_trip(preset, tmp_path):
+    model, cfg = make_model(preset)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, {"config": cfg.to_dict(), "model": model.state_dict()})
+    payload = load_checkpoint(path)
+    cfg2 = config_from_dict(payload["config"])
+    assert cfg2.model == cfg.model
+    torch.manual_seed(123)  # different init: the weights must come from the file
+    model2 = build_model(cfg2.model, V, V, PAD).eval()
+    model2.load_state_dict(payload["model"], strict=True)
+    src, src_len, tgt = batch([5, 4], [3, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(model2(src, src_len, tgt), model(src, src_len, tgt), atol=0, rtol=0)
+
+
+# --- attention -----------------------------------------------------------------------------
+@pytest.mark.parametrize("window", list(WINDOWS))
+@pytest.mark.parametrize("score", list(SCORES))
+def test_attention_weights_sum_to_one_and_skip_padding(score, window):
+    torch.manual_seed(0)
+    B, S, H = 4, 9, 12
+    attn = build_attention(score, H, H, 10, window, window_size=2)
+    memory = torch.randn(B, S, H)
+    src_len = torch.tensor([9, 5, 1, 3])
+    mask = padding_mask(src_len, S)
+    memory = memory * mask.unsqueeze(-1)
+    query = torch.randn(B, H, requires_grad=True)
+    for t in (0, 2, 7, 20):
+        ctx, w = attn(query, memory, attn.precompute(memory), mask, src_len, torch.full((B,), t))
+        assert w.shape == (B, S) and ctx.shape == (B, H)
+        torch.testing.assert_close(w.sum(-1), torch.ones(B))
+        assert (w[~mask] == 0).all()
+        assert (w >= 0).all()
+        torch.testing.assert_close(ctx, torch.einsum("bs,bsh->bh", w, memory))
+        ctx.sum().backward()
+        assert torch.isfinite(query.grad).all()
+
+
+def test_local_m_window_is_centered_on_the_target_position():
+    B, S, H = 2, 12, 8
+    attn = build_attention("dot", H, H, H, "local-m", window_size=2)
+    memory = torch.randn(B, S, H)
+    src_len = torch.tensor([12, 6])
+    mask = padding_mask(src_len, S)
+    _, w = attn(torch.randn(B, H), memory, memory, mask, src_len, torch.tensor([5, 9]))
+    # row 0: p = 5 -> positions 3..7; row 1: p = min(9, 5) = 5 -> positions 3..5 (6+ is padding)
+    assert w[0].nonzero().flatten().tolist() == [3, 4, 5, 6, 7]
+    assert w[1].nonzero().flatten().tolist() == [3, 4, 5]
+
+
+def test_local_p_follows_the_predicted_position_and_gaussian():
+    torch.manual_seed(0)
+    B, S, H, D = 1, 30, 8, 4
+    attn = build_attention("dot", H, H, H, "local-p", window_size=D)
+    window = attn.window
+    query = torch.randn(B, H)
+    src_len = torch.tensor([S])
+    p = float(window.center(query, src_len, torch.zeros(1)).detach())
+    assert p == pytest.approx(S * torch.sigmoid(window.v(torch.tanh(window.proj(query)))).item(), rel=1e-6)
+    memory = torch.zeros(B, S, H)  # equal scores: the weights are the Gaussian alone
+    _, w = attn(query, memory, memory, torch.ones(B, S, dtype=torch.bool), src_len)
+    pos = torch.arange(S, dtype=torch.float)
+    inside = (pos - p).abs() <= D
+    gauss = torch.exp(-((pos - p) ** 2) / (2 * (D / 2) ** 2)) * inside
+    torch.testing.assert_close(w[0], gauss / gauss.sum())
+
+
+def test_masked_softmax_zero_on_padding():
+    scores = torch.tensor([[1.0, 2.0, 50.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    w = masked_softmax(scores, mask)
+    assert w[0, 2] == 0
+    torch.testing.assert_close(w[1], torch.full((3,), 1 / 3))
+
+
+# --- family-specific structure -------------------------------------------------------------------
+def test_reverse_padded_keeps_padding_in_place():
+    src = torch.tensor([[5, 6, 7, 3], [8, 3, 0, 0]])
+    out = reverse_padded(src, torch.tensor([4, 2]))
+    assert out.tolist() == [[3, 7, 6, 5], [3, 8, 0, 0]]
+
+
+def test_lstm_source_reversal_changes_the_encoding_only():
+    fwd, _ = make_model("lstm_tiny", reverse_source=False)
+    rev, _ = make_model("lstm_tiny", reverse_source=True)
+    src, src_len, tgt = batch([6, 4], [3, 3])
+    with torch.no_grad():
+        flipped = reverse_padded(src, src_len)
+        torch.testing.assert_close(rev(src, src_len, tgt), fwd(flipped, src_len, tgt))
+        assert not torch.allclose(rev(src, src_len, tgt), fwd(src, src_len, tgt))
+
+
+def test_lstm_encoder_final_states_seed_the_decoder():
+    model, _ = make_model("lstm_tiny")
+    src, src_len, _ = batch([6, 4], [1, 1])
+    with torch.no_grad():
+        state = model.init_state(model.encode(src, src_len))
+        emb = model.encoder.embed(reverse_padded(src, src_len))
+        out, (h, c) = model.encoder.rnn(emb[1:2, :4])  # the short row alone, no padding
+    torch.testing.assert_close(state["h"][1], h[:, 0])
+    torch.testing.assert_close(state["c"][1], c[:, 0])
+
+
+def test_gnmt_structure():
+    model, cfg = make_model("gnmt_tiny", encoder_layers=4, decoder_layers=4)
+    enc, dec = model.encoder, model.decoder
+    assert [layer.bidirectional for layer in enc.layers] == [True, False, False, False]
+    assert enc.layers[1].input_size == 2 * cfg.model.hidden_dim
+    assert enc.residual == [False, False, True, True] == dec.residual
+    memory_dim = enc.out_dim
+    assert [c.input_size for c in dec.cells] == [cfg.model.embed_dim + memory_dim] + [
+        cfg.model.hidden_dim + memory_dim
+    ] * 3  # the context goes into every decoder layer
+
+
+def test_gnmt_residual_layer_adds_its_input():
+    """A residual layer whose LSTM outputs zero is the identity: 3 layers == the first 2."""
+    deep, _ = make_model("gnmt_tiny", encoder_layers=3, dropout=0.0)
+    shallow, _ = make_model("gnmt_tiny", encoder_layers=2, dropout=0.0)
+    shallow.encoder.load_state_dict(
+        {k: v for k, v in deep.encoder.state_dict().items() if not k.startswith("layers.2.")}
+    )
+    third = deep.encoder.layers[2]
+    with torch.no_grad():
+        H = third.hidden_size
+        third.bias_ih_l0[3 * H :] = -1e4  # output gate closed: h = 0
+    src, src_len, _ = batch([6, 3], [1, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(deep.encoder(src, src_len), shallow.encoder(src, src_len))
+
+
+def test_bidirectional_encoders_see_the_whole_source():
+    src, src_len, _ = batch([6], [1])
+    changed = src.clone()
+    changed[0, 4] = (src[0, 4] - 4 + 1) % (V - 4) + 4  # another token at the last word
+    for preset, sees_right in [("gnmt_tiny", True), ("bahdanau_tiny", True), ("luong_tiny", False)]:
+        model, _ = make_model(preset)
+        with torch.no_grad():
+            a = model.encode(src, src_len)["memory"][0, 0]
+            b = model.encode(changed, src_len)["memory"][0, 0]
+        assert (not torch.allclose(a, b)) == sees_right, preset
+
+
+@pytest.mark.parametrize(
+    "preset, override, message",
+    [
+        ("lstm_tiny", "model.cell=rnn", "model.cell"),
+        ("luong_tiny", "model.attention=mlp", "model.attention"),
+        ("luong_tiny", "model.window=local", "model.window"),
+        ("luong_dot_tiny", "model.bidirectional=true", "dot attention"),
+        ("bahdanau_tiny", "model.window=local-p", "model.window"),
+        ("gnmt_tiny", "model.residual_start=2", "model.residual_start"),
+        ("gnmt_tiny", "model.hidden_dim=0", "model.hidden_dim"),
+    ],
+)
+def test_bad_config_values_are_one_line_errors(preset, override, message):
+    cfg = load_config(preset, [override])
+    with pytest.raises(MtkitError, match=message):
+        build_model(cfg.model, V, V, PAD)
+
+
+# --- learning a copy task ----------------------------------------------------------------------
+def copy_data(n: int, seed: int, min_len: int = 2, max_len: int = 6, symbols: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(4, 4 + symbols, (int(torch.randint(min_len, max_len + 1, (1,), generator=g)),), generator=g)
+            for _ in range(n)]
+    return seqs
+
+
+def collate(seqs):
+    src = torch.full((len(seqs), max(len(s) for s in seqs) + 1), PAD)
+    tgt_in = torch.full_like(src, PAD)
+    tgt_out = torch.full_like(src, PAD)
+    for i, s in enumerate(seqs):
+        n = len(s)
+        src[i, :n], src[i, n] = s, EOS
+        tgt_in[i, 0], tgt_in[i, 1 : n + 1] = BOS, s
+        tgt_out[i, :n], tgt_out[i, n] = s, EOS
+    return src, torch.tensor([len(s) + 1 for s in seqs]), tgt_in, tgt_out
+
+
+def greedy(model, src, src_len, max_len: int):
+    enc = model.encode(src, src_len)
+    state = model.init_state(enc)
+    prev = torch.full((src.size(0),), BOS)
+    out = []
+    for _ in range(max_len):
+        log_probs, state, _ = model.step(prev, enc, state)
+        prev = log_probs.argmax(-1)
+        out.append(prev)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, steps",
+    [
+        ("lstm_tiny", {"hidden_dim": 64, "embed_dim": 32}, 200),
+        ("bahdanau_tiny", {"hidden_dim": 32}, 200),
+        ("luong_local_p_tiny", {"hidden_dim": 32, "encoder_layers": 1, "decoder_layers": 1}, 200),
+        ("gnmt_tiny", {"hidden_dim": 32}, 300),
+    ],
+)
+def test_learns_to_copy(preset, overrides, steps):
+    model, _ = make_model(preset, seed=0, dropout=0.0, **overrides)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train = copy_data(64 * steps, seed=1)
+    for i in range(steps):
+        src, src_len, tgt_in, tgt_out = collate(train[i * 64 : (i + 1) * 64])
+        logits = model(src, src_len, tgt_in)
+        loss = F.cross_entropy(logits.reshape(-1, V), tgt_out.reshape(-1), ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+    test = copy_data(200, seed=99)
+    src, src_len, _, tgt_out = collate(test)
+    with torch.no_grad():
+        hyp = greedy(model, src, src_len, tgt_out.size(1))
+    exact = sum(bool((hyp[i, : len(s) + 1] == tgt_out[i, : len(s) + 1]).all()) for i, s in enumerate(test))
+    assert exact / len(test) >= 0.9, f"{preset}: {exact}/{len(test)} copied exactly (loss {loss.item():.3f})"
