@@ -118,8 +118,8 @@ def check_options(cfg: DecodeConfig, opts: Options) -> None:
     ):
         if value not in valid:
             raise MtkitError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
-    if opts.engine != "torch":
-        raise MtkitError(f"engine '{opts.engine}' is not available (only 'torch')")
+    if opts.engine not in ("torch", "ctranslate2"):
+        raise MtkitError(f"unknown engine '{opts.engine}'; valid: torch, ctranslate2")
     if opts.batch_size is not None and opts.batch_size <= 0:
         raise MtkitError(f"batch size must be at least 1, got {opts.batch_size}")
     if opts.max_tokens is not None and opts.max_tokens <= 0:
@@ -328,12 +328,25 @@ def translate_file(
         from mtkit.decoding.plot import check_available
 
         check_available()
-    dev = pick_device(device)
-    tr = Translator.load(model_paths, dev)
+    engine = None
+    if opts.engine == "ctranslate2":
+        from mtkit.decoding.ct2_engine import CT2Engine
+
+        if len(model_paths) != 1 or opts.sampling:
+            raise MtkitError("--engine ctranslate2 takes one exported model directory (-m DIR) and no sampling")
+        engine = CT2Engine.load(model_paths[0], device=device)
+        dev = torch.device("cpu")
+        tr = Translator([], engine.src_spm, engine.tgt_spm, engine.cfg, engine.max_src_len, dev)
+    else:
+        dev = pick_device(device)
+        tr = Translator.load(model_paths, dev)
     cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
     check_options(cfg, opts)
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
-    decoder = Decoder(tr, cfg, sampling_options(opts, dev), attention)
+    if engine is not None:
+        decoder = engine.decoder(cfg, attention)
+    else:
+        decoder = Decoder(tr, cfg, sampling_options(opts, dev), attention)
     fmt = Formatter(tr, output_format, opts.output_units, opts.alignment)
 
     skip = prepare_resume(Path(output_path), output_format) if resume else 0
