@@ -110,31 +110,134 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
     from mtkit.config import load_config
     from mtkit.training.trainer import train as run
 
+    if nproc > 1:
+        raise MtkitError("--nproc: multi-process (data-parallel) training is not available yet; use one process")
     cfg = load_config(config, overrides)
     summary = run(data_dir, cfg, save_dir, resume=resume, device=device)
     click.echo(json.dumps(summary))
 
 
 # ---------------------------------------------------------------------------------------------
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def translate(args: tuple[str, ...]) -> None:
+@main.command()
+@click.option("-m", "--model", "model_paths", multiple=True, required=True, help="Checkpoint (repeat for an ensemble with the same vocabulary).")
+@click.option("-i", "--input", "input_path", default="-", show_default=True, help="Input file (plain or .gz), - for stdin.")
+@click.option("-o", "--output", "output_path", default="-", show_default=True, help="Output file, - for stdout.")
+@click.option("--beam", type=int, default=None, help="Beam size (1 = greedy). Default: the checkpoint's decode.beam.")
+@click.option("--nbest", type=int, default=None, help="Hypotheses per sentence (n-best / jsonl output, or samples).")
+@click.option("--batch-size", type=int, default=None, help="Sentences per batch.")
+@click.option("--max-tokens", type=int, default=None, help="Source tokens per batch (used unless --batch-size).")
+@click.option("--lenpen", "length_penalty", type=click.Choice(["none", "average", "gnmt"]), default=None, help="Length normalisation.")
+@click.option("--alpha", type=float, default=None, help="GNMT length-penalty exponent.")
+@click.option("--beta", type=float, default=None, help="GNMT coverage-penalty weight.")
+@click.option("--min-len", type=int, default=None, help="Minimum output tokens.")
+@click.option("--max-len-a", type=float, default=None, help="Max output tokens = a * source tokens + b.")
+@click.option("--max-len-b", type=int, default=None)
+@click.option("--no-repeat-ngram", type=int, default=None, help="Never repeat an n-gram of this size.")
+@click.option("--sampling", is_flag=True, help="Sample instead of searching (back-translation).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--topk", type=int, default=0, show_default=True, help="Sample among the k best tokens (0: all).")
+@click.option("--topp", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--input-format", type=click.Choice(["text", "pieces", "ids"]), default="text", show_default=True)
+@click.option("--output-format", type=click.Choice(["text", "nbest", "jsonl"]), default="text", show_default=True)
+@click.option("--output-units", type=click.Choice(["text", "pieces", "ids"]), default="text", show_default=True, help="Hypotheses as detokenized text, pieces or ids.")
+@click.option("--alignment", type=click.Choice(["none", "argmax", "full"]), default="argmax", show_default=True, help="jsonl: attention argmax per target piece, or the full matrix too.")
+@click.option("--errors", type=click.Choice(["strict", "replace"]), default="strict", show_default=True, help="Invalid UTF-8 input: fail with the line number, or replace.")
+@click.option("--plot-attention", default=None, metavar="DIR", help="Write one attention heatmap PNG per sentence (needs matplotlib).")
+@click.option("--engine", type=click.Choice(["torch", "ctranslate2"]), default="torch", show_default=True, help="ctranslate2: -m is a directory written by `mtkit export`.")
+@click.option("--resume", is_flag=True, help="Continue a partly written --output file.")
+@handle_errors
+def translate(model_paths: tuple[str, ...], input_path: str, output_path: str, device: str, output_format: str, resume: bool, **kwargs: Any) -> None:
     """Translate text with one or more checkpoints (stdin to stdout)."""
-    _fail("translate is not built yet")
+    from mtkit.decoding.translate import translate_file
+
+    decode_keys = ("beam", "nbest", "length_penalty", "alpha", "beta", "min_len", "max_len_a", "max_len_b", "no_repeat_ngram")
+    overrides = {k: kwargs.pop(k) for k in decode_keys if kwargs[k] is not None}
+    for k in decode_keys:
+        kwargs.pop(k, None)
+    stats = translate_file(list(model_paths), input_path, output_path, device=device, output_format=output_format,
+                           resume=resume, decode_overrides=overrides, **kwargs)
+    logger.info("translated %d lines (%d skipped) in %.1f s: %.1f sentences/s, %.1f target pieces/s",
+                stats["lines"], stats["skipped"], stats["seconds"], stats["sentences_per_s"], stats["tgt_tokens_per_s"])
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def score(args: tuple[str, ...]) -> None:
-    """Score hypotheses with BLEU / chrF / TER (sacrebleu signatures)."""
-    _fail("score is not built yet")
+@main.command()
+@click.option("-r", "--ref", "refs", multiple=True, required=True, help="Reference file (repeatable for several references).")
+@click.option("-i", "--input", "hyp", default=None, help="Hypothesis file (default: stdin unless -s is given).")
+@click.option("-m", "--metrics", "metrics", multiple=True, metavar="METRIC", help="bleu (default), chrf, chrf++, ter; -m bleu chrf, -m bleu -m ter or -m bleu,ter.")
+@click.argument("more_metrics", nargs=-1, metavar="")
+@click.option("-tok", "--tokenize", default=None, help="BLEU tokenizer: 13a (default), intl, zh, char, none, ... (sacrebleu's names).")
+@click.option("-lc", "--lowercase", is_flag=True, help="Case-insensitive BLEU and chrF.")
+@click.option("--ter-case-sensitive", is_flag=True, help="Case-sensitive TER (sacrebleu's TER lowercases by default).")
+@click.option("--force", is_flag=True, help="Do not warn about hypotheses that look tokenized.")
+@click.option("-f", "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("-sl", "--sentence", is_flag=True, help="Per-sentence scores (one system).")
+@click.option("-s", "--system", "systems", multiple=True, help="System output to compare (repeatable; the first system is the baseline).")
+@click.option("--paired-bs", is_flag=True, help="Paired bootstrap resampling test against the baseline.")
+@click.option("--paired-bs-n", type=click.IntRange(min=1), default=1000, show_default=True, help="Bootstrap resamples.")
+@click.option("--paired-ar", is_flag=True, help="Paired approximate randomisation test against the baseline.")
+@click.option("--paired-ar-n", type=click.IntRange(min=1), default=10000, show_default=True, help="Approximate randomisation trials.")
+@click.option("-w", "--width", type=click.IntRange(0, 10), default=1, show_default=True, help="Decimals printed.")
+@click.option("--detok-pieces", "detok", default=None, metavar="SPM_OR_CKPT", help="Detokenise space-separated sentencepiece pieces with this model (or a checkpoint's) first.")
+@handle_errors
+def score(refs: tuple[str, ...], hyp: str | None, metrics: tuple[str, ...], more_metrics: tuple[str, ...], tokenize: str | None, lowercase: bool, ter_case_sensitive: bool, force: bool, fmt: str, sentence: bool, systems: tuple[str, ...], paired_bs: bool, paired_bs_n: int, paired_ar: bool, paired_ar_n: int, width: int, detok: str | None) -> None:
+    """Score hypotheses with BLEU / chrF / TER (sacrebleu signatures).
+
+    Reads the hypotheses from -i or stdin; with -s SYS (repeatable) scores several systems
+    against the same references, and --paired-bs / --paired-ar test each against the first.
+    """
+    from mtkit.scoring import format_results, score_files
+
+    if more_metrics and not metrics:
+        raise MtkitError(f"unexpected argument '{more_metrics[0]}' (references go after -r, hypotheses after -i)")
+    if paired_bs and paired_ar:
+        raise MtkitError("choose one of --paired-bs and --paired-ar")
+    paired = "bs" if paired_bs else "ar" if paired_ar else None
+    results = score_files(
+        hyp if hyp is not None or systems else "-",
+        refs,
+        metrics + more_metrics,
+        tokenize=tokenize,
+        lowercase=lowercase,
+        force=force,
+        sentence=sentence,
+        detok_spm=detok,
+        systems=systems,
+        paired=paired,
+        paired_n=paired_bs_n if paired == "bs" else paired_ar_n,
+        width=width,
+        ter_case_sensitive=ter_case_sensitive,
+    )
+    try:
+        click.echo(format_results(results, fmt, width))
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # e.g. a full disk behind a redirected stdout
+        raise MtkitError(f"could not write the scores to stdout: {exc.strerror or exc}") from None
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def average(args: tuple[str, ...]) -> None:
-    """Average the weights of several checkpoints."""
-    _fail("average is not built yet")
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="(CKPT_DIR | CKPT ...)")
+@click.option("--last", type=click.IntRange(min=1), default=None, help="Average the N checkpoint_<update>.pt with the highest update numbers.")
+@click.option("--best", type=click.IntRange(min=1), default=None, help="Average the N checkpoint_<update>.pt with the best validation BLEU (or loss).")
+@click.option("-o", "--output", "out_path", required=True, help="Averaged checkpoint to write.")
+@handle_errors
+def average(inputs: tuple[str, ...], last: int | None, best: int | None, out_path: str) -> None:
+    """Average the weights of several checkpoints.
+
+    \b
+    mtkit average CKPT_DIR --last N -o OUT     highest update numbers
+    mtkit average CKPT_DIR --best N -o OUT     best valid BLEU (else lowest valid loss)
+    mtkit average CKPT CKPT ... -o OUT         these files
+    """
+    from mtkit.training.average import average_checkpoints, select_checkpoints
+
+    if (last is not None or best is not None) and len(inputs) != 1:
+        raise MtkitError("--last/--best take exactly one checkpoint directory")
+    paths = select_checkpoints(inputs[0] if len(inputs) == 1 else list(inputs), last=last, best=best)
+    average_checkpoints(paths, out_path)
+    click.echo(json.dumps({"output": out_path, "averaged": [str(p) for p in paths]}))
 
 
 @main.group()
@@ -142,25 +245,59 @@ def recipe() -> None:
     """Run or check a WMT-style recipe (YAML in recipes/)."""
 
 
-@recipe.command("run", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def recipe_run(args: tuple[str, ...]) -> None:
+@recipe.command("run")
+@click.argument("recipe_file", metavar="RECIPE.yaml")
+@click.option("--workdir", required=True, help="Directory for every stage's outputs and markers.")
+@click.option("--stages", multiple=True, metavar="STAGE[,STAGE|A-B]",
+              help="Run only these stages (prepare, preprocess, train, average, translate, score).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE",
+              help="Override a recipe key, e.g. train.lr=5e-4 or average.last=3 (repeatable).")
+@click.option("--data-dir", default=None, help="Directory holding the corpus files (default: $MTKIT_DATA).")
+@click.option("--smoke", is_flag=True, help="Tiny model, a few updates, a few hundred lines: checks every stage.")
+@click.option("--force", is_flag=True, help="Redo the selected stages even if they are done.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@handle_errors
+def recipe_run(recipe_file: str, workdir: str, stages: tuple[str, ...], overrides: tuple[str, ...],
+               data_dir: str | None, smoke: bool, force: bool, device: str) -> None:
     """Run a recipe's stages, resuming at the first unfinished one."""
-    _fail("recipe is not built yet")
+    from mtkit.recipes import run_recipe
+
+    summary = run_recipe(recipe_file, workdir, stages=stages, overrides=overrides, data_dir=data_dir,
+                         smoke=smoke, device=device, force=force)
+    click.echo(json.dumps(summary, indent=1))
 
 
-@recipe.command("check", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def recipe_check(args: tuple[str, ...]) -> None:
-    """Validate a recipe without running it."""
-    _fail("recipe is not built yet")
+@recipe.command("check")
+@click.argument("recipe_file", metavar="RECIPE.yaml")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE", help="Override a recipe key (repeatable).")
+@click.option("--data-dir", default=None, help="Directory holding the corpus files (default: $MTKIT_DATA).")
+@click.option("--smoke", is_flag=True, help="Check the --smoke variant.")
+@handle_errors
+def recipe_check(recipe_file: str, overrides: tuple[str, ...], data_dir: str | None, smoke: bool) -> None:
+    """Validate a recipe without running it; show where each data file would come from."""
+    from mtkit.recipes import check_recipe
+
+    click.echo(json.dumps(check_recipe(recipe_file, overrides, data_dir=data_dir, smoke=smoke), indent=1))
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def export(args: tuple[str, ...]) -> None:
-    """Export a Transformer checkpoint to another inference engine."""
-    _fail("export is not built yet")
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["ctranslate2"]), default="ctranslate2", show_default=True, help="Target engine.")
+@click.option("-m", "--model", "ckpt_path", required=True, help="Transformer checkpoint to export.")
+@click.option("-o", "--output", "out_dir", required=True, help="Output model directory.")
+@click.option("--quantization", default=None, help="Weight type: int8, int8_float32, int8_float16, int8_bfloat16, int16, float16, bfloat16, float32 (default: float32).")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
+@handle_errors
+def export(fmt: str, ckpt_path: str, out_dir: str, quantization: str | None, force: bool) -> None:
+    """Export a Transformer checkpoint to another inference engine (pip install 'mtkit[ct2]').
+
+    The output directory is self-contained (model, vocabularies, sentencepiece models) and is
+    what `mtkit translate --engine ctranslate2 -m DIR` reads.
+    """
+    from mtkit.export import export as run
+
+    meta = run(fmt, ckpt_path, out_dir, quantization=quantization, force=force)
+    click.echo(json.dumps({"output": out_dir, "format": fmt, "quantization": meta["quantization"],
+                           "ctranslate2_version": meta["ctranslate2_version"]}))
 
 
 if __name__ == "__main__":
