@@ -57,7 +57,7 @@ class TrainConfig:
     noam_factor: float = 2.0  # noam: lr = factor * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)
     clip_norm: float = 0.0  # 0 = no clipping
     label_smoothing: float = 0.1
-    amp: str = "auto"  # auto | none | bf16 | fp16 (autocast is used on CUDA only)
+    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16 (fp16: CUDA only)
     num_threads: int = 0  # torch intra-op threads on CPU, 0 = torch default
     log_interval: int = 50
     validate_interval_updates: int = 1000  # 0 = validate at the end of each epoch only

@@ -22,6 +22,7 @@ sentence scores add ``sentence`` (1-based line number).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -225,12 +226,48 @@ def score_systems(
         results.sort(key=lambda d: order[d["system"]])
         return results
 
-    metric_objs = [build(name) for name in names]
     for sys_name, hyps in systems:
-        for metric in metric_objs:
-            score = metric.corpus_score(list(hyps), None)
+        for name in names:
+            metric = make_metric(name, None, tokenize, lowercase, force, chrf_word_order, sentence, ter_case_sensitive)
+            score = corpus_score_chunked(metric, hyps, refs)
             results.append(_score_dict(score, metric.get_signature().format(), width, sys_name))
     return results
+
+
+CHUNK_LINES = 20_000
+
+
+def corpus_score_chunked(
+    metric: Metric, hyps: Sequence[str], refs: Sequence[Sequence[str]], chunk: int | None = None
+) -> Score:
+    """``metric.corpus_score(hyps, refs)`` computed ``chunk`` sentences at a time.
+
+    sacrebleu holds the n-gram statistics of every reference sentence while scoring (about
+    20 kB per sentence for chrF: gigabytes for a million lines). BLEU, chrF and TER corpus
+    statistics are sums over sentences, so adding up per-chunk sums gives the same score with
+    memory bounded by the chunk. The tokenized-period warning counts over the whole corpus.
+    """
+    chunk = chunk or CHUNK_LINES
+    if len(hyps) <= chunk:
+        return metric.corpus_score(list(hyps), [list(r) for r in refs])
+    from sacrebleu.utils import sum_of_lists
+
+    original = metric._force
+    warn = not original and sum(1 for h in hyps if h.endswith(" .")) >= 100
+    metric._force = True  # counted above, not once per chunk
+    try:
+        sums = [
+            sum_of_lists(metric._extract_corpus_statistics(hyps[i : i + chunk], [r[i : i + chunk] for r in refs]))
+            for i in range(0, len(hyps), chunk)
+        ]
+    finally:
+        metric._force = original
+    if warn:
+        logging.getLogger("sacrebleu").warning(
+            "That's 100 lines that end in a tokenized period ('.'); it looks like you forgot to detokenize "
+            "your test data, which may hurt your score (--force silences this)"
+        )
+    return metric._aggregate_and_compute(sums)
 
 
 def score_files(

@@ -21,7 +21,6 @@ def setup_logging(verbosity: int = 0) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)
-    root.propagate = False
 
 
 def progress_enabled() -> bool:

@@ -38,3 +38,117 @@ def collate_target(
     tgt_in = pad_batch([np.concatenate(([bos], a)) for a in arrs], pad)
     tgt_out = pad_batch([np.concatenate((a, [eos])) for a in arrs], pad)
     return tgt_in, tgt_out
+
+
+# --- token-budget batches for training -------------------------------------------------------
+def pack_batches(
+    order: np.ndarray, cost: np.ndarray, max_tokens: int, max_sentences: int = 0
+) -> list[np.ndarray]:
+    """Greedily cut ``order`` (indices, already length-sorted) into batches whose padded size
+    ``len(batch) * max(cost[batch])`` stays within ``max_tokens`` (and ``max_sentences`` if > 0).
+    A single example larger than the budget gets a batch of its own."""
+    batches: list[np.ndarray] = []
+    start, longest = 0, 0
+    costs = cost[order]
+    for i, c in enumerate(costs.tolist()):
+        n = i - start + 1
+        width = max(longest, c)
+        if n > 1 and (n * width > max_tokens or (max_sentences and n > max_sentences)):
+            batches.append(order[start:i])
+            start, width = i, c
+        longest = width
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+class BatchIterator:
+    """Endless, resumable token-budget batches over a parallel corpus.
+
+    Each epoch: examples are shuffled with a ``torch.Generator`` seeded by (seed, epoch), stably
+    sorted by length (longer side, then target, then source) so each batch holds similar lengths (bucketing with
+    little padding), packed to ``max_tokens`` and the batch order shuffled again. The state is
+    just (epoch, position) — the batches of an epoch are recomputed from the seed — so a
+    checkpoint restores the exact next batch. ``rank``/``world_size`` give each data-parallel
+    process every ``world_size``-th batch (the tail is trimmed so all ranks get the same count).
+    """
+
+    def __init__(
+        self,
+        src_lens: np.ndarray,
+        tgt_lens: np.ndarray,
+        max_tokens: int,
+        max_sentences: int = 0,
+        seed: int = 1,
+        shuffle: bool = True,
+        max_src_len: int | None = None,
+        max_tgt_len: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        src_cost = np.asarray(src_lens, dtype=np.int64) + 1  # + EOS
+        tgt_cost = np.asarray(tgt_lens, dtype=np.int64) + 1  # + BOS/EOS
+        keep = np.ones(len(src_cost), dtype=bool)
+        if max_src_len:
+            keep &= src_cost <= max_src_len
+        if max_tgt_len:
+            keep &= tgt_cost <= max_tgt_len
+        self.indices = np.nonzero(keep)[0]
+        self.skipped = int(len(keep) - keep.sum())
+        if len(self.indices) == 0:
+            raise ValueError("no training examples within the length limits")
+        self.src_cost, self.tgt_cost = src_cost, tgt_cost
+        self.cost = np.maximum(src_cost, tgt_cost)
+        self.max_tokens, self.max_sentences = max_tokens, max_sentences
+        self.seed, self.shuffle = seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 1, 0
+        self._cached: tuple[int, list[np.ndarray]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of ``epoch`` (deterministic in seed and epoch)."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        idx = self.indices
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.shuffle:
+            idx = idx[torch.randperm(len(idx), generator=g).numpy()]
+        # stable sort by padded size, then target, then source length: ties stay shuffled
+        idx = idx[np.lexsort((self.src_cost[idx], self.tgt_cost[idx], self.cost[idx]))]
+        batches = pack_batches(idx, self.cost, self.max_tokens, self.max_sentences)
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if self.world_size > 1:
+            usable = len(batches) - len(batches) % self.world_size
+            batches = batches[self.rank : usable : self.world_size]
+        self._cached = (epoch, batches)
+        return batches
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return len(self.epoch_batches(self.epoch))
+
+    def next_batch(self) -> np.ndarray | None:
+        """The next batch of the current epoch, or ``None`` once it is exhausted (call
+        :meth:`next_epoch` to go on)."""
+        batches = self.epoch_batches(self.epoch)
+        if self.position >= len(batches):
+            return None
+        self.position += 1
+        return batches[self.position - 1]
+
+    def next_epoch(self) -> None:
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def fixed_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Length-sorted token-budget batches in a fixed order (validation)."""
+    cost = np.maximum(np.asarray(src_lens) + 1, np.asarray(tgt_lens) + 1).astype(np.int64)
+    order = np.argsort(cost, kind="stable")
+    return pack_batches(order, cost, max_tokens)

@@ -249,6 +249,11 @@ def _resolve_splits(
 def _check_out_dir(out: Path, force: bool, inputs: Iterable[Path]) -> None:
     if out.exists() and not out.is_dir():
         raise MtkitError(f"output path {out} exists and is not a directory")
+    for parent in out.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise MtkitError(f"cannot create output directory {out}: {parent} is not a directory")
+            break
     if not out.exists() or not any(out.iterdir()):
         return
     if not force:

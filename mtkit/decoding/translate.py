@@ -27,7 +27,7 @@ import torch
 from mtkit.config import DecodeConfig
 from mtkit.data.batching import collate_source
 from mtkit.data.subword import SubwordModel
-from mtkit.data.text import display_name, iter_lines, open_output
+from mtkit.data.text import display_name, iter_lines, open_binary, open_output
 from mtkit.decoding import search
 from mtkit.decoding.search import Hypothesis, SamplingOptions
 from mtkit.errors import MtkitError
@@ -349,9 +349,12 @@ def translate_file(
         decoder = Decoder(tr, cfg, sampling_options(opts, dev), attention)
     fmt = Formatter(tr, output_format, opts.output_units, opts.alignment)
 
+    if str(input_path) != "-":
+        open_binary(input_path).close()  # a missing or unreadable input fails before any output exists
     skip = prepare_resume(Path(output_path), output_format) if resume else 0
     stats = {"lines": 0, "translated": 0, "skipped": skip, "truncated": 0, "src_tokens": 0, "tgt_tokens": 0}
     start = time.monotonic()
+    created = not to_stdout and not Path(output_path).exists()
     out = open_output(output_path, append=resume)
     written = skip
     try:
@@ -370,16 +373,25 @@ def translate_file(
                 )
             if to_stdout or written % 64 == 0:
                 out.flush()
-    except BaseException:
         if not to_stdout:
-            out.flush()
-            logger.error("stopped after %d complete lines of %s; rerun with --resume to continue", written, output_path)
+            out.close()  # inside the try: a full disk often shows only when the buffer is flushed
+    except BaseException as exc:
+        if not to_stdout:
+            _close_quietly(out)
+            if created and written == 0:
+                Path(output_path).unlink(missing_ok=True)
+            elif written > skip:
+                logger.error("stopped after %d complete lines of %s; rerun with --resume to continue", written, output_path)
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+            raise MtkitError(f"could not write {display_name(output_path)}: {exc.strerror or exc}") from None
         raise
     finally:
         if to_stdout:
-            out.flush()
-            out.detach()  # leave sys.stdout usable
-        else:
+            try:
+                out.flush()
+            finally:
+                out.detach()  # leave sys.stdout usable
+        elif not out.closed:
             out.close()
     seconds = time.monotonic() - start
     stats.update(
@@ -390,6 +402,14 @@ def translate_file(
         tgt_tokens_per_s=round(stats["tgt_tokens"] / seconds, 1) if seconds > 0 else 0.0,
     )
     return stats
+
+
+def _close_quietly(out: Any) -> None:
+    """Flush and close after a failure; a second error (e.g. the disk is still full) is dropped."""
+    try:
+        out.close()
+    except OSError:
+        pass
 
 
 def _records(

@@ -1,0 +1,284 @@
+"""The shared trainer: exact resume, NaN handling, refusals, schedules, loss, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from mtkit.cli import main
+from mtkit.config import TrainConfig, load_config
+from mtkit.data.batching import BatchIterator
+from mtkit.data.dataset import ListDataset
+from mtkit.data.subword import train_sentencepiece
+from mtkit.errors import MtkitError
+from mtkit.training import trainer as T
+from mtkit.training.checkpoint import load_checkpoint, load_model
+from mtkit.training.loss import label_smoothed_nll
+from mtkit.training.schedule import Scheduler, inverse_sqrt, noam
+
+V = 32
+
+
+@pytest.fixture(scope="module")
+def spm():
+    words = ["a b c", "d e f g", "h i j", "k l m n o", "p q r", "s t u v"]
+    return train_sentencepiece((words[i % 6] for i in range(200)), vocab_size=V)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_pairs(n: int, seed: int, reverse: bool = False) -> ListDataset:
+    rng = np.random.default_rng(seed)
+    src = [rng.integers(4, V, rng.integers(2, 9)) for _ in range(n)]
+    return ListDataset(src, [s[::-1] if reverse else s for s in src])
+
+
+def data(spm, n_train: int = 60, n_valid: int = 8) -> T.TrainData:
+    return T.TrainData(random_pairs(n_train, 0), random_pairs(n_valid, 1), spm, spm)
+
+
+def tiny_cfg(*overrides: str):
+    base = [
+        "model.d_model=16", "model.ffn_dim=32", "model.heads=2", "model.encoder_layers=1", "model.decoder_layers=1",
+        "train.max_tokens=64", "train.update_freq=2", "train.warmup_updates=4", "train.lr=0.002",
+        "train.log_interval=2", "train.validate_interval_updates=4", "train.save_interval_updates=4",
+        "train.valid_bleu=false", "decode.beam=1",
+    ]
+    return load_config("transformer_tiny", base + list(overrides))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+# --- resume ------------------------------------------------------------------------------------
+def test_resume_is_bit_exact(spm, tmp_path):
+    straight = T.Trainer(data(spm), tiny_cfg("train.max_updates=12"), tmp_path / "a", device="cpu").fit()
+    first = T.Trainer(data(spm), tiny_cfg("train.max_updates=6"), tmp_path / "b", device="cpu").fit()
+    assert first["updates"] == 6
+    resumed = T.Trainer(data(spm), tiny_cfg("train.max_updates=12"), tmp_path / "b", device="cpu").fit(resume=True)
+    assert straight["updates"] == resumed["updates"] == 12
+    assert straight["epochs"] > 1  # the runs crossed an epoch boundary
+    a, b = weights(tmp_path / "a" / T.LAST), weights(tmp_path / "b" / T.LAST)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # the same valid metrics and the same training log (the interrupted run also validated
+    # when it stopped at update 6)
+    assert straight["valid"] == resumed["valid"]
+
+    def train_events(run: str) -> list[tuple[int, float]]:
+        events = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(e["update"], e["loss"]) for e in events if e["kind"] == "train"]
+
+    assert train_events("a") == train_events("b") and len(train_events("a")) == 6
+
+
+def test_different_seed_differs(spm, tmp_path):
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=3"), tmp_path / "a", device="cpu").fit()
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=3", "train.seed=2"), tmp_path / "b", device="cpu").fit()
+    a, b = weights(tmp_path / "a" / T.LAST), weights(tmp_path / "b" / T.LAST)
+    assert not torch.equal(a["tgt_embed.weight"], b["tgt_embed.weight"])
+
+
+def test_resume_other_architecture_refused(spm, tmp_path):
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=2"), tmp_path, device="cpu").fit()
+    with pytest.raises(MtkitError, match="model.d_model"):
+        T.Trainer(data(spm), tiny_cfg("train.max_updates=4", "model.d_model=32"), tmp_path, device="cpu").fit(resume=True)
+    other = load_config("lstm_tiny", ["train.max_updates=4"])
+    with pytest.raises(MtkitError, match="model.arch 'transformer'"):
+        T.Trainer(data(spm), other, tmp_path, device="cpu").fit(resume=True)
+
+
+def test_resume_other_vocab_refused(spm, tmp_path):
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=2"), tmp_path, device="cpu").fit()
+    other = train_sentencepiece((w for w in ["xa yb zc wd", "ve uf tg sh", "ri qj pk ol"] * 100), vocab_size=V)
+    d = T.TrainData(random_pairs(60, 0), None, other, other)
+    with pytest.raises(MtkitError, match="another vocabulary"):
+        T.Trainer(d, tiny_cfg("train.max_updates=4"), tmp_path, device="cpu").fit(resume=True)
+
+
+def test_existing_checkpoints_need_resume(spm, tmp_path):
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=2"), tmp_path, device="cpu").fit()
+    with pytest.raises(MtkitError, match="--resume"):
+        T.Trainer(data(spm), tiny_cfg("train.max_updates=2"), tmp_path, device="cpu").fit()
+
+
+def test_checkpoints_rotation_and_best(spm, tmp_path):
+    s = T.Trainer(data(spm), tiny_cfg("train.max_updates=16", "train.keep_last=2"), tmp_path, device="cpu").fit()
+    numbered = sorted(p.name for p in tmp_path.glob("checkpoint_[0-9]*.pt"))
+    assert numbered == ["checkpoint_12.pt", "checkpoint_16.pt"]
+    best = load_checkpoint(tmp_path / T.BEST)
+    assert best["metrics"]["loss"] == pytest.approx(s["best"]["value"])
+    last = load_checkpoint(tmp_path / T.LAST)
+    assert last["update"] == 16 and last["metrics"]["update"] == 16
+    for key in ("optimizer", "scheduler", "data_state", "rng", "spm", "vocab", "train_state"):
+        assert key in last
+    model, cfg, src_spm, _ = load_model(tmp_path / T.LAST)
+    assert cfg.model.d_model == 16 and src_spm.model_bytes == spm.model_bytes
+    events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_ev = [e for e in events if e["kind"] == "train"]
+    valid_ev = [e for e in events if e["kind"] == "valid"]
+    assert [e["update"] for e in valid_ev] == [4, 8, 12, 16]
+    for e in train_ev:
+        assert {"loss", "ppl", "lr", "gnorm", "tgt_tokens_per_s", "elapsed"} <= e.keys()
+        assert e["tgt_tokens_per_s"] > 0 and math.isfinite(e["loss"])
+
+
+def test_early_stopping(spm, tmp_path):
+    # lr 0 after warmup: the valid loss cannot improve, so patience 2 stops after 3 validations
+    cfg = tiny_cfg("train.max_updates=100", "train.lr_scheduler=constant", "train.lr=0.0",
+                   "train.warmup_updates=0", "train.patience=2", "train.early_stop_metric=loss")
+    s = T.Trainer(data(spm), cfg, tmp_path, device="cpu").fit()
+    assert s["updates"] == 12 and "early stopping" in s["stop_reason"]
+
+
+# --- NaN / inf ---------------------------------------------------------------------------------
+def test_nan_updates_skipped_then_training_goes_on(spm, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def flaky(logits, target, pad, eps):
+        calls["n"] += 1
+        loss, nll, n = label_smoothed_nll(logits, target, pad, eps)
+        return (loss * float("nan") if calls["n"] in (3, 4, 5) else loss), nll, n
+
+    monkeypatch.setattr(T, "label_smoothed_nll", flaky)
+    s = T.Trainer(data(spm), tiny_cfg("train.max_updates=6", "train.max_bad_updates=3"), tmp_path, device="cpu").fit()
+    assert s["updates"] == 6 and s["skipped_updates"] == 2  # calls 3-4 = update 2, call 5 = update 3
+    for t in weights(tmp_path / T.LAST).values():
+        assert torch.isfinite(t.float()).all()
+
+
+def test_nan_in_a_row_stops_and_keeps_last_good(spm, tmp_path, monkeypatch):
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=4"), tmp_path, device="cpu").fit()
+    good = weights(tmp_path / T.LAST)
+
+    def broken(logits, target, pad, eps):
+        loss, nll, n = label_smoothed_nll(logits, target, pad, eps)
+        return loss + float("inf"), nll, n
+
+    monkeypatch.setattr(T, "label_smoothed_nll", broken)
+    with pytest.raises(MtkitError, match="3 updates in a row"):
+        T.Trainer(data(spm), tiny_cfg("train.max_updates=8", "train.max_bad_updates=3"), tmp_path, device="cpu").fit(resume=True)
+    assert load_checkpoint(tmp_path / T.LAST)["update"] == 4
+    after = weights(tmp_path / T.LAST)
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+# --- batching ----------------------------------------------------------------------------------
+def test_batches_respect_budget_and_cover_epoch():
+    rng = np.random.default_rng(0)
+    s, t = rng.integers(1, 30, 500), rng.integers(1, 30, 500)
+    it = BatchIterator(s, t, max_tokens=200, seed=3)
+    batches = it.epoch_batches(1)
+    cost = np.maximum(s, t) + 1
+    assert all(len(b) * cost[b].max() <= 200 for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    padded = sum(len(b) * cost[b].max() for b in batches)
+    assert cost.sum() / padded > 0.9  # bucketing: little padding
+    again = BatchIterator(s, t, max_tokens=200, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again.epoch_batches(1)))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, it.epoch_batches(2)))
+
+
+def test_batch_iterator_resumes_position_and_shards():
+    rng = np.random.default_rng(1)
+    s, t = rng.integers(1, 20, 300), rng.integers(1, 20, 300)
+    it = BatchIterator(s, t, max_tokens=100, seed=5)
+    for _ in range(7):
+        it.next_batch()
+    state = it.state_dict()
+    other = BatchIterator(s, t, max_tokens=100, seed=5)
+    other.load_state_dict(state)
+    assert np.array_equal(it.next_batch(), other.next_batch())
+    shards = [BatchIterator(s, t, max_tokens=100, seed=5, rank=r, world_size=2).epoch_batches(1) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    assert not set(np.concatenate(shards[0]).tolist()) & set(np.concatenate(shards[1]).tolist())
+
+
+def test_length_limits_skip_pairs():
+    it = BatchIterator(np.array([3, 50, 4]), np.array([3, 4, 60]), max_tokens=100, max_src_len=20, max_tgt_len=20)
+    assert it.skipped == 2 and np.concatenate(it.epoch_batches(1)).tolist() == [0]
+
+
+# --- schedule and loss -------------------------------------------------------------------------
+def test_schedules():
+    assert inverse_sqrt(0, 1e-3, 100, 0.0) == 0.0
+    assert inverse_sqrt(50, 1e-3, 100, 0.0) == pytest.approx(5e-4)
+    assert inverse_sqrt(100, 1e-3, 100) == pytest.approx(1e-3)
+    assert inverse_sqrt(400, 1e-3, 100) == pytest.approx(5e-4)
+    assert noam(4000, 512, 4000, 1.0) == pytest.approx(512**-0.5 * 4000**-0.5)
+    assert noam(100, 512, 4000, 2.0) == pytest.approx(2 * 512**-0.5 * 100 * 4000**-1.5)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p])
+    sched = Scheduler(opt, TrainConfig(lr=1e-3, lr_scheduler="constant", warmup_updates=10, warmup_init_lr=0.0))
+    assert sched.step(5) == pytest.approx(5e-4) and opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+    assert sched.step(50) == pytest.approx(1e-3)
+    with pytest.raises(MtkitError, match="lr_scheduler"):
+        Scheduler(opt, TrainConfig(lr_scheduler="cosine"))
+
+
+def test_label_smoothing_by_hand():
+    logits = torch.tensor([[[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0], [5.0, 1.0, 1.0, 1.0]]])
+    target = torch.tensor([[1, 2, 0]])  # last position is pad (0)
+    eps = 0.1
+    loss, nll, n = label_smoothed_nll(logits, target, pad=0, eps=eps)
+    expect_loss = expect_nll = 0.0
+    for row, y in ((logits[0, 0], 1), (logits[0, 1], 2)):
+        logp = [x - math.log(sum(math.exp(v) for v in row.tolist())) for x in row.tolist()]
+        q = [eps / 4 + (1 - eps if i == y else 0.0) for i in range(4)]
+        expect_loss += -sum(qi * li for qi, li in zip(q, logp))
+        expect_nll += -logp[y]
+    assert n == 2
+    assert float(loss) == pytest.approx(expect_loss, rel=1e-6)
+    assert float(nll) == pytest.approx(expect_nll, rel=1e-6)
+    ref = F.cross_entropy(logits[0], target[0], ignore_index=0, label_smoothing=eps, reduction="sum")
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+
+
+# --- the command line --------------------------------------------------------------------------
+def test_cli_train_on_preprocessed_dir(tmp_path):
+    from mtkit.data.preprocess import preprocess
+
+    rng = np.random.default_rng(0)
+    words = ["house", "tree", "dog", "cat", "red", "blue", "small", "big"]
+    for split, n in (("train", 200), ("val", 20)):
+        lines = [" ".join(rng.choice(words, rng.integers(2, 6))) for _ in range(n)]
+        (tmp_path / f"{split}.en").write_text("\n".join(lines) + "\n")
+        (tmp_path / f"{split}.de").write_text("\n".join(x.upper() for x in lines) + "\n")
+    preprocess("en", "de", str(tmp_path / "train"), str(tmp_path / "data"), valid_prefix=str(tmp_path / "val"), vocab_size=40, workers=1)
+    args = ["-q", "train", str(tmp_path / "data"), "-c", "transformer_tiny", "--save-dir", str(tmp_path / "ck"),
+            "--device", "cpu", "--set", "train.max_updates=3", "--set", "train.num_threads=1"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["updates"] == 3 and Path(summary["best_checkpoint"]).exists()
+    assert 0.0 <= summary["valid"]["bleu"] <= 100.0  # BLEU through the shared decoder
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "error:" in res.stderr and "--resume" in res.stderr
+    res = CliRunner().invoke(main, args[:2] + [str(tmp_path / "missing")] + args[3:])
+    assert res.exit_code == 1 and "data directory not found" in res.stderr
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused(spm, tmp_path):
+    t = T.Trainer(data(spm), tiny_cfg("train.max_updates=2", "train.amp=bf16"), tmp_path / "a", device="cpu")
+    assert t.autocast_dtype == torch.bfloat16
+    s = t.fit()
+    assert s["updates"] == 2 and math.isfinite(s["valid"]["loss"])
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "a" / T.LAST).values() if v.is_floating_point())
+    assert T.Trainer(data(spm), tiny_cfg(), tmp_path / "b", device="cpu").autocast_dtype is None  # auto: fp32 on CPU
+    with pytest.raises(MtkitError, match="fp16"):
+        T.Trainer(data(spm), tiny_cfg("train.amp=fp16"), tmp_path / "c", device="cpu")
