@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mtkit.errors import MtkitError
+from mtkit.models.base import Seq2Seq, State
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -183,3 +184,31 @@ def build_attention(
     if window not in WINDOWS:
         raise MtkitError(f"config key 'model.window': unknown value '{window}' (valid: {', '.join(WINDOWS)})")
     return Attention(SCORES[score](query_dim, memory_dim, attn_dim), WINDOWS[window](window_size, query_dim))
+
+
+class AttentionalRNN(Seq2Seq):
+    """Shared teacher forcing and stepping of the attentional RNN families.
+
+    Subclasses provide ``encode``, ``self.decoder`` (a module mapping (embedded token, enc,
+    state) to (output (B, H), state, attention (B, S)) with an ``init_state(enc)``),
+    ``self.tgt_embed``, ``self.dropout`` and ``self.out``. Teacher forcing runs the very same
+    decoder step over the target positions, so ``step`` equals ``forward`` by construction.
+    """
+
+    def init_state(self, enc: State) -> State:
+        return self.decoder.init_state(enc)
+
+    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        enc = self.encode(src, src_len)
+        state = self.init_state(enc)
+        emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
+        outs = []
+        for i in range(tgt_in.size(1)):
+            o, state, _ = self.decoder(emb[:, i], enc, state)
+            outs.append(o)
+        return self.out(torch.stack(outs, dim=1))  # (B, T, V)
+
+    def step(self, prev_tokens: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+        emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
+        o, state, weights = self.decoder(emb, enc, state)
+        return torch.log_softmax(self.out(o).float(), dim=-1), state, weights

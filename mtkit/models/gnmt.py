@@ -26,8 +26,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
-from mtkit.models.attention import Attention, build_attention
-from mtkit.models.base import Seq2Seq, State
+from mtkit.models.attention import Attention, AttentionalRNN, build_attention
+from mtkit.models.base import State
 from mtkit.models.lstm import (
     CELL_CLASSES,
     RNN_CLASSES,
@@ -124,7 +124,7 @@ class GNMTDecoder(nn.Module):
         return x, new_state, weights
 
 
-class GNMT(Seq2Seq):
+class GNMT(AttentionalRNN):
     """Residual bidirectional-bottom encoder + attention-fed residual decoder."""
 
     Config = Config
@@ -154,21 +154,3 @@ class GNMT(Seq2Seq):
             "mask": padding_mask(src_len, src.size(1)),  # (B, S)
             "src_len": src_len,
         }
-
-    def init_state(self, enc: State) -> State:
-        return self.decoder.init_state(enc)
-
-    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        enc = self.encode(src, src_len)
-        state = self.init_state(enc)
-        emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
-        outs = []
-        for i in range(tgt_in.size(1)):
-            o, state, _ = self.decoder(emb[:, i], enc, state)
-            outs.append(o)
-        return self.out(torch.stack(outs, dim=1))  # (B, T, V)
-
-    def step(self, prev_tokens: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
-        emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
-        o, state, weights = self.decoder(emb, enc, state)
-        return torch.log_softmax(self.out(o).float(), dim=-1), state, weights

@@ -22,8 +22,8 @@ from torch import nn
 
 from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
-from mtkit.models.attention import SCORES, Attention, build_attention
-from mtkit.models.base import Seq2Seq, State
+from mtkit.models.attention import SCORES, Attention, AttentionalRNN, build_attention
+from mtkit.models.base import State
 from mtkit.models.lstm import (
     RNN_CLASSES,
     RNNEncoder,
@@ -149,7 +149,7 @@ class LuongDecoder(nn.Module):
         return h_tilde, new_state, weights
 
 
-class RNNAttention(Seq2Seq):
+class RNNAttention(AttentionalRNN):
     """Encoder + bridge + attentional decoder; ``step`` returns the attention weights (B, S)."""
 
     Config = Config
@@ -180,21 +180,3 @@ class RNNAttention(Seq2Seq):
         }
         enc.update(self.bridge(final))  # init_h / init_c: (B, L, H)
         return enc
-
-    def init_state(self, enc: State) -> State:
-        return self.decoder.init_state(enc)
-
-    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        enc = self.encode(src, src_len)
-        state = self.init_state(enc)
-        emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
-        outs = []
-        for i in range(tgt_in.size(1)):
-            o, state, _ = self.decoder(emb[:, i], enc, state)
-            outs.append(o)
-        return self.out(torch.stack(outs, dim=1))  # (B, T, V)
-
-    def step(self, prev_tokens: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
-        emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
-        o, state, weights = self.decoder(emb, enc, state)
-        return torch.log_softmax(self.out(o).float(), dim=-1), state, weights
