@@ -103,18 +103,32 @@ def preprocess(**kwargs: Any) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from SAVE_DIR/checkpoint_last.pt.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--nproc", type=int, default=0, help="Run N processes on this machine through torchrun.")
+@click.option("--nproc", type=int, default=0, help="Data-parallel: run N ranks on this machine through torchrun (one per GPU).")
 @handle_errors
 def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...], resume: bool, device: str, nproc: int) -> None:
-    """Train a model on a preprocessed DATA_DIR."""
+    """Train a model on a preprocessed DATA_DIR.
+
+    Several GPUs or machines: `torchrun --nproc-per-node N -m mtkit train ...` (or --nproc N)."""
     from mtkit.config import load_config
+    from mtkit.training.trainer import distributed_env, launch_local
     from mtkit.training.trainer import train as run
 
-    if nproc > 1:
-        raise MtkitError("--nproc: multi-process (data-parallel) training is not available yet; use one process")
     cfg = load_config(config, overrides)
+    if nproc > 1:
+        root = click.get_current_context().find_root().params
+        flags = [f for f, on in (("-v", root.get("verbose")), ("-q", root.get("quiet")), ("--debug", root.get("debug"))) if on]
+        args = ["train", data_dir, "-c", config, "--save-dir", save_dir, "--device", device]
+        for item in overrides:
+            args += ["--set", item]
+        code = launch_local(nproc, [*flags, *args, *(["--resume"] if resume else [])], device=device)
+        if code:
+            sys.exit(code)
+        return
+    if nproc < 0:
+        raise MtkitError(f"--nproc must be positive, got {nproc}")
     summary = run(data_dir, cfg, save_dir, resume=resume, device=device)
-    click.echo(json.dumps(summary))
+    if distributed_env()[0] == 0:
+        click.echo(json.dumps(summary))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,6 @@ def test_disk_full_while_copying_last_checkpoint(workspace, tmp_path, monkeypatc
     assert last["update"] == 4 and finite(last)
 
 
-@pytest.mark.xfail(strict=True, reason="trainer._link_or_copy leaves its partial temp copy behind on failure")
 def test_disk_full_while_copying_leaves_no_temp_file(workspace, tmp_path, monkeypatch):
     copy = shutil.copyfile
 
@@ -230,8 +229,6 @@ def test_too_many_bad_updates_in_a_row_stop_with_good_checkpoint(workspace, tmp_
     assert "non-finite" in res.stderr.splitlines()[0]  # each skipped update was reported
 
 
-@pytest.mark.xfail(strict=True, reason="Trainer._bad_update raises without saving: no checkpoint exists when "
-                   "the bad updates come before the first save, though the error says one does")
 def test_bad_updates_before_first_save_still_leave_a_checkpoint(workspace, tmp_path, monkeypatch):
     poison_loss(monkeypatch, lambda i: i >= 3)
     save = tmp_path / "ck"

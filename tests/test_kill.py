@@ -121,8 +121,6 @@ def test_train_sigkill_then_resume_is_bit_identical(workspace, straight, tmp_pat
     assert_same_run(straight, save)
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.fit keeps metrics.jsonl lines of a run killed before its "
-                   "first checkpoint when --resume starts from scratch")
 def test_train_killed_before_first_checkpoint_resumes_cleanly(workspace, straight, tmp_path):
     save = tmp_path / "run"
     proc = popen_mtkit(["-q", *train_args(workspace, save)])

@@ -70,7 +70,9 @@ class BatchIterator:
     little padding), packed to ``max_tokens`` and the batch order shuffled again. The state is
     just (epoch, position) — the batches of an epoch are recomputed from the seed — so a
     checkpoint restores the exact next batch. ``rank``/``world_size`` give each data-parallel
-    process every ``world_size``-th batch (the tail is trimmed so all ranks get the same count).
+    process every ``world_size``-th batch of the same list (every rank computes it from the same
+    seed; the tail is trimmed so all ranks get the same count), so the ``world_size`` batches of
+    one step are the consecutive batches one process would take with ``update_freq`` = world_size.
     """
 
     def __init__(
@@ -141,10 +143,18 @@ class BatchIterator:
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        """(epoch, position) plus the sharding: ``position`` counts this rank's batches, so
+        ``position * world_size`` batches of the epoch's shuffled list have been consumed."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """Restore a position; a state saved by another number of ranks resumes at the first
+        batch not yet consumed (rounded up to a whole step of every rank: none is repeated)."""
+        saved_world = int(state.get("world_size", 1))
+        self.epoch, position = int(state["epoch"]), int(state["position"])
+        if saved_world != self.world_size:
+            position = -(-position * saved_world // self.world_size)  # ceil
+        self.position = position
 
 
 def fixed_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[np.ndarray]:

@@ -10,8 +10,9 @@ File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, the
 - ``vocab``: {"src_size", "tgt_size", "pad", "bos", "eos", "unk", "joint"}
 - ``model``: the model's state dict
 - resuming (optional for inference): ``optimizer``, ``scheduler``, ``update`` (int), ``epoch``,
-  ``data_state`` (dict), ``rng`` (dict of tensors), ``scaler``
-- ``metrics``: {"valid_loss", "valid_ppl", "valid_bleu", ...} at the time of saving
+  ``data_state`` (dict), ``rng`` (torch CPU/CUDA RNG states; under DDP also ``ranks``, every
+  rank's states, and ``world_size``), ``scaler``
+- ``metrics``: the latest validation {"loss", "ppl", "bleu", ...} at the time of saving
 - ``train_state``: trainer bookkeeping (best metric, bad-update count, elapsed time, ...)
 
 Writes go to ``<name>.tmp-<pid>`` in the same directory, are fsynced and renamed over the

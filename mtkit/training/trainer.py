@@ -10,14 +10,24 @@ Resuming is exact: checkpoints are written at update boundaries with the data-it
 (epoch, batch), the optimizer, scheduler and every RNG state, so on CPU an interrupted and
 resumed run ends with bit-identical weights to an uninterrupted one.
 
-Data-parallel training will wrap this loop: batching already takes ``rank``/``world_size``, and
-only rank 0 writes checkpoints and metrics (``Trainer.is_main``).
+Data-parallel training: under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment,
+WORLD_SIZE > 1) :func:`train` joins the process group (NCCL on CUDA with device
+``cuda:LOCAL_RANK``, Gloo on CPU) and the loop wraps the model in DistributedDataParallel. Every
+rank builds the same shuffled batch list and takes every ``world_size``-th batch, so one update
+over R ranks with ``update_freq`` F sees the same R x F batches that one process sees with
+``update_freq`` R x F; the loss is divided by the update's global target-token count (an
+all-reduce), which makes the two bit-for-bit the same computation up to float summation order.
+Gradient accumulation runs under ``no_sync``. Skip (NaN/inf), validation, early-stopping and
+time-limit decisions are agreed across ranks. Only rank 0 writes checkpoints, metrics, info logs
+and progress bars; the checkpoint holds every rank's RNG state, and the data position is kept in
+batches of the shared list, so a run resumes on the same or on another number of ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -32,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mtkit.config import Config
 from mtkit.data.batching import BatchIterator, collate_source, collate_target, fixed_batches
@@ -75,17 +86,115 @@ def load_data(data_dir: str | Path) -> TrainData:
 def train(
     data_dir: str | Path, cfg: Config, save_dir: str | Path, resume: bool = False, device: str = "auto"
 ) -> dict[str, Any]:
-    """Train on a preprocessed data dir; returns a summary (updates, epochs, checkpoints, ...)."""
-    return Trainer(load_data(data_dir), cfg, save_dir, device=device).fit(resume=resume)
+    """Train on a preprocessed data dir; returns a summary (updates, epochs, checkpoints, ...).
+
+    Launched by ``torchrun`` with WORLD_SIZE > 1, this process becomes one data-parallel rank."""
+    rank, world_size, local_rank = distributed_env()
+    if world_size == 1:
+        return Trainer(load_data(data_dir), cfg, save_dir, device=device).fit(resume=resume)
+    dev = resolve_device(device, local_rank=local_rank)
+    started = init_distributed(dev, rank, world_size)
+    restore_logging = _rank_logging(rank)
+    try:
+        trainer = Trainer(load_data(data_dir), cfg, save_dir, device=dev, rank=rank, world_size=world_size)
+        return trainer.fit(resume=resume)
+    finally:
+        restore_logging()
+        if started:
+            dist.destroy_process_group()
 
 
-def resolve_device(device: str) -> torch.device:
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the variables torchrun sets; (0, 1, 0) without them."""
+    values = {}
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = os.environ.get(name, "")
+        try:
+            values[name] = int(text) if text.strip() else default
+        except ValueError:
+            raise MtkitError(f"environment variable {name}={text!r} is not an integer") from None
+    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise MtkitError(f"bad torch.distributed environment: RANK={rank} WORLD_SIZE={world_size} LOCAL_RANK={local_rank}")
+    return rank, world_size, local_rank
+
+
+def init_distributed(device: torch.device, rank: int, world_size: int) -> bool:
+    """Join the default process group (NCCL on CUDA, Gloo on CPU); False if already joined."""
+    if dist.is_initialized():
+        return False
+    import datetime
+
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise MtkitError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun or mtkit train --nproc")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # rank 0 alone validates and writes checkpoints while the others wait: allow it time
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=60))
+    return True
+
+
+def launch_local(nproc: int, mtkit_args: list[str], device: str = "auto") -> int:
+    """Run ``python -m mtkit MTKIT_ARGS`` as ``nproc`` ranks on this machine through PyTorch's
+    own launcher (``torchrun --standalone``); 0, or the exit code of the first rank that failed
+    (that rank has printed its error)."""
+    if distributed_env()[1] > 1:
+        raise MtkitError("--nproc inside a torchrun launch: use one or the other")
+    if device in ("auto", "cuda") and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise MtkitError(f"--nproc {nproc} but only {torch.cuda.device_count()} CUDA devices (one rank per GPU)")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "mtkit", *mtkit_args])
+    try:
+        torchrun(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode < 0:
+            raise MtkitError(f"training rank {rank} was killed by signal {-failure.exitcode}") from None
+        return failure.exitcode or 1
+    return 0
+
+
+def _rank_logging(rank: int):
+    """Ranks other than 0 log warnings and errors only, tagged with their rank."""
+    root = logging.getLogger("mtkit")
+    level = root.level
+    if rank == 0:
+        return lambda: None
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.msg = f"[rank {rank}] {record.msg}"
+        return True
+
+    root.setLevel(max(level, logging.WARNING))
+    for h in root.handlers:
+        h.addFilter(tag)
+
+    def restore() -> None:
+        root.setLevel(level)
+        for h in root.handlers:
+            h.removeFilter(tag)
+
+    return restore
+
+
+def resolve_device(device: str | torch.device, local_rank: int | None = None) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` -> a device; a data-parallel rank (``local_rank`` given)
+    uses ``cuda:LOCAL_RANK``."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise MtkitError("--device cuda requested but no CUDA device is available")
     if device not in ("cpu", "cuda"):
         raise MtkitError(f"unknown device '{device}' (auto, cpu or cuda)")
+    if device == "cuda" and local_rank is not None:
+        if local_rank >= torch.cuda.device_count():
+            raise MtkitError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(device)
 
 
@@ -95,33 +204,57 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 class Trainer:
     def __init__(
-        self, data: TrainData, cfg: Config, save_dir: str | Path, device: str = "auto", rank: int = 0, world_size: int = 1
+        self, data: TrainData, cfg: Config, save_dir: str | Path, device: str | torch.device = "auto",
+        rank: int = 0, world_size: int = 1,
     ):
+        """``rank``/``world_size`` > 1 need the default process group joined (see :func:`train`)."""
         self.data, self.cfg, self.tc = data, cfg, cfg.train
         self.save_dir = Path(save_dir)
         self.device = resolve_device(device)
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+        self.distributed = world_size > 1
+        if self.distributed and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("Trainer(world_size > 1) needs torch.distributed.init_process_group first")
         tc = self.tc
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
         if tc.early_stop_metric not in ("bleu", "loss"):
             raise MtkitError(f"train.early_stop_metric '{tc.early_stop_metric}' must be bleu or loss")
-        if tc.update_freq < 1 or tc.max_tokens < 1:
-            raise MtkitError("train.update_freq and train.max_tokens must be positive")
+        for key in ("update_freq", "max_tokens"):
+            if getattr(tc, key) < 1:
+                raise MtkitError(f"train.{key} must be positive, got {getattr(tc, key)}")
         self.src_pad, self.tgt_pad = data.src_spm.pad, data.tgt_spm.pad
         self.bos, self.eos = data.tgt_spm.bos, data.tgt_spm.eos
         self.src_eos = data.src_spm.eos
 
         torch.manual_seed(tc.seed)
         self.model = build_model(cfg.model, data.src_spm.size, data.tgt_spm.size, self.tgt_pad).to(self.device)
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        if self.distributed:
+            if rank > 0:  # dropout differs per rank; rank 0 keeps the stream of a 1-process run
+                torch.manual_seed(self._rank_seed(rank))
+            ddp = torch.nn.parallel.DistributedDataParallel
+            # the models' buffers are constants (e.g. position tables): no re-broadcast on each forward
+            no_buffer_sync = (
+                {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else {"broadcast_buffers": False}
+            )
+            self.ddp = ddp(  # copies rank 0's weights to every rank
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_buffer_sync
+            )
         self.optimizer = self._optimizer()
         d_model = getattr(cfg.model, "d_model", None) or getattr(cfg.model, "hidden_size", 512)
         self.scheduler = Scheduler(self.optimizer, tc, d_model)
@@ -140,7 +273,11 @@ class Trainer:
         except ValueError:
             raise MtkitError(f"no training pair fits data.max_src_len {max_src} / data.max_tgt_len {max_tgt}") from None
         if self.batches.skipped:
-            logger.warning("skipping %d training pairs longer than %d/%d tokens", self.batches.skipped, max_src, max_tgt)
+            self._warn("skipping %d training pairs longer than %d/%d tokens", self.batches.skipped, max_src, max_tgt)
+        if len(self.batches) == 0:
+            raise MtkitError(
+                f"the training data makes fewer batches than the {world_size} ranks: lower train.max_tokens ({tc.max_tokens})"
+            )
 
         self.update = 0
         self.bad_in_row = 0
@@ -151,6 +288,47 @@ class Trainer:
         self.stale = 0  # validations without improvement
         self.last_valid: dict[str, Any] = {}
         self.saved_at = -1
+
+    # -- data parallelism ----------------------------------------------------------------------
+    def _warn(self, *args: Any) -> None:
+        """A warning every rank would give alike: said once, by rank 0."""
+        if self.is_main:
+            logger.warning(*args)
+
+    def _rank_seed(self, rank: int) -> int:
+        return self.tc.seed * 1_000_003 + 7_919 * rank
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The module training steps run through: the DDP wrapper on several ranks."""
+        return self.ddp if self.ddp is not None else self.model
+
+    def _sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over the ranks (identity on one process)."""
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _agree(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (decisions that must not diverge)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _rng_states(self) -> dict[str, Any]:
+        """This process's RNG state; on several ranks, every rank's (gathered, same on all)."""
+        local: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            local["cuda"] = torch.cuda.get_rng_state_all()
+        if not self.distributed:
+            return local
+        ranks: list[Any] = [None] * self.world_size
+        dist.all_gather_object(ranks, local)
+        return {**ranks[0], "world_size": self.world_size, "ranks": ranks}
 
     # -- setup ---------------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -203,18 +381,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         ds = self.data.train
         ntok = sum(int(np.minimum(ds.tgt_lens[b] + 1, self.max_tgt).sum()) for b in batches)
+        ntok = int(self._sum([ntok])[0])  # target tokens of the whole update, over all ranks
         loss_sum = torch.zeros((), device=self.device)
         nll_sum = torch.zeros((), device=self.device)
-        for b in batches:
+        for i, b in enumerate(batches):
             src, src_len, tgt_in, tgt_out = self.collate(ds, b)
-            with self.autocast():
-                logits = self.model(src, src_len, tgt_in)
-            loss, nll, _ = label_smoothed_nll(logits, tgt_out, self.tgt_pad, self.tc.label_smoothing)
-            scaled = loss / ntok  # token-level mean over the whole update
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            # DDP all-reduces gradients on the update's last batch only
+            sync = self.ddp is None or i == len(batches) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self.autocast():
+                    logits = self.net(src, src_len, tgt_in)
+                loss, nll, _ = label_smoothed_nll(logits, tgt_out, self.tgt_pad, self.tc.label_smoothing)
+                # token-level mean over the whole update; x world_size undoes DDP's average over ranks
+                scaled = loss * self.world_size / ntok
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
             nll_sum += nll
-        loss_value = float(loss_sum)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -222,7 +404,14 @@ class Trainer:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.tc.clip_norm or float("inf")))
         else:  # measure only: the norm is logged so vanishing/exploding gradients show
             gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        if not math.isfinite(loss_value) or (not math.isfinite(gnorm) and self.scaler is None):
+        if self.distributed:  # one all-reduce: the update's loss sums, and whether any rank saw NaN/inf
+            local_bad = not math.isfinite(float(loss_sum)) or (not math.isfinite(gnorm) and self.scaler is None)
+            loss_value, nll_value, bad = self._sum([float(loss_sum), float(nll_sum), float(local_bad)])
+            bad = bad != 0 or not math.isfinite(loss_value)
+        else:
+            loss_value, nll_value = float(loss_sum), float(nll_sum)
+            bad = not math.isfinite(loss_value) or (not math.isfinite(gnorm) and self.scaler is None)
+        if bad:
             return self._bad_update(loss_value, gnorm)
         lr = self.scheduler.step(self.update + 1)
         if self.scaler:
@@ -232,7 +421,7 @@ class Trainer:
             self.optimizer.step()
         self.update += 1
         self.bad_in_row = 0
-        return {"loss": loss_value, "nll": float(nll_sum), "ntok": ntok, "gnorm": gnorm, "lr": lr}
+        return {"loss": loss_value, "nll": nll_value, "ntok": ntok, "gnorm": gnorm, "lr": lr}
 
     def _bad_update(self, loss: float, gnorm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -240,10 +429,12 @@ class Trainer:
             self.scaler.update()
         self.bad_in_row += 1
         self.bad_total += 1
-        logger.warning(
+        self._warn(
             "update %d: non-finite loss %s / grad norm %s, skipped (%d in a row)", self.update + 1, loss, gnorm, self.bad_in_row
         )
         if self.bad_in_row >= self.tc.max_bad_updates:
+            if self.update > self.saved_at:  # keep the good updates made since the last save
+                self.save(numbered=False)
             raise MtkitError(
                 f"{self.bad_in_row} updates in a row had a non-finite loss or gradient (after update {self.update}); "
                 f"lower train.lr or check the data; the last good checkpoint is in {self.save_dir}"
@@ -257,12 +448,15 @@ class Trainer:
         self.model.eval()
         loss_sum = nll_sum = 0.0
         ntok = 0
-        for b in fixed_batches(ds.src_lens, ds.tgt_lens, self.tc.max_tokens):
+        batches = fixed_batches(ds.src_lens, ds.tgt_lens, self.tc.max_tokens)
+        for b in batches[self.rank :: self.world_size]:  # sharded over the ranks, then summed
             src, src_len, tgt_in, tgt_out = self.collate(ds, b)
             with self.autocast():
                 logits = self.model(src, src_len, tgt_in)
             loss, nll, n = label_smoothed_nll(logits, tgt_out, self.tgt_pad, self.tc.label_smoothing)
             loss_sum, nll_sum, ntok = loss_sum + float(loss), nll_sum + float(nll), ntok + n
+        if self.distributed:
+            loss_sum, nll_sum, ntok = self._sum([loss_sum, nll_sum, ntok])
         metrics: dict[str, Any] = {
             "loss": loss_sum / max(ntok, 1),
             "nll": nll_sum / max(ntok, 1),
@@ -291,12 +485,16 @@ class Trainer:
             groups = [order[i : i + dcfg.batch_size] for i in range(0, n, dcfg.batch_size)]
         else:
             groups = fixed_batches(src_lens, np.zeros(n, dtype=np.int64), max(budget // max(dcfg.beam, 1), 1))
-        for b in groups:
+        for b in groups[self.rank :: self.world_size]:  # sharded over the ranks, then gathered
             src, src_len, _, _ = self.collate(ds, b)
             with self.autocast():
                 out = generate([self.model], src, src_len, dcfg, self.bos, self.eos)
             for i, nbest in zip(b.tolist(), out):
                 hyps[i] = nbest[0].tokens
+        if self.distributed:
+            shards: list[Any] = [None] * self.world_size
+            dist.all_gather_object(shards, hyps)
+            hyps = {i: h for shard in shards for i, h in shard.items()}
         spm = self.data.tgt_spm
         sys_out = spm.decode([hyps[i] for i in range(n)])
         refs = spm.decode([ds[i][1] for i in range(n)])
@@ -321,11 +519,11 @@ class Trainer:
         return better
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def payload(self) -> dict[str, Any]:
+    def payload(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint payload; ``rng`` from :meth:`_rng_states` (this process's if None)."""
         spm_src, spm_tgt = self.data.src_spm, self.data.tgt_spm
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if rng is None:
+            rng = self._rng_states()
         return {
             "config": self.cfg.to_dict(),
             "spm": {"src": spm_src.model_bytes, "tgt": spm_tgt.model_bytes},
@@ -349,11 +547,14 @@ class Trainer:
         }
 
     def save(self, numbered: bool, best: bool = False) -> None:
+        """Write a checkpoint (rank 0); on several ranks every rank must call it (RNG gather)."""
+        rng = self._rng_states()
+        self.saved_at = self.update
         if not self.is_main:
             return
         self.save_dir.mkdir(parents=True, exist_ok=True)
         last = self.save_dir / LAST
-        payload = self.payload()
+        payload = self.payload(rng)
         if numbered:
             path = self.save_dir / f"checkpoint_{self.update}.pt"
             save_checkpoint(path, payload)
@@ -362,7 +563,6 @@ class Trainer:
             save_checkpoint(last, payload)
         if best:
             _link_or_copy(last, self.save_dir / BEST)
-        self.saved_at = self.update
         self.rotate()
 
     def rotate(self) -> None:
@@ -402,11 +602,36 @@ class Trainer:
         self.best, self.best_metric_name = ts.get("best"), ts.get("best_metric")
         self.stale, self.bad_total, self.elapsed = ts.get("stale", 0), ts.get("bad_total", 0), ts.get("elapsed", 0.0)
         self.last_valid = dict(payload.get("metrics") or {})
-        torch.set_rng_state(payload["rng"]["torch"])
-        if "cuda" in payload["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(list(payload["rng"]["cuda"]))
+        self._restore_rng(payload)
         self.saved_at = self.update
         logger.info("resumed from %s at update %d (epoch %d)", path, self.update, self.batches.epoch)
+
+    def _restore_rng(self, payload: dict[str, Any]) -> None:
+        """Every rank takes its own saved RNG state; after a change in the number of ranks, rank 0
+        takes the saved rank 0's and the others start fresh streams (seeded by rank and update)."""
+        rng = payload["rng"]
+        saved_world = int(payload["data_state"].get("world_size", 1))
+        if saved_world != self.world_size and self.is_main:
+            cfg = payload["config"].get("train", {})
+            old_f, old_t = cfg.get("update_freq", self.tc.update_freq), cfg.get("max_tokens", self.tc.max_tokens)
+            old, new = saved_world * old_f * old_t, self.world_size * self.tc.update_freq * self.tc.max_tokens
+            logger.warning(
+                "the checkpoint was written by %d rank(s), this run has %d: the effective batch (ranks x update_freq x "
+                "max_tokens) %s from %d x %d x %d = %d to %d x %d x %d = %d tokens; the data goes on from the first "
+                "batch not yet seen", saved_world, self.world_size, "changes" if old != new else "stays the same",
+                saved_world, old_f, old_t, old, self.world_size, self.tc.update_freq, self.tc.max_tokens, new,
+            )
+        if saved_world == self.world_size and "ranks" in rng:
+            mine = rng["ranks"][self.rank]
+        elif self.rank == 0:
+            mine = rng
+        else:
+            mine = {}
+            torch.manual_seed(self._rank_seed(self.rank) + 1_000_033 * self.update)
+        if "torch" in mine:
+            torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(list(mine["cuda"]))
 
     # -- metrics -------------------------------------------------------------------------------
     @property
@@ -436,20 +661,26 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         tc = self.tc
         last = self.save_dir / LAST
-        if resume and last.exists():
+        found = self._agree(last.exists())  # rank 0's view: a save dir must be shared by all nodes
+        if resume and found:
             self.restore(last)
             self.truncate_metrics()
         elif resume:
-            logger.warning("nothing to resume in %s: starting from scratch", self.save_dir)
-        elif last.exists():
+            self._warn("nothing to resume in %s: starting from scratch", self.save_dir)
+        elif found:
             raise MtkitError(f"{self.save_dir} already holds checkpoints: pass --resume to continue, or use another --save-dir")
         if self.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            if not resume and self.metrics_path.exists():
+            if not found and self.metrics_path.exists():  # events of a run that never saved
                 self.metrics_path.unlink()
+        ranks = ""
+        if self.distributed:
+            ranks = (f"; {self.world_size} ranks, an update takes up to {self.world_size} x {tc.update_freq} x "
+                     f"{tc.max_tokens} tokens")
         logger.info(
-            "model %s: %d parameters; %d training pairs, %d batches per epoch; device %s%s",
+            "model %s: %d parameters; %d training pairs, %d batches per epoch%s; device %s%s",
             self.cfg.model.arch, num_parameters(self.model), len(self.data.train), len(self.batches),
+            " per rank" + ranks if self.distributed else "",
             self.device, f" ({self.autocast_dtype})" if self.autocast_dtype else "",
         )
         bar = None
@@ -499,7 +730,7 @@ class Trainer:
         # final validation and checkpoint
         if self.data.valid is not None and self.last_valid.get("update") != self.update and self.update > 0:
             self._validate_and_track()
-        if self.saved_at != self.update or not (self.save_dir / LAST).exists():
+        if self._agree(self.saved_at != self.update or not (self.save_dir / LAST).exists()):
             self.save(numbered=False, best=self.data.valid is None)
         if self.is_main and not (self.save_dir / BEST).exists():
             _link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
@@ -515,6 +746,7 @@ class Trainer:
             "valid": self.last_valid,
             "skipped_updates": self.bad_total,
             "metrics_file": str(self.metrics_path),
+            "world_size": self.world_size,
         }
 
     def _stop_reason(self) -> str | None:
@@ -523,13 +755,17 @@ class Trainer:
             return f"reached max_updates {tc.max_updates}"
         if tc.max_epochs and self.batches.epoch > tc.max_epochs:
             return f"reached max_epochs {tc.max_epochs}"
-        if tc.max_time_minutes and self.elapsed >= tc.max_time_minutes * 60:
+        if tc.max_time_minutes and self._any(self.elapsed >= tc.max_time_minutes * 60):
             return f"reached max_time_minutes {tc.max_time_minutes}"
         if tc.patience and self.stale >= tc.patience:
             return f"no improvement in {tc.patience} validations (early stopping)"
         if not tc.max_updates and not tc.max_epochs and not tc.max_time_minutes and not tc.patience:
             raise MtkitError("set at least one of train.max_updates, max_epochs, max_time_minutes or patience")
         return None
+
+    def _any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        return self._sum([float(flag)])[0] > 0 if self.distributed else flag
 
     @staticmethod
     def _new_window() -> dict[str, float]:
@@ -551,7 +787,7 @@ class Trainer:
 
     def _validate_and_track(self, save: bool = True) -> bool:
         t0 = time.perf_counter()
-        metrics = self.validate()
+        metrics = self._agree(self.validate())  # the ranks compute the same; rank 0's value rules
         best = self.improved(metrics)
         self.last_valid = {"update": self.update, **metrics}
         bleu = "" if metrics["bleu"] is None else f" | bleu {metrics['bleu']:.2f}"
