@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-MULTI30K = Path(os.environ.get("MTKIT_DATA", "/work/shared/data")) / "multi30k"
+MULTI30K = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))
 
 
 def make_synthetic(prefix: Path, pairs: int, seed: int = 0) -> None:

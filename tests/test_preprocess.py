@@ -27,7 +27,7 @@ from mtkit.errors import MtkitError
 
 EN = "the a cat dog sat ran on under mat table red blue big small house garden green tree bird sings".split()
 DE = "der die das katze hund sass lief auf unter matte tisch rot blau gross klein haus garten gruen baum vogel".split()
-MULTI30K = Path("/work/shared/data/multi30k")
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"  # shared/ beside the repo
 
 
 def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:

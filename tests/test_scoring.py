@@ -19,7 +19,7 @@ from mtkit.cli import main
 from mtkit.errors import MtkitError
 from mtkit.scoring import format_results, parse_metrics, score_files
 
-DATA = Path("/work/shared/data/multi30k")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"  # shared/ beside the repo
 N_LINES = 300
 
 pytestmark = pytest.mark.skipif(not (DATA / "val.de.gz").exists(), reason="shared Multi30k data not available")
