@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-TEST_SRC = DATA / "multi30k" / "test_2016_flickr.en.gz"
-TEST_REF = DATA / "multi30k" / "test_2016_flickr.de.gz"
+DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))  # the multi30k files
+TEST_SRC = DATA / "test_2016_flickr.en.gz"
+TEST_REF = DATA / "test_2016_flickr.de.gz"
 SEARCHES = {"greedy": 1, "beam5": 5}
 ENGINES = ("mtkit", "ct2-float32", "ct2-int8")
 LENGTH_PENALTY = "average"
@@ -49,7 +49,7 @@ def random_checkpoint(path: Path) -> None:
     from mtkit.models import build_model
     from mtkit.training.checkpoint import save_checkpoint
 
-    train = DATA / "multi30k"
+    train = DATA
     spm = train_sentencepiece(itertools.chain(iter_lines(train / "train.en.gz"), iter_lines(train / "train.de.gz")),
                               vocab_size=8000)
     cfg = load_config("transformer_small", [

@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-TEST = DATA / "multi30k" / "test_2016_flickr.en.gz"
+DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))  # the multi30k files
+TEST = DATA / "test_2016_flickr.en.gz"
 SETTINGS = [
     ("greedy", 1, "batch32"),
     ("greedy", 1, "tokens"),
@@ -45,7 +45,7 @@ def random_checkpoint(path: Path) -> None:
     from mtkit.models import build_model
     from mtkit.training.checkpoint import save_checkpoint
 
-    train = DATA / "multi30k"
+    train = DATA
     text = itertools.chain(iter_lines(train / "train.en.gz"), iter_lines(train / "train.de.gz"))
     spm = train_sentencepiece(text, vocab_size=8000)
     overrides = [
