@@ -29,39 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_speed import random_checkpoint  # noqa: E402  (the same random reference model)
+
 DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))  # the multi30k files
 TEST_SRC = DATA / "test_2016_flickr.en.gz"
 TEST_REF = DATA / "test_2016_flickr.de.gz"
 SEARCHES = {"greedy": 1, "beam5": 5}
 ENGINES = ("mtkit", "ct2-float32", "ct2-int8")
 LENGTH_PENALTY = "average"
-
-
-def random_checkpoint(path: Path) -> None:
-    """A random-weight reference-size Transformer with a joint 8k BPE model of Multi30k."""
-    import itertools
-
-    import torch
-
-    from mtkit.config import load_config
-    from mtkit.data.subword import train_sentencepiece
-    from mtkit.data.text import iter_lines
-    from mtkit.models import build_model
-    from mtkit.training.checkpoint import save_checkpoint
-
-    train = DATA
-    spm = train_sentencepiece(itertools.chain(iter_lines(train / "train.en.gz"), iter_lines(train / "train.de.gz")),
-                              vocab_size=8000)
-    cfg = load_config("transformer_small", [
-        "model.d_model=256", "model.heads=4", "model.encoder_layers=3", "model.decoder_layers=3",
-        "model.ffn_dim=1024", "model.tie_embeddings=true", "model.pre_norm=true",
-    ])
-    torch.manual_seed(1)
-    model = build_model(cfg.model, spm.size, spm.size, spm.pad)
-    vocab = {"src_size": spm.size, "tgt_size": spm.size, "pad": spm.pad, "bos": spm.bos, "eos": spm.eos,
-             "unk": spm.unk, "joint": True}
-    save_checkpoint(path, {"config": cfg.to_dict(), "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes},
-                           "vocab": vocab, "model": model.state_dict()})
 
 
 def read_lines(path: Path, n: int) -> list[str]:
