@@ -1,11 +1,13 @@
 """Decoding speed: Multi30k test_2016_flickr.en (1000 sentences) with greedy and beam 5,
 batches of 32 sentences and by-token batches, on 2 threads.
 
-    python benchmarks/decode_speed.py CKPT [--threads 2] [--max-tokens 2000] [--lines 1000]
+    python benchmarks/decode_speed.py CKPT [--threads 2] [--max-tokens 2000] [--lines 1000] \
+        [--decode stopping=first ...]
 
 Each setting runs in its own process (so peak RSS is that setting's) and prints one JSON line:
 sentences/s, target pieces/s (hypothesis pieces, EOS excluded; translation time only, model
-loading excluded), peak RSS; a table follows. Without CKPT a random-weight checkpoint of the
+loading excluded), sacreBLEU against test_2016_flickr.de, peak RSS; a table follows.
+``--decode KEY=VALUE`` overrides the checkpoint's decode settings (e.g. ``stopping=first``). Without CKPT a random-weight checkpoint of the
 reference configuration (Transformer 3+3, d_model 256, 4 heads, FFN 1024, joint 8k BPE on
 Multi30k) is built and the figures say so: random weights always run to the length limit, so
 only pieces/s is comparable with a trained model.
@@ -23,8 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))  # the multi30k files
 TEST = DATA / "test_2016_flickr.en.gz"
+REF = DATA / "test_2016_flickr.de.gz"
 SETTINGS = [
     ("greedy", 1, "batch32"),
     ("greedy", 1, "tokens"),
@@ -61,7 +66,9 @@ def random_checkpoint(path: Path) -> None:
                            "vocab": vocab, "model": model.state_dict()})
 
 
-def run_one(ckpt: str, beam: int, batching: str, threads: int, max_tokens: int, lines: int, device: str) -> dict:
+def run_one(ckpt: str, beam: int, batching: str, threads: int, max_tokens: int, lines: int, device: str,
+            decode: dict) -> dict:
+    import sacrebleu
     import torch
 
     from mtkit.data.text import iter_lines
@@ -78,8 +85,11 @@ def run_one(ckpt: str, beam: int, batching: str, threads: int, max_tokens: int, 
         size = {"batch_size": 32} if batching == "batch32" else {"max_tokens": max_tokens}
         t0 = time.monotonic()
         stats = translate_file([ckpt], src, Path(tmp) / "out", device=device, buffer_lines=lines,
-                               decode_overrides={"beam": beam, "nbest": 1}, **size)
+                               decode_overrides={**decode, "beam": beam, "nbest": 1}, **size)
         wall = time.monotonic() - t0
+        hyps = (Path(tmp) / "out").read_text(encoding="utf-8").split("\n")[:lines]
+        refs = [line for _, line in zip(range(len(hyps)), iter_lines(REF))]
+        bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "sentences": stats["translated"],
@@ -90,6 +100,7 @@ def run_one(ckpt: str, beam: int, batching: str, threads: int, max_tokens: int, 
         "tgt_pieces_per_s": stats["tgt_tokens_per_s"],
         "peak_rss_mib": round(rss_mib, 1),
         "batches": stats["batches"],
+        "bleu": round(bleu, 2),
     }
 
 
@@ -100,13 +111,20 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=2000, help="source tokens per by-token batch")
     ap.add_argument("--lines", type=int, default=1000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
+                    help="decode setting over the checkpoint's (repeatable), e.g. stopping=first")
     ap.add_argument("--only", default=None, help="run one setting, e.g. beam5:tokens (internal)")
     args = ap.parse_args()
 
+    decode = {}
+    for kv in args.decode:
+        key, _, value = kv.partition("=")
+        decode[key] = yaml.safe_load(value)
     if args.only:
         name, batching = args.only.split(":")
         beam = dict((s[0], s[1]) for s in SETTINGS)[name]
-        print(json.dumps(run_one(args.checkpoint, beam, batching, args.threads, args.max_tokens, args.lines, args.device)))
+        print(json.dumps(run_one(args.checkpoint, beam, batching, args.threads, args.max_tokens, args.lines, args.device,
+                                 decode)))
         return
 
     random_weights = args.checkpoint is None
@@ -119,7 +137,8 @@ def main() -> None:
     rows = []
     for name, _, batching in SETTINGS:
         cmd = [sys.executable, __file__, ckpt, "--only", f"{name}:{batching}", "--threads", str(args.threads),
-               "--max-tokens", str(args.max_tokens), "--lines", str(args.lines), "--device", args.device]
+               "--max-tokens", str(args.max_tokens), "--lines", str(args.lines), "--device", args.device,
+               *[f"--decode={kv}" for kv in args.decode]]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stderr, file=sys.stderr)
@@ -127,13 +146,13 @@ def main() -> None:
         fig = json.loads(res.stdout.strip().splitlines()[-1])
         batch_desc = "32 sentences" if batching == "batch32" else f"{args.max_tokens} src tokens"
         row = {"bench": "decode_speed", "search": name, "batch": batch_desc, "threads": args.threads,
-               "device": args.device, "checkpoint": ckpt, "random_weights": random_weights, **fig}
+               "device": args.device, "checkpoint": ckpt, "random_weights": random_weights, "decode": decode, **fig}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(f"\n{'search':<8} {'batch':<18} {'sent/s':>8} {'pieces/s':>9} {'pieces':>7} {'time s':>7} {'peak RSS MiB':>13}")
+    print(f"\n{'search':<8} {'batch':<18} {'sent/s':>8} {'pieces/s':>9} {'pieces':>7} {'time s':>7} {'peak RSS MiB':>13} {'BLEU':>6}")
     for r in rows:
         print(f"{r['search']:<8} {r['batch']:<18} {r['sentences_per_s']:>8.1f} {r['tgt_pieces_per_s']:>9.1f} "
-              f"{r['tgt_pieces']:>7d} {r['translate_s']:>7.1f} {r['peak_rss_mib']:>13.1f}")
+              f"{r['tgt_pieces']:>7d} {r['translate_s']:>7.1f} {r['peak_rss_mib']:>13.1f} {r['bleu']:>6.2f}")
     if random_weights:
         print("(random weights: outputs run to the length limit; train a model for comparable sentences/s)")
 

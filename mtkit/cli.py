@@ -147,6 +147,7 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
 @click.option("--max-len-a", type=float, default=None, help="Max output tokens = a * source tokens + b.")
 @click.option("--max-len-b", type=int, default=None)
 @click.option("--no-repeat-ngram", type=int, default=None, help="Never repeat an n-gram of this size.")
+@click.option("--stopping", type=click.Choice(["full", "first"]), default=None, help="Beam search ends a sentence once beam-size hypotheses are finished (full) or once its best extension ends (first).")
 @click.option("--sampling", is_flag=True, help="Sample instead of searching (back-translation).")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--topk", type=int, default=0, show_default=True, help="Sample among the k best tokens (0: all).")
@@ -166,7 +167,7 @@ def translate(model_paths: tuple[str, ...], input_path: str, output_path: str, d
     """Translate text with one or more checkpoints (stdin to stdout)."""
     from mtkit.decoding.translate import translate_file
 
-    decode_keys = ("beam", "nbest", "length_penalty", "alpha", "beta", "min_len", "max_len_a", "max_len_b", "no_repeat_ngram")
+    decode_keys = ("beam", "nbest", "length_penalty", "alpha", "beta", "min_len", "max_len_a", "max_len_b", "no_repeat_ngram", "stopping")
     overrides = {k: kwargs.pop(k) for k in decode_keys if kwargs[k] is not None}
     for k in decode_keys:
         kwargs.pop(k, None)

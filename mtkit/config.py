@@ -81,6 +81,9 @@ class DecodeConfig:
     alpha: float = 0.6  # GNMT length-penalty exponent
     beta: float = 0.0  # GNMT coverage-penalty weight
     no_repeat_ngram: int = 0
+    # when a sentence's beam search ends: "full" once beam-size hypotheses are finished;
+    # "first" once its best-scoring extension is EOS and nbest are finished (fewer steps)
+    stopping: str = "full"
     batch_size: int = 0  # sentences per batch, 0 = use max_tokens
     max_tokens: int = 4000
 

@@ -245,13 +245,13 @@ def oom_above(monkeypatch, rows: int, message: str | None = None) -> list[int]:
 
     step, seen = Transformer.step, []
 
-    def step_or_oom(self, prev, enc, state):
+    def step_or_oom(self, prev, enc, state, need_attn=True):
         seen.append(prev.size(0))
         if prev.size(0) > rows:
             if message is None:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             raise RuntimeError(message)
-        return step(self, prev, enc, state)
+        return step(self, prev, enc, state, need_attn)
 
     monkeypatch.setattr(Transformer, "step", step_or_oom)
     return seen
@@ -285,7 +285,7 @@ def test_oom_on_a_single_sentence_is_a_clear_error(workspace, tmp_path, monkeypa
 def test_non_oom_runtime_error_is_not_swallowed(workspace, tmp_path, monkeypatch):
     from mtkit.models.transformer import Transformer
 
-    def broken(self, prev, enc, state):
+    def broken(self, prev, enc, state, need_attn=True):
         raise RuntimeError("some other kernel failure")
 
     monkeypatch.setattr(Transformer, "step", broken)

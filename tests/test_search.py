@@ -45,7 +45,7 @@ class Scripted(Seq2Seq):
     def init_state(self, enc):
         return {"prefix": torch.zeros(enc["src_len"].size(0), 0, dtype=torch.long)}
 
-    def step(self, prev, enc, state):
+    def step(self, prev, enc, state, need_attn=True):
         prefix = state["prefix"]
         if prefix.size(1) or not bool((prev == BOS).all()):
             prefix = torch.cat([prefix, prev.unsqueeze(1)], 1)
@@ -221,7 +221,7 @@ class TinyGRU(Seq2Seq):
     def init_state(self, enc):
         return {"h": enc["last"].clone()}
 
-    def step(self, prev, enc, state):
+    def step(self, prev, enc, state, need_attn=True):
         h = self.cell(self.tgt_emb(prev), state["h"])
         scores = torch.einsum("bsd,bd->bs", enc["mem"], h).masked_fill(~enc["mask"], float("-inf"))
         attn = scores.softmax(-1)
@@ -385,3 +385,70 @@ def test_every_family_batch_equals_alone_and_rescoring(preset):
         assert [h.tokens for h in alone] == [h.tokens for h in hyps]
         for h in hyps:
             assert h.log_prob == pytest.approx(rescore([model], one_src, one_len, h.tokens), abs=1e-4)
+
+
+# --- finished sentences leave the batch; the "first" stopping rule ------------------------------
+class RowCounter:
+    """Wraps a model's step to record how many rows each step receives."""
+
+    def __init__(self, model: Seq2Seq):
+        self.model, self.rows = model, []
+        self._step = model.step
+
+    def __enter__(self):
+        def step(prev, enc, state, need_attn=True):
+            self.rows.append(prev.size(0))
+            return self._step(prev, enc, state, need_attn)
+
+        self.model.step = step
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.step
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_finished_sentences_leave_the_batch(beam):
+    model = tiny_gru(2)
+    src, src_len = random_batch(3, n=8)  # sources of 2-8 tokens: outputs of different lengths
+    cfg = replace(GRU_CFG, beam=beam, nbest=1, max_len_a=1.0, max_len_b=2)
+    with RowCounter(model) as rc:
+        out = generate([model], src, src_len, cfg, BOS, EOS)
+    assert rc.rows[0] == 8 * beam
+    assert rc.rows == sorted(rc.rows, reverse=True)  # never grows
+    assert rc.rows[-1] < 8 * beam  # and did shrink before the end
+    for i in range(src.size(0)):  # results as if each sentence were decoded alone
+        alone = generate([model], src[i : i + 1, : int(src_len[i])], src_len[i : i + 1], cfg, BOS, EOS)[0]
+        assert alone[0].tokens == out[i][0].tokens
+        assert alone[0].score == pytest.approx(out[i][0].score, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_stopping_first_equals_full_without_length_penalty(seed):
+    """Without a length penalty, extensions only lose probability: once the best extension is EOS
+    nothing later can beat it, so stopping there returns the same best hypothesis, sooner."""
+    model = tiny_gru(seed)
+    src, src_len = random_batch(seed, n=6)
+    full_cfg = replace(GRU_CFG, beam=4, nbest=1, length_penalty="none", max_len_b=6)
+    with RowCounter(model) as full_rows:
+        full = generate([model], src, src_len, full_cfg, BOS, EOS)
+    with RowCounter(model) as first_rows:
+        first = generate([model], src, src_len, replace(full_cfg, stopping="first"), BOS, EOS)
+    for f, g in zip(full, first):
+        assert f[0].tokens == g[0].tokens
+        assert f[0].score == pytest.approx(g[0].score, abs=1e-6)
+    assert sum(first_rows.rows) <= sum(full_rows.rows)
+
+
+def test_stopping_first_keeps_nbest():
+    model = tiny_gru(4)
+    src, src_len = random_batch(4, n=5)
+    cfg = replace(GRU_CFG, beam=4, nbest=3, stopping="first")
+    for hyps in generate([model], src, src_len, cfg, BOS, EOS):
+        assert len(hyps) == 3
+        assert all(x.score >= y.score for x, y in zip(hyps, hyps[1:]))
+
+
+def test_unknown_stopping_rule_is_an_error():
+    with pytest.raises(MtkitError, match="decode.stopping"):
+        generate([tiny_gru()], *random_batch(), replace(GRU_CFG, stopping="early"), BOS, EOS)

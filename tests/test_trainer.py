@@ -117,6 +117,16 @@ def test_existing_checkpoints_need_resume(spm, tmp_path):
         T.Trainer(data(spm), tiny_cfg("train.max_updates=2"), tmp_path, device="cpu").fit()
 
 
+def test_final_update_is_numbered_after_the_final_validation(spm, tmp_path):
+    """Training ending between save intervals validates once more and still writes checkpoint_<update>."""
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=14", "train.keep_last=2"), tmp_path, device="cpu").fit()
+    numbered = sorted(p.name for p in tmp_path.glob("checkpoint_[0-9]*.pt"))
+    assert numbered == ["checkpoint_12.pt", "checkpoint_14.pt"]
+    assert load_checkpoint(tmp_path / T.LAST)["update"] == 14
+    events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["update"] for e in events if e["kind"] == "valid"] == [4, 8, 12, 14]
+
+
 def test_checkpoints_rotation_and_best(spm, tmp_path):
     s = T.Trainer(data(spm), tiny_cfg("train.max_updates=16", "train.keep_last=2"), tmp_path, device="cpu").fit()
     numbered = sorted(p.name for p in tmp_path.glob("checkpoint_[0-9]*.pt"))

@@ -54,6 +54,19 @@ def test_step_equals_forward_every_variant(positions, pre_norm):
         assert torch.equal(state["pos"], torch.full((4,), t + 1))
 
 
+@torch.no_grad()
+def test_step_without_attention_weights_gives_the_same_log_probs():
+    model = model_for().eval()
+    src, src_len, tgt = padded_batch()
+    enc = model.encode(src, src_len)
+    with_w, without = model.init_state(enc), model.init_state(enc)
+    for t in range(tgt.size(1)):
+        lp_w, with_w, attn = model.step(tgt[:, t], enc, with_w)
+        lp, without, none = model.step(tgt[:, t], enc, without, need_attn=False)
+        assert attn is not None and none is None
+        assert torch.allclose(lp, lp_w, atol=1e-6)
+
+
 def test_tied_and_untied_embeddings():
     tied = model_for()
     assert tied.src_embed.weight is tied.tgt_embed.weight is tied.output.weight

@@ -12,10 +12,12 @@ All sentences of a batch and all their beams are decoded together as tensors of 
                     follow through :func:`mtkit.models.base.reorder_state`.
 
 Tokens and attention are recovered at the end from per-step backpointers. A sentence is done
-when its store holds ``k`` hypotheses (or no live beam is left); its results are then frozen,
-so a sentence decodes the same alone and inside a batch. The loop stops once every sentence
-is done: the one host read per step that this check costs is batched to every
-``SYNC_EVERY`` steps on accelerators.
+when its store holds ``k`` hypotheses (``decode.stopping: full``, as fairseq), or once its
+best-ranked extension is EOS and ``nbest`` hypotheses are finished (``first``, as OpenNMT-py
+and CTranslate2), or when no live beam is left. Its results are then frozen, so a sentence
+decodes the same alone and inside a batch, and it leaves the batch: the model only steps the
+sentences still searched. Finding out which are done costs one host read, made every step on
+CPU and every ``SYNC_EVERY`` steps on accelerators; the loop stops once all are done.
 
 Scores: ``Hypothesis.log_prob`` is the sum of the token log-probs (EOS included) under the
 model -- for an ensemble, the log of the mean of the models' probabilities -- exactly what
@@ -35,6 +37,7 @@ from mtkit.decoding import penalties as P
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State, expand_state, reorder_state
 
+STOPPING = ("full", "first")  # when a sentence's beam search ends; see DecodeConfig.stopping
 SYNC_EVERY = {"cpu": 1}  # steps between "all done?" checks; other devices: DEFAULT_SYNC_EVERY
 DEFAULT_SYNC_EVERY = 8
 
@@ -80,10 +83,10 @@ class Ensemble:
         return encs, states
 
     def step(
-        self, prev: torch.Tensor, encs: list[State], states: list[State]
+        self, prev: torch.Tensor, encs: list[State], states: list[State], need_attn: bool = True
     ) -> tuple[torch.Tensor, list[State], torch.Tensor | None]:
         """-> (log_probs (N, V) float32, new states, attention (N, S) or None)."""
-        outs = [m.step(prev, enc, st) for m, enc, st in zip(self.models, encs, states)]
+        outs = [m.step(prev, enc, st, need_attn=need_attn) for m, enc, st in zip(self.models, encs, states)]
         new_states = [o[1] for o in outs]
         if len(outs) == 1:
             lp, _, attn = outs[0]
@@ -109,6 +112,8 @@ def check_config(cfg: DecodeConfig, sampling: SamplingOptions | None) -> None:
         raise MtkitError(f"nbest must be at least 1, got {cfg.nbest}")
     if sampling is None and cfg.nbest > cfg.beam:
         raise MtkitError(f"nbest ({cfg.nbest}) cannot exceed the beam size ({cfg.beam})")
+    if cfg.stopping not in STOPPING:
+        raise MtkitError(f"decode.stopping must be one of {', '.join(STOPPING)}, got '{cfg.stopping}'")
     if cfg.min_len < 0 or cfg.no_repeat_ngram < 0:
         raise MtkitError("min_len and no_repeat_ngram must be >= 0")
     P.length_penalty_fn(cfg.length_penalty)
@@ -164,48 +169,62 @@ def _greedy(
     ens: Ensemble, src: torch.Tensor, src_len: torch.Tensor, cfg: DecodeConfig, bos: int, eos: int,
     attention: bool, sampling: SamplingOptions | None,
 ) -> list[list[Hypothesis]]:
-    """Greedy search, or random sampling with ``cfg.nbest`` samples per sentence."""
+    """Greedy search, or random sampling with ``cfg.nbest`` samples per sentence.
+
+    Rows that reached EOS leave the batch at the next "all done?" check (every step on CPU), so
+    the model only ever steps the rows still being decoded; ``live`` maps them to batch rows.
+    """
     n_per = cfg.nbest if sampling is not None else 1
     if n_per > 1:
         src, src_len = src.repeat_interleave(n_per, 0), src_len.repeat_interleave(n_per, 0)
     n, device = src.size(0), src.device
     lp_fn = P.length_penalty_fn(cfg.length_penalty)
-    max_len = max_lengths(src_len, cfg, ens.max_positions())
-    steps = int(max_len.max()) + 1 if n else 0
+    max_len_all = max_lengths(src_len, cfg, ens.max_positions())
+    steps = int(max_len_all.max()) + 1 if n else 0
     banned = sorted({bos, ens.models[0].pad_id} - {eos})
     src_mask = torch.arange(src.size(1), device=device).unsqueeze(0) < src_len.unsqueeze(1)
+    keep_attn = attention or bool(cfg.beta)
 
     encs, states = ens.start(src, src_len, 1)
+    live = torch.arange(n, device=device)  # batch rows still decoded, in model-row order
+    max_len = max_len_all
     prev = torch.full((n,), bos, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    log_prob = torch.zeros(n, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)  # per live row
+    log_prob = torch.zeros(n, device=device)  # per batch row, from here on
     length = torch.zeros(n, dtype=torch.long, device=device)  # tokens incl. EOS
-    tokens: list[torch.Tensor] = []
+    tokens: list[torch.Tensor] = []  # (n,) per step, EOS once a row is finished
     attns: list[torch.Tensor] = []
     coverage = torch.zeros(src.shape, device=device) if cfg.beta else None
     sync = _sync_every(device)
     for t in range(steps):
-        lp, states, attn = ens.step(prev, encs, states)
-        history = torch.stack(tokens, 1) if tokens and cfg.no_repeat_ngram else None
+        lp, states, attn = ens.step(prev, encs, states, need_attn=keep_attn)
+        history = torch.stack(tokens, 1)[live] if tokens and cfg.no_repeat_ngram else None
         lp = _constrain(lp, t, cfg, max_len, banned, eos, history)
         if sampling is None:
             tok = lp.argmax(-1)
         else:
             logits = P.filter_for_sampling(lp, sampling.temperature, sampling.topk, sampling.topp)
             tok = torch.multinomial(logits.softmax(-1), 1, generator=sampling.generator).squeeze(1)
-        live = ~done
-        log_prob += torch.where(live, lp.gather(1, tok.unsqueeze(1)).squeeze(1), 0.0)
-        length += live.long()
+        act = ~done
+        log_prob.index_add_(0, live, torch.where(act, lp.gather(1, tok.unsqueeze(1)).squeeze(1), 0.0))
+        length.index_add_(0, live, act.long())
         if coverage is not None and attn is not None:
-            coverage += attn * live.unsqueeze(1)
+            coverage.index_add_(0, live, attn * act.unsqueeze(1))
+        tok = torch.where(act, tok, eos)
+        tokens.append(_scatter_rows(tok, live, n, eos))
         if attention and attn is not None:
-            attns.append(attn)
-        tok = torch.where(live, tok, eos)
-        tokens.append(tok)
+            attns.append(_scatter_rows(attn, live, n, 0.0))
         done = done | (tok == eos)
         prev = tok
-        if (t + 1) % sync == 0 and bool(done.all()):
-            break
+        if (t + 1) % sync == 0:
+            finished = done.cpu()
+            if bool(finished.all()):
+                break
+            if bool(finished.any()):  # drop finished rows from the batch
+                keep = (~finished).nonzero().squeeze(1).to(device)
+                live, prev, done, max_len = live[keep], prev[keep], done[keep], max_len[keep]
+                encs = [reorder_state(e, keep) for e in encs]
+                states = [reorder_state(st, keep) for st in states]
 
     cov_term = None if coverage is None else P.coverage_penalty(coverage, src_mask, cfg.beta)
     score = P.final_score(log_prob, length, lp_fn, cfg.alpha, cov_term)
@@ -221,32 +240,51 @@ def _greedy(
     return [sorted(h, key=lambda x: -x.score) for h in out]
 
 
+def _scatter_rows(x: torch.Tensor, rows: torch.Tensor, n: int, fill: float | int) -> torch.Tensor:
+    """Place the live rows ``x`` (len(rows), ...) at ``rows`` of a new (n, ...) tensor."""
+    if rows.numel() == n:
+        return x
+    full = x.new_full((n, *x.shape[1:]), fill)
+    full[rows] = x
+    return full
+
+
 def _beam_search(
     ens: Ensemble, src: torch.Tensor, src_len: torch.Tensor, cfg: DecodeConfig, bos: int, eos: int,
     attention: bool,
 ) -> list[list[Hypothesis]]:
+    """Batched beam search; finished sentences leave the batch at each "all done?" check.
+
+    Tensors named ``*_all`` and the finished store are indexed by sentence; everything else
+    only covers the sentences still searched (``live`` maps them back), so the model's work
+    shrinks as sentences finish. Per-step histories are kept at full batch size for
+    :func:`_collect`.
+    """
     b, k, device = src.size(0), cfg.beam, src.device
-    n = b * k
     lp_fn = P.length_penalty_fn(cfg.length_penalty)
-    max_len = max_lengths(src_len, cfg, ens.max_positions()).repeat_interleave(k)
-    steps = int(max_len.max()) + 1 if b else 0
+    max_len_all = max_lengths(src_len, cfg, ens.max_positions())
+    steps = int(max_len_all.max()) + 1 if b else 0
     banned = sorted({bos, ens.models[0].pad_id} - {eos})
-    src_mask = torch.arange(src.size(1), device=device).unsqueeze(0) < src_len.unsqueeze(1)  # (B, S)
+    src_mask_all = torch.arange(src.size(1), device=device).unsqueeze(0) < src_len.unsqueeze(1)  # (B, S)
     use_cov = bool(cfg.beta)
     keep_attn = attention or use_cov
-    row_base = (torch.arange(b, device=device) * k).unsqueeze(1)  # (B, 1)
+    first = cfg.stopping == "first"
+    beam_idx = torch.arange(k, device=device)
 
     encs, states = ens.start(src, src_len, k)
-    prev = torch.full((n,), bos, dtype=torch.long, device=device)
+    live = torch.arange(b, device=device)  # sentences still searched
+    max_len, src_mask = max_len_all.repeat_interleave(k), src_mask_all
+    prev = torch.full((b * k,), bos, dtype=torch.long, device=device)
     scores = torch.full((b, k), P.NEG_INF, device=device)
     scores[:, 0] = 0.0  # all beams start identical: only the first one is live at step 0
-    coverage = torch.zeros(n, src.size(1), device=device) if use_cov else None
-    history = torch.zeros(n, 0, dtype=torch.long, device=device)  # only kept for n-gram blocking
+    coverage = torch.zeros(b * k, src.size(1), device=device) if use_cov else None
+    history = torch.zeros(b * k, 0, dtype=torch.long, device=device)  # only kept for n-gram blocking
     # finished store, best first: final score, log-prob, tokens before EOS, parent beam at EOS
     fin_score = torch.full((b, k), P.NEG_INF, device=device)
     fin_logp = torch.full((b, k), P.NEG_INF, device=device)
     fin_len = torch.zeros(b, k, dtype=torch.long, device=device)
     fin_parent = torch.zeros(b, k, dtype=torch.long, device=device)
+    fin_all = [t.clone() for t in (fin_score, fin_logp, fin_len, fin_parent)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     tok_hist: list[torch.Tensor] = []  # (B, k) token of each live beam after step t
     parent_hist: list[torch.Tensor] = []  # (B, k) its beam at step t-1
@@ -254,24 +292,26 @@ def _beam_search(
     sync = _sync_every(device)
 
     for t in range(steps):
-        lp, states, attn = ens.step(prev, encs, states)
+        bl = live.numel()
+        n = bl * k
+        lp, states, attn = ens.step(prev, encs, states, need_attn=keep_attn)
         lp = _constrain(lp, t, cfg, max_len, banned, eos, history if cfg.no_repeat_ngram else None)
         v = lp.size(1)
-        if keep_attn and attn is not None:
-            attn_hist.append(attn.view(b, k, -1))
+        if attention and attn is not None:
+            attn_hist.append(_scatter_rows(attn.view(bl, k, -1), live, b, 0.0))
 
         # 1. score update: cumulative log-prob of every extension
-        cand = (scores.view(n, 1) + lp).view(b, k * v)
+        cand = (scores.view(n, 1) + lp).view(bl, k * v)
         # 2. candidates: top 2k extensions per sentence
         top_scores, top_idx = cand.topk(min(2 * k, k * v), dim=1)
-        parent, tok = top_idx // v, top_idx % v  # (B, 2k)
+        parent, tok = top_idx // v, top_idx % v  # (bl, 2k)
         is_eos = tok == eos
         # 3. finish: EOS extensions ranked within the top k join the store (not for done sentences)
         rank_ok = torch.arange(top_idx.size(1), device=device).unsqueeze(0) < k
         new_fin = is_eos & rank_ok & torch.isfinite(top_scores) & ~done.unsqueeze(1)
         cov_term = None
         if use_cov and attn is not None:
-            cov_rows = (coverage + attn).view(b, k, -1)
+            cov_rows = (coverage + attn).view(bl, k, -1)
             cand_cov = cov_rows.gather(1, parent.unsqueeze(2).expand(-1, -1, cov_rows.size(2)))
             cov_term = P.coverage_penalty(cand_cov, src_mask.unsqueeze(1), cfg.beta)
         length = torch.full_like(top_scores, t + 1)
@@ -282,22 +322,44 @@ def _beam_search(
         fin_parent = torch.cat([fin_parent, parent], 1).gather(1, keep)
         # 4. reorder: the best k non-EOS extensions are the next beam
         scores, pick = top_scores.masked_fill(is_eos, P.NEG_INF).topk(k, dim=1)
-        beam_parent, prev = parent.gather(1, pick), tok.gather(1, pick)  # (B, k)
-        tok_hist.append(prev)
-        parent_hist.append(beam_parent)
-        rows = (row_base + beam_parent).view(n)
-        prev = prev.view(n)
+        beam_parent, prev = parent.gather(1, pick), tok.gather(1, pick)  # (bl, k)
+        tok_hist.append(_scatter_rows(prev, live, b, eos))
+        parent_hist.append(_scatter_rows(beam_parent, live, b, 0))
+        # a sentence is done once k hypotheses are finished (or, stopping "first", once its best
+        # extension ended with nbest finished), or when no live beam is left
+        finished_now = torch.isfinite(fin_score[:, -1]) | ~torch.isfinite(scores).any(1)
+        if first:
+            finished_now |= new_fin[:, 0] & torch.isfinite(fin_score[:, min(cfg.nbest, k) - 1])
+        done = done | finished_now
+        rows = beam_parent + (torch.arange(bl, device=device) * k).unsqueeze(1)  # (bl, k) model rows
+        if coverage is not None and attn is not None:
+            coverage = coverage + attn
+        if (t + 1) % sync == 0:
+            finished = done.cpu()
+            if bool(finished.all()):
+                break
+            if bool(finished.any()):  # drop finished sentences: keep their store, shrink the batch
+                for full, part in zip(fin_all, (fin_score, fin_logp, fin_len, fin_parent)):
+                    full[live] = part
+                keep_s = (~finished).nonzero().squeeze(1).to(device)
+                live, done, scores, prev = live[keep_s], done[keep_s], scores[keep_s], prev[keep_s]
+                fin_score, fin_logp, fin_len, fin_parent = (x[keep_s] for x in (fin_score, fin_logp, fin_len, fin_parent))
+                src_mask = src_mask[keep_s]
+                rows = rows[keep_s]
+                keep_rows = (keep_s.unsqueeze(1) * k + beam_idx).view(-1)
+                max_len = max_len[keep_rows]
+                encs = [reorder_state(e, keep_rows) for e in encs]
+        rows = rows.reshape(-1)
+        prev = prev.reshape(-1)
         states = [reorder_state(st, rows) for st in states]
         if coverage is not None and attn is not None:
-            coverage = (coverage + attn).index_select(0, rows)
+            coverage = coverage.index_select(0, rows)
         if cfg.no_repeat_ngram:
             history = torch.cat([history.index_select(0, rows), prev.unsqueeze(1)], 1)
-        done = done | torch.isfinite(fin_score[:, -1]) | ~torch.isfinite(scores).any(1)
-        if (t + 1) % sync == 0 and bool(done.all()):
-            break
 
-    return _collect(cfg, fin_score, fin_logp, fin_len, fin_parent, tok_hist, parent_hist,
-                    attn_hist if attention else [], src_len, eos)
+    for full, part in zip(fin_all, (fin_score, fin_logp, fin_len, fin_parent)):
+        full[live] = part
+    return _collect(cfg, *fin_all, tok_hist, parent_hist, attn_hist if attention else [], src_len, eos)
 
 
 def _collect(

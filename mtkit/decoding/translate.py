@@ -416,11 +416,17 @@ def _records(
     input_path: str | Path, skip: int, tr: Translator, cfg: DecodeConfig, opts: Options, decoder: Decoder,
     stats: dict[str, Any],
 ) -> Iterator[Record]:
-    """Yield one :class:`Record` per input line (after ``skip``), in input order."""
+    """Yield one :class:`Record` per input line (after ``skip``), in input order.
+
+    Lines are translated in buffers of ``opts.buffer_lines`` counted from the first input line,
+    also when resuming: the buffer holding line ``skip`` is translated whole and only its lines
+    from ``skip`` on are yielded, so every sentence is decoded in the very batch an uninterrupted
+    run decodes it in, and a resumed output is byte-identical to an uninterrupted one.
+    """
     name = display_name(input_path)
     lines = iter_lines(input_path, errors=opts.errors)
     lineno = 0
-    for _ in range(skip):
+    for _ in range(skip - skip % opts.buffer_lines):
         if next(lines, None) is None:
             raise MtkitError(f"cannot resume: the output already has {skip} lines but {name} has only {lineno}")
         lineno += 1
@@ -438,13 +444,17 @@ def _records(
             if len(buffer) >= opts.buffer_lines:
                 break
         if not buffer:
+            if lineno < skip:
+                raise MtkitError(f"cannot resume: the output already has {skip} lines but {name} has only {lineno}")
             return
-        yield from _translate_buffer(buffer, cfg, decoder, stats)
+        if buffer[-1][0] >= skip:  # else every line of this buffer is already in the output
+            yield from _translate_buffer(buffer, cfg, decoder, stats, skip)
 
 
 def _translate_buffer(
-    buffer: list[tuple[int, list[int]]], cfg: DecodeConfig, decoder: Decoder, stats: dict[str, Any]
+    buffer: list[tuple[int, list[int]]], cfg: DecodeConfig, decoder: Decoder, stats: dict[str, Any], skip: int = 0
 ) -> Iterator[Record]:
+    """Translate a buffer in length-sorted batches; yield its records in order from input line ``skip``."""
     todo = [i for i, (_, ids) in enumerate(buffer) if ids]
     results: dict[int, list[Hypothesis]] = {}
     nxt = 0
@@ -453,9 +463,16 @@ def _translate_buffer(
         nonlocal nxt
         while nxt < len(buffer) and (not buffer[nxt][1] or nxt in results):
             index, ids = buffer[nxt]
-            stats["lines"] += 1
-            yield Record(index, ids, results.pop(nxt, []))
+            hyps = results.pop(nxt, [])
             nxt += 1
+            if index < skip:  # already in the output (re-decoded only to keep the batches)
+                continue
+            stats["lines"] += 1
+            if ids:
+                stats["translated"] += 1
+                stats["src_tokens"] += len(ids)
+                stats["tgt_tokens"] += len(hyps[0].tokens) if hyps else 0
+            yield Record(index, ids, hyps)
 
     yield from ready()
     for batch in make_batches([len(buffer[i][1]) for i in todo], cfg.batch_size, cfg.max_tokens):
@@ -463,8 +480,5 @@ def _translate_buffer(
         hyps = decoder([buffer[r][1] for r in rows])
         for r, h in zip(rows, hyps):
             results[r] = h
-            stats["translated"] += 1
-            stats["src_tokens"] += len(buffer[r][1])
-            stats["tgt_tokens"] += len(h[0].tokens)
         yield from ready()
     yield from ready()

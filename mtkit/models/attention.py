@@ -208,7 +208,9 @@ class AttentionalRNN(Seq2Seq):
             outs.append(o)
         return self.out(torch.stack(outs, dim=1))  # (B, T, V)
 
-    def step(self, prev_tokens: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+    def step(
+        self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
         emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
         o, state, weights = self.decoder(emb, enc, state)
         return torch.log_softmax(self.out(o).float(), dim=-1), state, weights

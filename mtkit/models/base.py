@@ -7,7 +7,8 @@ Tensors are batch-first. ``src`` is (B, S) token ids padded with ``pad_id`` and 
 - ``encode(src, src_len) -> enc``: per-sentence constants (a flat dict of batch-first tensors):
   encoder memory, its mask, precomputed cross-attention keys/values. Expanded once for the beam.
 - ``init_state(enc) -> state``: what changes per step (a flat dict of batch-first tensors).
-- ``step(prev_tokens (B,), enc, state) -> (log_probs (B, V), state, attn (B, S) or None)``.
+- ``step(prev_tokens (B,), enc, state, need_attn=True) -> (log_probs (B, V), state, attn (B, S) or None)``;
+  with ``need_attn=False`` a model may skip computing the attention it returns (it may be None).
 
 Because ``enc`` and ``state`` are flat dicts of batch-first tensors, :func:`expand_state` and
 :func:`reorder_state` work for every family. Log-probabilities everywhere: higher is better.
@@ -47,7 +48,7 @@ class Seq2Seq(nn.Module):
         raise NotImplementedError
 
     def step(
-        self, prev_tokens: torch.Tensor, enc: State, state: State
+        self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
     ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         raise NotImplementedError
 

@@ -160,6 +160,8 @@ class LSTMSeq2Seq(Seq2Seq):
         logits, _ = self._decode(tgt_in, self.init_state(self.encode(src, src_len)))
         return logits
 
-    def step(self, prev_tokens: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, None]:
+    def step(
+        self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
+    ) -> tuple[torch.Tensor, State, None]:
         logits, state = self._decode(prev_tokens.unsqueeze(1), state)
         return torch.log_softmax(logits.squeeze(1).float(), dim=-1), state, None

@@ -328,12 +328,14 @@ class Transformer(Seq2Seq):
             state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
         return state
 
-    def step(self, prev_tokens: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+    def step(
+        self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
+    ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         pos = state["pos"]
         if state["self_k0"].size(2) >= self.cfg.max_positions:  # cache length, no host sync
             raise MtkitError(f"output longer than model.max_positions {self.cfg.max_positions}")
         caches = [(state[f"self_k{i}"], state[f"self_v{i}"]) for i in range(len(self.decoder))]
-        h, caches, attn = self.decode(prev_tokens[:, None], pos[:, None], enc, caches, need_weights=True)
+        h, caches, attn = self.decode(prev_tokens[:, None], pos[:, None], enc, caches, need_weights=need_attn)
         log_probs = F.log_softmax(self.output(h[:, -1]).float(), dim=-1)  # last position only
         new_state: State = {"pos": pos + 1}
         for i, (k, v) in enumerate(caches):

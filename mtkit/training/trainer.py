@@ -728,11 +728,12 @@ class Trainer:
             if bar is not None:
                 bar.close()
         # final validation and checkpoint
+        best = self.data.valid is None
         if self.data.valid is not None and self.last_valid.get("update") != self.update and self.update > 0:
-            self._validate_and_track()
+            best = self._validate_and_track(save=False)
         if self._agree(self.saved_at != self.update or not (self.save_dir / LAST).exists()):
             # numbered too, so that `average --last N` includes the weights training ended with
-            self.save(numbered=tc.save_interval_updates > 0 and self.update > 0, best=self.data.valid is None)
+            self.save(numbered=tc.save_interval_updates > 0 and self.update > 0, best=best)
         if self.is_main and not (self.save_dir / BEST).exists():
             _link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
         logger.info("stopped at update %d: %s", self.update, stop_reason)

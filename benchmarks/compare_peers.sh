@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# mtkit beside OpenNMT-py, Sockeye, JoeyNMT and CTranslate2, in one run on this machine.
+#
+#   CKPT=runs/multi30k_en_de_transformer/averaged.pt PEERS_DIR=/tmp/peers bash benchmarks/compare_peers.sh [part ...]
+#
+# parts (default: all, in this order)
+#   peers_setup  install the peers into their own venvs and preprocess (shared/bench/peers/run_all.sh)
+#   peers_train  training throughput of OpenNMT-py, Sockeye, JoeyNMT on the reference setup (WARM+MEAS updates)
+#   mtkit_train  benchmarks/train_speed.py on the same setup, float32 and bf16 autocast
+#   onmt_decode  CKPT rebuilt as an OpenNMT-py model (benchmarks/onmt_from_mtkit.py), onmt_translate beam 5 / greedy
+#   ct2_decode   CKPT exported to CTranslate2 float32/int8 beside mtkit (benchmarks/ct2_vs_mtkit.py)
+#   mtkit_decode benchmarks/decode_speed.py on CKPT, length normalisation as above, stopping full and first
+#   table        benchmarks/peers_table.py: every figure and ratio
+# Decoding everywhere: test_2016_flickr (1000 sentences), batches of 32 sentences, 2 threads, length
+# normalisation by |Y| (OpenNMT-py "avg", CTranslate2 length_penalty 1, mtkit "average").
+set -eu
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PEERS=${PEERS:-$REPO/../shared/bench/peers}
+export PEERS_DIR=${PEERS_DIR:-$HOME/.cache/mtkit-peers}
+export MTKIT_DATA=${MTKIT_DATA:-$REPO/../shared/data/multi30k}
+OUT=${OUT:-$PEERS_DIR/compare}
+WARM=${WARM:-30} MEAS=${MEAS:-150}
+export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+mkdir -p "$OUT"
+cd "$REPO"
+parts=${*:-peers_setup peers_train mtkit_train onmt_decode ct2_decode mtkit_decode table}
+for part in $parts; do
+  echo "=== $part $(date -u +%FT%TZ)"
+  case $part in
+    peers_setup) bash "$PEERS/run_all.sh" setup preprocess ;;
+    peers_train) WARM=$WARM MEAS=$MEAS bash "$PEERS/run_all.sh" tp_onmt tp_sockeye tp_joeynmt ;;
+    mtkit_train)
+      python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" | tee "$OUT/mtkit_train_fp32.txt"
+      python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" --set train.amp=bf16 | tee "$OUT/mtkit_train_bf16.txt" ;;
+    onmt_decode)
+      W=$OUT/onmt; V=$PEERS_DIR/onmt/venv/bin
+      "$V/python" benchmarks/onmt_from_mtkit.py "${CKPT:?set CKPT}" --work "$W" \
+          --encode "$MTKIT_DATA/test_2016_flickr.en.gz:$W/test.pieces"
+      for beam in 5 1; do
+        out=$W/test.beam$beam
+        /usr/bin/time -v -o "$out.time" env TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 "$V/onmt_translate" -model "$W/model.pt" \
+            -src "$W/test.pieces" -output "$out.pieces" -beam_size $beam -batch_size 32 -batch_type sents \
+            -max_length 200 -length_penalty avg -report_time > "$out.log" 2>&1
+        python3 "$PEERS/decode_stats.py" --log "$out.log" --time "$out.time" --hyp "$out.pieces" --n 1000 | tee "$out.summary"
+        "$V/python" "$PEERS/score.py" --spm "$W/spm.model" --hyp "$out.pieces" --ref "$PEERS_DIR/data/test.de" \
+            --out "$out.detok" | tee -a "$out.summary"
+      done ;;
+    ct2_decode) python benchmarks/ct2_vs_mtkit.py "${CKPT:?set CKPT}" --workdir "$OUT/ct2" | tee "$OUT/ct2_vs_mtkit.txt" ;;
+    mtkit_decode)
+      python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average | tee "$OUT/mtkit_decode.txt"
+      python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average --decode stopping=first \
+          | tee -a "$OUT/mtkit_decode.txt" ;;
+    table) python benchmarks/peers_table.py "$OUT" --peers-dir "$PEERS_DIR" | tee "$OUT/table.md" ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,100 @@
+"""The mtkit-vs-peers table from one run of ``benchmarks/compare_peers.sh``.
+
+    python benchmarks/peers_table.py OUT_DIR --peers-dir PEERS_DIR
+
+Reads the peers' throughput summaries (``PEERS_DIR/<peer>/work/throughput.summary``), mtkit's
+``train_speed``/``decode_speed``/``ct2_vs_mtkit`` JSON lines and the OpenNMT-py decoding
+summaries in OUT_DIR, and prints markdown tables with every figure and the ratio mtkit / peer.
+Missing parts are skipped, so the table can be printed for a partial run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+
+def summary(path: Path) -> dict[str, str]:
+    """``key: value`` lines (the peers' scripts' format)."""
+    out: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            key, sep, value = line.partition(": ")
+            if sep:
+                out.setdefault(key.strip(), value.strip())
+            m = re.match(r"BLEU=([\d.]+)", line)
+            if m:
+                out["BLEU"] = m.group(1)
+    return out
+
+
+def json_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("{")]
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--peers-dir", type=Path, required=True)
+    args = ap.parse_args()
+
+    train = {}
+    for name, peer in (("OpenNMT-py 3.5.1", "onmt"), ("Sockeye 3.1.34", "sockeye"), ("JoeyNMT 2.3.0", "joeynmt")):
+        s = summary(args.peers_dir / peer / "work" / "throughput.summary")
+        if "tgt_tok_per_s" in s:
+            train[name] = (float(s["tgt_tok_per_s"]), float(s.get("sec_per_update", "nan")),
+                           float(s.get("peak_rss_MiB", "nan")) / 1024)
+    for amp in ("fp32", "bf16"):
+        rows = json_lines(args.out / f"mtkit_train_{amp}.txt")
+        if rows:
+            r = rows[-1]
+            train[f"mtkit ({amp})"] = (r["tgt_tokens_per_s"], r["s_per_update"], r["peak_rss_gib"])
+    if train:
+        peers = [k for k in train if not k.startswith("mtkit")]
+        print("## Training, reference setup (target tokens/s, 2 threads)\n")
+        print("| toolkit | tgt tok/s | s/update | peak RSS GiB | " + " | ".join(f"mtkit fp32 / {p.split()[0]}" for p in peers)
+              + " | " + " | ".join(f"mtkit bf16 / {p.split()[0]}" for p in peers) + " |")
+        print("|---" * (4 + 2 * len(peers)) + "|")
+        for name, (tok, spu, rss) in train.items():
+            cells = [ratio(train.get("mtkit (fp32)", (None,))[0], train[p][0]) if name == "mtkit (fp32)" else "" for p in peers]
+            cells += [ratio(train.get("mtkit (bf16)", (None,))[0], train[p][0]) if name == "mtkit (bf16)" else "" for p in peers]
+            print(f"| {name} | {tok:.0f} | {spu:.2f} | {rss:.2f} | " + " | ".join(cells) + " |")
+        print()
+
+    decode = []  # (decoder, search, sent/s, pieces/s, BLEU)
+    for beam, search in (("5", "beam5"), ("1", "greedy")):
+        s = summary(args.out / "onmt" / f"test.beam{beam}.summary")
+        if "tok_per_s" in s:
+            decode.append(("onmt_translate (same model)", search, float(s["sent_per_s"]), float(s["tok_per_s"]),
+                           float(s.get("BLEU", "nan"))))
+    for r in json_lines(args.out / "ct2_vs_mtkit.txt"):
+        name = "mtkit (stopping first)" if r["engine"] == "mtkit" else f"CTranslate2 {r['engine'][4:]}"
+        decode.append((name, r["search"], r["sentences_per_s"], r["tgt_pieces_per_s"], r["bleu"]))
+    for r in json_lines(args.out / "mtkit_decode.txt"):
+        if r["batch"] == "32 sentences":
+            rule = (r.get("decode") or {}).get("stopping", "full")
+            decode.append((f"mtkit (stopping {rule})", r["search"], r["sentences_per_s"], r["tgt_pieces_per_s"],
+                           r.get("bleu", float("nan"))))
+    if decode:
+        print("## Decoding the same model: test_2016_flickr, batches of 32 sentences, 2 threads\n")
+        refs = sorted({d[0] for d in decode if not d[0].startswith("mtkit")})
+        print("| decoder | search | sent/s | pieces/s | BLEU | " + " | ".join(f"pieces/s vs {n}" for n in refs) + " |")
+        print("|---" * (5 + len(refs)) + "|")
+        for name, search, sps, pps, bleu in decode:
+            cells = []
+            for ref in refs:
+                other = next((d[3] for d in decode if d[0] == ref and d[1] == search), None)
+                cells.append(ratio(pps, other) if name.startswith("mtkit") else "")
+            print(f"| {name} | {search} | {sps:.1f} | {pps:.0f} | {bleu:.2f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
