@@ -6,9 +6,9 @@ Exports CKPT with `mtkit export --format ctranslate2` (float32 and int8), then t
 Multi30k test_2016_flickr.en with greedy and beam 5 search, batches of 32 sentences, on
 ``--threads`` threads (torch.set_num_threads / CTranslate2 intra_threads), each setting in its
 own process. Settings are the same on both sides: the checkpoint's max length (a * src + b),
-length normalisation by |Y| (mtkit ``average`` = CTranslate2 ``length_penalty=1``), a sentence
-ends once its best extension is EOS (mtkit ``stopping=first``, CTranslate2's rule), pad/BOS
-never generated. Figures: sentences/s and target pieces/s (EOS excluded; translation time incl.
+length normalisation by |Y| (mtkit ``average`` = CTranslate2 ``length_penalty=1``), mtkit's
+default ``stopping=full`` (CTranslate2 4.8 ends a sentence's search the same way), pad/BOS never
+generated. Figures: sentences/s and target pieces/s (EOS excluded; translation time incl.
 sentencepiece, model loading excluded), sacreBLEU against test_2016_flickr.de, the share of
 lines identical to mtkit's, and the ratio mtkit / CTranslate2 of pieces/s. One JSON line per
 setting, then a table.
@@ -66,8 +66,7 @@ def run_one(engine: str, search: str, ckpt: str, export_dir: str, lines: int, th
             inp = Path(tmp) / "in.en"
             inp.write_text("\n".join(src) + "\n", encoding="utf-8")
             stats = translate_file([ckpt], inp, out_path, device="cpu", batch_size=32, buffer_lines=lines + 1,
-                                   decode_overrides={"beam": beam, "nbest": 1, "length_penalty": LENGTH_PENALTY,
-                                                     "stopping": "first"})
+                                   decode_overrides={"beam": beam, "nbest": 1, "length_penalty": LENGTH_PENALTY})
         seconds, pieces = stats["seconds"], stats["tgt_tokens"]
     else:
         import dataclasses

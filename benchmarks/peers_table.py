@@ -76,7 +76,7 @@ def main() -> None:
             decode.append(("onmt_translate (same model)", search, float(s["sent_per_s"]), float(s["tok_per_s"]),
                            float(s.get("BLEU", "nan"))))
     for r in json_lines(args.out / "ct2_vs_mtkit.txt"):
-        name = "mtkit (stopping first)" if r["engine"] == "mtkit" else f"CTranslate2 {r['engine'][4:]}"
+        name = "mtkit (ct2_vs_mtkit run)" if r["engine"] == "mtkit" else f"CTranslate2 {r['engine'][4:]}"
         decode.append((name, r["search"], r["sentences_per_s"], r["tgt_pieces_per_s"], r["bleu"]))
     for r in json_lines(args.out / "mtkit_decode.txt"):
         if r["batch"] == "32 sentences":

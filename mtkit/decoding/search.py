@@ -13,8 +13,8 @@ All sentences of a batch and all their beams are decoded together as tensors of 
 
 Tokens and attention are recovered at the end from per-step backpointers. A sentence is done
 when its store holds ``k`` hypotheses (``decode.stopping: full``, as fairseq), or once its
-best-ranked extension is EOS and ``nbest`` hypotheses are finished (``first``, as OpenNMT-py
-and CTranslate2), or when no live beam is left. Its results are then frozen, so a sentence
+best-ranked extension is EOS and ``nbest`` hypotheses are finished (``first``, as OpenNMT-py),
+or when no live beam is left. Its results are then frozen, so a sentence
 decodes the same alone and inside a batch, and it leaves the batch: the model only steps the
 sentences still searched. Finding out which are done costs one host read, made every step on
 CPU and every ``SYNC_EVERY`` steps on accelerators; the loop stops once all are done.
@@ -130,10 +130,11 @@ def _constrain(
     lp: torch.Tensor, t: int, cfg: DecodeConfig, max_len: torch.Tensor, banned: list[int], eos: int,
     history: torch.Tensor | None,
 ) -> torch.Tensor:
-    lp = P.ban_tokens(lp, banned)
+    """Apply the constraints to ``lp``, the step's (N, V) log-probs, in place where possible."""
+    lp = P.ban_tokens_(lp, banned)
     if cfg.no_repeat_ngram > 0 and history is not None:
         lp = P.block_repeated_ngrams(lp, history, cfg.no_repeat_ngram)
-    return P.enforce_length(lp, t, eos, cfg.min_len, max_len)
+    return P.enforce_length_(lp, t, eos, cfg.min_len, max_len)
 
 
 def _sync_every(device: torch.device) -> int:
@@ -301,7 +302,7 @@ def _beam_search(
             attn_hist.append(_scatter_rows(attn.view(bl, k, -1), live, b, 0.0))
 
         # 1. score update: cumulative log-prob of every extension
-        cand = (scores.view(n, 1) + lp).view(bl, k * v)
+        cand = lp.add_(scores.view(n, 1)).view(bl, k * v)  # lp is not needed after this
         # 2. candidates: top 2k extensions per sentence
         top_scores, top_idx = cand.topk(min(2 * k, k * v), dim=1)
         parent, tok = top_idx // v, top_idx % v  # (bl, 2k)

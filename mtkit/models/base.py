@@ -9,6 +9,7 @@ Tensors are batch-first. ``src`` is (B, S) token ids padded with ``pad_id`` and 
 - ``init_state(enc) -> state``: what changes per step (a flat dict of batch-first tensors).
 - ``step(prev_tokens (B,), enc, state, need_attn=True) -> (log_probs (B, V), state, attn (B, S) or None)``;
   with ``need_attn=False`` a model may skip computing the attention it returns (it may be None).
+  The returned log-probs belong to the caller: search modifies them in place.
 
 Because ``enc`` and ``state`` are flat dicts of batch-first tensors, :func:`expand_state` and
 :func:`reorder_state` work for every family. Log-probabilities everywhere: higher is better.
