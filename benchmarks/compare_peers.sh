@@ -10,7 +10,9 @@
 #   onmt_decode  CKPT rebuilt as an OpenNMT-py model (benchmarks/onmt_from_mtkit.py), onmt_translate beam 5 / greedy
 #   ct2_decode   CKPT exported to CTranslate2 float32/int8 beside mtkit (benchmarks/ct2_vs_mtkit.py)
 #   mtkit_decode benchmarks/decode_speed.py on CKPT, length normalisation as above, stopping full and first
-#   table        benchmarks/peers_table.py: every figure and ratio
+#   decode       onmt_decode ct2_decode mtkit_decode, REPEAT times (default 3) into OUT/decode1, decode2, ...
+#   table        benchmarks/peers_table.py: every figure and ratio (decoding: medians over the repeats)
+# The machine is shared: single decoding figures vary by 10-30% between runs, hence the repeats.
 # Decoding everywhere: test_2016_flickr (1000 sentences), batches of 32 sentences, 2 threads, length
 # normalisation by |Y| (OpenNMT-py "avg", CTranslate2 length_penalty 1, mtkit "average").
 set -eu
@@ -23,17 +25,24 @@ WARM=${WARM:-30} MEAS=${MEAS:-150}
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 mkdir -p "$OUT"
 cd "$REPO"
-parts=${*:-peers_setup peers_train mtkit_train onmt_decode ct2_decode mtkit_decode table}
+REPEAT=${REPEAT:-3}
+DOUT=${DOUT:-$OUT}  # where the decode parts write
+parts=${*:-peers_setup peers_train mtkit_train decode table}
 for part in $parts; do
   echo "=== $part $(date -u +%FT%TZ)"
+  mkdir -p "$DOUT"
   case $part in
+    decode)
+      for i in $(seq "$REPEAT"); do
+        DOUT=$OUT/decode$i OUT=$OUT bash "$REPO/benchmarks/compare_peers.sh" onmt_decode ct2_decode mtkit_decode
+      done ;;
     peers_setup) bash "$PEERS/run_all.sh" setup preprocess ;;
     peers_train) WARM=$WARM MEAS=$MEAS bash "$PEERS/run_all.sh" tp_onmt tp_sockeye tp_joeynmt ;;
     mtkit_train)
       python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" | tee "$OUT/mtkit_train_fp32.txt"
       python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" --set train.amp=bf16 | tee "$OUT/mtkit_train_bf16.txt" ;;
     onmt_decode)
-      W=$OUT/onmt; V=$PEERS_DIR/onmt/venv/bin
+      W=$DOUT/onmt; V=$PEERS_DIR/onmt/venv/bin
       "$V/python" benchmarks/onmt_from_mtkit.py "${CKPT:?set CKPT}" --work "$W" \
           --encode "$MTKIT_DATA/test_2016_flickr.en.gz:$W/test.pieces"
       for beam in 5 1; do
@@ -45,12 +54,12 @@ for part in $parts; do
         "$V/python" "$PEERS/score.py" --spm "$W/spm.model" --hyp "$out.pieces" --ref "$PEERS_DIR/data/test.de" \
             --out "$out.detok" | tee -a "$out.summary"
       done ;;
-    ct2_decode) python benchmarks/ct2_vs_mtkit.py "${CKPT:?set CKPT}" --workdir "$OUT/ct2" | tee "$OUT/ct2_vs_mtkit.txt" ;;
+    ct2_decode) python benchmarks/ct2_vs_mtkit.py "${CKPT:?set CKPT}" --workdir "$DOUT/ct2" | tee "$DOUT/ct2_vs_mtkit.txt" ;;
     mtkit_decode)
-      python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average | tee "$OUT/mtkit_decode.txt"
+      python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average | tee "$DOUT/mtkit_decode.txt"
       python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average --decode stopping=first \
-          | tee -a "$OUT/mtkit_decode.txt" ;;
-    table) python benchmarks/peers_table.py "$OUT" --peers-dir "$PEERS_DIR" | tee "$OUT/table.md" ;;
+          | tee -a "$DOUT/mtkit_decode.txt" ;;
+    table) python benchmarks/peers_table.py "$OUT" "$OUT"/decode* --peers-dir "$PEERS_DIR" | tee "$OUT/table.md" ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done

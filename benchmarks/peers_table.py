@@ -1,11 +1,13 @@
 """The mtkit-vs-peers table from one run of ``benchmarks/compare_peers.sh``.
 
-    python benchmarks/peers_table.py OUT_DIR --peers-dir PEERS_DIR
+    python benchmarks/peers_table.py OUT_DIR [DECODE_DIR ...] --peers-dir PEERS_DIR
 
-Reads the peers' throughput summaries (``PEERS_DIR/<peer>/work/throughput.summary``), mtkit's
-``train_speed``/``decode_speed``/``ct2_vs_mtkit`` JSON lines and the OpenNMT-py decoding
-summaries in OUT_DIR, and prints markdown tables with every figure and the ratio mtkit / peer.
-Missing parts are skipped, so the table can be printed for a partial run.
+Reads the peers' throughput summaries (``PEERS_DIR/<peer>/work/throughput.summary``) and mtkit's
+``train_speed`` JSON lines in OUT_DIR, and the decoding figures (``decode_speed``/``ct2_vs_mtkit``
+JSON lines, OpenNMT-py decoding summaries) in every directory given: a decoder's pieces/s and
+sent/s are the medians over the directories holding it, each directory's figure in brackets.
+Prints markdown tables with every figure and the ratio mtkit / peer. Missing parts are skipped,
+so the table can be printed for a partial run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
 
 
@@ -43,6 +46,7 @@ def ratio(a: float | None, b: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
+    ap.add_argument("decode_dirs", type=Path, nargs="*", help="more directories with decoding figures (repeats)")
     ap.add_argument("--peers-dir", type=Path, required=True)
     args = ap.parse_args()
 
@@ -69,31 +73,40 @@ def main() -> None:
             print(f"| {name} | {tok:.0f} | {spu:.2f} | {rss:.2f} | " + " | ".join(cells) + " |")
         print()
 
-    decode = []  # (decoder, search, sent/s, pieces/s, BLEU)
-    for beam, search in (("5", "beam5"), ("1", "greedy")):
-        s = summary(args.out / "onmt" / f"test.beam{beam}.summary")
-        if "tok_per_s" in s:
-            decode.append(("onmt_translate (same model)", search, float(s["sent_per_s"]), float(s["tok_per_s"]),
-                           float(s.get("BLEU", "nan"))))
-    for r in json_lines(args.out / "ct2_vs_mtkit.txt"):
-        name = "mtkit (ct2_vs_mtkit run)" if r["engine"] == "mtkit" else f"CTranslate2 {r['engine'][4:]}"
-        decode.append((name, r["search"], r["sentences_per_s"], r["tgt_pieces_per_s"], r["bleu"]))
-    for r in json_lines(args.out / "mtkit_decode.txt"):
-        if r["batch"] == "32 sentences":
-            rule = (r.get("decode") or {}).get("stopping", "full")
-            decode.append((f"mtkit (stopping {rule})", r["search"], r["sentences_per_s"], r["tgt_pieces_per_s"],
-                           r.get("bleu", float("nan"))))
+    runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}  # (decoder, search) -> per-run figures
+    for d in [args.out, *args.decode_dirs]:
+        if not d.is_dir():
+            continue
+        for beam, search in (("5", "beam5"), ("1", "greedy")):
+            s = summary(d / "onmt" / f"test.beam{beam}.summary")
+            if "tok_per_s" in s:
+                runs.setdefault(("onmt_translate (same model)", search), []).append(
+                    (float(s["sent_per_s"]), float(s["tok_per_s"]), float(s.get("BLEU", "nan"))))
+        for r in json_lines(d / "ct2_vs_mtkit.txt"):
+            name = "mtkit (ct2_vs_mtkit run)" if r["engine"] == "mtkit" else f"CTranslate2 {r['engine'][4:]}"
+            runs.setdefault((name, r["search"]), []).append((r["sentences_per_s"], r["tgt_pieces_per_s"], r["bleu"]))
+        for r in json_lines(d / "mtkit_decode.txt"):
+            if r["batch"] == "32 sentences":
+                rule = (r.get("decode") or {}).get("stopping", "full")
+                runs.setdefault((f"mtkit (stopping {rule})", r["search"]), []).append(
+                    (r["sentences_per_s"], r["tgt_pieces_per_s"], r.get("bleu", float("nan"))))
+    decode = []  # (decoder, search, sent/s, pieces/s, BLEU, per-run pieces/s)
+    for (name, search), figs in runs.items():
+        decode.append((name, search, statistics.median(f[0] for f in figs), statistics.median(f[1] for f in figs),
+                       figs[0][2], [f[1] for f in figs]))
     if decode:
-        print("## Decoding the same model: test_2016_flickr, batches of 32 sentences, 2 threads\n")
+        print("## Decoding the same model: test_2016_flickr, batches of 32 sentences, 2 threads"
+              " (medians over the runs, each run's pieces/s in brackets)\n")
         refs = sorted({d[0] for d in decode if not d[0].startswith("mtkit")})
         print("| decoder | search | sent/s | pieces/s | BLEU | " + " | ".join(f"pieces/s vs {n}" for n in refs) + " |")
         print("|---" * (5 + len(refs)) + "|")
-        for name, search, sps, pps, bleu in decode:
+        for name, search, sps, pps, bleu, each in decode:
             cells = []
             for ref in refs:
                 other = next((d[3] for d in decode if d[0] == ref and d[1] == search), None)
                 cells.append(ratio(pps, other) if name.startswith("mtkit") else "")
-            print(f"| {name} | {search} | {sps:.1f} | {pps:.0f} | {bleu:.2f} | " + " | ".join(cells) + " |")
+            runs_txt = f" ({', '.join(f'{x:.0f}' for x in each)})" if len(each) > 1 else ""
+            print(f"| {name} | {search} | {sps:.1f} | {pps:.0f}{runs_txt} | {bleu:.2f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
