@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import add_reference_args, reference_data  # noqa: E402  (the same reference data)
 
 
 def run(data: Path, save: Path, config: str, overrides: list[str], nproc: int, threads: int) -> dict:
@@ -52,10 +53,7 @@ def run(data: Path, save: Path, config: str, overrides: list[str], nproc: int, t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "multi30k"), help="raw Multi30k dir")
-    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "mtkit" / "bench" / "multi30k_en_de_bpe8k"))
-    ap.add_argument("--config", default="transformer_small")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
+    add_reference_args(ap)
     ap.add_argument("--nproc", type=int, default=2, help="ranks of the data-parallel run")
     ap.add_argument("--threads", type=int, default=2, help="threads of the multi-threaded single process")
     ap.add_argument("--max-tokens", type=int, default=2048, help="per rank and batch")
@@ -63,13 +61,7 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=20, help="timed updates (a multiple of --warmup)")
     args = ap.parse_args()
 
-    cache = Path(args.cache)
-    if not (cache / "manifest.json").exists():
-        from mtkit.data.preprocess import preprocess
-
-        print(f"preprocessing {args.data} into {cache} ...", file=sys.stderr)
-        preprocess("en", "de", f"{args.data}/train", str(cache), valid_prefix=f"{args.data}/val", vocab_size=8000,
-                   joint=True, workers=2, force=True)
+    cache = reference_data(args, workers=2)
     n, w = args.nproc, args.warmup
     base = [f"train.max_tokens={args.max_tokens}", f"train.max_updates={w + args.updates}", f"train.log_interval={w}",
             "train.validate_interval_updates=0", "train.save_interval_updates=0",

@@ -31,12 +31,29 @@ from mtkit.training.trainer import Trainer, load_data
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_reference_args(ap: argparse.ArgumentParser) -> None:
+    """The options every training benchmark shares: the data, its cache, the model config."""
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "multi30k"), help="raw Multi30k dir")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "mtkit" / "bench" / "multi30k_en_de_bpe8k"))
     ap.add_argument("--config", default="transformer_small")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
+
+
+def reference_data(args: argparse.Namespace, workers: int) -> Path:
+    """The preprocessed reference data (joint BPE 8k on Multi30k en-de), made once into ``--cache``."""
+    cache = Path(args.cache)
+    if not (cache / "manifest.json").exists():
+        from mtkit.data.preprocess import preprocess
+
+        print(f"preprocessing {args.data} into {cache} ...", file=sys.stderr)
+        preprocess("en", "de", f"{args.data}/train", str(cache), valid_prefix=f"{args.data}/val", vocab_size=8000,
+                   joint=True, workers=workers, force=True)
+    return cache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_reference_args(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--warmup", type=int, default=5, help="untimed updates first")
@@ -45,13 +62,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    cache = Path(args.cache)
-    if not (cache / "manifest.json").exists():
-        from mtkit.data.preprocess import preprocess
-
-        print(f"preprocessing {args.data} into {cache} ...", file=sys.stderr)
-        preprocess("en", "de", f"{args.data}/train", str(cache), valid_prefix=f"{args.data}/val", vocab_size=8000,
-                   joint=True, workers=args.threads, force=True)
+    cache = reference_data(args, workers=args.threads)
     cfg = load_config(args.config, [
         f"train.max_tokens={args.max_tokens}", f"train.num_threads={args.threads}", "train.validate_interval_updates=0",
         "train.save_interval_updates=0", *args.overrides,

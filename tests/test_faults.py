@@ -79,9 +79,9 @@ def test_disk_full_while_writing_checkpoint(workspace, tmp_path, monkeypatch):
     assert load_checkpoint(save / "checkpoint_last.pt")["update"] == 12
 
 
-def test_disk_full_while_copying_last_checkpoint(workspace, tmp_path, monkeypatch):
-    """Where hard links are unavailable checkpoint_last.pt is a copy; a full disk during the
-    copy must leave the previous checkpoint_last.pt in place."""
+def copies_of_checkpoint_8_fill_the_disk(monkeypatch) -> None:
+    """No hard links (checkpoint_last.pt becomes a copy), and copying checkpoint_8.pt writes
+    1000 bytes, then fails with ENOSPC."""
     def no_link(src, dst):
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), str(dst))
 
@@ -95,6 +95,12 @@ def test_disk_full_while_copying_last_checkpoint(workspace, tmp_path, monkeypatc
 
     monkeypatch.setattr(T.os, "link", no_link)
     monkeypatch.setattr(T.shutil, "copyfile", full_copy)
+
+
+def test_disk_full_while_copying_last_checkpoint(workspace, tmp_path, monkeypatch):
+    """Where hard links are unavailable checkpoint_last.pt is a copy; a full disk during the
+    copy must leave the previous checkpoint_last.pt in place."""
+    copies_of_checkpoint_8_fill_the_disk(monkeypatch)
     save = tmp_path / "ck"
     res = cli(train_args(workspace, save))
     error_line(res.stderr, res.exit_code, "No space left on device", "checkpoint_last.pt")
@@ -103,16 +109,7 @@ def test_disk_full_while_copying_last_checkpoint(workspace, tmp_path, monkeypatc
 
 
 def test_disk_full_while_copying_leaves_no_temp_file(workspace, tmp_path, monkeypatch):
-    copy = shutil.copyfile
-
-    def full_copy(src, dst, *a, **k):
-        if "checkpoint_8.pt" in str(src):
-            Path(dst).write_bytes(Path(src).read_bytes()[:1000])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        return copy(src, dst, *a, **k)
-
-    monkeypatch.setattr(T.os, "link", lambda s, d: (_ for _ in ()).throw(OSError(errno.EXDEV, "no links")))
-    monkeypatch.setattr(T.shutil, "copyfile", full_copy)
+    copies_of_checkpoint_8_fill_the_disk(monkeypatch)
     save = tmp_path / "ck"
     res = cli(train_args(workspace, save))
     assert res.exit_code == 1

@@ -72,29 +72,17 @@ def final_score(
     return score if coverage_term is None else score + coverage_term
 
 
-def ban_tokens(log_probs: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """Never generate these ids (pad, bos)."""
-    return ban_tokens_(log_probs.clone(), token_ids)
-
-
 def ban_tokens_(log_probs: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """:func:`ban_tokens` in place (search owns its (N, V) log-probs: no copy per step)."""
+    """Never generate these ids (pad, bos); in place (search owns its (N, V) log-probs)."""
     if token_ids:
         log_probs.index_fill_(1, torch.tensor(token_ids, device=log_probs.device), NEG_INF)
     return log_probs
 
 
-def enforce_length(
-    log_probs: torch.Tensor, step: int, eos: int, min_len: int, max_len: torch.Tensor
-) -> torch.Tensor:
-    """Before ``min_len`` tokens EOS is banned; at ``max_len`` (per row) only EOS is allowed."""
-    return enforce_length_(log_probs.clone(), step, eos, min_len, max_len)
-
-
 def enforce_length_(
     log_probs: torch.Tensor, step: int, eos: int, min_len: int, max_len: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`enforce_length` in place."""
+    """Before ``min_len`` tokens EOS is banned; at ``max_len`` (per row) only EOS is allowed. In place."""
     eos_lp = log_probs[:, eos].clone()
     if step < min_len:  # ... unless the row is already at its maximum length
         eos_lp.masked_fill_(max_len > step, NEG_INF)

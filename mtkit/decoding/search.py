@@ -250,6 +250,12 @@ def _scatter_rows(x: torch.Tensor, rows: torch.Tensor, n: int, fill: float | int
     return full
 
 
+def _write_back(full: list[torch.Tensor], live_part: tuple[torch.Tensor, ...], live: torch.Tensor) -> None:
+    """Copy the live sentences' rows of the finished store into the whole batch's store."""
+    for f, part in zip(full, live_part):
+        f[live] = part
+
+
 def _beam_search(
     ens: Ensemble, src: torch.Tensor, src_len: torch.Tensor, cfg: DecodeConfig, bos: int, eos: int,
     attention: bool,
@@ -340,8 +346,7 @@ def _beam_search(
             if bool(finished.all()):
                 break
             if bool(finished.any()):  # drop finished sentences: keep their store, shrink the batch
-                for full, part in zip(fin_all, (fin_score, fin_logp, fin_len, fin_parent)):
-                    full[live] = part
+                _write_back(fin_all, (fin_score, fin_logp, fin_len, fin_parent), live)
                 keep_s = (~finished).nonzero().squeeze(1).to(device)
                 live, done, scores, prev = live[keep_s], done[keep_s], scores[keep_s], prev[keep_s]
                 fin_score, fin_logp, fin_len, fin_parent = (x[keep_s] for x in (fin_score, fin_logp, fin_len, fin_parent))
@@ -358,8 +363,7 @@ def _beam_search(
         if cfg.no_repeat_ngram:
             history = torch.cat([history.index_select(0, rows), prev.unsqueeze(1)], 1)
 
-    for full, part in zip(fin_all, (fin_score, fin_logp, fin_len, fin_parent)):
-        full[live] = part
+    _write_back(fin_all, (fin_score, fin_logp, fin_len, fin_parent), live)
     return _collect(cfg, *fin_all, tok_hist, parent_hist, attn_hist if attention else [], src_len, eos)
 
 

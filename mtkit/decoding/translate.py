@@ -426,9 +426,13 @@ def _records(
     name = display_name(input_path)
     lines = iter_lines(input_path, errors=opts.errors)
     lineno = 0
+
+    def too_short() -> MtkitError:
+        return MtkitError(f"cannot resume: the output already has {skip} lines but {name} has only {lineno}")
+
     for _ in range(skip - skip % opts.buffer_lines):
         if next(lines, None) is None:
-            raise MtkitError(f"cannot resume: the output already has {skip} lines but {name} has only {lineno}")
+            raise too_short()
         lineno += 1
     while True:
         buffer: list[tuple[int, list[int]]] = []
@@ -445,7 +449,7 @@ def _records(
                 break
         if not buffer:
             if lineno < skip:
-                raise MtkitError(f"cannot resume: the output already has {skip} lines but {name} has only {lineno}")
+                raise too_short()
             return
         if buffer[-1][0] >= skip:  # else every line of this buffer is already in the output
             yield from _translate_buffer(buffer, cfg, decoder, stats, skip)

@@ -404,13 +404,10 @@ class Trainer:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.tc.clip_norm or float("inf")))
         else:  # measure only: the norm is logged so vanishing/exploding gradients show
             gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        if self.distributed:  # one all-reduce: the update's loss sums, and whether any rank saw NaN/inf
-            local_bad = not math.isfinite(float(loss_sum)) or (not math.isfinite(gnorm) and self.scaler is None)
-            loss_value, nll_value, bad = self._sum([float(loss_sum), float(nll_sum), float(local_bad)])
-            bad = bad != 0 or not math.isfinite(loss_value)
-        else:
-            loss_value, nll_value = float(loss_sum), float(nll_sum)
-            bad = not math.isfinite(loss_value) or (not math.isfinite(gnorm) and self.scaler is None)
+        # one all-reduce on several ranks: the update's loss sums, and whether any rank saw NaN/inf
+        local_bad = not math.isfinite(float(loss_sum)) or (not math.isfinite(gnorm) and self.scaler is None)
+        loss_value, nll_value, bad = self._sum([float(loss_sum), float(nll_sum), float(local_bad)])
+        bad = bad != 0 or not math.isfinite(loss_value)
         if bad:
             return self._bad_update(loss_value, gnorm)
         lr = self.scheduler.step(self.update + 1)
@@ -466,13 +463,10 @@ class Trainer:
         self.model.train()
         return metrics
 
-    def valid_bleu(self) -> float | None:
-        try:
-            from mtkit.decoding.search import generate
-        except ImportError as exc:
-            logger.warning("validation BLEU skipped: the decoder is unavailable (%s)", exc)
-            return None
+    def valid_bleu(self) -> float:
         import sacrebleu
+
+        from mtkit.decoding.search import generate
 
         ds = self.data.valid
         n = len(ds) if self.tc.valid_bleu_max_sentences <= 0 else min(len(ds), self.tc.valid_bleu_max_sentences)
@@ -730,7 +724,7 @@ class Trainer:
         # final validation and checkpoint
         best = self.data.valid is None
         if self.data.valid is not None and self.last_valid.get("update") != self.update and self.update > 0:
-            best = self._validate_and_track(save=False)
+            best = self._validate_and_track()
         if self._agree(self.saved_at != self.update or not (self.save_dir / LAST).exists()):
             # numbered too, so that `average --last N` includes the weights training ended with
             self.save(numbered=tc.save_interval_updates > 0 and self.update > 0, best=best)
@@ -783,11 +777,12 @@ class Trainer:
             due_save = tc.save_interval_updates > 0 and self.update % tc.save_interval_updates == 0
         best = False
         if due_valid and self.data.valid is not None:
-            best = self._validate_and_track(save=False)
+            best = self._validate_and_track()
         if due_save or best:
             self.save(numbered=due_save, best=best)
 
-    def _validate_and_track(self, save: bool = True) -> bool:
+    def _validate_and_track(self) -> bool:
+        """Validate, log, and track the best result; True if it improved (the caller saves)."""
         t0 = time.perf_counter()
         metrics = self._agree(self.validate())  # the ranks compute the same; rank 0's value rules
         best = self.improved(metrics)
@@ -802,8 +797,6 @@ class Trainer:
             "ppl": metrics["ppl"], "bleu": metrics["bleu"], "lr": self.optimizer.param_groups[0]["lr"],
             "elapsed": round(self.elapsed, 3),
         })
-        if save:
-            self.save(numbered=False, best=best)
         return best
 
     def _log_train(self, w: dict[str, float], lr: float, plain: bool) -> None:
