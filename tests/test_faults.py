@@ -182,17 +182,17 @@ def test_interrupt_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch)
 # --- NaN / inf -----------------------------------------------------------------------------------
 def poison_loss(monkeypatch, bad_calls) -> list[int]:
     """Make the training loss of the listed training forward passes (1-based) NaN or inf."""
-    loss_fn, calls = T.label_smoothed_nll, [0]
+    loss_fn, calls = T.projected_nll, [0]
 
-    def poisoned(logits, target, pad, eps):
-        loss, nll, n = loss_fn(logits, target, pad, eps)
+    def poisoned(*args):
+        loss, nll, n = loss_fn(*args)
         if torch.is_grad_enabled():
             calls[0] += 1
             if bad_calls(calls[0]):
                 loss = loss * (float("nan") if calls[0] % 2 else float("inf"))
         return loss, nll, n
 
-    monkeypatch.setattr(T, "label_smoothed_nll", poisoned)
+    monkeypatch.setattr(T, "projected_nll", poisoned)
     return calls
 
 

@@ -20,7 +20,7 @@ from mtkit.data.subword import train_sentencepiece
 from mtkit.errors import MtkitError
 from mtkit.training import trainer as T
 from mtkit.training.checkpoint import load_checkpoint, load_model
-from mtkit.training.loss import label_smoothed_nll
+from mtkit.training.loss import label_smoothed_nll, projected_nll
 from mtkit.training.schedule import Scheduler, inverse_sqrt, noam
 
 V = 32
@@ -160,12 +160,12 @@ def test_early_stopping(spm, tmp_path):
 def test_nan_updates_skipped_then_training_goes_on(spm, tmp_path, monkeypatch):
     calls = {"n": 0}
 
-    def flaky(logits, target, pad, eps):
+    def flaky(*args):
         calls["n"] += 1
-        loss, nll, n = label_smoothed_nll(logits, target, pad, eps)
+        loss, nll, n = projected_nll(*args)
         return (loss * float("nan") if calls["n"] in (3, 4, 5) else loss), nll, n
 
-    monkeypatch.setattr(T, "label_smoothed_nll", flaky)
+    monkeypatch.setattr(T, "projected_nll", flaky)
     s = T.Trainer(data(spm), tiny_cfg("train.max_updates=6", "train.max_bad_updates=3"), tmp_path, device="cpu").fit()
     assert s["updates"] == 6 and s["skipped_updates"] == 2  # calls 3-4 = update 2, call 5 = update 3
     for t in weights(tmp_path / T.LAST).values():
@@ -176,11 +176,11 @@ def test_nan_in_a_row_stops_and_keeps_last_good(spm, tmp_path, monkeypatch):
     T.Trainer(data(spm), tiny_cfg("train.max_updates=4"), tmp_path, device="cpu").fit()
     good = weights(tmp_path / T.LAST)
 
-    def broken(logits, target, pad, eps):
-        loss, nll, n = label_smoothed_nll(logits, target, pad, eps)
+    def broken(*args):
+        loss, nll, n = projected_nll(*args)
         return loss + float("inf"), nll, n
 
-    monkeypatch.setattr(T, "label_smoothed_nll", broken)
+    monkeypatch.setattr(T, "projected_nll", broken)
     with pytest.raises(MtkitError, match="3 updates in a row"):
         T.Trainer(data(spm), tiny_cfg("train.max_updates=8", "train.max_bad_updates=3"), tmp_path, device="cpu").fit(resume=True)
     assert load_checkpoint(tmp_path / T.LAST)["update"] == 4
@@ -239,6 +239,57 @@ def test_schedules():
     assert sched.step(50) == pytest.approx(1e-3)
     with pytest.raises(MtkitError, match="lr_scheduler"):
         Scheduler(opt, TrainConfig(lr_scheduler="cosine"))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_projected_nll_equals_projection_then_loss(bias, eps):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 37, bias=bias)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    target = torch.randint(1, 37, (3, 7))
+    target[0, 5:] = 0  # pad
+    ref_loss, ref_nll, ref_n = label_smoothed_nll(layer(hidden), target, pad=0, eps=eps)
+    ref_loss.backward()
+    ref_grads = [t.grad.clone() for t in (hidden, *layer.parameters())]
+    for t in (hidden, *layer.parameters()):
+        t.grad = None
+    loss, nll, n = projected_nll(hidden, layer, target, pad=0, eps=eps, chunk=4)  # 21 rows: 6 passes
+    (2.0 * loss).backward()
+    assert n == ref_n == 19
+    assert float(loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    assert float(nll) == pytest.approx(float(ref_nll), rel=1e-5)
+    for ref, t in zip(ref_grads, (hidden, *layer.parameters())):
+        torch.testing.assert_close(t.grad, 2.0 * ref, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # validation: the same numbers, no gradients made
+        loss2, nll2, _ = projected_nll(hidden, layer, target, pad=0, eps=eps)
+    assert float(loss2) == pytest.approx(float(loss.detach()), rel=1e-5) and float(nll2) == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_projected_nll_in_bfloat16_is_as_close_as_autocast():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 50, bias=False)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    target = torch.randint(1, 50, (40,))
+
+    def grad_of(run) -> tuple[float, torch.Tensor]:
+        layer.weight.grad = None
+        loss = run()
+        loss.backward()
+        return float(loss.detach()), layer.weight.grad.clone()
+
+    exact_loss, exact = grad_of(lambda: label_smoothed_nll(layer(hidden), target, 0, 0.1)[0])
+
+    def autocast_loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = layer(hidden)
+        return label_smoothed_nll(logits, target, 0, 0.1)[0]
+
+    amp_loss, amp = grad_of(autocast_loss)
+    ours_loss, ours = grad_of(lambda: projected_nll(hidden, layer, target, 0, 0.1, dtype=torch.bfloat16, chunk=16)[0])
+    assert hidden.grad.dtype == ours.dtype == torch.float32
+    assert ours_loss == pytest.approx(amp_loss, rel=1e-4) and ours_loss == pytest.approx(exact_loss, rel=1e-2)
+    assert 0 < (ours - exact).abs().max() <= 2 * (amp - exact).abs().max()  # bf16 matmuls, no worse than autocast
 
 
 def test_label_smoothing_by_hand():

@@ -198,7 +198,10 @@ class AttentionalRNN(Seq2Seq):
     def init_state(self, enc: State) -> State:
         return self.decoder.init_state(enc)
 
-    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def output_projection(self) -> nn.Linear:
+        return self.out
+
+    def features(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         enc = self.encode(src, src_len)
         state = self.init_state(enc)
         emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
@@ -206,7 +209,7 @@ class AttentionalRNN(Seq2Seq):
         for i in range(tgt_in.size(1)):
             o, state, _ = self.decoder(emb[:, i], enc, state)
             outs.append(o)
-        return self.out(torch.stack(outs, dim=1))  # (B, T, V)
+        return torch.stack(outs, dim=1)  # (B, T, H)
 
     def step(
         self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True

@@ -3,7 +3,9 @@
 Tensors are batch-first. ``src`` is (B, S) token ids padded with ``pad_id`` and ending in EOS;
 ``src_len`` (B,) counts the non-pad tokens. ``tgt_in`` is (B, T): BOS followed by the target.
 
-- ``forward(src, src_len, tgt_in) -> logits (B, T, V)``: teacher-forced training.
+- ``features(src, src_len, tgt_in) -> hidden (B, T, H)``: teacher-forced decoder outputs before
+  the output projection ``output_projection()`` (a Linear H -> V); ``forward`` applies it
+  (``forward(..., features_only=True)`` does not: the trainer fuses the projection into the loss).
 - ``encode(src, src_len) -> enc``: per-sentence constants (a flat dict of batch-first tensors):
   encoder memory, its mask, precomputed cross-attention keys/values. Expanded once for the beam.
 - ``init_state(enc) -> state``: what changes per step (a flat dict of batch-first tensors).
@@ -28,7 +30,7 @@ State = dict[str, torch.Tensor]
 
 
 class Seq2Seq(nn.Module):
-    """Base class of all translators. Subclasses set ``Config`` and implement the four methods."""
+    """Base class of all translators. Subclasses set ``Config`` and implement the five methods."""
 
     Config: ClassVar[type[ModelConfig]] = ModelConfig
 
@@ -39,7 +41,17 @@ class Seq2Seq(nn.Module):
         self.tgt_vocab_size = tgt_vocab_size
         self.pad_id = pad_id
 
-    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor, features_only: bool = False
+    ) -> torch.Tensor:
+        """Teacher forcing: logits (B, T, V), or the features (B, T, H) with ``features_only``."""
+        hidden = self.features(src, src_len, tgt_in)
+        return hidden if features_only else self.output_projection()(hidden)
+
+    def features(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_projection(self) -> nn.Linear:
         raise NotImplementedError
 
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:

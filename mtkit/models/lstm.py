@@ -154,14 +154,16 @@ class LSTMSeq2Seq(Seq2Seq):
     def _decode(self, tgt_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         x = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
         out, hidden = self.decoder(x, from_state(state))  # (B, T, H)
-        return self.out(self.dropout(out)), to_state(hidden)  # (B, T, V)
+        return self.dropout(out), to_state(hidden)  # features before the output projection
 
-    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        logits, _ = self._decode(tgt_in, self.init_state(self.encode(src, src_len)))
-        return logits
+    def output_projection(self) -> nn.Linear:
+        return self.out
+
+    def features(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        return self._decode(tgt_in, self.init_state(self.encode(src, src_len)))[0]
 
     def step(
         self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
     ) -> tuple[torch.Tensor, State, None]:
-        logits, state = self._decode(prev_tokens.unsqueeze(1), state)
-        return torch.log_softmax(logits.squeeze(1).float(), dim=-1), state, None
+        hidden, state = self._decode(prev_tokens.unsqueeze(1), state)
+        return torch.log_softmax(self.out(hidden.squeeze(1)).float(), dim=-1), state, None

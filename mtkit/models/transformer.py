@@ -311,13 +311,16 @@ class Transformer(Seq2Seq):
             attn = w if w is not None else attn
         return self.dec_norm(x), new_caches, attn
 
-    def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def output_projection(self) -> nn.Linear:
+        return self.output
+
+    def features(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         B, T = tgt_in.shape
         if T > self.cfg.max_positions:
             raise MtkitError(f"target of {T} tokens exceeds model.max_positions {self.cfg.max_positions}")
         enc = self.encode(src, src_len)
         pos = torch.arange(T, device=tgt_in.device).expand(B, T)
-        return self.output(self.decode(tgt_in, pos, enc, None)[0])  # (B, T, V)
+        return self.decode(tgt_in, pos, enc, None)[0]  # (B, T, D)
 
     def init_state(self, enc: State) -> State:
         B, dev = enc["src_mask"].size(0), enc["src_mask"].device

@@ -51,7 +51,7 @@ from mtkit.errors import MtkitError
 from mtkit.models import build_model
 from mtkit.models.base import num_parameters
 from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
-from mtkit.training.loss import label_smoothed_nll
+from mtkit.training.loss import projected_nll
 from mtkit.training.schedule import Scheduler
 from mtkit.utils import progress_enabled
 
@@ -372,6 +372,11 @@ class Trainer:
         return tuple(t.to(dev, non_blocking=nb) for t in (src, src_len, tgt_in, tgt_out))
 
     # -- one update ----------------------------------------------------------------------------
+    def loss(self, hidden: torch.Tensor, tgt_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(label-smoothed loss sum, nll sum, target tokens) of the features, output projection fused in."""
+        layer = self.model.output_projection()
+        return projected_nll(hidden, layer, tgt_out, self.tgt_pad, self.tc.label_smoothing, self.autocast_dtype)
+
     def train_step(self, batches: list[np.ndarray]) -> dict[str, float] | None:
         """Forward/backward over ``batches`` (accumulated), then one optimizer step.
 
@@ -390,8 +395,8 @@ class Trainer:
             sync = self.ddp is None or i == len(batches) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.autocast():
-                    logits = self.net(src, src_len, tgt_in)
-                loss, nll, _ = label_smoothed_nll(logits, tgt_out, self.tgt_pad, self.tc.label_smoothing)
+                    hidden = self.net(src, src_len, tgt_in, features_only=True)
+                loss, nll, _ = self.loss(hidden, tgt_out)
                 # token-level mean over the whole update; x world_size undoes DDP's average over ranks
                 scaled = loss * self.world_size / ntok
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -449,8 +454,8 @@ class Trainer:
         for b in batches[self.rank :: self.world_size]:  # sharded over the ranks, then summed
             src, src_len, tgt_in, tgt_out = self.collate(ds, b)
             with self.autocast():
-                logits = self.model(src, src_len, tgt_in)
-            loss, nll, n = label_smoothed_nll(logits, tgt_out, self.tgt_pad, self.tc.label_smoothing)
+                hidden = self.model(src, src_len, tgt_in, features_only=True)
+            loss, nll, n = self.loss(hidden, tgt_out)
             loss_sum, nll_sum, ntok = loss_sum + float(loss), nll_sum + float(nll), ntok + n
         if self.distributed:
             loss_sum, nll_sum, ntok = self._sum([loss_sum, nll_sum, ntok])
