@@ -91,9 +91,14 @@ def test_expand_reorder_round_trip(preset):
     for name in state:
         assert torch.equal(back[name], state[name]), name
     # stepping the expanded state gives each sentence's result k times
-    lp, _, _ = model.step(tgt[:, 1].repeat_interleave(k), big_enc, big_state)
-    ref, _, _ = model.step(tgt[:, 1], enc, state)
+    lp, _, attn = model.step(tgt[:, 1].repeat_interleave(k), big_enc, big_state)
+    ref, _, ref_attn = model.step(tgt[:, 1], enc, state)
     assert torch.allclose(lp, ref.repeat_interleave(k, 0), atol=1e-5)
+    if model.beam_shares_enc:  # the k rows of a sentence may also share its enc rows
+        shared_lp, _, shared_attn = model.step(tgt[:, 1].repeat_interleave(k), enc, big_state)
+        assert torch.allclose(shared_lp, lp, atol=1e-5)
+        assert shared_attn is not None and torch.allclose(shared_attn, attn, atol=1e-6)
+        assert torch.allclose(shared_attn, ref_attn.repeat_interleave(k, 0), atol=1e-6)
     # a reversed order picks the rows in reverse
     rev = reorder_state(state, torch.tensor([2, 1, 0]))
     for name in state:

@@ -108,7 +108,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_train_sigkill_then_resume_is_bit_identical(workspace, straight, tmp_path, seed):
     rng = random.Random(seed)
-    kill_at = rng.randint(5, UPDATES - 8)  # past the first checkpoint (update 4)
+    kill_at = rng.randint(5, UPDATES // 2)  # past the first checkpoint (update 4), far from the end
     delay = rng.uniform(0.0, 0.05)  # lands anywhere: mid-update, mid-validation, mid-write
     save = tmp_path / "run"
     proc = popen_mtkit(["-q", *train_args(workspace, save)])

@@ -78,9 +78,21 @@ class Ensemble:
         return min(limits) if limits else None
 
     def start(self, src: torch.Tensor, src_len: torch.Tensor, k: int) -> tuple[list[State], list[State]]:
-        encs = [expand_state(m.encode(src, src_len), k) if k > 1 else m.encode(src, src_len) for m in self.models]
-        states = [m.init_state(enc) for m, enc in zip(self.models, encs)]
+        """Encode; states get k rows per sentence, encs too unless the model shares them."""
+        encs, states = [], []
+        for m in self.models:
+            enc = m.encode(src, src_len)
+            if k > 1 and m.beam_shares_enc:
+                states.append(expand_state(m.init_state(enc), k))
+            else:
+                enc = expand_state(enc, k) if k > 1 else enc
+                states.append(m.init_state(enc))
+            encs.append(enc)
         return encs, states
+
+    def keep_sentences(self, encs: list[State], sentences: torch.Tensor, rows: torch.Tensor) -> list[State]:
+        """The encs of the kept ``sentences`` (whose decoder rows are ``rows``)."""
+        return [reorder_state(e, sentences if m.beam_shares_enc else rows) for m, e in zip(self.models, encs)]
 
     def step(
         self, prev: torch.Tensor, encs: list[State], states: list[State], need_attn: bool = True
@@ -354,7 +366,7 @@ def _beam_search(
                 rows = rows[keep_s]
                 keep_rows = (keep_s.unsqueeze(1) * k + beam_idx).view(-1)
                 max_len = max_len[keep_rows]
-                encs = [reorder_state(e, keep_rows) for e in encs]
+                encs = ens.keep_sentences(encs, keep_s, keep_rows)
         rows = rows.reshape(-1)
         prev = prev.reshape(-1)
         states = [reorder_state(st, rows) for st in states]

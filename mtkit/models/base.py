@@ -13,6 +13,11 @@ Tensors are batch-first. ``src`` is (B, S) token ids padded with ``pad_id`` and 
   with ``need_attn=False`` a model may skip computing the attention it returns (it may be None).
   The returned log-probs belong to the caller: search modifies them in place.
 
+A model with ``beam_shares_enc = True`` keeps ``enc`` at one row per sentence during beam
+search: its ``step`` then gets ``prev_tokens`` and ``state`` with k consecutive rows per sentence
+(k = rows / enc rows) and lets the k hypotheses of a sentence share its encoder rows, instead
+of the caller repeating them k times.
+
 Because ``enc`` and ``state`` are flat dicts of batch-first tensors, :func:`expand_state` and
 :func:`reorder_state` work for every family. Log-probabilities everywhere: higher is better.
 """
@@ -33,6 +38,7 @@ class Seq2Seq(nn.Module):
     """Base class of all translators. Subclasses set ``Config`` and implement the five methods."""
 
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    beam_shares_enc: ClassVar[bool] = False
 
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
         super().__init__()

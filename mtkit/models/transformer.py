@@ -93,8 +93,9 @@ class Attention(nn.Module):
         return x.view(x.size(0), x.size(1), self.heads, self.dh).transpose(1, 2)
 
     def project_kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values (B, H, S, Dh), contiguous: every decoding step reads them."""
         k, v = self.kv(mem).chunk(2, dim=-1)
-        return self.split(k), self.split(v)
+        return self.split(k).contiguous(), self.split(v).contiguous()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
         p = self.p_drop if self.training else 0.0
@@ -180,11 +181,16 @@ class DecoderLayer(nn.Module):
 
         def cross_attention(h: torch.Tensor) -> torch.Tensor:
             nonlocal weights
-            q = self.cross_attn.split(self.cross_attn.q(h))
+            q = self.cross_attn.split(self.cross_attn.q(h))  # (N, H, T, Dh)
+            n, b = q.size(0), mem_k.size(0)
+            if n != b:  # beam search, k = n / b hypotheses per sentence and T = 1: (b, H, k, Dh)
+                q = q.view(b, n // b, self.cross_attn.heads, self.cross_attn.dh).transpose(1, 2).contiguous()
             if need_weights:
                 y, weights = self.cross_attn.attend_with_weights(q, mem_k, mem_v, mem_mask)
-                return y
-            return self.cross_attn.attend(q, mem_k, mem_v, mem_mask)
+                weights = weights.reshape(n, -1, weights.size(-1))  # (b, k, S) -> (N, 1, S)
+            else:
+                y = self.cross_attn.attend(q, mem_k, mem_v, mem_mask)
+            return y.reshape(n, -1, y.size(-1))  # (b, k, D) -> (N, 1, D)
 
         x = self.sub1(x, self_attention)
         x = self.sub2(x, cross_attention)
@@ -194,6 +200,7 @@ class DecoderLayer(nn.Module):
 # --- the model --------------------------------------------------------------------------------
 class Transformer(Seq2Seq):
     Config = Config
+    beam_shares_enc = True  # the k hypotheses of a sentence query its cross-attention keys at once
 
     def __init__(self, cfg: Config, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
         super().__init__(cfg, src_vocab_size, tgt_vocab_size, pad_id)
@@ -323,7 +330,7 @@ class Transformer(Seq2Seq):
         return self.decode(tgt_in, pos, enc, None)[0]  # (B, T, D)
 
     def init_state(self, enc: State) -> State:
-        B, dev = enc["src_mask"].size(0), enc["src_mask"].device
+        B, dev = enc["src_mask"].size(0), enc["src_mask"].device  # per sentence: search expands it
         ref = enc["cross_k0"]
         state: State = {"pos": torch.zeros(B, dtype=torch.long, device=dev)}
         for i in range(len(self.decoder)):
