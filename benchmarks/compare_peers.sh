@@ -9,7 +9,8 @@
 #   mtkit_train  benchmarks/train_speed.py on the same setup, float32 and bf16 autocast
 #   onmt_decode  CKPT rebuilt as an OpenNMT-py model (benchmarks/onmt_from_mtkit.py), onmt_translate beam 5 / greedy
 #   ct2_decode   CKPT exported to CTranslate2 float32/int8 beside mtkit (benchmarks/ct2_vs_mtkit.py)
-#   mtkit_decode benchmarks/decode_speed.py on CKPT, length normalisation as above, stopping full and first
+#   mtkit_decode benchmarks/decode_speed.py on CKPT, length normalisation as above, stopping full and first,
+#                and bf16 weights (stopping full)
 #   decode       onmt_decode ct2_decode mtkit_decode, REPEAT times (default 3) into OUT/decode1, decode2, ...
 #   table        benchmarks/peers_table.py: every figure and ratio (decoding: medians over the repeats)
 # The machine is shared: single decoding figures vary by 10-30% between runs, hence the repeats.
@@ -58,6 +59,8 @@ for part in $parts; do
     mtkit_decode)
       python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average | tee "$DOUT/mtkit_decode.txt"
       python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average --decode stopping=first \
+          | tee -a "$DOUT/mtkit_decode.txt"
+      python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average --dtype bfloat16 \
           | tee -a "$DOUT/mtkit_decode.txt" ;;
     table) python benchmarks/peers_table.py "$OUT" "$OUT"/decode* --peers-dir "$PEERS_DIR" | tee "$OUT/table.md" ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;

@@ -2,15 +2,16 @@
 batches of 32 sentences and by-token batches, on 2 threads.
 
     python benchmarks/decode_speed.py CKPT [--threads 2] [--max-tokens 2000] [--lines 1000] \
-        [--decode stopping=first ...]
+        [--decode stopping=first ...] [--dtype bfloat16]
 
 Each setting runs in its own process (so peak RSS is that setting's) and prints one JSON line:
 sentences/s, target pieces/s (hypothesis pieces, EOS excluded; translation time only, model
 loading excluded), sacreBLEU against test_2016_flickr.de, peak RSS; a table follows.
-``--decode KEY=VALUE`` overrides the checkpoint's decode settings (e.g. ``stopping=first``). Without CKPT a random-weight checkpoint of the
-reference configuration (Transformer 3+3, d_model 256, 4 heads, FFN 1024, joint 8k BPE on
-Multi30k) is built and the figures say so: random weights always run to the length limit, so
-only pieces/s is comparable with a trained model.
+``--decode KEY=VALUE`` overrides the checkpoint's decode settings (e.g. ``stopping=first``);
+``--dtype bfloat16`` decodes with bf16 weights (``translate --dtype``). Without CKPT a
+random-weight checkpoint of the reference configuration (Transformer 3+3, d_model 256, 4 heads,
+FFN 1024, joint 8k BPE on Multi30k) is built and the figures say so: random weights always run
+to the length limit, so only pieces/s is comparable with a trained model.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def random_checkpoint(path: Path) -> None:
 
 
 def run_one(ckpt: str, beam: int, batching: str, threads: int, max_tokens: int, lines: int, device: str,
-            decode: dict) -> dict:
+            decode: dict, dtype: str = "float32") -> dict:
     import sacrebleu
     import torch
 
@@ -84,7 +85,7 @@ def run_one(ckpt: str, beam: int, batching: str, threads: int, max_tokens: int, 
                 f.write(line + "\n")
         size = {"batch_size": 32} if batching == "batch32" else {"max_tokens": max_tokens}
         t0 = time.monotonic()
-        stats = translate_file([ckpt], src, Path(tmp) / "out", device=device, buffer_lines=lines,
+        stats = translate_file([ckpt], src, Path(tmp) / "out", device=device, buffer_lines=lines, dtype=dtype,
                                decode_overrides={**decode, "beam": beam, "nbest": 1}, **size)
         wall = time.monotonic() - t0
         hyps = (Path(tmp) / "out").read_text(encoding="utf-8").split("\n")[:lines]
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
                     help="decode setting over the checkpoint's (repeatable), e.g. stopping=first")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (translate --dtype)")
     ap.add_argument("--only", default=None, help="run one setting, e.g. beam5:tokens (internal)")
     args = ap.parse_args()
 
@@ -124,7 +126,7 @@ def main() -> None:
         name, batching = args.only.split(":")
         beam = dict((s[0], s[1]) for s in SETTINGS)[name]
         print(json.dumps(run_one(args.checkpoint, beam, batching, args.threads, args.max_tokens, args.lines, args.device,
-                                 decode)))
+                                 decode, args.dtype)))
         return
 
     random_weights = args.checkpoint is None
@@ -138,7 +140,7 @@ def main() -> None:
     for name, _, batching in SETTINGS:
         cmd = [sys.executable, __file__, ckpt, "--only", f"{name}:{batching}", "--threads", str(args.threads),
                "--max-tokens", str(args.max_tokens), "--lines", str(args.lines), "--device", args.device,
-               *[f"--decode={kv}" for kv in args.decode]]
+               "--dtype", args.dtype, *[f"--decode={kv}" for kv in args.decode]]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stderr, file=sys.stderr)
@@ -146,7 +148,7 @@ def main() -> None:
         fig = json.loads(res.stdout.strip().splitlines()[-1])
         batch_desc = "32 sentences" if batching == "batch32" else f"{args.max_tokens} src tokens"
         row = {"bench": "decode_speed", "search": name, "batch": batch_desc, "threads": args.threads,
-               "device": args.device, "checkpoint": ckpt, "random_weights": random_weights, "decode": decode, **fig}
+               "device": args.device, "dtype": args.dtype, "checkpoint": ckpt, "random_weights": random_weights, "decode": decode, **fig}
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(f"\n{'search':<8} {'batch':<18} {'sent/s':>8} {'pieces/s':>9} {'pieces':>7} {'time s':>7} {'peak RSS MiB':>13} {'BLEU':>6}")

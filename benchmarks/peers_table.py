@@ -88,7 +88,8 @@ def main() -> None:
         for r in json_lines(d / "mtkit_decode.txt"):
             if r["batch"] == "32 sentences":
                 rule = (r.get("decode") or {}).get("stopping", "full")
-                runs.setdefault((f"mtkit (stopping {rule})", r["search"]), []).append(
+                dtype = "" if r.get("dtype", "float32") == "float32" else f", {r['dtype']}"
+                runs.setdefault((f"mtkit (stopping {rule}{dtype})", r["search"]), []).append(
                     (r["sentences_per_s"], r["tgt_pieces_per_s"], r.get("bleu", float("nan"))))
     decode = []  # (decoder, search, sent/s, pieces/s, BLEU, per-run pieces/s)
     for (name, search), figs in runs.items():

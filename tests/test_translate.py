@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from mtkit.cli import main
 from mtkit.config import load_config
+from mtkit.data.batching import collate_source
 from mtkit.data.subword import train_sentencepiece
 from mtkit.decoding import search, translate
 from mtkit.decoding.translate import make_batches, prepare_resume, translate_file
@@ -281,3 +282,38 @@ def test_cli_stdin_to_stdout(ckpt, tmp_path):
         assert res.exit_code == 1 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1
     res = runner.invoke(main, ["translate", "-m", str(ckpt), "--resume"], input="a man\n")
     assert res.exit_code == 1 and "--resume needs an output file" in res.stderr
+
+
+@pytest.mark.parametrize("preset", ["transformer_tiny", "lstm_tiny", "bahdanau_tiny", "luong_local_p_tiny", "gnmt_tiny"])
+def test_bfloat16_decoding_tracks_float32(preset, spm, tmp_path):
+    cfg = load_config(preset, ["decode.beam=3", "decode.max_len_a=1.0", "decode.max_len_b=4"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, spm.size, spm.size, spm.pad)
+    vocab = {"src_size": spm.size, "tgt_size": spm.size, "pad": spm.pad, "bos": spm.bos, "eos": spm.eos,
+             "unk": spm.unk, "joint": True}
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, {"config": cfg.to_dict(), "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes},
+                           "vocab": vocab, "model": model.state_dict()})
+    cpu = torch.device("cpu")
+    full, half = (translate.Translator.load([path], cpu, dtype) for dtype in ("float32", "bfloat16"))
+    assert all(p.dtype == torch.bfloat16 for p in half.models[0].parameters())
+    seqs = spm.encode(sentences(6, 5))
+    src, src_len = collate_source(seqs, spm.pad, spm.eos, None)
+    out = search.generate(half.models, src, src_len, half.cfg, spm.bos, spm.eos)
+    for ids, nbest in zip(seqs, out):
+        hyp = nbest[0]
+        assert math.isfinite(hyp.score) and all(0 <= t < spm.size for t in hyp.tokens)
+        # the bf16 model scores its hypothesis within bf16 rounding of the float32 model
+        exact = rescore(full.models[0], ids, hyp.tokens, spm.eos, spm.bos, spm.pad)
+        rounded = rescore(half.models[0], ids, hyp.tokens, spm.eos, spm.bos, spm.pad)
+        assert abs(rounded - exact) <= 0.05 * (len(hyp.tokens) + 1), (rounded, exact)
+
+
+def test_dtype_option(ckpt, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["-q", "translate", "-m", str(ckpt), "--dtype", "bfloat16"], input="a man\n\nthe dog\n")
+    assert res.exit_code == 0 and len(res.stdout.splitlines()) == 3
+    res = runner.invoke(main, ["translate", "-m", str(ckpt), "--dtype", "float16", "--device", "cpu"], input="a man\n")
+    assert res.exit_code == 1 and "float16 needs a CUDA device" in res.stderr
+    with pytest.raises(MtkitError, match="unknown dtype"):
+        translate_file([ckpt], tmp_path / "missing", tmp_path / "o", dtype="int4")

@@ -61,6 +61,10 @@ class Options:
     seed: int | None = None
     decode_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     engine: str = "torch"
+    dtype: str = "float32"  # torch engine: float32 | bfloat16 | float16 (CUDA) weights and activations
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(device: str) -> torch.device:
@@ -86,7 +90,8 @@ class Translator:
     device: torch.device
 
     @classmethod
-    def load(cls, model_paths: Sequence[str | Path], device: torch.device) -> Translator:
+    def load(cls, model_paths: Sequence[str | Path], device: torch.device, dtype: str = "float32") -> Translator:
+        """Load checkpoints (several: an ensemble) onto ``device``, weights cast to ``dtype``."""
         from mtkit.training.checkpoint import load_model
 
         if not model_paths:
@@ -95,6 +100,7 @@ class Translator:
         limits: list[int] = []
         for path in model_paths:
             model, cfg, src_spm, tgt_spm = load_model(path, device)
+            model.to(DTYPES[dtype])  # log-probs and search scores stay float32
             if first is None:
                 first = (path, cfg, src_spm, tgt_spm)
             elif (src_spm.sha256, tgt_spm.sha256) != (first[2].sha256, first[3].sha256):
@@ -120,6 +126,8 @@ def check_options(cfg: DecodeConfig, opts: Options) -> None:
             raise MtkitError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
     if opts.engine not in ("torch", "ctranslate2"):
         raise MtkitError(f"unknown engine '{opts.engine}'; valid: torch, ctranslate2")
+    if opts.dtype not in DTYPES:
+        raise MtkitError(f"unknown dtype '{opts.dtype}'; valid: {', '.join(DTYPES)}")
     if opts.batch_size is not None and opts.batch_size <= 0:
         raise MtkitError(f"batch size must be at least 1, got {opts.batch_size}")
     if opts.max_tokens is not None and opts.max_tokens <= 0:
@@ -334,12 +342,18 @@ def translate_file(
 
         if len(model_paths) != 1 or opts.sampling:
             raise MtkitError("--engine ctranslate2 takes one exported model directory (-m DIR) and no sampling")
+        if opts.dtype != "float32":
+            raise MtkitError("--dtype is for the torch engine; a CTranslate2 model's type is chosen at export (--quantization)")
         engine = CT2Engine.load(model_paths[0], device=device)
         dev = torch.device("cpu")
         tr = Translator([], engine.src_spm, engine.tgt_spm, engine.cfg, engine.max_src_len, dev)
     else:
         dev = pick_device(device)
-        tr = Translator.load(model_paths, dev)
+        if opts.dtype not in DTYPES:  # before loading: check_options runs once the config is known
+            raise MtkitError(f"unknown dtype '{opts.dtype}'; valid: {', '.join(DTYPES)}")
+        if opts.dtype == "float16" and dev.type == "cpu":
+            raise MtkitError("--dtype float16 needs a CUDA device; on a CPU use bfloat16")
+        tr = Translator.load(model_paths, dev, opts.dtype)
     cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
     check_options(cfg, opts)
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
