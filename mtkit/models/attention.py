@@ -26,6 +26,7 @@ from torch import nn
 
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
+from mtkit.models.linear import Linear
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,9 +41,9 @@ class AdditiveScore(nn.Module):
 
     def __init__(self, query_dim: int, memory_dim: int, attn_dim: int):
         super().__init__()
-        self.key_proj = nn.Linear(memory_dim, attn_dim, bias=False)  # U
-        self.query_proj = nn.Linear(query_dim, attn_dim)  # W (+ bias)
-        self.v = nn.Linear(attn_dim, 1, bias=False)
+        self.key_proj = Linear(memory_dim, attn_dim, bias=False)  # U
+        self.query_proj = Linear(query_dim, attn_dim)  # W (+ bias)
+        self.v = Linear(attn_dim, 1, bias=False)
 
     def precompute(self, memory: torch.Tensor) -> torch.Tensor:
         return self.key_proj(memory)  # (B, S, A)
@@ -79,7 +80,7 @@ class GeneralScore(DotScore):
 
     def __init__(self, query_dim: int, memory_dim: int, attn_dim: int):
         nn.Module.__init__(self)
-        self.key_proj = nn.Linear(memory_dim, query_dim, bias=False)  # W_a
+        self.key_proj = Linear(memory_dim, query_dim, bias=False)  # W_a
 
     def precompute(self, memory: torch.Tensor) -> torch.Tensor:
         return self.key_proj(memory)  # (B, S, Hq)
@@ -121,8 +122,8 @@ class PredictiveWindow(MonotonicWindow):
 
     def __init__(self, size: int, query_dim: int):
         super().__init__(size, query_dim)
-        self.proj = nn.Linear(query_dim, query_dim, bias=False)  # W_p
-        self.v = nn.Linear(query_dim, 1, bias=False)  # v_p
+        self.proj = Linear(query_dim, query_dim, bias=False)  # W_p
+        self.v = Linear(query_dim, 1, bias=False)  # v_p
         self.sigma = size / 2.0
 
     def center(self, query: torch.Tensor, src_len: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
+from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     CELL_CLASSES,
     RNN_CLASSES,
@@ -142,7 +143,7 @@ class GNMT(AttentionalRNN):
         self.decoder = GNMTDecoder(cfg, self.encoder.out_dim)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out = nn.Linear(cfg.hidden_dim, tgt_vocab_size)
+        self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
 
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:

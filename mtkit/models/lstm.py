@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
+from mtkit.models.linear import Linear
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 CELL_CLASSES: dict[str, type[nn.RNNCellBase]] = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
@@ -137,7 +138,7 @@ class LSTMSeq2Seq(Seq2Seq):
         self.decoder = RNN_CLASSES[cfg.cell](cfg.embed_dim, cfg.hidden_dim, cfg.layers, batch_first=True,
                                              dropout=cfg.dropout if cfg.layers > 1 else 0.0)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out = nn.Linear(cfg.hidden_dim, tgt_vocab_size)
+        self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
         if cfg.tie_embeddings:
             self.out.weight = self.tgt_embed.weight

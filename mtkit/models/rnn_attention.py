@@ -24,6 +24,7 @@ from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.attention import SCORES, Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
+from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     RNN_CLASSES,
     RNNEncoder,
@@ -65,8 +66,8 @@ class Bridge(nn.Module):
     def __init__(self, enc_dim: int, hidden: int, dec_layers: int, has_cell: bool):
         super().__init__()
         self.dec_layers = dec_layers
-        self.h = nn.Linear(enc_dim, hidden)
-        self.c = nn.Linear(enc_dim, hidden) if has_cell else None
+        self.h = Linear(enc_dim, hidden)
+        self.c = Linear(enc_dim, hidden) if has_cell else None
 
     def forward(self, final: State) -> State:
         out = {}
@@ -89,7 +90,7 @@ class BahdanauDecoder(nn.Module):
         self.attention: Attention = build_attention("bahdanau", hidden, memory_dim, attn_dim)
         self.rnn = RNN_CLASSES[cfg.cell](cfg.embed_dim + memory_dim, hidden, cfg.decoder_layers, batch_first=True,
                                          dropout=cfg.dropout if cfg.decoder_layers > 1 else 0.0)
-        self.readout = nn.Linear(hidden + memory_dim + cfg.embed_dim, 2 * self.readout_dim)  # maxout, pool 2
+        self.readout = Linear(hidden + memory_dim + cfg.embed_dim, 2 * self.readout_dim)  # maxout, pool 2
         self.dropout = nn.Dropout(cfg.dropout)
         self.out_dim = self.readout_dim
 
@@ -125,7 +126,7 @@ class LuongDecoder(nn.Module):
         feed = hidden if cfg.input_feed else 0
         self.rnn = RNN_CLASSES[cfg.cell](cfg.embed_dim + feed, hidden, cfg.decoder_layers, batch_first=True,
                                          dropout=cfg.dropout if cfg.decoder_layers > 1 else 0.0)
-        self.combine = nn.Linear(memory_dim + hidden, hidden, bias=False)  # W_c
+        self.combine = Linear(memory_dim + hidden, hidden, bias=False)  # W_c
         self.dropout = nn.Dropout(cfg.dropout)
         self.out_dim = hidden
 
@@ -167,7 +168,7 @@ class RNNAttention(AttentionalRNN):
         self.decoder = decoder_class(cfg, memory_dim)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out = nn.Linear(self.decoder.out_dim, tgt_vocab_size)
+        self.out = Linear(self.decoder.out_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
 
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
+from mtkit.models.linear import Linear
 
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -82,11 +83,11 @@ class Attention(nn.Module):
         self.heads, self.dh = cfg.heads, d // cfg.heads
         self.self_attn = self_attn
         if self_attn:
-            self.qkv = nn.Linear(d, 3 * d)
+            self.qkv = Linear(d, 3 * d)
         else:
-            self.q = nn.Linear(d, d)
-            self.kv = nn.Linear(d, 2 * d)
-        self.out = nn.Linear(d, d)
+            self.q = Linear(d, d)
+            self.kv = Linear(d, 2 * d)
+        self.out = Linear(d, d)
         self.p_drop = cfg.attention_dropout
 
     def split(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H*Dh) -> (B, H, T, Dh)
@@ -120,7 +121,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.fc1, self.fc2 = Linear(cfg.d_model, cfg.ffn_dim), Linear(cfg.ffn_dim, cfg.d_model)
         self.act, self.p_drop = ACTIVATIONS[cfg.activation], cfg.activation_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +222,7 @@ class Transformer(Seq2Seq):
         for emb in {id(self.src_embed): self.src_embed, id(self.tgt_embed): self.tgt_embed}.values():
             nn.init.normal_(emb.weight, 0.0, d**-0.5)
             nn.init.zeros_(emb.weight[pad_id])
-        self.output = nn.Linear(d, tgt_vocab_size, bias=False)
+        self.output = Linear(d, tgt_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tgt_embed.weight
         if cfg.positions == "learned":

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from mtkit.models.linear import matmul_nt
+
 
 class _SmoothedNLL(torch.autograd.Function):
     @staticmethod
@@ -85,7 +87,7 @@ class _ProjectedNLL(torch.autograd.Function):
         grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_grad and bias is not None else None
         for s in range(0, N, chunk):
             x, y, k = h[s : s + chunk], target[s : s + chunk], keep[s : s + chunk]
-            z = (x @ w.T if b is None else torch.addmm(b, x, w.T)).float()  # (n, V)
+            z = matmul_nt(x, w, b).float()  # (n, V) logits
             z.sub_(z.amax(-1, keepdim=True))  # shifted logits: lse below is log sum exp of these
             z_sum, z_y = z.sum(-1), z.gather(-1, y[:, None]).squeeze(-1)
             z.exp_()
@@ -101,8 +103,8 @@ class _ProjectedNLL(torch.autograd.Function):
             z.scatter_add_(-1, y[:, None], z.new_full((z.size(0), 1), -(1.0 - eps)))
             z.mul_(k[:, None])
             g = z.to(dtype)
-            grad_h[s : s + chunk] = g @ w
-            grad_w += g.T @ x
+            grad_h[s : s + chunk] = matmul_nt(g, w.t())  # g @ w
+            grad_w += matmul_nt(g.t(), x.t())  # g^T @ x
             if grad_b is not None:
                 grad_b += z.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
