@@ -6,7 +6,8 @@
 # parts (default: all, in this order)
 #   peers_setup  install the peers into their own venvs and preprocess (shared/bench/peers/run_all.sh)
 #   peers_train  training throughput of OpenNMT-py, Sockeye, JoeyNMT on the reference setup (WARM+MEAS updates)
-#   mtkit_train  benchmarks/train_speed.py on the same setup, float32 and bf16 autocast
+#   mtkit_train  benchmarks/train_speed.py on the same setup, float32 and bf16 autocast, each also with
+#                train.trim_memory_gib=TRIM_GIB (default 1.2: peak RSS under half of OpenNMT-py's)
 #   onmt_decode  CKPT rebuilt as an OpenNMT-py model (benchmarks/onmt_from_mtkit.py), onmt_translate beam 5 / greedy
 #   ct2_decode   CKPT exported to CTranslate2 float32/int8 beside mtkit (benchmarks/ct2_vs_mtkit.py)
 #   mtkit_decode benchmarks/decode_speed.py on CKPT, length normalisation as above, stopping full and first,
@@ -22,7 +23,7 @@ PEERS=${PEERS:-$REPO/../shared/bench/peers}
 export PEERS_DIR=${PEERS_DIR:-$HOME/.cache/mtkit-peers}
 export MTKIT_DATA=${MTKIT_DATA:-$REPO/../shared/data/multi30k}
 OUT=${OUT:-$PEERS_DIR/compare}
-WARM=${WARM:-30} MEAS=${MEAS:-150}
+WARM=${WARM:-30} MEAS=${MEAS:-150} TRIM_GIB=${TRIM_GIB:-1.2}
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 mkdir -p "$OUT"
 cd "$REPO"
@@ -40,8 +41,12 @@ for part in $parts; do
     peers_setup) bash "$PEERS/run_all.sh" setup preprocess ;;
     peers_train) WARM=$WARM MEAS=$MEAS bash "$PEERS/run_all.sh" tp_onmt tp_sockeye tp_joeynmt ;;
     mtkit_train)
-      python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" | tee "$OUT/mtkit_train_fp32.txt"
-      python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" --set train.amp=bf16 | tee "$OUT/mtkit_train_bf16.txt" ;;
+      for amp in fp32 bf16; do
+        python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" --set train.amp=${amp/fp32/none} \
+            | tee "$OUT/mtkit_train_$amp.txt"
+        python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" --set train.amp=${amp/fp32/none} \
+            --set train.trim_memory_gib="$TRIM_GIB" | tee "$OUT/mtkit_train_${amp}_trim.txt"
+      done ;;
     onmt_decode)
       W=$DOUT/onmt; V=$PEERS_DIR/onmt/venv/bin
       "$V/python" benchmarks/onmt_from_mtkit.py "${CKPT:?set CKPT}" --work "$W" \

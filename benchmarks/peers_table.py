@@ -56,20 +56,19 @@ def main() -> None:
         if "tgt_tok_per_s" in s:
             train[name] = (float(s["tgt_tok_per_s"]), float(s.get("sec_per_update", "nan")),
                            float(s.get("peak_rss_MiB", "nan")) / 1024)
-    for amp in ("fp32", "bf16"):
-        rows = json_lines(args.out / f"mtkit_train_{amp}.txt")
+    variants = (("fp32", "fp32"), ("bf16", "bf16"), ("fp32_trim", "fp32, trim_memory_gib"), ("bf16_trim", "bf16, trim_memory_gib"))
+    for tag, label in variants:
+        rows = json_lines(args.out / f"mtkit_train_{tag}.txt")
         if rows:
             r = rows[-1]
-            train[f"mtkit ({amp})"] = (r["tgt_tokens_per_s"], r["s_per_update"], r["peak_rss_gib"])
+            train[f"mtkit ({label})"] = (r["tgt_tokens_per_s"], r["s_per_update"], r["peak_rss_gib"])
     if train:
         peers = [k for k in train if not k.startswith("mtkit")]
         print("## Training, reference setup (target tokens/s, 2 threads)\n")
-        print("| toolkit | tgt tok/s | s/update | peak RSS GiB | " + " | ".join(f"mtkit fp32 / {p.split()[0]}" for p in peers)
-              + " | " + " | ".join(f"mtkit bf16 / {p.split()[0]}" for p in peers) + " |")
-        print("|---" * (4 + 2 * len(peers)) + "|")
+        print("| toolkit | tgt tok/s | s/update | peak RSS GiB | " + " | ".join(f"vs {p.split()[0]} (tok/s, RSS)" for p in peers) + " |")
+        print("|---" * (4 + len(peers)) + "|")
         for name, (tok, spu, rss) in train.items():
-            cells = [ratio(train.get("mtkit (fp32)", (None,))[0], train[p][0]) if name == "mtkit (fp32)" else "" for p in peers]
-            cells += [ratio(train.get("mtkit (bf16)", (None,))[0], train[p][0]) if name == "mtkit (bf16)" else "" for p in peers]
+            cells = [f"{ratio(tok, train[p][0])}, {ratio(rss, train[p][2])}" if name.startswith("mtkit") else "" for p in peers]
             print(f"| {name} | {tok:.0f} | {spu:.2f} | {rss:.2f} | " + " | ".join(cells) + " |")
         print()
 

@@ -59,6 +59,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16 (fp16: CUDA only)
     num_threads: int = 0  # torch intra-op threads on CPU, 0 = torch default
+    # CPU: when the process RSS exceeds this many GiB between updates, hand the allocator's free
+    # memory back to the OS (glibc malloc_trim; caps heap fragmentation, costs page faults); 0 = never
+    trim_memory_gib: float = 0.0
     log_interval: int = 50
     validate_interval_updates: int = 1000  # 0 = validate at the end of each epoch only
     valid_bleu: bool = True

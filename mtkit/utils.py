@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -10,6 +12,30 @@ from typing import TypeVar
 
 T = TypeVar("T")
 logger = logging.getLogger("mtkit")
+
+
+def rss_gib() -> float:
+    """The process's resident memory now, in GiB (0.0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def release_free_memory() -> bool:
+    """Return the C allocator's free pages to the OS (glibc ``malloc_trim``); False where unsupported."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 (glibc only)
+        except (OSError, AttributeError):
+            _libc = False
+    return bool(_libc) and bool(_libc.malloc_trim(0))
+
+
+_libc = None
 
 
 def setup_logging(verbosity: int = 0) -> None:

@@ -343,3 +343,23 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(spm, tmp_path):
     assert T.Trainer(data(spm), tiny_cfg(), tmp_path / "b", device="cpu").autocast_dtype is None  # auto: fp32 on CPU
     with pytest.raises(MtkitError, match="fp16"):
         T.Trainer(data(spm), tiny_cfg("train.amp=fp16"), tmp_path / "c", device="cpu")
+
+
+def test_trim_memory_releases_free_memory_above_the_limit(spm, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(T, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(T, "rss_gib", lambda: 3.0)  # as if the process held 3 GiB after each update
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=3", "train.trim_memory_gib=4"), tmp_path / "a", device="cpu").fit()
+    assert calls == []  # under the limit
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=3", "train.trim_memory_gib=2.5"), tmp_path / "b", device="cpu").fit()
+    assert len(calls) == 3  # over it: after every update
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=3"), tmp_path / "c", device="cpu").fit()
+    assert len(calls) == 3  # 0: never
+
+
+def test_rss_and_release_free_memory():
+    from mtkit.utils import release_free_memory, rss_gib
+
+    before = rss_gib()
+    assert 0.01 < before < 64  # this process, in GiB
+    assert isinstance(release_free_memory(), bool)

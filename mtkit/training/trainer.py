@@ -53,7 +53,7 @@ from mtkit.models.base import num_parameters
 from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.training.loss import projected_nll
 from mtkit.training.schedule import Scheduler
-from mtkit.utils import progress_enabled
+from mtkit.utils import progress_enabled, release_free_memory, rss_gib
 
 logger = logging.getLogger("mtkit.train")
 
@@ -423,6 +423,8 @@ class Trainer:
             self.optimizer.step()
         self.update += 1
         self.bad_in_row = 0
+        if self.tc.trim_memory_gib > 0 and self.device.type == "cpu" and rss_gib() > self.tc.trim_memory_gib:
+            release_free_memory()
         return {"loss": loss_value, "nll": nll_value, "ntok": ntok, "gnorm": gnorm, "lr": lr}
 
     def _bad_update(self, loss: float, gnorm: float) -> None:
