@@ -414,8 +414,9 @@ def test_finished_sentences_leave_the_batch(beam):
     cfg = replace(GRU_CFG, beam=beam, nbest=1, max_len_a=1.0, max_len_b=2)
     with RowCounter(model) as rc:
         out = generate([model], src, src_len, cfg, BOS, EOS)
-    assert rc.rows[0] == 8 * beam
-    assert rc.rows == sorted(rc.rows, reverse=True)  # never grows
+    assert rc.rows[0] == 8  # the first step: one row per sentence (the k beams are identical)
+    assert rc.rows[1] == 8 * beam
+    assert rc.rows[1:] == sorted(rc.rows[1:], reverse=True)  # never grows after that
     assert rc.rows[-1] < 8 * beam  # and did shrink before the end
     for i in range(src.size(0)):  # results as if each sentence were decoded alone
         alone = generate([model], src[i : i + 1, : int(src_len[i])], src_len[i : i + 1], cfg, BOS, EOS)[0]

@@ -77,18 +77,15 @@ class Ensemble:
         limits = [m.max_positions() for m in self.models if m.max_positions() is not None]
         return min(limits) if limits else None
 
-    def start(self, src: torch.Tensor, src_len: torch.Tensor, k: int) -> tuple[list[State], list[State]]:
-        """Encode; states get k rows per sentence, encs too unless the model shares them."""
-        encs, states = [], []
-        for m in self.models:
-            enc = m.encode(src, src_len)
-            if k > 1 and m.beam_shares_enc:
-                states.append(expand_state(m.init_state(enc), k))
-            else:
-                enc = expand_state(enc, k) if k > 1 else enc
-                states.append(m.init_state(enc))
-            encs.append(enc)
-        return encs, states
+    def start(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[list[State], list[State]]:
+        """Encode: one enc and state row per sentence."""
+        encs = [m.encode(src, src_len) for m in self.models]
+        return encs, [m.init_state(enc) for m, enc in zip(self.models, encs)]
+
+    def fan_out(self, encs: list[State], states: list[State], k: int) -> tuple[list[State], list[State]]:
+        """k rows per sentence for the beam: states always, encs unless the model shares them."""
+        encs = [e if m.beam_shares_enc else expand_state(e, k) for m, e in zip(self.models, encs)]
+        return encs, [expand_state(st, k) for st in states]
 
     def keep_sentences(self, encs: list[State], sentences: torch.Tensor, rows: torch.Tensor) -> list[State]:
         """The encs of the kept ``sentences`` (whose decoder rows are ``rows``)."""
@@ -198,7 +195,7 @@ def _greedy(
     src_mask = torch.arange(src.size(1), device=device).unsqueeze(0) < src_len.unsqueeze(1)
     keep_attn = attention or bool(cfg.beta)
 
-    encs, states = ens.start(src, src_len, 1)
+    encs, states = ens.start(src, src_len)
     live = torch.arange(n, device=device)  # batch rows still decoded, in model-row order
     max_len = max_len_all
     prev = torch.full((n,), bos, dtype=torch.long, device=device)
@@ -290,10 +287,10 @@ def _beam_search(
     first = cfg.stopping == "first"
     beam_idx = torch.arange(k, device=device)
 
-    encs, states = ens.start(src, src_len, k)
+    encs, states = ens.start(src, src_len)  # the first step runs one row per sentence, then fans out
     live = torch.arange(b, device=device)  # sentences still searched
     max_len, src_mask = max_len_all.repeat_interleave(k), src_mask_all
-    prev = torch.full((b * k,), bos, dtype=torch.long, device=device)
+    prev = torch.full((b,), bos, dtype=torch.long, device=device)
     scores = torch.full((b, k), P.NEG_INF, device=device)
     scores[:, 0] = 0.0  # all beams start identical: only the first one is live at step 0
     coverage = torch.zeros(b * k, src.size(1), device=device) if use_cov else None
@@ -314,6 +311,10 @@ def _beam_search(
         bl = live.numel()
         n = bl * k
         lp, states, attn = ens.step(prev, encs, states, need_attn=keep_attn)
+        if t == 0:  # all k beams start identical: one row per sentence was stepped
+            lp = lp.repeat_interleave(k, 0)
+            attn = None if attn is None else attn.repeat_interleave(k, 0)
+            encs, states = ens.fan_out(encs, states, k)
         lp = _constrain(lp, t, cfg, max_len, banned, eos, history if cfg.no_repeat_ngram else None)
         v = lp.size(1)
         if attention and attn is not None:
