@@ -126,8 +126,6 @@ def check_options(cfg: DecodeConfig, opts: Options) -> None:
             raise MtkitError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
     if opts.engine not in ("torch", "ctranslate2"):
         raise MtkitError(f"unknown engine '{opts.engine}'; valid: torch, ctranslate2")
-    if opts.dtype not in DTYPES:
-        raise MtkitError(f"unknown dtype '{opts.dtype}'; valid: {', '.join(DTYPES)}")
     if opts.batch_size is not None and opts.batch_size <= 0:
         raise MtkitError(f"batch size must be at least 1, got {opts.batch_size}")
     if opts.max_tokens is not None and opts.max_tokens <= 0:
@@ -349,7 +347,7 @@ def translate_file(
         tr = Translator([], engine.src_spm, engine.tgt_spm, engine.cfg, engine.max_src_len, dev)
     else:
         dev = pick_device(device)
-        if opts.dtype not in DTYPES:  # before loading: check_options runs once the config is known
+        if opts.dtype not in DTYPES:  # before loading the checkpoints
             raise MtkitError(f"unknown dtype '{opts.dtype}'; valid: {', '.join(DTYPES)}")
         if opts.dtype == "float16" and dev.type == "cpu":
             raise MtkitError("--dtype float16 needs a CUDA device; on a CPU use bfloat16")
