@@ -7,7 +7,9 @@ Tensors are batch-first. ``src`` is (B, S) token ids padded with ``pad_id`` and 
   the output projection ``output_projection()`` (a Linear H -> V); ``forward`` applies it
   (``forward(..., features_only=True)`` does not: the trainer fuses the projection into the loss).
 - ``encode(src, src_len) -> enc``: per-sentence constants (a flat dict of batch-first tensors):
-  encoder memory, its mask, precomputed cross-attention keys/values. Expanded once for the beam.
+  encoder memory, its mask, precomputed cross-attention keys/values. Beam search expands it to
+  k rows per sentence after the first step (unless ``beam_shares_enc``); it only ever drops
+  the rows of finished sentences, never follows beam backpointers.
 - ``init_state(enc) -> state``: what changes per step (a flat dict of batch-first tensors).
 - ``step(prev_tokens (B,), enc, state, need_attn=True) -> (log_probs (B, V), state, attn (B, S) or None)``;
   with ``need_attn=False`` a model may skip computing the attention it returns (it may be None).
