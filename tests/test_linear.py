@@ -50,3 +50,44 @@ def test_state_dict_is_nn_linear():
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3)
     torch.testing.assert_close(a(x), b(x))
+
+
+@pytest.mark.skipif(not L.ONEDNN, reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("shape", [(1, 64), (37, 64), (3, 11, 64)])
+def test_inference_uses_a_packed_weight_that_follows_weight_updates(shape):
+    import copy
+
+    torch.manual_seed(0)
+    layer = L.Linear(64, 96).eval()
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        y = layer(x)
+        assert layer.packed_weight() is not None and layer.packed_weight().is_mkldnn
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # an optimizer step, a load_state_dict, an averaging ...
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    layer.load_state_dict(torch.nn.Linear(64, 96).state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    clone = copy.deepcopy(layer)  # the packed copy is not part of the module
+    torch.testing.assert_close(clone(x), layer(x))
+
+
+def test_training_mode_does_not_pack():
+    layer = L.Linear(8, 4).train()
+    with torch.inference_mode():
+        layer(torch.randn(2, 8))
+    assert layer not in L._PACKED
+
+
+@pytest.mark.skipif(not L.ONEDNN, reason="no oneDNN in this torch build")
+def test_bfloat16_inference_packs_too():
+    torch.manual_seed(0)
+    layer = L.Linear(64, 96).eval().bfloat16()
+    x = torch.randn(37, 64).bfloat16()
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer in L._PACKED
+    torch.testing.assert_close(y.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2e-2, atol=2e-2)

@@ -80,14 +80,19 @@ def ban_tokens_(log_probs: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
 
 
 def enforce_length_(
-    log_probs: torch.Tensor, step: int, eos: int, min_len: int, max_len: torch.Tensor
+    log_probs: torch.Tensor, step: int, eos: int, min_len: int, max_len: torch.Tensor, shortest_max: int = 0
 ) -> torch.Tensor:
-    """Before ``min_len`` tokens EOS is banned; at ``max_len`` (per row) only EOS is allowed. In place."""
-    eos_lp = log_probs[:, eos].clone()
+    """Before ``min_len`` tokens EOS is banned; at ``max_len`` (per row) only EOS is allowed. In place.
+
+    ``shortest_max``, a known lower bound of ``max_len``, skips the (N, V) pass while no row can
+    be at its maximum.
+    """
     if step < min_len:  # ... unless the row is already at its maximum length
-        eos_lp.masked_fill_(max_len > step, NEG_INF)
-    log_probs.masked_fill_((max_len <= step).unsqueeze(1), NEG_INF)  # (N, V)
-    log_probs[:, eos] = eos_lp
+        log_probs[:, eos].masked_fill_(max_len > step, NEG_INF)
+    if step >= shortest_max:
+        eos_lp = log_probs[:, eos].clone()
+        log_probs.masked_fill_((max_len <= step).unsqueeze(1), NEG_INF)  # (N, V)
+        log_probs[:, eos] = eos_lp
     return log_probs
 
 

@@ -3,7 +3,8 @@
 All sentences of a batch and all their beams are decoded together as tensors of shape
 ``(batch * beam, ...)`` on the model's device. Per step, beam search runs four named phases:
 
-1. score update  -- cumulative log-prob of every (beam, token) extension;
+1. score update  -- cumulative log-prob of each beam's best ``2k`` extensions (no sentence
+                    can use more of one beam's);
 2. candidates    -- the top ``2k`` extensions per sentence, so a beam never starves when
                     up to ``k`` of them end in EOS;
 3. finish        -- EOS extensions among the top ``k`` are scored with the length/coverage
@@ -137,13 +138,14 @@ def check_config(cfg: DecodeConfig, sampling: SamplingOptions | None) -> None:
 
 def _constrain(
     lp: torch.Tensor, t: int, cfg: DecodeConfig, max_len: torch.Tensor, banned: list[int], eos: int,
-    history: torch.Tensor | None,
+    history: torch.Tensor | None, shortest_max: int,
 ) -> torch.Tensor:
-    """Apply the constraints to ``lp``, the step's (N, V) log-probs, in place where possible."""
+    """Apply the constraints to ``lp``, the step's (N, V) log-probs, in place where possible;
+    ``shortest_max`` is a lower bound of ``max_len``."""
     lp = P.ban_tokens_(lp, banned)
     if cfg.no_repeat_ngram > 0 and history is not None:
         lp = P.block_repeated_ngrams(lp, history, cfg.no_repeat_ngram)
-    return P.enforce_length_(lp, t, eos, cfg.min_len, max_len)
+    return P.enforce_length_(lp, t, eos, cfg.min_len, max_len, shortest_max)
 
 
 def _sync_every(device: torch.device) -> int:
@@ -191,6 +193,7 @@ def _greedy(
     lp_fn = P.length_penalty_fn(cfg.length_penalty)
     max_len_all = max_lengths(src_len, cfg, ens.max_positions())
     steps = int(max_len_all.max()) + 1 if n else 0
+    shortest_max = int(max_len_all.min()) if n else 0
     banned = sorted({bos, ens.models[0].pad_id} - {eos})
     src_mask = torch.arange(src.size(1), device=device).unsqueeze(0) < src_len.unsqueeze(1)
     keep_attn = attention or bool(cfg.beta)
@@ -209,7 +212,7 @@ def _greedy(
     for t in range(steps):
         lp, states, attn = ens.step(prev, encs, states, need_attn=keep_attn)
         history = torch.stack(tokens, 1)[live] if tokens and cfg.no_repeat_ngram else None
-        lp = _constrain(lp, t, cfg, max_len, banned, eos, history)
+        lp = _constrain(lp, t, cfg, max_len, banned, eos, history, shortest_max)
         if sampling is None:
             tok = lp.argmax(-1)
         else:
@@ -280,6 +283,7 @@ def _beam_search(
     lp_fn = P.length_penalty_fn(cfg.length_penalty)
     max_len_all = max_lengths(src_len, cfg, ens.max_positions())
     steps = int(max_len_all.max()) + 1 if b else 0
+    shortest_max = int(max_len_all.min()) if b else 0
     banned = sorted({bos, ens.models[0].pad_id} - {eos})
     src_mask_all = torch.arange(src.size(1), device=device).unsqueeze(0) < src_len.unsqueeze(1)  # (B, S)
     use_cov = bool(cfg.beta)
@@ -311,20 +315,23 @@ def _beam_search(
         bl = live.numel()
         n = bl * k
         lp, states, attn = ens.step(prev, encs, states, need_attn=keep_attn)
-        if t == 0:  # all k beams start identical: one row per sentence was stepped
-            lp = lp.repeat_interleave(k, 0)
+        every = k if t == 0 else 1  # step 0 ran one row per sentence: all k beams start identical
+        lp = _constrain(lp, t, cfg, max_len[::every], banned, eos, history[::every] if cfg.no_repeat_ngram else None,
+                        shortest_max)
+        # 1. score update: a row's best 2k tokens are all that its sentence's top 2k can use; they
+        #    extend the row's cumulative log-prob
+        c = min(2 * k, lp.size(1))
+        row_top, row_tok = lp.topk(c, dim=1)  # (rows, c)
+        if t == 0:
+            row_top, row_tok = row_top.repeat_interleave(k, 0), row_tok.repeat_interleave(k, 0)
             attn = None if attn is None else attn.repeat_interleave(k, 0)
             encs, states = ens.fan_out(encs, states, k)
-        lp = _constrain(lp, t, cfg, max_len, banned, eos, history if cfg.no_repeat_ngram else None)
-        v = lp.size(1)
         if attention and attn is not None:
             attn_hist.append(_scatter_rows(attn.view(bl, k, -1), live, b, 0.0))
-
-        # 1. score update: cumulative log-prob of every extension
-        cand = lp.add_(scores.view(n, 1)).view(bl, k * v)  # lp is not needed after this
+        cand = (row_top + scores.view(n, 1)).view(bl, k * c)
         # 2. candidates: top 2k extensions per sentence
-        top_scores, top_idx = cand.topk(min(2 * k, k * v), dim=1)
-        parent, tok = top_idx // v, top_idx % v  # (bl, 2k)
+        top_scores, top_idx = cand.topk(min(2 * k, k * c), dim=1)
+        parent, tok = top_idx // c, row_tok.view(bl, k * c).gather(1, top_idx)  # (bl, 2k)
         is_eos = tok == eos
         # 3. finish: EOS extensions ranked within the top k join the store (not for done sentences)
         rank_ok = torch.arange(top_idx.size(1), device=device).unsqueeze(0) < k
