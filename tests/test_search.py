@@ -453,3 +453,21 @@ def test_stopping_first_keeps_nbest():
 def test_unknown_stopping_rule_is_an_error():
     with pytest.raises(MtkitError, match="decode.stopping"):
         generate([tiny_gru()], *random_batch(), replace(GRU_CFG, stopping="early"), BOS, EOS)
+
+
+@pytest.mark.parametrize("n,v,c", [(7, 8000, 10), (3, 8003, 4), (5, 700, 1), (2, 100, 10), (4, 64 * 20, 10)])
+def test_row_topk_equals_topk(n, v, c):
+    from mtkit.decoding.search import row_topk
+
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(n, v, generator=g)
+    x[0, -1] = 50.0  # the best in the partial last block
+    x[1, :] = float("-inf")
+    x[1, 3] = 0.0  # a row of one finite value (a row at its length limit)
+    values, idx = row_topk(x, c)
+    ref_values, ref_idx = x.topk(c, dim=1)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(x.gather(1, idx), values)
+    assert all(len(set(row)) == c for row in idx.tolist())  # c distinct columns per row
+    if c == 1:
+        assert torch.equal(idx.squeeze(1), x.argmax(1))

@@ -41,6 +41,7 @@ from mtkit.models.base import Seq2Seq, State, expand_state, reorder_state
 STOPPING = ("full", "first")  # when a sentence's beam search ends; see DecodeConfig.stopping
 SYNC_EVERY = {"cpu": 1}  # steps between "all done?" checks; other devices: DEFAULT_SYNC_EVERY
 DEFAULT_SYNC_EVERY = 8
+TOPK_BLOCK = 64  # columns per block in row_topk
 
 
 @dataclass
@@ -148,6 +149,26 @@ def _constrain(
     return P.enforce_length_(lp, t, eos, cfg.min_len, max_len, shortest_max)
 
 
+def row_topk(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(c, dim=1)`` of a wide (N, V) CPU array in two cheap passes (ties may come in another order).
+
+    The c largest of a row lie in the c blocks of ``TOPK_BLOCK`` columns with the largest maxima,
+    and a vectorised block maximum plus a top-c of c blocks is 2-5x faster on a CPU than
+    ``topk`` (or ``argmax``, c = 1) over a row of 8000. Other devices use ``topk``.
+    """
+    n, v = x.shape
+    blocks = v // TOPK_BLOCK
+    if x.device.type != "cpu" or blocks < 2 * c:
+        return x.topk(c, dim=1)
+    main = blocks * TOPK_BLOCK
+    best = x[:, :main].reshape(n, blocks, TOPK_BLOCK).amax(2).topk(c, dim=1).indices  # (N, c)
+    cols = (best.unsqueeze(2) * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=x.device)).view(n, -1)
+    if main < v:  # the last, partial block is always a candidate
+        cols = torch.cat([cols, torch.arange(main, v, device=x.device).expand(n, -1)], 1)
+    values, pos = x.gather(1, cols).topk(c, dim=1)
+    return values, cols.gather(1, pos)
+
+
 def _sync_every(device: torch.device) -> int:
     return SYNC_EVERY.get(device.type, DEFAULT_SYNC_EVERY)
 
@@ -214,7 +235,7 @@ def _greedy(
         history = torch.stack(tokens, 1)[live] if tokens and cfg.no_repeat_ngram else None
         lp = _constrain(lp, t, cfg, max_len, banned, eos, history, shortest_max)
         if sampling is None:
-            tok = lp.argmax(-1)
+            tok = row_topk(lp, 1)[1].squeeze(1)
         else:
             logits = P.filter_for_sampling(lp, sampling.temperature, sampling.topk, sampling.topp)
             tok = torch.multinomial(logits.softmax(-1), 1, generator=sampling.generator).squeeze(1)
@@ -321,7 +342,7 @@ def _beam_search(
         # 1. score update: a row's best 2k tokens are all that its sentence's top 2k can use; they
         #    extend the row's cumulative log-prob
         c = min(2 * k, lp.size(1))
-        row_top, row_tok = lp.topk(c, dim=1)  # (rows, c)
+        row_top, row_tok = row_topk(lp, c)  # (rows, c)
         if t == 0:
             row_top, row_tok = row_top.repeat_interleave(k, 0), row_tok.repeat_interleave(k, 0)
             attn = None if attn is None else attn.repeat_interleave(k, 0)
