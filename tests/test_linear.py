@@ -91,3 +91,13 @@ def test_bfloat16_inference_packs_too():
         y = layer(x)
     assert y.dtype == torch.bfloat16 and layer in L._PACKED
     torch.testing.assert_close(y.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_relu_is_relu_of_the_layer(inference):
+    torch.manual_seed(0)
+    layer = L.Linear(64, 96).eval()
+    x = torch.randn(5, 7, 64)
+    with torch.inference_mode(inference):
+        y = layer.relu(x)
+    torch.testing.assert_close(y, F.relu(F.linear(x, layer.weight, layer.bias)), rtol=1e-5, atol=1e-5)

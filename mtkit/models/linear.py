@@ -120,10 +120,21 @@ class Linear(nn.Linear):
             _PACKED[self] = cached
         return cached[1]
 
+    def _packed_forward(self, x: torch.Tensor, post_op: str) -> torch.Tensor | None:
+        """``x @ W^T + b`` (then ``post_op``) with the prepacked weight, or None where it does not apply."""
+        if self.training or not torch.is_inference_mode_enabled() or not packable(x, self.weight):
+            return None
+        packed = self.packed_weight()
+        if packed is None:
+            return None
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), packed, self.bias, post_op, [], "")
+        return y.view(*x.shape[:-1], self.weight.size(0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and torch.is_inference_mode_enabled() and packable(x, self.weight):
-            packed = self.packed_weight()
-            if packed is not None:
-                y = _nt(x.reshape(-1, x.size(-1)), packed, self.bias)
-                return y.view(*x.shape[:-1], self.weight.size(0))
-        return linear(x, self.weight, self.bias)
+        y = self._packed_forward(x, "none")
+        return linear(x, self.weight, self.bias) if y is None else y
+
+    def relu(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(self(x))``, in one oneDNN call on the prepacked path."""
+        y = self._packed_forward(x, "relu")
+        return F.relu(linear(x, self.weight, self.bias)) if y is None else y

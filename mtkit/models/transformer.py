@@ -125,7 +125,8 @@ class FeedForward(nn.Module):
         self.act, self.p_drop = ACTIVATIONS[cfg.activation], cfg.activation_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.dropout(self.act(self.fc1(x)), self.p_drop, self.training))
+        h = self.fc1.relu(x) if self.act is F.relu else self.act(self.fc1(x))
+        return self.fc2(F.dropout(h, self.p_drop, self.training))
 
 
 class Sublayer(nn.Module):
