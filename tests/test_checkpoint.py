@@ -81,3 +81,20 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         ck.save_checkpoint(p, _payload(9.0))
     monkeypatch.undo()
     assert torch.equal(ck.load_checkpoint(p)["model"]["w"], torch.full((4, 3), 1.0))
+
+
+def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "checkpoint_last.pt"
+    stale = tmp_path / f"checkpoint_last.pt.tmp-{dead.pid}"
+    live = tmp_path / f"checkpoint_last.pt.tmp-{os.getppid()}"  # a writer that still runs
+    other = tmp_path / f"checkpoint_10.pt.tmp-{dead.pid}"  # another checkpoint's: left to its writer
+    for f in (stale, live, other):
+        f.write_bytes(b"partial")
+    ck.save_checkpoint(path, _payload())
+    assert not stale.exists() and live.exists() and other.exists()
+    assert torch.equal(ck.load_checkpoint(path)["model"]["w"], torch.ones(4, 3))

@@ -16,11 +16,13 @@ File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, the
 - ``train_state``: trainer bookkeeping (best metric, bad-update count, elapsed time, ...)
 
 Writes go to ``<name>.tmp-<pid>`` in the same directory, are fsynced and renamed over the
-target, so an interrupted write never replaces the previous good checkpoint.
+target, so an interrupted write never replaces the previous good checkpoint. The temp file of a
+writer that was killed outright is removed by the next write of that checkpoint.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import os
@@ -81,6 +83,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     payload = dict(payload)
     payload.setdefault("format_version", FORMAT_VERSION)
     payload.setdefault("mtkit_version", __version__)
+    _remove_stale_temps(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -101,6 +104,24 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             raise MtkitError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
         raise
     _fsync_dir(path.parent)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete ``<name>.tmp-<pid>`` files left by writers that no longer run (killed mid-write)."""
+    for old in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            old.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
