@@ -5,7 +5,8 @@
 #
 # parts (default: all, in this order)
 #   peers_setup  install the peers into their own venvs and preprocess (shared/bench/peers/run_all.sh)
-#   peers_train  training throughput of OpenNMT-py, Sockeye, JoeyNMT on the reference setup (WARM+MEAS updates)
+#   peers_train  training throughput of OpenNMT-py, Sockeye, JoeyNMT on the reference setup (WARM+MEAS updates;
+#                Sockeye, which reports every 50 updates: 50 + MEAS rounded up to 50)
 #   mtkit_train  benchmarks/train_speed.py on the same setup, float32 and bf16 autocast, each also with
 #                train.trim_memory_gib=TRIM_GIB (default 1.2: peak RSS under half of OpenNMT-py's)
 #   onmt_decode  CKPT rebuilt as an OpenNMT-py model (benchmarks/onmt_from_mtkit.py), onmt_translate beam 5 / greedy
@@ -39,7 +40,10 @@ for part in $parts; do
         DOUT=$OUT/decode$i OUT=$OUT bash "$REPO/benchmarks/compare_peers.sh" onmt_decode ct2_decode mtkit_decode
       done ;;
     peers_setup) bash "$PEERS/run_all.sh" setup preprocess ;;
-    peers_train) WARM=$WARM MEAS=$MEAS bash "$PEERS/run_all.sh" tp_onmt tp_sockeye tp_joeynmt ;;
+    peers_train)
+      WARM=$WARM MEAS=$MEAS bash "$PEERS/run_all.sh" tp_onmt tp_joeynmt
+      # Sockeye reports every 50 updates: its measured window must start and end on a report
+      WARM=50 MEAS=$(( (MEAS + 49) / 50 * 50 )) bash "$PEERS/run_all.sh" tp_sockeye ;;
     mtkit_train)
       for amp in fp32 bf16; do
         python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" --set train.amp=${amp/fp32/none} \

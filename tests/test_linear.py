@@ -101,3 +101,13 @@ def test_relu_is_relu_of_the_layer(inference):
     with torch.inference_mode(inference):
         y = layer.relu(x)
     torch.testing.assert_close(y, F.relu(F.linear(x, layer.weight, layer.bias)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not L.ONEDNN, reason="no oneDNN in this torch build")
+def test_release_packed_drops_the_copies():
+    model = torch.nn.Sequential(L.Linear(8, 8), L.Linear(8, 4)).eval()
+    with torch.inference_mode():
+        model(torch.randn(3, 8))
+    assert all(m in L._PACKED for m in model)
+    L.release_packed(model)
+    assert not any(m in L._PACKED for m in model)

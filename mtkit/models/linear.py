@@ -106,6 +106,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Linear -> (weight key, packed or None)
 
 
+def release_packed(model: nn.Module) -> None:
+    """Drop the prepacked weight copies of ``model``'s layers (training does after validation decoding)."""
+    for module in model.modules():
+        _PACKED.pop(module, None)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) computed by :func:`linear`; in eval mode
     under ``torch.inference_mode`` with a prepacked weight (see the module docstring)."""

@@ -50,6 +50,7 @@ from mtkit.data.subword import SubwordModel
 from mtkit.errors import MtkitError
 from mtkit.models import build_model
 from mtkit.models.base import num_parameters
+from mtkit.models.linear import release_packed
 from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.training.loss import projected_nll
 from mtkit.training.schedule import Scheduler
@@ -492,6 +493,7 @@ class Trainer:
                 out = generate([self.model], src, src_len, dcfg, self.bos, self.eos)
             for i, nbest in zip(b.tolist(), out):
                 hyps[i] = nbest[0].tokens
+        release_packed(self.model)  # the weights change with the next update
         if self.distributed:
             shards: list[Any] = [None] * self.world_size
             dist.all_gather_object(shards, hyps)
