@@ -111,3 +111,12 @@ def test_release_packed_drops_the_copies():
     assert all(m in L._PACKED for m in model)
     L.release_packed(model)
     assert not any(m in L._PACKED for m in model)
+
+
+def test_layer_built_under_inference_mode_works_unpacked():
+    with torch.inference_mode():
+        layer = L.Linear(8, 4).eval()  # its weight is an inference tensor: no version counter
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(layer.relu(x), F.relu(F.linear(x, layer.weight, layer.bias)))
+    assert layer.packed_weight() is None

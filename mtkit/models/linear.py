@@ -117,8 +117,11 @@ class Linear(nn.Linear):
     under ``torch.inference_mode`` with a prepacked weight (see the module docstring)."""
 
     def packed_weight(self) -> torch.Tensor | None:
-        """The weight in oneDNN's layout, packed again only after the weight changed."""
+        """The weight in oneDNN's layout, packed again only after the weight changed (None for a
+        weight made under ``torch.inference_mode``: it has no version counter to tell)."""
         w = self.weight
+        if w.is_inference():
+            return None
         key = (w.data_ptr(), w._version, w.shape)
         cached = _PACKED.get(self)
         if cached is None or cached[0] != key:
