@@ -45,26 +45,29 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K) @ b (N, K)^T (+ bias) with oneDNN; a and b may be transposed views."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, post_op: str = "none") -> torch.Tensor:
+    """a (M, K) @ b (N, K)^T (+ bias, then ``post_op``) with oneDNN; a and b may be transposed
+    views, b a prepacked weight."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, post_op, [], "")
 
 
-def fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` goes to oneDNN: float32 CPU tensors, no autocast."""
+def _onednn_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """oneDNN present, CPU tensors of one dtype among ``dtypes``, no autocast."""
     return (
-        ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+        ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
         and not torch.is_autocast_enabled("cpu")
     )
 
 
+def fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` goes to oneDNN: float32 CPU tensors, no autocast."""
+    return _onednn_cpu(x, weight, (torch.float32,))
+
+
 def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether inference may multiply ``x`` by a prepacked ``weight``: float32 or bfloat16 CPU tensors of
-    one dtype, no autocast."""
-    return (
-        ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-        and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
-    )
+    """Whether inference may multiply ``x`` by a prepacked ``weight``: non-empty float32 or
+    bfloat16 CPU tensors of one dtype, no autocast."""
+    return x.numel() > 0 and _onednn_cpu(x, weight, (torch.float32, torch.bfloat16))
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +139,7 @@ class Linear(nn.Linear):
         packed = self.packed_weight()
         if packed is None:
             return None
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), packed, self.bias, post_op, [], "")
+        y = _nt(x.reshape(-1, x.size(-1)), packed, self.bias, post_op)
         return y.view(*x.shape[:-1], self.weight.size(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
