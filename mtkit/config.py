@@ -43,6 +43,9 @@ class TrainConfig:
     max_tokens: int = 4096  # token budget of one batch (max of source/target tokens incl. padding)
     max_sentences: int = 0  # 0 = no limit on sentences per batch
     update_freq: int = 1  # gradient accumulation steps per update
+    # forward/backward each batch in runs of at most this many padded tokens, gradients summed:
+    # the same update in less activation memory (and heap fragmentation on a CPU); 0 = whole batches
+    pass_tokens: int = 0
     max_updates: int = 0  # 0 = no limit
     max_epochs: int = 0  # 0 = no limit
     max_time_minutes: float = 0.0  # wall-clock budget, 0 = no limit

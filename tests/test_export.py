@@ -90,7 +90,7 @@ def spm():
 def trained(tmp_path_factory, spm):
     """(checkpoint, float32 export dir) of a briefly trained tiny Transformer."""
     root = tmp_path_factory.mktemp("export")
-    ckpt = make_checkpoint(root / "model.pt", spm, train_steps=40)
+    ckpt = make_checkpoint(root / "model.pt", spm, train_steps=60)
     export_ctranslate2(ckpt, root / "ct2")
     return ckpt, root / "ct2"
 
@@ -161,7 +161,8 @@ def test_beam_output_equals_mtkit_with_average_length_penalty(trained, spm, inpu
         assert len(b) == 2
         # at the length limit mtkit forces EOS while CTranslate2 stops without it (and scores the
         # hypothesis without EOS), so only searches that end below the limit on both sides are alike
-        if len(a[0].tokens) < 20 and len(b[0].tokens) < 20:
+        # and a near-tie (the engines' scores differ by ~1e-2 in float32) may go either way
+        if len(a[0].tokens) < 20 and len(b[0].tokens) < 20 and a[0].score - a[1].score > 0.02:
             compared += 1
             assert b[0].tokens == a[0].tokens
             assert b[0].score == pytest.approx(a[0].score, abs=0.05)  # |Y| incl. EOS on both sides

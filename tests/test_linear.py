@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,11 +15,13 @@ from mtkit.models import linear as L
 
 @pytest.mark.parametrize("shape", [(37, 64), (3, 11, 64), (0, 64)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_equals_torch_forward_and_backward(shape, bias):
+@pytest.mark.parametrize("out_dim", [96, 40])  # weight gradient: either operand is the one laid out again
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_equals_torch_forward_and_backward(shape, bias, out_dim, relu):
     torch.manual_seed(0)
-    layer = L.Linear(64, 96, bias=bias)
+    layer = L.Linear(64, out_dim, bias=bias)
     x = torch.randn(*shape, requires_grad=True)
-    weights = torch.randn(*shape[:-1], 96)
+    weights = torch.randn(*shape[:-1], out_dim)
     params = [x, *layer.parameters()]
 
     def grads(forward):
@@ -25,12 +31,22 @@ def test_linear_equals_torch_forward_and_backward(shape, bias):
         (y * weights).sum().backward()
         return y.detach(), [p.grad.clone() for p in params]
 
-    y, g = grads(lambda: layer(x))
-    ref_y, ref_g = grads(lambda: F.linear(x, layer.weight, layer.bias))
+    y, g = grads(lambda: layer.relu(x) if relu else layer(x))
+    ref_y, ref_g = grads(lambda: (F.relu if relu else torch.nn.Identity())(F.linear(x, layer.weight, layer.bias)))
     assert y.shape == ref_y.shape
+    if relu and y.numel():
+        assert (y == 0).any() and (y > 0).any()
     torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
     for a, b in zip(g, ref_g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dim", [96, 40])
+def test_grad_weight_is_grad_t_at_x(dtype, out_dim):
+    g, x = torch.randn(50, out_dim, dtype=dtype), torch.randn(50, 64, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(L.grad_weight(g, x).float(), g.float().t() @ x.float(), rtol=tol, atol=tol * 10)
 
 
 def test_fast_path_only_for_float32_cpu_outside_autocast():
@@ -120,3 +136,43 @@ def test_layer_built_under_inference_mode_works_unpacked():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
         torch.testing.assert_close(layer.relu(x), F.relu(F.linear(x, layer.weight, layer.bias)))
     assert layer.packed_weight() is None
+
+
+_CACHE_PROBE = """
+import ctypes
+import mtkit  # noqa: F401  (sets the cache sizes before oneDNN's first matmul)
+import torch
+from mtkit.models.linear import Linear
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+torch.set_num_threads(1)
+layer = Linear(256, 512)
+
+def step(rows):
+    x = torch.randn(rows, 256, requires_grad=True)
+    layer(x).sum().backward()
+
+step(64)
+before = libc.mallinfo2().uordblks
+for rows in range(100, 400):  # 300 batch shapes, as training sees
+    step(rows)
+print((libc.mallinfo2().uordblks - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not L.ONEDNN or not sys.platform.startswith("linux"), reason="oneDNN and glibc's mallinfo2")
+def test_onednn_shape_caches_stay_small():
+    caches = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    env = {k: v for k, v in os.environ.items() if k not in caches}  # as a fresh shell has it
+
+    def held_mib(**extra: str) -> float:
+        run = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env={**env, **extra}, capture_output=True, text=True,
+                             check=True)
+        return float(run.stdout)
+
+    assert held_mib() < 60  # the 64-entry caches mtkit sets
+    assert held_mib(**dict.fromkeys(caches, "1024")) > 200  # oneDNN's defaults, which the user may still choose

@@ -376,3 +376,26 @@ def test_rss_gib_follows_resident_memory():
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert rss_gib() - before > 0.05
     del block
+
+
+def test_passes_give_the_same_update_as_whole_batches(spm, tmp_path):
+    def trained(path, *overrides):
+        trainer = T.Trainer(data(spm), tiny_cfg("model.dropout=0.0", *overrides), path, device="cpu")
+        trainer.train_step([trainer.batches.next_batch() for _ in range(2)])
+        return trainer
+
+    whole = trained(tmp_path / "a")
+    split = trained(tmp_path / "b", "train.pass_tokens=16")
+    batch = split.batches.next_batch()
+    passes = split.passes(split.data.train, batch)
+    assert len(passes) > 1 and np.array_equal(np.concatenate(passes), batch)
+    for p in passes:
+        width = max(split.data.train.src_lens[p].max(), split.data.train.tgt_lens[p].max()) + 1
+        assert len(p) == 1 or len(p) * width <= 16 + width  # within one sentence of the budget
+    assert whole.passes(whole.data.train, batch) == [batch]
+    # the gradients of the update (the step's gradients stay in .grad until the next update)
+    for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
+        assert a.grad is not None and a.grad.abs().max() > 0, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
+    with pytest.raises(MtkitError, match="pass_tokens"):
+        T.Trainer(data(spm), tiny_cfg("train.pass_tokens=-1"), tmp_path / "c", device="cpu")

@@ -77,32 +77,50 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
     return F.linear(a, b, bias)
 
 
+def grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad^T @ x`` (the weight gradient of a linear layer) for 2-D grad (N, out), x (N, in).
+
+    oneDNN reads its left operand row-major, so one operand is laid out again: the smaller one.
+    With out > in this is ``(x^T @ grad)^T``, returned as a transposed view. Without the oneDNN
+    path (CUDA, bfloat16) a plain matmul."""
+    if not fast_path(grad, x):
+        return grad.t() @ x
+    if grad.size(1) > x.size(1):
+        return _nt(x.t().contiguous(), grad.t()).t()
+    return _nt(grad.t().contiguous(), x.t())
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post_op: str) -> torch.Tensor:
+        y = _nt(x, weight, bias, post_op)
+        ctx.save_for_backward(x, weight, y if post_op == "relu" else None)
         ctx.has_bias = bias is not None
-        return _nt(x, weight, bias)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, relu_out = ctx.saved_tensors
         grad = grad.contiguous()
+        if relu_out is not None:
+            grad = torch.ops.aten.threshold_backward(grad, relu_out, 0)
         gx = _nt(grad, weight.t()) if ctx.needs_input_grad[0] else None  # grad @ W
-        gw = _nt(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # grad^T @ x
+        gw = grad_weight(grad, x) if ctx.needs_input_grad[1] else None
         gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+        return gx, gw, gb, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with float32 CPU matmuls (forward and backward) through oneDNN."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, post_op: str = "none") -> torch.Tensor:
+    """``F.linear`` (then ReLU with ``post_op="relu"``) with float32 CPU matmuls, forward and
+    backward, through oneDNN (the ReLU fused into the matmul)."""
     if not fast_path(x, weight) or x.numel() == 0:
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return F.relu(y) if post_op == "relu" else y
     flat = x.reshape(-1, x.size(-1))
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _OneDNNLinear.apply(flat, weight, bias)
+        y = _OneDNNLinear.apply(flat, weight, bias, post_op)
     else:
-        y = _nt(flat, weight, bias)
+        y = _nt(flat, weight, bias, post_op)
     return y.view(*x.shape[:-1], weight.size(0))
 
 
@@ -149,4 +167,4 @@ class Linear(nn.Linear):
     def relu(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(self(x))``, in one oneDNN call on the prepacked path."""
         y = self._packed_forward(x, "relu")
-        return F.relu(linear(x, self.weight, self.bias)) if y is None else y
+        return linear(x, self.weight, self.bias, "relu") if y is None else y

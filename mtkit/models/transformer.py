@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
+from mtkit.models.dropout import add_dropout, dropout
 from mtkit.models.linear import Linear
 
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
@@ -113,7 +114,7 @@ class Attention(nn.Module):
         """Explicit attention that also returns the head-averaged weights (B, T, S)."""
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh)  # (B, H, T, S)
         weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        y = F.dropout(weights, self.p_drop, self.training) @ v
+        y = dropout(weights, self.p_drop, self.training) @ v
         B, H, T, Dh = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * Dh)), weights.mean(1)
 
@@ -126,7 +127,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1.relu(x) if self.act is F.relu else self.act(self.fc1(x))
-        return self.fc2(F.dropout(h, self.p_drop, self.training))
+        return self.fc2(dropout(h, self.p_drop, self.training))
 
 
 class Sublayer(nn.Module):
@@ -138,8 +139,8 @@ class Sublayer(nn.Module):
 
     def forward(self, x: torch.Tensor, fn) -> torch.Tensor:
         if self.pre_norm:
-            return x + F.dropout(fn(self.norm(x)), self.p_drop, self.training)
-        return self.norm(x + F.dropout(fn(x), self.p_drop, self.training))
+            return add_dropout(x, fn(self.norm(x)), self.p_drop, self.training)
+        return self.norm(add_dropout(x, fn(x), self.p_drop, self.training))
 
 
 class EncoderLayer(nn.Module):
@@ -259,7 +260,7 @@ class Transformer(Seq2Seq):
             x = x + self.pos_embed(pos)
         elif self.cfg.positions == "sinusoidal":
             x = x + self.pos_table[pos]
-        return F.dropout(x, self.cfg.dropout, self.training)
+        return dropout(x, self.cfg.dropout, self.training)
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """pos (B, T) -> cos/sin (B, 1, T, Dh) for RoPE, else None."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mtkit.models.linear import matmul_nt
+from mtkit.models.linear import grad_weight, matmul_nt
 
 
 class _ProjectedNLL(torch.autograd.Function):
@@ -43,24 +43,20 @@ class _ProjectedNLL(torch.autograd.Function):
         grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_grad and bias is not None else None
         for s in range(0, N, chunk):
             x, y, k = h[s : s + chunk], target[s : s + chunk], keep[s : s + chunk]
-            z = matmul_nt(x, w, b).float()  # (n, V) logits
-            z.sub_(z.amax(-1, keepdim=True))  # shifted logits: lse below is log sum exp of these
-            z_sum, z_y = z.sum(-1), z.gather(-1, y[:, None]).squeeze(-1)
-            z.exp_()
-            total = z.sum(-1)
-            lse = total.log()
-            nll += ((lse - z_y) * k).sum()
-            loss += (((1.0 - eps) * (lse - z_y) + (eps / V) * (V * lse - z_sum)) * k).sum()
+            logp = torch.log_softmax(matmul_nt(x, w, b).float(), -1)  # (n, V)
+            lp_y, lp_sum = logp.gather(-1, y[:, None]).squeeze(-1), logp.sum(-1)
+            nll -= (lp_y * k).sum()
+            loss -= (((1.0 - eps) * lp_y + (eps / V) * lp_sum) * k).sum()
             if not need_grad:
                 continue
-            z.div_(total[:, None])  # softmax
+            z = logp.exp_()  # softmax, then minus the smoothed target: the gradient of the loss
             if eps > 0.0:
                 z.sub_(eps / V)
             z.scatter_add_(-1, y[:, None], z.new_full((z.size(0), 1), -(1.0 - eps)))
             z.mul_(k[:, None])
             g = z.to(dtype)
             grad_h[s : s + chunk] = matmul_nt(g, w.t())  # g @ w
-            grad_w += matmul_nt(g.t(), x.t())  # g^T @ x
+            grad_w += grad_weight(g, x)  # g^T @ x
             if grad_b is not None:
                 grad_b += z.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)

@@ -237,6 +237,8 @@ class Trainer:
         for key in ("update_freq", "max_tokens"):
             if getattr(tc, key) < 1:
                 raise MtkitError(f"train.{key} must be positive, got {getattr(tc, key)}")
+        if tc.pass_tokens < 0:
+            raise MtkitError(f"train.pass_tokens must be 0 (whole batches) or positive, got {tc.pass_tokens}")
         self.src_pad, self.tgt_pad = data.src_spm.pad, data.tgt_spm.pad
         self.bos, self.eos = data.tgt_spm.bos, data.tgt_spm.eos
         self.src_eos = data.src_spm.eos
@@ -378,6 +380,17 @@ class Trainer:
         layer = self.model.output_projection()
         return projected_nll(hidden, layer, tgt_out, self.tgt_pad, self.tc.label_smoothing, self.autocast_dtype)
 
+    def passes(self, dataset: Any, batch: np.ndarray) -> list[np.ndarray]:
+        """``batch`` cut into runs of its (length-sorted) sentences of at most ``train.pass_tokens``
+        padded tokens each: forward/backward one run at a time, the gradients adding up to the
+        batch's. The same update with a fraction of the activation memory."""
+        limit = self.tc.pass_tokens
+        if limit <= 0 or len(batch) < 2:
+            return [batch]
+        width = int(max(dataset.src_lens[batch].max() + 1, dataset.tgt_lens[batch].max() + 1))
+        n = min(len(batch), -(-len(batch) * width // limit))
+        return [p for p in np.array_split(batch, n) if len(p)]
+
     def train_step(self, batches: list[np.ndarray]) -> dict[str, float] | None:
         """Forward/backward over ``batches`` (accumulated), then one optimizer step.
 
@@ -390,10 +403,11 @@ class Trainer:
         ntok = int(self._sum([ntok])[0])  # target tokens of the whole update, over all ranks
         loss_sum = torch.zeros((), device=self.device)
         nll_sum = torch.zeros((), device=self.device)
-        for i, b in enumerate(batches):
+        passes = [p for b in batches for p in self.passes(ds, b)]
+        for i, b in enumerate(passes):
             src, src_len, tgt_in, tgt_out = self.collate(ds, b)
-            # DDP all-reduces gradients on the update's last batch only
-            sync = self.ddp is None or i == len(batches) - 1
+            # DDP all-reduces gradients on the update's last pass only
+            sync = self.ddp is None or i == len(passes) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.autocast():
                     hidden = self.net(src, src_len, tgt_in, features_only=True)
