@@ -7,12 +7,12 @@
 #   peers_setup  install the peers into their own venvs and preprocess (shared/bench/peers/run_all.sh)
 #   peers_train  training throughput of OpenNMT-py, Sockeye, JoeyNMT on the reference setup (WARM+MEAS updates;
 #                Sockeye, which reports every 50 updates: 50 + MEAS rounded up to 50)
-#   mtkit_train  benchmarks/train_speed.py on the same setup, float32 and bf16 autocast, each also with
-#                train.trim_memory_gib=TRIM_GIB (default 1.2: peak RSS under half of OpenNMT-py's)
+#   mtkit_train  benchmarks/train_speed.py on the same setup: float32, bf16 autocast, float32 with whole-batch
+#                passes (train.pass_tokens=0); with BEFORE=<older checkout>, its float32 and bf16 too
 #   onmt_decode  CKPT rebuilt as an OpenNMT-py model (benchmarks/onmt_from_mtkit.py), onmt_translate beam 5 / greedy
 #   ct2_decode   CKPT exported to CTranslate2 float32/int8 beside mtkit (benchmarks/ct2_vs_mtkit.py)
 #   mtkit_decode benchmarks/decode_speed.py on CKPT, length normalisation as above, stopping full and first,
-#                and bf16 weights (stopping full)
+#                and bf16 weights (stopping full); with BEFORE=<older checkout>, its decode_speed.py (stopping full)
 #   decode       onmt_decode ct2_decode mtkit_decode, REPEAT times (default 3) into OUT/decode1, decode2, ...
 #   table        benchmarks/peers_table.py: every figure and ratio (decoding: medians over the repeats)
 # The machine is shared: single decoding figures vary by 10-30% between runs, hence the repeats.
@@ -24,7 +24,7 @@ PEERS=${PEERS:-$REPO/../shared/bench/peers}
 export PEERS_DIR=${PEERS_DIR:-$HOME/.cache/mtkit-peers}
 export MTKIT_DATA=${MTKIT_DATA:-$REPO/../shared/data/multi30k}
 OUT=${OUT:-$PEERS_DIR/compare}
-WARM=${WARM:-30} MEAS=${MEAS:-150} TRIM_GIB=${TRIM_GIB:-1.2}
+WARM=${WARM:-30} MEAS=${MEAS:-150}
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 mkdir -p "$OUT"
 cd "$REPO"
@@ -45,12 +45,19 @@ for part in $parts; do
       # Sockeye reports every 50 updates: its measured window must start and end on a report
       WARM=50 MEAS=$(( (MEAS + 49) / 50 * 50 )) bash "$PEERS/run_all.sh" tp_sockeye ;;
     mtkit_train)
-      for amp in fp32 bf16; do
-        python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" --set train.amp=${amp/fp32/none} \
-            | tee "$OUT/mtkit_train_$amp.txt"
-        python benchmarks/train_speed.py --warmup "$WARM" --updates "$MEAS" --set train.amp=${amp/fp32/none} \
-            --set train.trim_memory_gib="$TRIM_GIB" | tee "$OUT/mtkit_train_${amp}_trim.txt"
-      done ;;
+      run_train() {  # tag, then train_speed.py options
+        local tag=$1; shift
+        python benchmarks/train_speed.py --data "$MTKIT_DATA" --warmup "$WARM" --updates "$MEAS" "$@" | tee "$OUT/mtkit_train_$tag.txt"
+      }
+      run_train fp32 --set train.amp=none
+      run_train bf16 --set train.amp=bf16
+      run_train fp32_whole --set train.amp=none --set train.pass_tokens=0
+      if [ -n "${BEFORE:-}" ]; then  # an older checkout, measured in the same run
+        for amp in fp32 bf16; do
+          (cd "$BEFORE" && PYTHONPATH="$BEFORE" python benchmarks/train_speed.py --data "$MTKIT_DATA" --warmup "$WARM" --updates "$MEAS" \
+              --set train.amp=${amp/fp32/none}) | tee "$OUT/mtkit_train_${amp}_before.txt"
+        done
+      fi ;;
     onmt_decode)
       W=$DOUT/onmt; V=$PEERS_DIR/onmt/venv/bin
       "$V/python" benchmarks/onmt_from_mtkit.py "${CKPT:?set CKPT}" --work "$W" \
@@ -70,7 +77,12 @@ for part in $parts; do
       python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average --decode stopping=first \
           | tee -a "$DOUT/mtkit_decode.txt"
       python benchmarks/decode_speed.py "${CKPT:?set CKPT}" --decode length_penalty=average --dtype bfloat16 \
-          | tee -a "$DOUT/mtkit_decode.txt" ;;
+          | tee -a "$DOUT/mtkit_decode.txt"
+      if [ -n "${BEFORE:-}" ]; then
+        ckpt=$(realpath "$CKPT")
+        (cd "$BEFORE" && PYTHONPATH="$BEFORE" python benchmarks/decode_speed.py "$ckpt" --decode length_penalty=average) \
+            | tee "$DOUT/mtkit_decode_before.txt"
+      fi ;;
     table) python benchmarks/peers_table.py "$OUT" "$OUT"/decode* --peers-dir "$PEERS_DIR" | tee "$OUT/table.md" ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac

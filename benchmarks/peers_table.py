@@ -56,7 +56,8 @@ def main() -> None:
         if "tgt_tok_per_s" in s:
             train[name] = (float(s["tgt_tok_per_s"]), float(s.get("sec_per_update", "nan")),
                            float(s.get("peak_rss_MiB", "nan")) / 1024)
-    variants = (("fp32", "fp32"), ("bf16", "bf16"), ("fp32_trim", "fp32, trim_memory_gib"), ("bf16_trim", "bf16, trim_memory_gib"))
+    variants = (("fp32", "fp32"), ("bf16", "bf16"), ("fp32_whole", "fp32, whole batches: pass_tokens=0"),
+                ("fp32_before", "fp32, code at BEFORE"), ("bf16_before", "bf16, code at BEFORE"))
     for tag, label in variants:
         rows = json_lines(args.out / f"mtkit_train_{tag}.txt")
         if rows:
@@ -84,12 +85,13 @@ def main() -> None:
         for r in json_lines(d / "ct2_vs_mtkit.txt"):
             name = "mtkit (ct2_vs_mtkit run)" if r["engine"] == "mtkit" else f"CTranslate2 {r['engine'][4:]}"
             runs.setdefault((name, r["search"]), []).append((r["sentences_per_s"], r["tgt_pieces_per_s"], r["bleu"]))
-        for r in json_lines(d / "mtkit_decode.txt"):
-            if r["batch"] == "32 sentences":
-                rule = (r.get("decode") or {}).get("stopping", "full")
-                dtype = "" if r.get("dtype", "float32") == "float32" else f", {r['dtype']}"
-                runs.setdefault((f"mtkit (stopping {rule}{dtype})", r["search"]), []).append(
-                    (r["sentences_per_s"], r["tgt_pieces_per_s"], r.get("bleu", float("nan"))))
+        for file, label in (("mtkit_decode.txt", "mtkit"), ("mtkit_decode_before.txt", "mtkit at BEFORE")):
+            for r in json_lines(d / file):
+                if r["batch"] == "32 sentences":
+                    rule = (r.get("decode") or {}).get("stopping", "full")
+                    dtype = "" if r.get("dtype", "float32") == "float32" else f", {r['dtype']}"
+                    runs.setdefault((f"{label} (stopping {rule}{dtype})", r["search"]), []).append(
+                        (r["sentences_per_s"], r["tgt_pieces_per_s"], r.get("bleu", float("nan"))))
     decode = []  # (decoder, search, sent/s, pieces/s, BLEU, per-run pieces/s)
     for (name, search), figs in runs.items():
         decode.append((name, search, statistics.median(f[0] for f in figs), statistics.median(f[1] for f in figs),

@@ -3,7 +3,9 @@
 Reference setup (the one the peer toolkits were measured with): Multi30k En->De, joint
 SentencePiece BPE 8k, Transformer 3+3 layers, d_model 256, 4 heads, FFN 1024, dropout 0.1,
 label smoothing 0.1, pre-norm, tied embeddings (the ``transformer_small`` preset), ~4096-token
-batches, Adam(0.9, 0.98) with inverse-sqrt warmup, 2 threads.
+batches, Adam(0.9, 0.98) with inverse-sqrt warmup, 2 threads. The preset runs each batch's
+forward/backward in passes of at most 2048 tokens (``train.pass_tokens``: the same update with
+half the activation memory); ``--set train.pass_tokens=0`` runs whole batches.
 
     python benchmarks/train_speed.py [--data /path/to/multi30k] [--updates 60] [--threads 2]
 
