@@ -28,6 +28,7 @@ from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
+from mtkit.models.dropout import Dropout
 from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     CELL_CLASSES,
@@ -63,7 +64,7 @@ class GNMTEncoder(nn.Module):
         super().__init__()
         rnn, h = RNN_CLASSES[cfg.cell], cfg.hidden_dim
         self.embed = nn.Embedding(vocab, cfg.embed_dim, padding_idx=pad_id)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         layers = [rnn(cfg.embed_dim, h, batch_first=True, bidirectional=True)]  # -> 2H
         layers += [rnn(2 * h if i == 1 else h, h, batch_first=True) for i in range(1, cfg.encoder_layers)]
         self.layers = nn.ModuleList(layers)
@@ -92,7 +93,7 @@ class GNMTDecoder(nn.Module):
             [cell((cfg.embed_dim if i == 0 else h) + memory_dim, h) for i in range(cfg.decoder_layers)]
         )
         self.residual = residual_layers(cfg.decoder_layers, cfg.residual_start)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def init_state(self, enc: State) -> State:
         memory = enc["memory"]
@@ -142,7 +143,7 @@ class GNMT(AttentionalRNN):
         self.encoder = GNMTEncoder(cfg, src_vocab_size, pad_id)
         self.decoder = GNMTDecoder(cfg, self.encoder.out_dim)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
 

@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
+from mtkit.models.dropout import Dropout
 from mtkit.models.linear import Linear
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -89,7 +90,7 @@ class RNNEncoder(nn.Module):
                  dropout: float, pad_id: int, bidirectional: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, embed_dim, padding_idx=pad_id)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = RNN_CLASSES[cell](embed_dim, hidden, layers, batch_first=True,
                                      dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
         self.dirs = 2 if bidirectional else 1
@@ -137,7 +138,7 @@ class LSTMSeq2Seq(Seq2Seq):
         self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
         self.decoder = RNN_CLASSES[cfg.cell](cfg.embed_dim, cfg.hidden_dim, cfg.layers, batch_first=True,
                                              dropout=cfg.dropout if cfg.layers > 1 else 0.0)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
         if cfg.tie_embeddings:

@@ -24,6 +24,7 @@ from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.attention import SCORES, Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
+from mtkit.models.dropout import Dropout
 from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     RNN_CLASSES,
@@ -91,7 +92,7 @@ class BahdanauDecoder(nn.Module):
         self.rnn = RNN_CLASSES[cfg.cell](cfg.embed_dim + memory_dim, hidden, cfg.decoder_layers, batch_first=True,
                                          dropout=cfg.dropout if cfg.decoder_layers > 1 else 0.0)
         self.readout = Linear(hidden + memory_dim + cfg.embed_dim, 2 * self.readout_dim)  # maxout, pool 2
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.out_dim = self.readout_dim
 
     def init_state(self, enc: State) -> State:
@@ -127,7 +128,7 @@ class LuongDecoder(nn.Module):
         self.rnn = RNN_CLASSES[cfg.cell](cfg.embed_dim + feed, hidden, cfg.decoder_layers, batch_first=True,
                                          dropout=cfg.dropout if cfg.decoder_layers > 1 else 0.0)
         self.combine = Linear(memory_dim + hidden, hidden, bias=False)  # W_c
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.out_dim = hidden
 
     def init_state(self, enc: State) -> State:
@@ -167,7 +168,7 @@ class RNNAttention(AttentionalRNN):
         decoder_class = BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder
         self.decoder = decoder_class(cfg, memory_dim)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.out = Linear(self.decoder.out_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
 
