@@ -27,8 +27,11 @@ from pathlib import Path
 
 import torch
 
-from mtkit.config import load_config
-from mtkit.training.trainer import Trainer, load_data
+from mtkit.utils import limit_onednn_caches
+
+limit_onednn_caches()  # as `mtkit train` does, before the first oneDNN matmul
+from mtkit.config import load_config  # noqa: E402
+from mtkit.training.trainer import Trainer, load_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -109,6 +109,9 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
     """Train a model on a preprocessed DATA_DIR.
 
     Several GPUs or machines: `torchrun --nproc-per-node N -m mtkit train ...` (or --nproc N)."""
+    from mtkit.utils import limit_onednn_caches
+
+    limit_onednn_caches()  # before the first matmul (see there)
     from mtkit.config import load_config
     from mtkit.training.trainer import distributed_env, launch_local
     from mtkit.training.trainer import train as run
@@ -276,6 +279,9 @@ def recipe() -> None:
 def recipe_run(recipe_file: str, workdir: str, stages: tuple[str, ...], overrides: tuple[str, ...],
                data_dir: str | None, smoke: bool, force: bool, device: str) -> None:
     """Run a recipe's stages, resuming at the first unfinished one."""
+    from mtkit.utils import limit_onednn_caches
+
+    limit_onednn_caches()  # training is most of a recipe's time (see there)
     from mtkit.recipes import run_recipe
 
     summary = run_recipe(recipe_file, workdir, stages=stages, overrides=overrides, data_dir=data_dir,

@@ -140,7 +140,10 @@ def test_layer_built_under_inference_mode_works_unpacked():
 
 _CACHE_PROBE = """
 import ctypes
-import mtkit  # noqa: F401  (sets the cache sizes before oneDNN's first matmul)
+import sys
+from mtkit.utils import limit_onednn_caches
+if sys.argv[1] == "limit":
+    limit_onednn_caches()  # before oneDNN's first matmul, as `mtkit train` does
 import torch
 from mtkit.models.linear import Linear
 
@@ -166,13 +169,15 @@ print((libc.mallinfo2().uordblks - before) / 2**20)
 
 @pytest.mark.skipif(not L.ONEDNN or not sys.platform.startswith("linux"), reason="oneDNN and glibc's mallinfo2")
 def test_onednn_shape_caches_stay_small():
-    caches = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
-    env = {k: v for k, v in os.environ.items() if k not in caches}  # as a fresh shell has it
+    from mtkit.utils import ONEDNN_CACHES
 
-    def held_mib(**extra: str) -> float:
-        run = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env={**env, **extra}, capture_output=True, text=True,
-                             check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES}  # as a fresh shell has it
+
+    def held_mib(mode: str, **extra: str) -> float:
+        run = subprocess.run([sys.executable, "-c", _CACHE_PROBE, mode], env={**env, **extra}, capture_output=True,
+                             text=True, check=True)
         return float(run.stdout)
 
-    assert held_mib() < 60  # the 64-entry caches mtkit sets
-    assert held_mib(**dict.fromkeys(caches, "1024")) > 200  # oneDNN's defaults, which the user may still choose
+    assert held_mib("limit") < 60  # 64-entry caches, as in training
+    assert held_mib("default") > 200  # oneDNN's 1024 entries, as in decoding
+    assert held_mib("limit", LRU_CACHE_CAPACITY="1024", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024") > 200  # the user's choice wins

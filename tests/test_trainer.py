@@ -322,8 +322,12 @@ def test_label_smoothing_by_hand():
 
 
 # --- the command line --------------------------------------------------------------------------
-def test_cli_train_on_preprocessed_dir(tmp_path):
+def test_cli_train_on_preprocessed_dir(tmp_path, monkeypatch):
+    import mtkit.utils
     from mtkit.data.preprocess import preprocess
+
+    limited = []
+    monkeypatch.setattr(mtkit.utils, "limit_onednn_caches", lambda: limited.append(1))
 
     rng = np.random.default_rng(0)
     words = ["house", "tree", "dog", "cat", "red", "blue", "small", "big"]
@@ -339,6 +343,7 @@ def test_cli_train_on_preprocessed_dir(tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["updates"] == 3 and Path(summary["best_checkpoint"]).exists()
     assert 0.0 <= summary["valid"]["bleu"] <= 100.0  # BLEU through the shared decoder
+    assert limited == [1]  # training caps oneDNN's shape caches
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and "error:" in res.stderr and "--resume" in res.stderr
     res = CliRunner().invoke(main, args[:2] + [str(tmp_path / "missing")] + args[3:])
