@@ -25,7 +25,7 @@ def _scaled_mask(like: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tens
     u = bits.view(torch.int16)[:n].bitwise_and_(_LEVELS - 1)  # two uniform 15-bit integers per draw
     drop = round(p * _LEVELS)
     scale = torch.tensor(_LEVELS / (_LEVELS - drop), dtype=dtype)
-    return torch.where(u >= drop, scale, torch.zeros((), dtype=dtype)).view(like.shape)
+    return torch.where(u >= drop, scale, 0.0).view(like.shape)
 
 
 def _cpu_mask_applies(x: torch.Tensor, p: float, training: bool) -> bool:

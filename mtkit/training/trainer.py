@@ -389,7 +389,7 @@ class Trainer:
             return [batch]
         width = int(max(dataset.src_lens[batch].max() + 1, dataset.tgt_lens[batch].max() + 1))
         n = min(len(batch), -(-len(batch) * width // limit))
-        return [p for p in np.array_split(batch, n) if len(p)]
+        return np.array_split(batch, n)  # n <= len(batch): no empty run
 
     def train_step(self, batches: list[np.ndarray]) -> dict[str, float] | None:
         """Forward/backward over ``batches`` (accumulated), then one optimizer step.
