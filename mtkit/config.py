@@ -36,6 +36,11 @@ class ModelConfig:
 
     arch: str = "transformer"
 
+    @property
+    def width(self) -> int:
+        """The model's width (d_model of the noam schedule): each family names its own."""
+        raise NotImplementedError
+
 
 @dataclass
 class TrainConfig:
@@ -55,6 +60,7 @@ class TrainConfig:
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
     lr_scheduler: str = "inverse_sqrt"  # inverse_sqrt | noam | constant
+    time_decay: str = "none"  # none | linear | cosine: lr x a factor reaching 0 at max_time_minutes
     warmup_updates: int = 4000
     warmup_init_lr: float = 1e-7
     noam_factor: float = 2.0  # noam: lr = factor * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)

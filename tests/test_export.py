@@ -229,7 +229,10 @@ def test_int8_export_loads_and_translates(tmp_path, trained, spm, inputs):
     targets = spm.encode(sentences(len(inputs), 9))
     ours = teacher_forced(model, spm, spm, inputs, targets)
     theirs = ct2_scores(ct2.Translator(str(tmp_path / "int8"), intra_threads=1), spm, spm, inputs, targets)
-    assert max(np.abs(a - b).mean() for a, b in zip(ours, theirs)) < 0.1
+    # int8 kernels differ by CPU (VNNI or not): bound the error relative to the log-probs' size
+    err = max(np.abs(a - b).mean() for a, b in zip(ours, theirs))
+    scale = np.mean([np.abs(a).mean() for a in ours])
+    assert err < 0.1 * scale, (err, scale)
 
 
 def test_translate_lines_matches_engine_defaults(trained, spm):

@@ -68,6 +68,106 @@ def test_step_equals_forward(preset):
                 assert attn.shape == src.shape
 
 
+VARIANTS = [
+    ("luong_tiny", {"attention": attention, "window": window, "input_feed": feed, "tie_embeddings": tie,
+                    "hidden_dim": 16})
+    for attention in ("dot", "general", "concat")
+    for window in ("global", "local-m", "local-p")
+    for feed, tie in ((False, False), (True, True))
+] + [
+    ("bahdanau_tiny", {"tie_embeddings": True, "embed_dim": 24, "readout_dim": 24}),
+    ("bahdanau_gru_tiny", {"decoder_layers": 2}),
+    ("gnmt_tiny", {"tie_embeddings": True, "decoder_layers": 4}),
+    ("gnmt_gru_tiny", {"decoder_layers": 4}),
+]
+
+
+@pytest.mark.parametrize("preset, overrides", VARIANTS, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={x}" for k, x in v.items()))
+def test_whole_sequence_teacher_forcing_equals_steps(preset, overrides):
+    """Teacher forcing computes what it can over whole sequences; each variant's log-probs and
+    gradients equal stepping through the positions one at a time."""
+    model, _ = make_model(preset, dropout=0.0, **overrides)
+    src, src_len, tgt = batch([7, 3, 5], [6, 2, 4])
+    full = torch.log_softmax(model(src, src_len, tgt), dim=-1)
+    enc = model.encode(src, src_len)
+    state = model.init_state(enc)
+    steps = []
+    for t in range(tgt.size(1)):
+        log_probs, state, _ = model.step(tgt[:, t], enc, state)
+        steps.append(log_probs)
+    steps = torch.stack(steps, dim=1)
+    keep = tgt != PAD
+    torch.testing.assert_close(full[keep], steps[keep], atol=1e-5, rtol=0)
+    weights = torch.randn_like(full)
+    (g_full,) = torch.autograd.grad((full[keep] * weights[keep]).sum(), model.out.weight)
+    (g_step,) = torch.autograd.grad((steps[keep] * weights[keep]).sum(), model.out.weight)
+    torch.testing.assert_close(g_full, g_step, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("luong_tiny", {"hidden_dim": 16}),
+    ("bahdanau_tiny", {"readout_dim": 16}),
+    ("gnmt_tiny", {}),
+])
+def test_tied_embeddings_share_one_parameter_and_learn_through_both_paths(preset, overrides):
+    model, _ = make_model(preset, tie_embeddings=True, **overrides)
+    assert model.out.weight is model.tgt_embed.weight is model.encoder.embed.weight  # joint vocabulary
+    untied, _ = make_model(preset, tie_embeddings=False, **overrides)
+    saved = 2 * V * model.tgt_embed.embedding_dim
+    assert sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in model.parameters()) == saved
+    model.train()
+    src, src_len, tgt = batch([5, 4], [4, 3])
+    src[0, 0] = 16  # a token seen only by the encoder ...
+    tgt[tgt == 16] = 15
+    model(src, src_len, tgt)[:, :, :15].logsumexp(-1).sum().backward()  # ... and one only the output sees
+    grad = model.out.weight.grad
+    assert grad[16].abs().sum() > 0  # through the source embedding alone
+    assert grad[:15].abs().sum(-1).gt(0).all()  # every output row the loss reached
+
+
+def test_tied_embeddings_keep_the_source_apart_with_separate_vocabularies():
+    torch.manual_seed(0)
+    cfg = load_config("gnmt_tiny", ["model.tie_embeddings=true"])
+    model = build_model(cfg.model, V + 5, V, PAD)
+    assert model.out.weight is model.tgt_embed.weight
+    assert model.encoder.embed.weight is not model.tgt_embed.weight
+
+
+def test_tying_needs_matching_sizes():
+    cfg = load_config("luong_tiny", ["model.tie_embeddings=true"])  # hidden 24, embed 16
+    with pytest.raises(MtkitError, match="model.hidden_dim"):
+        build_model(cfg.model, V, V, PAD)
+
+
+def test_lstm_forget_gates_start_open():
+    model, _ = make_model("gnmt_tiny", forget_bias=1.0)
+    h = model.cfg.hidden_dim
+    cell = model.decoder.cells[1]
+    assert (cell.bias_ih[h : 2 * h] == 1).all() and (cell.bias_hh[h : 2 * h] == 0).all()
+    assert (model.encoder.layers[0].bias_ih_l0_reverse[h : 2 * h] == 1).all()
+
+
+def test_gnmt_residual_path_is_never_dropped():
+    """x + f(dropout(x)): with dropout 1.0 every layer's input is zero, yet a residual layer whose
+    branch outputs zero still passes its input on (dropout(f(x) + x) would zero it)."""
+    deep, _ = make_model("gnmt_tiny", encoder_layers=3, dropout=1.0)
+    shallow, _ = make_model("gnmt_tiny", encoder_layers=2, dropout=1.0)
+    shallow.encoder.load_state_dict(
+        {k: v for k, v in deep.encoder.state_dict().items() if not k.startswith("layers.2.")}
+    )
+    with torch.no_grad():
+        H = deep.encoder.layers[2].hidden_size
+        deep.encoder.layers[2].bias_ih_l0[3 * H :] = -1e4  # output gate closed: the branch gives 0
+    deep.train()
+    shallow.train()
+    src, src_len, _ = batch([6, 3], [1, 1])
+    with torch.no_grad():
+        memory = deep.encoder(src, src_len)
+        torch.testing.assert_close(memory, shallow.encoder(src, src_len))
+    assert memory[0, :6].abs().min() > 0  # the second layer's output, carried by the residual
+
+
 @pytest.mark.parametrize("preset", TINY)
 def test_state_layout_is_batch_first(preset):
     model, cfg = make_model(preset)
@@ -326,7 +426,7 @@ def greedy(model, src, src_len, max_len: int):
         ("lstm_tiny", {"hidden_dim": 64, "embed_dim": 32}, 200),
         ("bahdanau_tiny", {"hidden_dim": 32}, 200),
         ("luong_local_p_tiny", {"hidden_dim": 32, "encoder_layers": 1, "decoder_layers": 1}, 200),
-        ("gnmt_tiny", {"hidden_dim": 32}, 300),
+        ("gnmt_tiny", {"hidden_dim": 32}, 400),
     ],
 )
 def test_learns_to_copy(preset, overrides, steps):

@@ -241,6 +241,22 @@ def test_schedules():
         Scheduler(opt, TrainConfig(lr_scheduler="cosine"))
 
 
+def test_time_decay_reaches_zero_when_the_budget_is_spent():
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    cfg = TrainConfig(lr=1e-3, lr_scheduler="constant", warmup_updates=0, max_time_minutes=10, time_decay="linear")
+    sched = Scheduler(opt, cfg)
+    assert sched.step(1, elapsed=0.0) == pytest.approx(1e-3)
+    assert sched.step(2, elapsed=150.0) == pytest.approx(7.5e-4)
+    assert sched.step(3, elapsed=600.0) == 0.0 and opt.param_groups[0]["lr"] == 0.0
+    cosine = Scheduler(opt, TrainConfig(lr=1e-3, lr_scheduler="inverse_sqrt", warmup_updates=100, max_time_minutes=10,
+                                        time_decay="cosine"))
+    assert cosine.step(400, elapsed=300.0) == pytest.approx(5e-4 * 0.5)  # inverse_sqrt x (1 + cos(pi/2)) / 2
+    with pytest.raises(MtkitError, match="max_time_minutes"):
+        Scheduler(opt, TrainConfig(time_decay="linear"))
+    with pytest.raises(MtkitError, match="time_decay"):
+        Scheduler(opt, TrainConfig(time_decay="exp", max_time_minutes=1))
+
+
 def smoothed_ce(logits, target, pad, eps):
     """Reference: torch's label-smoothed cross entropy and nll, summed over non-pad tokens."""
     flat, tgt = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)

@@ -17,6 +17,10 @@ Windows (Luong et al. 2015, section 3.2), added to the scores as a log-space bia
 Padding is masked in every variant: weights are exactly zero on padding and sum to 1 per row.
 The projected memory (``keys``) depends only on the source, so it is computed once per
 sentence by :meth:`Attention.precompute` and kept in the encoder output.
+
+Queries are (B, Hq) for one decoder step or (B, T, Hq) for T target positions at once (a
+decoder whose queries do not depend on earlier contexts attends over the whole target in one
+batched score); scores and window biases are always computed as (B, T, S).
 """
 
 from __future__ import annotations
@@ -30,12 +34,12 @@ from mtkit.models.linear import Linear
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis of (B, S) scores where ``mask`` (B, S) is True; zero elsewhere."""
+    """Softmax over the last axis of (..., S) scores where ``mask`` (broadcast to them) is True."""
     scores = scores.float().masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
-# --- scores: precompute(memory) -> keys; forward(query (B, Hq), keys (B, S, K)) -> (B, S) ----
+# --- scores: precompute(memory) -> keys; forward(query (B, T, Hq), keys (B, S, K)) -> (B, T, S)
 class AdditiveScore(nn.Module):
     """Bahdanau's MLP score ``v^T tanh(W q + U h_s)`` with an ``attn_dim``-unit hidden layer."""
 
@@ -49,8 +53,8 @@ class AdditiveScore(nn.Module):
         return self.key_proj(memory)  # (B, S, A)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        hidden = torch.tanh(keys + self.query_proj(query).unsqueeze(1))  # (B, S, A)
-        return self.v(hidden).squeeze(-1)  # (B, S)
+        hidden = torch.tanh(keys.unsqueeze(1) + self.query_proj(query).unsqueeze(2))  # (B, T, S, A)
+        return self.v(hidden).squeeze(-1)  # (B, T, S)
 
 
 class ConcatScore(AdditiveScore):
@@ -72,7 +76,7 @@ class DotScore(nn.Module):
         return memory
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(keys, query.unsqueeze(2)).squeeze(2)  # (B, S, H) @ (B, H, 1) -> (B, S)
+        return torch.bmm(query, keys.transpose(1, 2))  # (B, T, H) @ (B, H, S) -> (B, T, S)
 
 
 class GeneralScore(DotScore):
@@ -86,7 +90,7 @@ class GeneralScore(DotScore):
         return self.key_proj(memory)  # (B, S, Hq)
 
 
-# --- windows: forward(query, src_len, t, width) -> (B, S) log-space bias or None -------------
+# --- windows: forward(query (B, T, Hq), src_len, t (B, T), width) -> (B, T, S) bias or None --
 class GlobalWindow(nn.Module):
     def __init__(self, size: int, query_dim: int):
         super().__init__()
@@ -105,11 +109,13 @@ class MonotonicWindow(nn.Module):
         self.size = size
 
     def center(self, query: torch.Tensor, src_len: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(t, src_len - 1).to(query.dtype)  # (B,)
+        """p_t, shaped like ``t``: (B,) or (B, T)."""
+        lens = src_len.view(-1, *[1] * (t.dim() - 1))
+        return torch.minimum(t, lens - 1).to(query.dtype)
 
     def forward(self, query: torch.Tensor, src_len: torch.Tensor, t: torch.Tensor, width: int) -> torch.Tensor:
-        p = self.center(query, src_len, t).unsqueeze(1)  # (B, 1)
-        pos = torch.arange(width, device=query.device, dtype=query.dtype).unsqueeze(0)  # (1, S)
+        p = self.center(query, src_len, t).unsqueeze(-1)  # (B, T, 1)
+        pos = torch.arange(width, device=query.device, dtype=query.dtype)  # (S,)
         inside = (pos - p).abs() <= self.size
         return torch.where(inside, self.inside_bias(pos, p), torch.full_like(pos - p, float("-inf")))
 
@@ -127,8 +133,8 @@ class PredictiveWindow(MonotonicWindow):
         self.sigma = size / 2.0
 
     def center(self, query: torch.Tensor, src_len: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.v(torch.tanh(self.proj(query)))).squeeze(-1)  # (B,)
-        return src_len.to(query.dtype) * gate
+        gate = torch.sigmoid(self.v(torch.tanh(self.proj(query)))).squeeze(-1)  # (B,) or (B, T)
+        return src_len.view(-1, *[1] * (gate.dim() - 1)).to(query.dtype) * gate
 
     def inside_bias(self, pos: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return -((pos - p) ** 2) / (2 * self.sigma**2)
@@ -148,7 +154,8 @@ WINDOWS: dict[str, type[nn.Module]] = {
 
 
 class Attention(nn.Module):
-    """A score plus a window. ``forward`` returns (context (B, Hm), weights (B, S))."""
+    """A score plus a window. ``forward`` returns (context (B, Hm), weights (B, S)) for a (B, Hq)
+    query, or (context (B, T, Hm), weights (B, T, S)) for (B, T, Hq) queries."""
 
     def __init__(self, score: nn.Module, window: nn.Module):
         super().__init__()
@@ -160,19 +167,25 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        query: torch.Tensor,  # (B, Hq)
+        query: torch.Tensor,  # (B, Hq), or (B, T, Hq)
         memory: torch.Tensor,  # (B, S, Hm)
         keys: torch.Tensor,  # (B, S, K) from precompute
         mask: torch.Tensor,  # (B, S) True on real tokens
         src_len: torch.Tensor,  # (B,)
-        t: torch.Tensor | None = None,  # (B,) decoder position (local-m needs it)
+        t: torch.Tensor | None = None,  # (B,) or (B, T) decoder positions (local-m needs them)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.score(query, keys)  # (B, S)
+        one_step = query.dim() == 2
+        if one_step:
+            query = query.unsqueeze(1)  # (B, 1, Hq)
+            t = None if t is None else t.unsqueeze(1)
+        scores = self.score(query, keys)  # (B, T, S)
         bias = self.window(query, src_len, t, memory.size(1))
         if bias is not None:
             scores = scores + bias
-        weights = masked_softmax(scores, mask)  # (B, S), float32
-        context = torch.bmm(weights.to(memory.dtype).unsqueeze(1), memory).squeeze(1)  # (B, Hm)
+        weights = masked_softmax(scores, mask.unsqueeze(1))  # (B, T, S), float32
+        context = torch.bmm(weights.to(memory.dtype), memory)  # (B, T, Hm)
+        if one_step:
+            return context.squeeze(1), weights.squeeze(1)
         return context, weights
 
 
@@ -190,10 +203,11 @@ def build_attention(
 class AttentionalRNN(Seq2Seq):
     """Shared teacher forcing and stepping of the attentional RNN families.
 
-    Subclasses provide ``encode``, ``self.decoder`` (a module mapping (embedded token, enc,
-    state) to (output (B, H), state, attention (B, S)) with an ``init_state(enc)``),
-    ``self.tgt_embed``, ``self.dropout`` and ``self.out``. Teacher forcing runs the very same
-    decoder step over the target positions, so ``step`` equals ``forward`` by construction.
+    Subclasses provide ``encode``, ``self.decoder``, ``self.tgt_embed``, ``self.dropout`` and
+    ``self.out``. The decoder maps (embedded token (B, E), enc, state) to (output (B, H), state,
+    attention (B, S)) in ``forward`` (one step, used by search) and (embedded target (B, T, E),
+    enc, state) to outputs (B, T, H) in ``sequence`` (teacher forcing), which runs over whole
+    sequences whatever does not depend on the recurrence; the contract test holds the two equal.
     """
 
     def init_state(self, enc: State) -> State:
@@ -204,13 +218,8 @@ class AttentionalRNN(Seq2Seq):
 
     def features(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         enc = self.encode(src, src_len)
-        state = self.init_state(enc)
         emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
-        outs = []
-        for i in range(tgt_in.size(1)):
-            o, state, _ = self.decoder(emb[:, i], enc, state)
-            outs.append(o)
-        return torch.stack(outs, dim=1)  # (B, T, H)
+        return self.decoder.sequence(emb, enc, self.init_state(enc))  # (B, T, H)
 
     def step(
         self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True

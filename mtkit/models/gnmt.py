@@ -2,7 +2,8 @@
 
 Encoder: a bidirectional bottom layer (forward and backward outputs concatenated), then
 unidirectional layers; from layer ``residual_start`` (the third, 1-based) up every layer adds
-its input to its output. All layers run over one packed sequence, so padding never enters.
+its input to its output: ``x + f(dropout(x))``, so the identity path is never dropped. All
+layers run over one packed sequence, so padding never enters.
 
 Decoder: a stack of LSTM (or GRU) cells. The bottom layer reads the previous word and the
 previous context; its output queries an additive attention over the encoder output, and the
@@ -11,9 +12,12 @@ as in the encoder. The top layer's output predicts the word. Decoder states star
 (The paper queries with the bottom layer's output of the previous step; querying with the
 current one, as the reference GNMT implementation's "new attention" does, learns faster and
 gives the same structure: the bottom layer attends, every layer receives the context.)
+In teacher forcing only the bottom layer and the attention step through the target; each
+upper layer then runs over the whole sequence in one fused call on its cell's weights.
 
-Beam search applies GNMT's length normalisation and coverage penalty (``decode.alpha``,
-``decode.beta``) using the attention weights ``step`` returns.
+With ``tie_embeddings`` the output layer shares the target embedding (and the source one with
+a joint vocabulary). Beam search applies GNMT's length normalisation and coverage penalty
+(``decode.alpha``, ``decode.beta``) using the attention weights ``step`` returns.
 """
 
 from __future__ import annotations
@@ -33,10 +37,14 @@ from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     CELL_CLASSES,
     RNN_CLASSES,
+    Embedding,
     check_choice,
     check_positive,
+    init_forget_bias,
     init_uniform,
     padding_mask,
+    run_cell,
+    tie_embeddings,
 )
 
 
@@ -50,8 +58,14 @@ class Config(ModelConfig):
     decoder_layers: int = 4
     residual_start: int = 3  # 1-based layer from which residual connections start (>= 3)
     attn_dim: int = 0  # hidden units of the additive attention; 0 = hidden_dim
-    dropout: float = 0.2  # on embeddings, between layers and before the output layer
+    dropout: float = 0.2  # on embeddings, each layer's input and before the output layer
     init_scale: float = 0.0  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
+    forget_bias: float = 1.0  # initial LSTM forget-gate bias
+    tie_embeddings: bool = False  # output layer = target embedding (= source too, joint vocabulary)
+
+    @property
+    def width(self) -> int:
+        return self.hidden_dim
 
 
 def residual_layers(n: int, start: int) -> list[bool]:
@@ -63,7 +77,7 @@ class GNMTEncoder(nn.Module):
     def __init__(self, cfg: Config, vocab: int, pad_id: int):
         super().__init__()
         rnn, h = RNN_CLASSES[cfg.cell], cfg.hidden_dim
-        self.embed = nn.Embedding(vocab, cfg.embed_dim, padding_idx=pad_id)
+        self.embed = Embedding(vocab, cfg.embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(cfg.dropout)
         layers = [rnn(cfg.embed_dim, h, batch_first=True, bidirectional=True)]  # -> 2H
         layers += [rnn(2 * h if i == 1 else h, h, batch_first=True) for i in range(1, cfg.encoder_layers)]
@@ -72,12 +86,11 @@ class GNMTEncoder(nn.Module):
         self.out_dim = h if cfg.encoder_layers > 1 else 2 * h
 
     def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(self.embed(src))  # (B, S, E)
+        x = self.embed(src)  # (B, S, E)
         packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
         for layer, residual in zip(self.layers, self.residual):
-            out, _ = layer(packed)  # PackedSequence; .data is (tokens, H)
-            data = out.data + packed.data if residual else out.data
-            packed = out._replace(data=self.dropout(data))
+            out, _ = layer(packed._replace(data=self.dropout(packed.data)))  # .data is (tokens, H)
+            packed = out._replace(data=out.data + packed.data) if residual else out
         memory, _ = pad_packed_sequence(packed, batch_first=True, total_length=src.size(1))
         return memory  # (B, S, Hm), zero on padding
 
@@ -112,18 +125,44 @@ class GNMTDecoder(nn.Module):
         return h
 
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """One step: emb (B, E) -> output (B, H)."""
         hs: list[torch.Tensor] = []
         cs: list[torch.Tensor] = []
         bottom = self._cell(0, torch.cat([emb, state["ctx"]], dim=-1), state, hs, cs)  # (B, H)
         ctx, weights = self.attention(bottom, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
-        x = self.dropout(bottom)
+        x = bottom
         for i in range(1, len(self.cells)):
-            h = self._cell(i, torch.cat([x, ctx], dim=-1), state, hs, cs)  # context into every layer
-            x = self.dropout(h + x if self.residual[i] else h)
+            h = self._cell(i, torch.cat([self.dropout(x), ctx], dim=-1), state, hs, cs)  # context into every layer
+            x = h + x if self.residual[i] else h
         new_state = {"h": torch.stack(hs, dim=1), "ctx": ctx}  # h: (B, L, H)
         if self.has_cell_state:
             new_state["c"] = torch.stack(cs, dim=1)
-        return x, new_state, weights
+        return self.dropout(x), new_state, weights
+
+    def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
+        """Teacher forcing: emb (B, T, E) -> outputs (B, T, H). Only the bottom layer and the
+        attention loop over positions; each upper layer is one call over the whole target."""
+        h = state["h"].transpose(0, 1)  # (L, B, H): torch's layout inside the loop
+        c = state["c"].transpose(0, 1) if self.has_cell_state else None
+        bottom_cell, ctx = self.cells[0], state["ctx"]
+        hb, cb = h[0], (c[0] if c is not None else None)
+        bottoms, ctxs = [], []
+        for e in emb.unbind(1):  # (B, E) per position
+            inp = torch.cat([e, ctx], dim=-1)
+            if cb is not None:
+                hb, cb = bottom_cell(inp, (hb, cb))
+            else:
+                hb = bottom_cell(inp, hb)
+            ctx, _ = self.attention(hb, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+            bottoms.append(hb)
+            ctxs.append(ctx)
+        x = torch.stack(bottoms, dim=1)  # (B, T, H)
+        context = torch.stack(ctxs, dim=1)  # (B, T, Hm)
+        for i in range(1, len(self.cells)):
+            out = run_cell(self.cells[i], torch.cat([self.dropout(x), context], dim=-1), h[i],
+                           c[i] if c is not None else None)
+            x = out + x if self.residual[i] else out
+        return self.dropout(x)
 
 
 class GNMT(AttentionalRNN):
@@ -142,10 +181,13 @@ class GNMT(AttentionalRNN):
             )
         self.encoder = GNMTEncoder(cfg, src_vocab_size, pad_id)
         self.decoder = GNMTDecoder(cfg, self.encoder.out_dim)
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
+        self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(cfg.dropout)
         self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
+        init_forget_bias(self, cfg.forget_bias)
+        if cfg.tie_embeddings:
+            self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out, "model.hidden_dim")
 
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
         src_len = src_len.to(src.device)

@@ -51,6 +51,63 @@ def init_uniform(module: nn.Module, scale: float) -> None:
                     m.weight[m.padding_idx].zero_()
 
 
+def init_forget_bias(module: nn.Module, value: float = 1.0) -> None:
+    """Start every LSTM forget gate at ``value`` (bias_ih; bias_hh's part at 0): the cell keeps
+    its memory from the first update instead of halving it at every step."""
+    for m in module.modules():
+        if isinstance(m, (nn.LSTM, nn.LSTMCell)):
+            for name, p in m.named_parameters():
+                if name.startswith("bias_"):
+                    h = p.numel() // 4  # gates i, f, g, o
+                    with torch.no_grad():
+                        p[h : 2 * h].fill_(value if name.startswith("bias_ih") else 0.0)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` whose output is multiplied by ``scale`` (1 unless tied: see
+    :func:`tie_embeddings`); the same parameters and state-dict keys as ``nn.Embedding``."""
+
+    scale: float = 1.0
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = super().forward(tokens)
+        return x if self.scale == 1.0 else x * self.scale
+
+
+def tie_embeddings(src_embed: nn.Embedding, tgt_embed: nn.Embedding, out: nn.Linear, key: str) -> nn.Embedding:
+    """``out.weight = tgt_embed.weight``; the source embedding too when both vocabularies have the
+    same size (a joint vocabulary). Returns the target embedding to use (``src_embed`` if shared)."""
+    if out.in_features != tgt_embed.embedding_dim:
+        raise MtkitError(
+            f"model.tie_embeddings needs {key} ({out.in_features}), the output layer's input size, to equal "
+            f"model.embed_dim ({tgt_embed.embedding_dim})"
+        )
+    if src_embed.num_embeddings == tgt_embed.num_embeddings and src_embed.embedding_dim == tgt_embed.embedding_dim:
+        tgt_embed = src_embed
+    # N(0, 1/d) rather than N(0, 1): the output layer's logits start at the scale of its input
+    # (about 1) instead of sqrt(d) times it, which saturates the softmax before the first update;
+    # the inputs are scaled back by sqrt(d), so the RNNs still read unit-scale embeddings
+    if isinstance(tgt_embed, Embedding):
+        tgt_embed.scale = tgt_embed.embedding_dim**0.5
+    with torch.no_grad():
+        nn.init.normal_(tgt_embed.weight, 0.0, tgt_embed.embedding_dim**-0.5)
+        if tgt_embed.padding_idx is not None:
+            tgt_embed.weight[tgt_embed.padding_idx].zero_()
+    out.weight = tgt_embed.weight
+    return tgt_embed
+
+
+def run_cell(cell: nn.RNNCellBase, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None = None) -> torch.Tensor:
+    """Run an ``nn.LSTMCell``/``nn.GRUCell`` over a whole sequence in one call (torch's fused
+    single-layer RNN on the cell's own weights): x (B, T, I), h0/c0 (B, H) -> outputs (B, T, H)."""
+    params = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+    if c0 is not None:
+        out, _, _ = torch.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), params, True, 1, 0.0, False, False, True)
+    else:
+        out, _ = torch.gru(x, h0.unsqueeze(0), params, True, 1, 0.0, False, False, True)
+    return out
+
+
 def to_state(hidden: Hidden) -> State:
     """torch RNN state (layers, B, H) [+ cell] -> {"h": (B, layers, H)[, "c": ...]}."""
     if isinstance(hidden, tuple):
@@ -89,7 +146,7 @@ class RNNEncoder(nn.Module):
     def __init__(self, cell: str, vocab: int, embed_dim: int, hidden: int, layers: int,
                  dropout: float, pad_id: int, bidirectional: bool = False):
         super().__init__()
-        self.embed = nn.Embedding(vocab, embed_dim, padding_idx=pad_id)
+        self.embed = Embedding(vocab, embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(dropout)
         self.rnn = RNN_CLASSES[cell](embed_dim, hidden, layers, batch_first=True,
                                      dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
@@ -120,6 +177,11 @@ class Config(ModelConfig):
     dropout: float = 0.2  # on embeddings, between layers and before the output layer
     init_scale: float = 0.0  # uniform(-s, s) init of every weight (paper: 0.08); 0 = torch defaults
     tie_embeddings: bool = False  # share decoder input embedding and output projection
+    forget_bias: float = 1.0  # initial LSTM forget-gate bias
+
+    @property
+    def width(self) -> int:
+        return self.hidden_dim
 
 
 class LSTMSeq2Seq(Seq2Seq):
@@ -141,6 +203,7 @@ class LSTMSeq2Seq(Seq2Seq):
         self.dropout = Dropout(cfg.dropout)
         self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
+        init_forget_bias(self, cfg.forget_bias)
         if cfg.tie_embeddings:
             self.out.weight = self.tgt_embed.weight
 

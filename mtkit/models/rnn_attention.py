@@ -10,7 +10,13 @@ One ``rnn_attention`` arch; ``model.attention`` picks the decoder:
   predicts the word and, with input feeding, is fed to the next step's bottom layer.
 
 The encoder is a stacked RNN (bidirectional for RNNsearch) over packed sequences; its final
-states pass through a small bridge to initialise the decoder. Cells are LSTM or GRU.
+states pass through a small bridge to initialise the decoder. Cells are LSTM or GRU. With
+``tie_embeddings`` the output layer shares the target embedding (and the source one with a
+joint vocabulary).
+
+Teacher forcing loops over target positions only for what depends on the recurrence: Luong
+without input feeding is one RNN call, one batched score and one combine layer over the whole
+target; RNNsearch's maxout readout runs over all positions at once after its loop.
 """
 
 from __future__ import annotations
@@ -28,12 +34,16 @@ from mtkit.models.dropout import Dropout
 from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     RNN_CLASSES,
+    Embedding,
+    Hidden,
     RNNEncoder,
     check_choice,
     check_positive,
     from_state,
+    init_forget_bias,
     init_uniform,
     padding_mask,
+    tie_embeddings,
     to_state,
 )
 
@@ -55,6 +65,17 @@ class Config(ModelConfig):
     readout_dim: int = 0  # Bahdanau maxout readout size; 0 = embed_dim
     dropout: float = 0.2
     init_scale: float = 0.0  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
+    forget_bias: float = 1.0  # initial LSTM forget-gate bias
+    tie_embeddings: bool = False  # output layer = target embedding (= source too, joint vocabulary)
+
+    @property
+    def width(self) -> int:
+        return self.hidden_dim
+
+
+def top_hidden(hidden: Hidden) -> torch.Tensor:
+    """The top layer's h (B, H) of a torch RNN state (layers, B, H) [+ cell]."""
+    return (hidden[0] if isinstance(hidden, tuple) else hidden)[-1]
 
 
 class Bridge(nn.Module):
@@ -100,17 +121,31 @@ class BahdanauDecoder(nn.Module):
         state["t"] = torch.zeros_like(enc["src_len"])
         return state
 
+    def recur(self, emb: torch.Tensor, enc: State, hidden: Hidden) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Hidden]:
+        """Attend with s_{i-1}, then one RNN step: (s_i (B, H), c_i (B, Hm), weights, new hidden)."""
+        ctx, weights = self.attention(top_hidden(hidden), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+        out, hidden = self.rnn(torch.cat([emb, ctx], dim=-1).unsqueeze(1), hidden)  # (B, 1, H)
+        return out.squeeze(1), ctx, weights, hidden
+
+    def maxout(self, s: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Maxout over [s_i; c_i; E y_{i-1}], for one step (B, ...) or all positions (B, T, ...)."""
+        r = self.readout(torch.cat([s, ctx, emb], dim=-1))  # (..., 2R)
+        return self.dropout(r.view(*r.shape[:-1], self.readout_dim, 2).amax(-1))  # (..., R)
+
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
-        prev_top = state["h"][:, -1]  # s_{i-1}: (B, H)
-        ctx, weights = self.attention(prev_top, enc["memory"], enc["keys"], enc["mask"], enc["src_len"], state["t"])
-        x = torch.cat([emb, ctx], dim=-1).unsqueeze(1)  # (B, 1, E + Hm)
-        out, hidden = self.rnn(x, from_state(state))
-        s = out.squeeze(1)  # (B, H)
-        r = self.readout(torch.cat([s, ctx, emb], dim=-1))  # (B, 2R)
-        r = r.view(r.size(0), self.readout_dim, 2).amax(-1)  # maxout -> (B, R)
+        s, ctx, weights, hidden = self.recur(emb, enc, from_state(state))
         new_state = to_state(hidden)
         new_state["t"] = state["t"] + 1
-        return self.dropout(r), new_state, weights
+        return self.maxout(s, ctx, emb), new_state, weights
+
+    def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
+        hidden = from_state(state)  # torch's (layers, B, H) layout for the whole loop
+        states, contexts = [], []
+        for e in emb.unbind(1):
+            s, ctx, _, hidden = self.recur(e, enc, hidden)
+            states.append(s)
+            contexts.append(ctx)
+        return self.maxout(torch.stack(states, dim=1), torch.stack(contexts, dim=1), emb)  # (B, T, R)
 
 
 class LuongDecoder(nn.Module):
@@ -138,17 +173,32 @@ class LuongDecoder(nn.Module):
             state["feed"] = enc["memory"].new_zeros(enc["memory"].size(0), self.hidden)
         return state
 
+    def attend(self, h: torch.Tensor, enc: State, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h~ = tanh(W_c [c; h]) for one step (B, H) or all positions (B, T, H); (h~, weights)."""
+        ctx, weights = self.attention(h, enc["memory"], enc["keys"], enc["mask"], enc["src_len"], t)
+        return self.dropout(torch.tanh(self.combine(torch.cat([ctx, h], dim=-1)))), weights
+
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
         x = torch.cat([emb, state["feed"]], dim=-1) if self.input_feed else emb
         out, hidden = self.rnn(x.unsqueeze(1), from_state(state))
-        h = out.squeeze(1)  # (B, H)
-        ctx, weights = self.attention(h, enc["memory"], enc["keys"], enc["mask"], enc["src_len"], state["t"])
-        h_tilde = self.dropout(torch.tanh(self.combine(torch.cat([ctx, h], dim=-1))))  # (B, H)
+        h_tilde, weights = self.attend(out.squeeze(1), enc, state["t"])  # (B, H)
         new_state = to_state(hidden)
         new_state["t"] = state["t"] + 1
         if self.input_feed:
             new_state["feed"] = h_tilde
         return h_tilde, new_state, weights
+
+    def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
+        steps = torch.arange(emb.size(1), device=emb.device)
+        if not self.input_feed:  # one RNN call, one batched score, one combine layer
+            out, _ = self.rnn(emb, from_state(state))  # (B, T, H)
+            return self.attend(out, enc, state["t"].unsqueeze(1) + steps)[0]  # (B, T, H)
+        hidden, feed, outs = from_state(state), state["feed"], []
+        for i, e in enumerate(emb.unbind(1)):  # h~_{t-1} feeds step t: sequential by nature
+            out, hidden = self.rnn(torch.cat([e, feed], dim=-1).unsqueeze(1), hidden)
+            feed, _ = self.attend(out.squeeze(1), enc, state["t"] + i)
+            outs.append(feed)
+        return torch.stack(outs, dim=1)  # (B, T, H)
 
 
 class RNNAttention(AttentionalRNN):
@@ -167,10 +217,14 @@ class RNNAttention(AttentionalRNN):
         self.bridge = Bridge(memory_dim, cfg.hidden_dim, cfg.decoder_layers, has_cell=cfg.cell == "lstm")
         decoder_class = BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder
         self.decoder = decoder_class(cfg, memory_dim)
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
+        self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(cfg.dropout)
         self.out = Linear(self.decoder.out_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
+        init_forget_bias(self, cfg.forget_bias)
+        if cfg.tie_embeddings:
+            size_key = "model.readout_dim" if cfg.attention == "bahdanau" else "model.hidden_dim"
+            self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out, size_key)
 
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
         memory, final = self.encoder(src, src_len)  # (B, S, Hm)

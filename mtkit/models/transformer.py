@@ -44,6 +44,10 @@ class Config(ModelConfig):
     tie_embeddings: bool = True  # output projection = target embedding (and = source when sizes match)
     grad_checkpointing: bool = False  # recompute layer activations in backward to save memory
 
+    @property
+    def width(self) -> int:
+        return self.d_model
+
 
 # --- positions --------------------------------------------------------------------------------
 def sinusoid_table(n: int, d: int) -> torch.Tensor:

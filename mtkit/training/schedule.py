@@ -4,6 +4,11 @@
   ``warmup_updates``, then ``lr * sqrt(warmup_updates / t)``.
 - ``noam`` (Vaswani et al. 2017): ``factor * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)``.
 - ``constant``: ``lr`` after an optional linear warmup.
+
+``train.time_decay`` multiplies any of them by a factor that falls to zero exactly when the
+training-time budget ``max_time_minutes`` is spent (by elapsed training time, so it ends on
+time on any machine): ``linear`` ``1 - f``, ``cosine`` ``(1 + cos(pi f)) / 2``, with ``f`` the
+share of the budget used; ``none`` leaves the schedule alone.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from mtkit.config import TrainConfig
 from mtkit.errors import MtkitError
 
 SCHEDULES = ("inverse_sqrt", "noam", "constant")
+TIME_DECAYS = ("none", "linear", "cosine")
 
 
 def _warmup(t: int, warmup: int, init_lr: float, lr: float) -> float:
@@ -40,12 +46,26 @@ def constant(t: int, lr: float, warmup: int = 0, init_lr: float = 0.0) -> float:
     return lr
 
 
+def time_factor(kind: str, used: float) -> float:
+    """The ``time_decay`` multiplier after ``used`` (0..1) of the time budget."""
+    f = min(max(used, 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - f
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * f))
+    return 1.0
+
+
 class Scheduler:
     """Sets the optimizer's lr for each update; its state is just the update number."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, d_model: int = 512):
         if cfg.lr_scheduler not in SCHEDULES:
             raise MtkitError(f"train.lr_scheduler '{cfg.lr_scheduler}' must be one of {', '.join(SCHEDULES)}")
+        if cfg.time_decay not in TIME_DECAYS:
+            raise MtkitError(f"train.time_decay '{cfg.time_decay}' must be one of {', '.join(TIME_DECAYS)}")
+        if cfg.time_decay != "none" and cfg.max_time_minutes <= 0:
+            raise MtkitError(f"train.time_decay {cfg.time_decay} needs a time budget: set train.max_time_minutes")
         self.optimizer, self.cfg, self.d_model = optimizer, cfg, d_model
         self.update = 0
 
@@ -57,10 +77,13 @@ class Scheduler:
             return noam(t, self.d_model, c.warmup_updates, c.noam_factor)
         return constant(t, c.lr, c.warmup_updates, c.warmup_init_lr)
 
-    def step(self, update: int) -> float:
-        """Set the lr used by update number ``update`` (1-based); returns it."""
+    def step(self, update: int, elapsed: float = 0.0) -> float:
+        """Set the lr used by update number ``update`` (1-based), ``elapsed`` seconds of training
+        into the run; returns it."""
         self.update = update
         lr = self.lr_at(update)
+        if self.cfg.time_decay != "none":
+            lr *= time_factor(self.cfg.time_decay, elapsed / (60.0 * self.cfg.max_time_minutes))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr

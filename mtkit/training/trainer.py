@@ -259,8 +259,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_buffer_sync
             )
         self.optimizer = self._optimizer()
-        d_model = getattr(cfg.model, "d_model", None) or getattr(cfg.model, "hidden_size", 512)
-        self.scheduler = Scheduler(self.optimizer, tc, d_model)
+        self.scheduler = Scheduler(self.optimizer, tc, cfg.model.width)
         self.autocast_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
 
@@ -430,7 +429,7 @@ class Trainer:
         bad = bad != 0 or not math.isfinite(loss_value)
         if bad:
             return self._bad_update(loss_value, gnorm)
-        lr = self.scheduler.step(self.update + 1)
+        lr = self.scheduler.step(self.update + 1, self._agreed_elapsed())
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips the step itself on fp16 overflow
             self.scaler.update()
@@ -781,6 +780,12 @@ class Trainer:
         if not tc.max_updates and not tc.max_epochs and not tc.max_time_minutes and not tc.patience:
             raise MtkitError("set at least one of train.max_updates, max_epochs, max_time_minutes or patience")
         return None
+
+    def _agreed_elapsed(self) -> float:
+        """Training seconds so far, the same on every rank (rank 0's) when the lr depends on it."""
+        if self.tc.time_decay == "none":
+            return self.elapsed
+        return float(self._agree(self.elapsed)) if self.distributed else self.elapsed
 
     def _any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank."""
