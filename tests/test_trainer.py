@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,21 @@ def test_time_decay_reaches_zero_when_the_budget_is_spent():
         Scheduler(opt, TrainConfig(time_decay="linear"))
     with pytest.raises(MtkitError, match="time_decay"):
         Scheduler(opt, TrainConfig(time_decay="exp", max_time_minutes=1))
+
+
+def test_trainer_decays_the_lr_by_training_time(spm, tmp_path, monkeypatch):
+    """With time_decay the trainer hands the scheduler its elapsed training time: the logged lr
+    falls below the constant schedule's as the (fake) clock runs towards the budget."""
+    clock = iter(range(10_000))
+    fake_time = types.SimpleNamespace(perf_counter=lambda: float(next(clock)) * 3.0)  # each call: 3 s later
+    monkeypatch.setattr(T, "time", fake_time)
+    cfg = tiny_cfg("train.lr_scheduler=constant", "train.warmup_updates=0", "train.max_updates=0",
+                   "train.max_time_minutes=1", "train.time_decay=linear")
+    out = T.Trainer(data(spm), cfg, tmp_path / "ck").fit()
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(x)["kind"] == "train"]
+    assert out["stop_reason"].startswith("reached max_time_minutes") and len(lrs) >= 3
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.002 and lrs[-1] < 0.002 * 0.5
 
 
 def smoothed_ce(logits, target, pad, eps):
