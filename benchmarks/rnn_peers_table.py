@@ -14,29 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
+import sys
 from pathlib import Path
 
-
-def summary(path: Path) -> dict[str, str]:
-    """``key: value`` lines (the peers' scripts' format), plus ``BLEU=x`` from score.py."""
-    out: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            key, sep, value = line.partition(": ")
-            if sep and " " not in key.strip():
-                out.setdefault(key.strip(), value.strip())
-            m = re.match(r"BLEU=([\d.]+)", line)
-            if m:
-                out["BLEU"] = m.group(1)
-    return out
-
-
-def json_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("{")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers_table import json_lines, summary  # noqa: E402  (the peers' summary format, read once)
 
 
 def num(value: str | None) -> float | None:

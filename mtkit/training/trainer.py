@@ -783,9 +783,7 @@ class Trainer:
 
     def _agreed_elapsed(self) -> float:
         """Training seconds so far, the same on every rank (rank 0's) when the lr depends on it."""
-        if self.tc.time_decay == "none":
-            return self.elapsed
-        return float(self._agree(self.elapsed)) if self.distributed else self.elapsed
+        return self.elapsed if self.tc.time_decay == "none" else float(self._agree(self.elapsed))
 
     def _any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank."""
