@@ -35,10 +35,8 @@
 # Tied embeddings: mtkit's model.tie_embeddings shares the target embedding with the output layer and, with a
 # joint vocabulary, with the source embedding, so OpenNMT-py gets share_decoder_embeddings + share_embeddings.
 # Differences left:
-# - OpenNMT-py splits hidden_size over the brnn directions (128 each, memory 256); mtkit's hidden_dim is per
-#   direction (256 each, memory 512), so mtkit's encoder is the larger one. OpenNMT-py's attention needs
-#   memory width == decoder width and mtkit has one hidden_dim for both, so no setting matches both; the
-#   table prints each side's parameter count.
+# - OpenNMT-py splits hidden_size over the brnn directions (128 each, memory 256); mtkit gets the same shape
+#   with model.encoder_hidden_dim=128 (its hidden_dim is per direction unless that is set).
 # - OpenNMT-py's vocabulary holds the pieces seen in training (~7.8k), mtkit's the whole spm model (8k + pad).
 # - mtkit sets LSTM forget-gate biases to model.forget_bias (1.0) after the uniform init; OpenNMT-py does not.
 # - mtkit's encoder final states reach the decoder through its bridge (tanh(W s)); OpenNMT-py's (bridge:
@@ -62,7 +60,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$REPO"
 
 # mtkit overrides of the luong_small preset that make the setup above (some restate the preset)
-MTKIT_OVR=(model.bidirectional=true model.encoder_layers=2 model.decoder_layers=2 model.embed_dim=256
+MTKIT_OVR=(model.bidirectional=true model.encoder_hidden_dim=128 model.encoder_layers=2 model.decoder_layers=2 model.embed_dim=256
   model.hidden_dim=256 model.cell=lstm model.attention=general model.window=global model.input_feed=true
   model.dropout=0.2 model.init_scale=0.1
   train.optimizer=adam train.lr=0.001 train.lr_scheduler=constant train.warmup_updates=0 "train.adam_betas=[0.9,0.999]"

@@ -11,7 +11,7 @@ from mtkit.errors import MtkitError
 from mtkit.models import MODELS, build_model
 from mtkit.models.attention import SCORES, WINDOWS, build_attention, masked_softmax
 from mtkit.models.base import expand_state, reorder_state
-from mtkit.models.lstm import padding_mask, reverse_padded
+from mtkit.models.lstm import layers_state, padding_mask, reverse_padded, rnn_step, state_layers
 from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 torch.set_num_threads(1)
@@ -330,6 +330,42 @@ def test_lstm_encoder_final_states_seed_the_decoder():
     torch.testing.assert_close(state["c"][1], c[:, 0])
 
 
+@pytest.mark.parametrize("rnn_class", [torch.nn.LSTM, torch.nn.GRU])
+def test_rnn_step_equals_the_stacked_module(rnn_class):
+    torch.manual_seed(0)
+    rnn = rnn_class(5, 7, num_layers=3, batch_first=True, dropout=0.5).eval()
+    x = torch.randn(4, 6, 5)
+    h0 = torch.randn(3, 4, 7)
+    hidden = (h0, torch.randn(3, 4, 7)) if rnn_class is torch.nn.LSTM else h0
+    expected, expected_hidden = rnn(x, hidden)
+    state = {"h": hidden[0].transpose(0, 1), "c": hidden[1].transpose(0, 1)} if isinstance(hidden, tuple) else {
+        "h": hidden.transpose(0, 1)}
+    layers = state_layers(state)
+    for t in range(x.size(1)):
+        out, layers = rnn_step(rnn, x[:, t], layers)
+        torch.testing.assert_close(out, expected[:, t])
+    final = layers_state(layers)
+    torch.testing.assert_close(final["h"], (expected_hidden[0] if isinstance(hidden, tuple) else expected_hidden
+                                            ).transpose(0, 1))
+    if isinstance(hidden, tuple):
+        torch.testing.assert_close(final["c"], expected_hidden[1].transpose(0, 1))
+    rnn.train()  # dropout between layers, drawn afresh at every call
+    outs = {rnn_step(rnn, x[:, 0], state_layers(state))[0] for _ in range(3)}
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 3
+    rnn.dropout = 0.0
+    torch.testing.assert_close(rnn_step(rnn, x[:, 0], state_layers(state))[0], expected[:, 0])
+
+
+def test_encoder_hidden_dim_sizes_the_encoder_alone():
+    model, cfg = make_model("luong_tiny", bidirectional="true", encoder_hidden_dim=5)
+    assert model.encoder.rnn.hidden_size == 5 and model.encoder.out_dim == 10
+    assert model.decoder.rnn.hidden_size == cfg.model.hidden_dim != 5
+    src, src_len, tgt = batch([6, 4], [3, 2])
+    with torch.no_grad():
+        assert model.encode(src, src_len)["memory"].shape == (2, 6, 10)
+        assert model(src, src_len, tgt).shape == (2, tgt.size(1), V)
+
+
 def test_gnmt_structure():
     model, cfg = make_model("gnmt_tiny", encoder_layers=4, decoder_layers=4)
     enc, dec = model.encoder, model.decoder
@@ -380,6 +416,7 @@ def test_bidirectional_encoders_see_the_whole_source():
         ("bahdanau_tiny", "model.window=local-p", "model.window"),
         ("gnmt_tiny", "model.residual_start=2", "model.residual_start"),
         ("gnmt_tiny", "model.hidden_dim=0", "model.hidden_dim"),
+        ("luong_tiny", "model.encoder_hidden_dim=-1", "model.encoder_hidden_dim"),
     ],
 )
 def test_bad_config_values_are_one_line_errors(preset, override, message):

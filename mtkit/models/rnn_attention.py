@@ -35,16 +35,18 @@ from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     RNN_CLASSES,
     Embedding,
-    Hidden,
     RNNEncoder,
     check_choice,
     check_positive,
     from_state,
     init_forget_bias,
     init_uniform,
+    layers_state,
     padding_mask,
+    rnn_step,
+    state_layers,
     tie_embeddings,
-    to_state,
+    top_output,
 )
 
 
@@ -53,7 +55,8 @@ class Config(ModelConfig):
     arch: str = "rnn_attention"
     cell: str = "lstm"  # lstm | gru
     embed_dim: int = 256
-    hidden_dim: int = 256  # decoder size, and the encoder's size per direction
+    hidden_dim: int = 256  # decoder size, and the encoder's size per direction unless encoder_hidden_dim is set
+    encoder_hidden_dim: int = 0  # encoder size per direction; 0 = hidden_dim (hidden_dim/2 matches a split brnn)
     encoder_layers: int = 1
     decoder_layers: int = 1
     bidirectional: bool = True  # encoder reads both ways (RNNsearch); Luong used False
@@ -71,11 +74,6 @@ class Config(ModelConfig):
     @property
     def width(self) -> int:
         return self.hidden_dim
-
-
-def top_hidden(hidden: Hidden) -> torch.Tensor:
-    """The top layer's h (B, H) of a torch RNN state (layers, B, H) [+ cell]."""
-    return (hidden[0] if isinstance(hidden, tuple) else hidden)[-1]
 
 
 class Bridge(nn.Module):
@@ -121,11 +119,11 @@ class BahdanauDecoder(nn.Module):
         state["t"] = torch.zeros_like(enc["src_len"])
         return state
 
-    def recur(self, emb: torch.Tensor, enc: State, hidden: Hidden) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Hidden]:
-        """Attend with s_{i-1}, then one RNN step: (s_i (B, H), c_i (B, Hm), weights, new hidden)."""
-        ctx, weights = self.attention(top_hidden(hidden), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
-        out, hidden = self.rnn(torch.cat([emb, ctx], dim=-1).unsqueeze(1), hidden)  # (B, 1, H)
-        return out.squeeze(1), ctx, weights, hidden
+    def recur(self, emb: torch.Tensor, enc: State, hidden: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        """Attend with s_{i-1}, then one RNN step: (s_i (B, H), c_i (B, Hm), weights, new per-layer hidden)."""
+        ctx, weights = self.attention(top_output(hidden), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+        out, hidden = rnn_step(self.rnn, torch.cat([emb, ctx], dim=-1), hidden)  # (B, H)
+        return out, ctx, weights, hidden
 
     def maxout(self, s: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Maxout over [s_i; c_i; E y_{i-1}], for one step (B, ...) or all positions (B, T, ...)."""
@@ -133,13 +131,13 @@ class BahdanauDecoder(nn.Module):
         return self.dropout(r.view(*r.shape[:-1], self.readout_dim, 2).amax(-1))  # (..., R)
 
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
-        s, ctx, weights, hidden = self.recur(emb, enc, from_state(state))
-        new_state = to_state(hidden)
+        s, ctx, weights, hidden = self.recur(emb, enc, state_layers(state))
+        new_state = layers_state(hidden)
         new_state["t"] = state["t"] + 1
         return self.maxout(s, ctx, emb), new_state, weights
 
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
-        hidden = from_state(state)  # torch's (layers, B, H) layout for the whole loop
+        hidden = state_layers(state)  # per-layer (B, H) states for the whole loop
         states, contexts = [], []
         for e in emb.unbind(1):
             s, ctx, _, hidden = self.recur(e, enc, hidden)
@@ -180,9 +178,9 @@ class LuongDecoder(nn.Module):
 
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
         x = torch.cat([emb, state["feed"]], dim=-1) if self.input_feed else emb
-        out, hidden = self.rnn(x.unsqueeze(1), from_state(state))
-        h_tilde, weights = self.attend(out.squeeze(1), enc, state["t"])  # (B, H)
-        new_state = to_state(hidden)
+        out, hidden = rnn_step(self.rnn, x, state_layers(state))
+        h_tilde, weights = self.attend(out, enc, state["t"])  # (B, H)
+        new_state = layers_state(hidden)
         new_state["t"] = state["t"] + 1
         if self.input_feed:
             new_state["feed"] = h_tilde
@@ -193,10 +191,10 @@ class LuongDecoder(nn.Module):
         if not self.input_feed:  # one RNN call, one batched score, one combine layer
             out, _ = self.rnn(emb, from_state(state))  # (B, T, H)
             return self.attend(out, enc, state["t"].unsqueeze(1) + steps)[0]  # (B, T, H)
-        hidden, feed, outs = from_state(state), state["feed"], []
+        hidden, feed, outs = state_layers(state), state["feed"], []
         for i, e in enumerate(emb.unbind(1)):  # h~_{t-1} feeds step t: sequential by nature
-            out, hidden = self.rnn(torch.cat([e, feed], dim=-1).unsqueeze(1), hidden)
-            feed, _ = self.attend(out.squeeze(1), enc, state["t"] + i)
+            out, hidden = rnn_step(self.rnn, torch.cat([e, feed], dim=-1), hidden)
+            feed, _ = self.attend(out, enc, state["t"] + i)
             outs.append(feed)
         return torch.stack(outs, dim=1)  # (B, T, H)
 
@@ -211,8 +209,10 @@ class RNNAttention(AttentionalRNN):
         check_choice(cfg.cell, RNN_CLASSES, "model.cell")
         check_choice(cfg.attention, SCORES, "model.attention")
         check_positive(cfg, "embed_dim", "hidden_dim", "encoder_layers", "decoder_layers")
-        self.encoder = RNNEncoder(cfg.cell, src_vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.encoder_layers,
-                                  cfg.dropout, pad_id, bidirectional=cfg.bidirectional)
+        if cfg.encoder_hidden_dim < 0:
+            raise MtkitError(f"config key 'model.encoder_hidden_dim' must be >= 0, got {cfg.encoder_hidden_dim}")
+        self.encoder = RNNEncoder(cfg.cell, src_vocab_size, cfg.embed_dim, cfg.encoder_hidden_dim or cfg.hidden_dim,
+                                  cfg.encoder_layers, cfg.dropout, pad_id, bidirectional=cfg.bidirectional)
         memory_dim = self.encoder.out_dim
         self.bridge = Bridge(memory_dim, cfg.hidden_dim, cfg.decoder_layers, has_cell=cfg.cell == "lstm")
         decoder_class = BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder
