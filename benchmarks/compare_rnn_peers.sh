@@ -3,7 +3,7 @@
 #
 #   PEERS_DIR=/work/peers bash benchmarks/compare_rnn_peers.sh [part ...]
 #
-# parts (default: all, in this order)
+# parts (default: onmt_setup train onmt_model mtkit_model decode table)
 #   onmt_setup    OpenNMT-py venv (shared/bench/peers/setup_venvs.sh onmt) and the shared SentencePiece data
 #                 (run_all.sh preprocess), each only if missing
 #   mtkit_data    the same pieces binarized for mtkit (`mtkit preprocess --spm PEERS_DIR/data/spm.model`),
@@ -11,15 +11,18 @@
 #   onmt_train    training throughput: WARM untimed then MEAS timed updates of onmt_train, target tokens/s
 #                 from its timestamped log (shared/bench/peers/parse_train_log.py)
 #   mtkit_train   the same with benchmarks/train_speed.py
+#   joey_train    the same with JoeyNMT's recurrent model (venv: shared/bench/peers/setup_venvs.sh joeynmt), whose
+#                 trainer has no length bucketing: its token batches carry more padding than the other two
 #   onmt_model    onmt_train for TRAIN_MIN minutes from its first update, then SIGINT (OpenNMT-py saves no
 #                 checkpoint on SIGINT: it saves every ONMT_SAVE_STEPS updates and the last one is decoded)
 #   mtkit_model   mtkit train for TRAIN_MIN minutes of training steps (train.max_time_minutes)
 #   onmt_decode   onmt_translate of the OpenNMT-py model          } beam 5, batches of 32 sentences, 2 threads,
 #   mtkit_decode  benchmarks/decode_speed.py on the mtkit model   } length normalisation by |Y|, translation
 #                 (once per MTKIT_STOPPING rule)                  } time only, target pieces/s, sacreBLEU
+#   train         the training parts REPEAT times (TRAIN_PEERS, then mtkit_train; order alternating) into OUT/train1, ...
 #   decode        onmt_decode and mtkit_decode REPEAT times (order alternating) into OUT/decode1, decode2, ...
 #   table         benchmarks/rnn_peers_table.py: JSON with every figure and the mtkit / OpenNMT-py ratios
-#                 (decoding: medians over the repeats); also written to OUT/table.json
+#                 (training and decoding: medians over the repeats); also written to OUT/table.json
 #
 # Knobs: OUT (default PEERS_DIR/compare_rnn), WARM (30), MEAS (150), TRAIN_MIN (8), REPEAT (3), LINES (1000
 # test lines decoded), ONMT_SAVE_STEPS (50), MTKIT_STOPPING ("first full"), TIE (1: tied embeddings on both
@@ -52,8 +55,10 @@ OUT=${OUT:-$PEERS_DIR/compare_rnn}
 export WARM=${WARM:-30} MEAS=${MEAS:-150}
 TRAIN_MIN=${TRAIN_MIN:-8} REPEAT=${REPEAT:-3} LINES=${LINES:-1000} TIE=${TIE:-1}
 ONMT_SAVE_STEPS=${ONMT_SAVE_STEPS:-50} MTKIT_STOPPING=${MTKIT_STOPPING:-first full}
+TRAIN_PEERS=${TRAIN_PEERS:-onmt_train joey_train}
 source "$PEERS/common.sh"  # THREADS=2, OMP/MKL threads, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, run_timed
 V=$PEERS_DIR/onmt/venv/bin
+JV=$PEERS_DIR/joeynmt/venv/bin
 DOUT=${DOUT:-$OUT}  # where the decode parts write
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -148,13 +153,101 @@ YAML
   [ -s "$OUT/onmt/vocab.shared" ] || "$V/onmt_build_vocab" -config "$1" -n_sample -1 > "$OUT/onmt/build_vocab.log" 2>&1
 }
 
+joey_cfg() {  # $1 yaml, $2 model_dir, $3 updates, $4 logging_freq: the recurrent reference setup in JoeyNMT 2.3
+  local tied=false; [ "$TIE" = 1 ] && tied=true
+  cat > "$1" <<YAML
+name: "multi30k_rnn_bench"
+joeynmt_version: "2.3.0"
+model_dir: "$2"
+use_cuda: False
+fp16: False
+random_seed: 1234
+data:
+  train: "$DATA/train.sp"
+  dev: "$DATA/val.sp"
+  test: "$DATA/test.sp"
+  dataset_type: "plain"
+  sample_dev_subset: -1
+  src: {lang: "en", max_length: 250, lowercase: False, normalize: False, level: "word",
+        voc_file: "$OUT/joey/vocab.txt", tokenizer_type: "none"}
+  trg: {lang: "de", max_length: 250, lowercase: False, normalize: False, level: "word",
+        voc_file: "$OUT/joey/vocab.txt", tokenizer_type: "none"}
+testing:
+  n_best: 1
+  beam_size: 5
+  beam_alpha: 1.0
+  batch_size: 32
+  batch_type: "sentence"
+  max_output_length: 200
+  eval_metrics: ["bleu"]
+training:
+  random_seed: 1234
+  optimizer: "adam"
+  adam_betas: [0.9, 0.999]
+  scheduling: "exponential" # with decrease_factor 1: a constant lr (its plateau scheduler fails with this torch)
+  decrease_factor: 1.0
+  learning_rate: 0.001
+  learning_rate_min: 1.0e-8
+  clip_grad_norm: 1.0
+  label_smoothing: 0.1
+  loss: "crossentropy"
+  batch_size: 2048
+  batch_type: "token"
+  batch_multiplier: 1
+  normalization: "tokens"
+  updates: $3
+  epochs: 1000
+  validation_freq: 100000000
+  logging_freq: $4
+  early_stopping_metric: "ppl"
+  model_dir: "$2"
+  overwrite: True
+  shuffle: True
+  use_cuda: False
+  keep_best_ckpts: 1
+  num_workers: 0
+model:
+  initializer: "uniform"
+  init_weight: 0.1
+  bias_initializer: "zeros"
+  embed_initializer: "uniform"
+  embed_init_weight: 0.1
+  tied_embeddings: $tied
+  tied_softmax: $tied
+  encoder:   # hidden_size per direction: 128 each, memory 256 (as OpenNMT-py's brnn 256)
+    type: "recurrent"
+    rnn_type: "lstm"
+    bidirectional: True
+    num_layers: 2
+    hidden_size: 128
+    embeddings: {embedding_dim: 256, dropout: 0.2}
+    dropout: 0.2
+  decoder:
+    type: "recurrent"
+    rnn_type: "lstm"
+    attention: "luong"      # general (bilinear) score
+    input_feeding: True
+    init_hidden: "bridge"
+    num_layers: 2
+    hidden_size: 256
+    embeddings: {embedding_dim: 256, dropout: 0.2}
+    dropout: 0.2
+    hidden_dropout: 0.2
+YAML
+}
+
 exit_status() { grep 'Exit status' "$1" | awk '{print $NF}'; }
 
-parts=${*:-onmt_setup onmt_train mtkit_train onmt_model mtkit_model decode table}
+parts=${*:-onmt_setup train onmt_model mtkit_model decode table}
 for part in $parts; do
   echo "=== $part $(date -u +%FT%TZ)"
   mkdir -p "$DOUT"
   case $part in
+    train)
+      for i in $(seq "$REPEAT"); do
+        order="$TRAIN_PEERS mtkit_train"; [ $((i % 2)) = 0 ] && order="mtkit_train $TRAIN_PEERS"
+        DOUT=$OUT/train$i OUT=$OUT bash "$REPO/benchmarks/compare_rnn_peers.sh" $order
+      done ;;
     decode)
       for i in $(seq "$REPEAT"); do
         order="onmt_decode mtkit_decode"; [ $((i % 2)) = 0 ] && order="mtkit_decode onmt_decode"
@@ -165,20 +258,31 @@ for part in $parts; do
       [ -s "$DATA/spm.model" ] && [ -s "$DATA/test.sp.en" ] || bash "$PEERS/run_all.sh" preprocess ;;
     mtkit_data) mtkit_check; mtkit_data ;;
     onmt_train)
-      mkdir -p "$OUT/onmt"
+      mkdir -p "$OUT/onmt" "$DOUT/onmt"
       every=10; [ $((WARM % 10)) = 0 ] && [ $((MEAS % 10)) = 0 ] || every=1
-      onmt_cfg "$OUT/onmt/throughput.yaml" "$OUT/onmt/throughput/model" $((WARM + MEAS + every)) 10000000 $every
-      run_timed "$OUT/onmt/throughput" "$V/onmt_train" -config "$OUT/onmt/throughput.yaml"
-      [ "$(exit_status "$OUT/onmt/throughput.time")" = 0 ] || { tail -20 "$OUT/onmt/throughput.log"; exit 1; }
-      python3 "$PEERS/parse_train_log.py" --kind onmt --log "$OUT/onmt/throughput.log" --time "$OUT/onmt/throughput.time" \
-          --warm "$WARM" --meas "$MEAS" | tee "$OUT/onmt_train.summary"
-      grep -o 'number of parameters: [0-9]*' "$OUT/onmt/throughput.log" | tail -1 | sed 's/number of //' >> "$OUT/onmt_train.summary" ;;
+      onmt_cfg "$DOUT/onmt/throughput.yaml" "$DOUT/onmt/throughput/model" $((WARM + MEAS + every)) 10000000 $every
+      run_timed "$DOUT/onmt/throughput" "$V/onmt_train" -config "$DOUT/onmt/throughput.yaml"
+      [ "$(exit_status "$DOUT/onmt/throughput.time")" = 0 ] || { tail -20 "$DOUT/onmt/throughput.log"; exit 1; }
+      python3 "$PEERS/parse_train_log.py" --kind onmt --log "$DOUT/onmt/throughput.log" --time "$DOUT/onmt/throughput.time" \
+          --warm "$WARM" --meas "$MEAS" | tee "$DOUT/onmt_train.summary"
+      grep -o 'number of parameters: [0-9]*' "$DOUT/onmt/throughput.log" | tail -1 | sed 's/number of //' >> "$DOUT/onmt_train.summary" ;;
+    joey_train)
+      [ -x "$JV/python" ] || bash "$PEERS/setup_venvs.sh" joeynmt
+      mkdir -p "$OUT/joey" "$DOUT/joey"
+      [ -s "$OUT/joey/vocab.txt" ] || python3 "$PEERS/make_vocab.py" "$OUT/joey/vocab.txt" "$DATA/train.sp.en" "$DATA/train.sp.de"
+      joey_cfg "$DOUT/joey/throughput.yaml" "$DOUT/joey/throughput" $((WARM + MEAS + 10)) 1
+      run_timed "$DOUT/joey/throughput" "$JV/python" -m joeynmt train "$DOUT/joey/throughput.yaml" --skip-test
+      [ "$(exit_status "$DOUT/joey/throughput.time")" = 0 ] || { tail -20 "$DOUT/joey/throughput.log"; exit 1; }
+      python3 "$PEERS/parse_train_log.py" --kind joeynmt --log "$DOUT/joey/throughput.log" \
+          --time "$DOUT/joey/throughput.time" --warm "$WARM" --meas "$MEAS" | tee "$DOUT/joey_train.summary"
+      grep -io 'total params: *[0-9]*' "$DOUT/joey/throughput.log" | tail -1 | tr -dc '0-9\n' \
+          | sed 's/^/parameters: /' >> "$DOUT/joey_train.summary" ;;
     mtkit_train)
       mtkit_check; mtkit_data
       mapfile -t sets < <(mtkit_sets)
       python benchmarks/train_speed.py --config luong_small --cache "$OUT/mtkit_data" --threads "$THREADS" \
-          --max-tokens 2048 --warmup "$WARM" --updates "$MEAS" "${sets[@]}" | tee "$OUT/mtkit_train.txt"
-      python - "$OUT/mtkit_data" "${MTKIT_OVR[@]}" <<'PY' | tee -a "$OUT/mtkit_train.txt"
+          --max-tokens 2048 --warmup "$WARM" --updates "$MEAS" "${sets[@]}" | tee "$DOUT/mtkit_train.txt"
+      python - "$OUT/mtkit_data" "${MTKIT_OVR[@]}" <<'PY' | tee -a "$DOUT/mtkit_train.txt"
 import json, sys
 from mtkit.config import load_config
 from mtkit.models import build_model

@@ -1,9 +1,10 @@
-"""The mtkit-vs-OpenNMT-py figures from one run of ``benchmarks/compare_rnn_peers.sh``, as JSON.
+"""The mtkit-vs-OpenNMT-py (and JoeyNMT training) figures from one run of ``benchmarks/compare_rnn_peers.sh``, as JSON.
 
     python benchmarks/rnn_peers_table.py OUT_DIR
 
-Reads, in OUT_DIR: ``onmt_train.summary`` (shared/bench/peers/parse_train_log.py) and
-``mtkit_train.txt`` (train_speed.py's JSON line, then the parameter count), ``onmt_model.summary``
+Reads, in OUT_DIR: ``onmt_train.summary`` and ``joey_train.summary`` (shared/bench/peers/parse_train_log.py) and
+``mtkit_train.txt`` (train_speed.py's JSON line, then the parameter count), in OUT_DIR itself or per
+repeat in ``train*/`` (medians over the repeats), ``onmt_model.summary``
 and ``mtkit_model.json`` (the TRAIN_MIN-minute models), and per repeat ``decode*/onmt/test.beam5.summary``
 and ``decode*/mtkit_beam5_<stopping>.json``. Decoding figures are medians over the repeats (each
 repeat's value under ``runs``). Ratios are mtkit / OpenNMT-py (above 1: mtkit is faster). Parts
@@ -38,26 +39,22 @@ def median_of(runs: list[dict], key: str) -> float | None:
     return round(statistics.median(vals), 2) if vals else None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", type=Path)
-    args = ap.parse_args()
-    out: Path = args.out
-    res: dict = {"out": str(out)}
-
-    # --- training throughput
+def train_figures(d: Path) -> dict:
+    """Training throughput of each toolkit from one directory's summaries."""
     train: dict = {}
-    s = summary(out / "onmt_train.summary")
-    if s:
-        train["onmt"] = {
+    for peer in ("onmt", "joey"):
+        s = summary(d / f"{peer}_train.summary")
+        if not s:
+            continue
+        train[peer] = {
             "tgt_tok_per_s": num(s.get("tgt_tok_per_s")), "s_per_update": num(s.get("sec_per_update")),
             "tgt_tokens_per_update": num(s.get("tgt_tokens_per_update")), "updates": num(s.get("updates")),
             "peak_rss_gib": round(num(s.get("peak_rss_MiB")) / 1024, 3) if num(s.get("peak_rss_MiB")) else None,
-            "parameters": int(s["parameters"]) if "parameters" in s else None,
+            "parameters": int(s["parameters"]) if s.get("parameters", "").isdigit() else None,
         }
         if "error" in s:
-            train["onmt"]["error"] = s["error"]
-    rows = json_lines(out / "mtkit_train.txt")
+            train[peer]["error"] = s["error"]
+    rows = json_lines(d / "mtkit_train.txt")
     speed = next((r for r in rows if r.get("benchmark") == "train_speed"), None)
     params = next((r for r in rows if "parameters" in r), None)
     if speed or params:
@@ -69,6 +66,28 @@ def main() -> None:
                 peak_rss_gib=speed["peak_rss_gib"], loadavg_1m=speed["loadavg_1m"])
         if params:
             train["mtkit"]["parameters"] = params["parameters"]
+    return train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args()
+    out: Path = args.out
+    res: dict = {"out": str(out)}
+
+    # --- training throughput: medians over OUT/train*/ (the ``train`` part), else OUT's own files
+    train: dict = {}
+    runs = [train_figures(d) for d in sorted(out.glob("train*")) if d.is_dir()] or [train_figures(out)]
+    for name in ("onmt", "joey", "mtkit"):
+        mine = [r[name] for r in runs if name in r]
+        if not mine:
+            continue
+        train[name] = dict(mine[-1])
+        for key in ("tgt_tok_per_s", "s_per_update", "tgt_tokens_per_update", "peak_rss_gib"):
+            train[name][key] = median_of(mine, key)
+        if len(mine) > 1:
+            train[name]["runs_tgt_tok_per_s"] = [r.get("tgt_tok_per_s") for r in mine]
     if "onmt" in train and "mtkit" in train:
         o, m = train["onmt"], train["mtkit"]
         train["ratio_mtkit_over_onmt"] = {
@@ -76,6 +95,9 @@ def main() -> None:
             "peak_rss": ratio(m.get("peak_rss_gib"), o.get("peak_rss_gib")),
             "parameters": ratio(m.get("parameters"), o.get("parameters")),
         }
+    if "joey" in train and "mtkit" in train:
+        train["ratio_mtkit_over_joey"] = {
+            "tgt_tok_per_s": ratio(train["mtkit"].get("tgt_tok_per_s"), train["joey"].get("tgt_tok_per_s"))}
     if train:
         res["train_throughput"] = train
 
@@ -136,6 +158,10 @@ def main() -> None:
     if "mtkit" in train and "onmt" in train:
         head["train_tgt_tok_per_s"] = {"mtkit": train["mtkit"].get("tgt_tok_per_s"), "onmt": train["onmt"].get("tgt_tok_per_s"),
                                        "ratio": train["ratio_mtkit_over_onmt"]["tgt_tok_per_s"]}
+    if "ratio_mtkit_over_joey" in train:
+        head["train_tgt_tok_per_s vs JoeyNMT"] = {"mtkit": train["mtkit"].get("tgt_tok_per_s"),
+                                                  "joey": train["joey"].get("tgt_tok_per_s"),
+                                                  "ratio": train["ratio_mtkit_over_joey"]["tgt_tok_per_s"]}
     for name, fig in decode.items():
         if name.startswith("mtkit") and "ratio_mtkit_over_onmt" in fig:
             head[f"decode_pieces_per_s ({name})"] = {

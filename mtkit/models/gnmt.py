@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -33,17 +34,21 @@ from mtkit.errors import MtkitError
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
 from mtkit.models.dropout import Dropout
-from mtkit.models.linear import Linear
+from mtkit.models.linear import Linear, linear
 from mtkit.models.lstm import (
     CELL_CLASSES,
     RNN_CLASSES,
     Embedding,
+    Hidden,
+    cell_step,
     check_choice,
     check_positive,
     init_forget_bias,
     init_uniform,
+    input_gates,
     padding_mask,
     run_cell,
+    split_input,
     tie_embeddings,
 )
 
@@ -116,11 +121,12 @@ class GNMTDecoder(nn.Module):
         return state
 
     def _cell(self, i: int, inp: torch.Tensor, state: State, hs: list, cs: list) -> torch.Tensor:
+        gx = input_gates(inp, self.cells[i])
         if self.has_cell_state:
-            h, c = self.cells[i](inp, (state["h"][:, i], state["c"][:, i]))
+            h, c = cell_step(gx, (state["h"][:, i], state["c"][:, i]), self.cells[i])
             cs.append(c)
         else:
-            h = self.cells[i](inp, state["h"][:, i])
+            h = cell_step(gx, state["h"][:, i], self.cells[i])
         hs.append(h)
         return h
 
@@ -144,15 +150,15 @@ class GNMTDecoder(nn.Module):
         attention loop over positions; each upper layer is one call over the whole target."""
         h = state["h"].transpose(0, 1)  # (L, B, H): torch's layout inside the loop
         c = state["c"].transpose(0, 1) if self.has_cell_state else None
-        bottom_cell, ctx = self.cells[0], state["ctx"]
-        hb, cb = h[0], (c[0] if c is not None else None)
+        ctx = state["ctx"]
+        bottom: Hidden = (h[0], c[0]) if c is not None else h[0]
+        bottom_cell = self.cells[0]
+        w_emb, w_ctx = split_input(bottom_cell.weight_ih, emb.size(-1))
+        gx_emb = linear(emb, w_emb, bottom_cell.bias_ih)  # the embedding's share of the bottom gates, all steps
         bottoms, ctxs = [], []
-        for e in emb.unbind(1):  # (B, E) per position
-            inp = torch.cat([e, ctx], dim=-1)
-            if cb is not None:
-                hb, cb = bottom_cell(inp, (hb, cb))
-            else:
-                hb = bottom_cell(inp, hb)
+        for gx in gx_emb.unbind(1):  # (B, 4H) per position
+            bottom = cell_step(gx + F.linear(ctx, w_ctx), bottom, bottom_cell)
+            hb = bottom[0] if isinstance(bottom, tuple) else bottom
             ctx, _ = self.attention(hb, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
             bottoms.append(hb)
             ctxs.append(ctx)

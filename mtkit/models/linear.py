@@ -124,7 +124,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.size(0))
 
 
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Linear -> (weight key, packed or None)
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {name: (weight key, packed or None)}
 
 
 def release_packed(model: nn.Module) -> None:
@@ -133,22 +133,40 @@ def release_packed(model: nn.Module) -> None:
         _PACKED.pop(module, None)
 
 
+def packed_param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module``'s weight ``name`` in oneDNN's layout, packed again only after the weight changed
+    (None for a weight made under ``torch.inference_mode``: it has no version counter to tell)."""
+    w = getattr(module, name)
+    if w.is_inference():
+        return None
+    key = (w.data_ptr(), w._version, w.shape)
+    slots = _PACKED.setdefault(module, {})
+    cached = slots.get(name)
+    if cached is None or cached[0] != key:
+        cached = slots[name] = (key, _pack(w.detach()))
+    return cached[1]
+
+
+def step_linear(x: torch.Tensor, module: nn.Module, name: str, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ module.<name>^T + bias`` for one recurrent step (a few rows): in eval mode under
+    ``torch.inference_mode`` with the weight prepacked for oneDNN (as :class:`Linear` does);
+    otherwise ``F.linear``, whose BLAS beats oneDNN's unpacked GEMM, forward and backward, at
+    tens of rows."""
+    w = getattr(module, name)
+    if not module.training and torch.is_inference_mode_enabled() and packable(x, w):
+        packed = packed_param(module, name)
+        if packed is not None:
+            return _nt(x.reshape(-1, x.size(-1)), packed, bias).view(*x.shape[:-1], w.size(0))
+    return F.linear(x, w, bias)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) computed by :func:`linear`; in eval mode
     under ``torch.inference_mode`` with a prepacked weight (see the module docstring)."""
 
     def packed_weight(self) -> torch.Tensor | None:
-        """The weight in oneDNN's layout, packed again only after the weight changed (None for a
-        weight made under ``torch.inference_mode``: it has no version counter to tell)."""
-        w = self.weight
-        if w.is_inference():
-            return None
-        key = (w.data_ptr(), w._version, w.shape)
-        cached = _PACKED.get(self)
-        if cached is None or cached[0] != key:
-            cached = (key, _pack(w.detach()))
-            _PACKED[self] = cached
-        return cached[1]
+        """The weight in oneDNN's layout (see :func:`packed_param`)."""
+        return packed_param(self, "weight")
 
     def _packed_forward(self, x: torch.Tensor, post_op: str) -> torch.Tensor | None:
         """``x @ W^T + b`` (then ``post_op``) with the prepacked weight, or None where it does not apply."""

@@ -19,7 +19,7 @@ from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
 from mtkit.models.dropout import Dropout, dropout
-from mtkit.models.linear import Linear
+from mtkit.models.linear import Linear, step_linear
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 CELL_CLASSES: dict[str, type[nn.RNNCellBase]] = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
@@ -108,24 +108,64 @@ def run_cell(cell: nn.RNNCellBase, x: torch.Tensor, h0: torch.Tensor, c0: torch.
     return out
 
 
-def rnn_step(rnn: nn.RNNBase, x: torch.Tensor, hidden: list) -> tuple[torch.Tensor, list]:
-    """One time step of a stacked unidirectional ``nn.LSTM``/``nn.GRU`` through torch's cell kernels
-    on the module's own weights: x (B, I) and ``hidden`` (per layer ``(h, c)`` or ``h``, each (B, H))
-    -> (top output (B, H), new per-layer list). Equal to calling ``rnn`` on a length-1 sequence
-    (dropout between layers included), and cheaper per step than that call on a CPU: its backward
-    is plain matrix products instead of a fused RNN layer's per-call setup."""
+def _suffix(layer: int | None) -> str:
+    return "" if layer is None else f"_l{layer}"
+
+
+def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None = None) -> Hidden:
+    """One LSTM (``state`` = (h, c)) or GRU (``state`` = h) step from the input's share of the gates,
+    ``gx = x W_ih^T + b_ih`` (B, 4H or 3H; torch's gate order), which the caller computes (for a whole
+    sequence at once where the input does not depend on the recurrence). The recurrent weights are
+    those of ``rnn``: an ``nn.LSTMCell``/``nn.GRUCell`` (``layer`` None) or layer ``layer`` of an
+    ``nn.LSTM``/``nn.GRU``. The same maths as torch's cells; the matrix products go through
+    :func:`mtkit.models.linear.step_linear` (oneDNN for float32 on a CPU, prepacked when decoding;
+    torch's own cells use its slower BLAS there)."""
+    sfx = _suffix(layer)
+    h = state[0] if isinstance(state, tuple) else state
+    gh = step_linear(h, rnn, f"weight_hh{sfx}", getattr(rnn, f"bias_hh{sfx}"))
+    n_hidden = h.size(1)
+    if isinstance(state, tuple):
+        gates = gx + gh
+        i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # the g quarter is wasted: one call instead of three
+        c = torch.addcmul(f * state[1], i, torch.tanh(gates[:, 2 * n_hidden : 3 * n_hidden]))
+        return o * torch.tanh(c), c
+    r, z = torch.sigmoid(gx[:, : 2 * n_hidden] + gh[:, : 2 * n_hidden]).chunk(2, 1)
+    n = torch.tanh(torch.addcmul(gx[:, 2 * n_hidden :], r, gh[:, 2 * n_hidden :]))
+    return torch.lerp(n, h, z)  # (1 - z) n + z h
+
+
+def input_gates(x: torch.Tensor, rnn: nn.Module, layer: int | None = None) -> torch.Tensor:
+    """``x W_ih^T + b_ih``: the input's share of the gates of ``rnn`` (as in :func:`cell_step`)."""
+    sfx = _suffix(layer)
+    return step_linear(x, rnn, f"weight_ih{sfx}", getattr(rnn, f"bias_ih{sfx}"))
+
+
+def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+    """One time step of a stacked unidirectional ``nn.LSTM``/``nn.GRU`` on the module's own weights
+    (checkpoints unchanged): x (B, I) and ``hidden`` (per layer ``(h, c)`` or ``h``, each (B, H))
+    -> (top output (B, H), new per-layer list). ``gx0``, when given, is the bottom layer's input
+    share of the gates (``x W_ih^T + b_ih``, see :func:`cell_step`) computed by the caller, and
+    ``x`` is not used. Equal to calling ``rnn`` on a length-1 sequence, dropout between layers
+    included, and several times cheaper per step on a CPU."""
     new = []
     for layer, state in enumerate(hidden):
-        if layer and rnn.dropout and rnn.training:
-            x = dropout(x, rnn.dropout)
-        weights = (getattr(rnn, f"{kind}_l{layer}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-        if isinstance(state, tuple):
-            state = torch.lstm_cell(x, state, *weights)
-            x = state[0]
+        if layer == 0 and gx0 is not None:
+            gx = gx0
         else:
-            state = x = torch.gru_cell(x, state, *weights)
+            if layer and rnn.dropout and rnn.training:
+                x = dropout(x, rnn.dropout)
+            gx = input_gates(x, rnn, layer)
+        state = cell_step(gx, state, rnn, layer)
+        x = state[0] if isinstance(state, tuple) else state
         new.append(state)
     return x, new
+
+
+def split_input(w_ih: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of an input weight (4H, I) that read the first ``first`` input features, and
+    the rest, each contiguous (a decoder computes the share of a recurrence-free input, e.g. the
+    embedding, over the whole sequence, and the rest per step)."""
+    return w_ih[:, :first].contiguous(), w_ih[:, first:].contiguous()
 
 
 def state_layers(state: State) -> list:

@@ -16,7 +16,9 @@ joint vocabulary).
 
 Teacher forcing loops over target positions only for what depends on the recurrence: Luong
 without input feeding is one RNN call, one batched score and one combine layer over the whole
-target; RNNsearch's maxout readout runs over all positions at once after its loop.
+target; RNNsearch's maxout readout runs over all positions at once after its loop, and the
+embedding's share of the bottom layer's gates is one matrix product over all positions before it.
+Per step, the stacked RNN runs on the module's own weights through :func:`mtkit.models.lstm.rnn_step`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtkit.config import ModelConfig
@@ -31,7 +34,7 @@ from mtkit.errors import MtkitError
 from mtkit.models.attention import SCORES, Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
 from mtkit.models.dropout import Dropout
-from mtkit.models.linear import Linear
+from mtkit.models.linear import Linear, linear
 from mtkit.models.lstm import (
     RNN_CLASSES,
     Embedding,
@@ -44,6 +47,7 @@ from mtkit.models.lstm import (
     layers_state,
     padding_mask,
     rnn_step,
+    split_input,
     state_layers,
     tie_embeddings,
     top_output,
@@ -119,11 +123,9 @@ class BahdanauDecoder(nn.Module):
         state["t"] = torch.zeros_like(enc["src_len"])
         return state
 
-    def recur(self, emb: torch.Tensor, enc: State, hidden: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-        """Attend with s_{i-1}, then one RNN step: (s_i (B, H), c_i (B, Hm), weights, new per-layer hidden)."""
-        ctx, weights = self.attention(top_output(hidden), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
-        out, hidden = rnn_step(self.rnn, torch.cat([emb, ctx], dim=-1), hidden)  # (B, H)
-        return out, ctx, weights, hidden
+    def attend(self, hidden: list, enc: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context c_i (B, Hm) and weights from s_{i-1}, the top layer of ``hidden``."""
+        return self.attention(top_output(hidden), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
 
     def maxout(self, s: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Maxout over [s_i; c_i; E y_{i-1}], for one step (B, ...) or all positions (B, T, ...)."""
@@ -131,16 +133,21 @@ class BahdanauDecoder(nn.Module):
         return self.dropout(r.view(*r.shape[:-1], self.readout_dim, 2).amax(-1))  # (..., R)
 
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
-        s, ctx, weights, hidden = self.recur(emb, enc, state_layers(state))
+        hidden = state_layers(state)
+        ctx, weights = self.attend(hidden, enc)
+        s, hidden = rnn_step(self.rnn, torch.cat([emb, ctx], dim=-1), hidden)  # (B, H)
         new_state = layers_state(hidden)
         new_state["t"] = state["t"] + 1
         return self.maxout(s, ctx, emb), new_state, weights
 
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
         hidden = state_layers(state)  # per-layer (B, H) states for the whole loop
+        w_emb, w_ctx = split_input(self.rnn.weight_ih_l0, emb.size(-1))
+        gx_emb = linear(emb, w_emb, self.rnn.bias_ih_l0)  # the embedding's share of the bottom gates, all steps
         states, contexts = [], []
-        for e in emb.unbind(1):
-            s, ctx, _, hidden = self.recur(e, enc, hidden)
+        for gx in gx_emb.unbind(1):
+            ctx, _ = self.attend(hidden, enc)
+            s, hidden = rnn_step(self.rnn, None, hidden, gx + F.linear(ctx, w_ctx))
             states.append(s)
             contexts.append(ctx)
         return self.maxout(torch.stack(states, dim=1), torch.stack(contexts, dim=1), emb)  # (B, T, R)
@@ -192,8 +199,10 @@ class LuongDecoder(nn.Module):
             out, _ = self.rnn(emb, from_state(state))  # (B, T, H)
             return self.attend(out, enc, state["t"].unsqueeze(1) + steps)[0]  # (B, T, H)
         hidden, feed, outs = state_layers(state), state["feed"], []
-        for i, e in enumerate(emb.unbind(1)):  # h~_{t-1} feeds step t: sequential by nature
-            out, hidden = rnn_step(self.rnn, torch.cat([e, feed], dim=-1), hidden)
+        w_emb, w_feed = split_input(self.rnn.weight_ih_l0, emb.size(-1))
+        gx_emb = linear(emb, w_emb, self.rnn.bias_ih_l0)  # the embedding's share of the bottom gates, all steps
+        for i, gx in enumerate(gx_emb.unbind(1)):  # h~_{t-1} feeds step t: sequential by nature
+            out, hidden = rnn_step(self.rnn, None, hidden, gx + F.linear(feed, w_feed))
             feed, _ = self.attend(out, enc, state["t"] + i)
             outs.append(feed)
         return torch.stack(outs, dim=1)  # (B, T, H)
