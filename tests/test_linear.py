@@ -181,3 +181,30 @@ def test_onednn_shape_caches_stay_small():
     assert held_mib("limit") < 60  # 64-entry caches, as in training
     assert held_mib("default") > 200  # oneDNN's 1024 entries, as in decoding
     assert held_mib("limit", LRU_CACHE_CAPACITY="1024", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024") > 200  # the user's choice wins
+
+
+@pytest.mark.skipif(not L.ONEDNN, reason="no oneDNN in this torch build")
+def test_step_linear_packs_each_recurrent_weight_when_decoding_only():
+    torch.manual_seed(0)
+    rnn = torch.nn.LSTM(16, 8, num_layers=2)
+    x = torch.randn(5, 16)
+    expected = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
+    y = L.step_linear(x, rnn, "weight_ih_l0", rnn.bias_ih_l0)  # training: plain F.linear, with autograd
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    assert rnn.weight_ih_l0.grad is not None and rnn not in L._PACKED
+    rnn.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(L.step_linear(x, rnn, "weight_ih_l0", rnn.bias_ih_l0), expected,
+                                   rtol=1e-5, atol=1e-5)
+        h = torch.randn(5, 8)
+        torch.testing.assert_close(L.step_linear(h, rnn, "weight_hh_l1", None), h @ rnn.weight_hh_l1.T,
+                                   rtol=1e-5, atol=1e-5)
+    assert set(L._PACKED[rnn]) == {"weight_ih_l0", "weight_hh_l1"}
+    with torch.no_grad():
+        rnn.weight_ih_l0.mul_(-1.0)  # a changed weight is packed again
+    with torch.inference_mode():
+        torch.testing.assert_close(L.step_linear(x, rnn, "weight_ih_l0", rnn.bias_ih_l0),
+                                   F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0), rtol=1e-5, atol=1e-5)
+    L.release_packed(rnn)
+    assert rnn not in L._PACKED

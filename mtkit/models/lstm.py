@@ -117,9 +117,9 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
     ``gx = x W_ih^T + b_ih`` (B, 4H or 3H; torch's gate order), which the caller computes (for a whole
     sequence at once where the input does not depend on the recurrence). The recurrent weights are
     those of ``rnn``: an ``nn.LSTMCell``/``nn.GRUCell`` (``layer`` None) or layer ``layer`` of an
-    ``nn.LSTM``/``nn.GRU``. The same maths as torch's cells; the matrix products go through
-    :func:`mtkit.models.linear.step_linear` (oneDNN for float32 on a CPU, prepacked when decoding;
-    torch's own cells use its slower BLAS there)."""
+    ``nn.LSTM``/``nn.GRU``. The same maths as torch's cells, with the recurrent product through
+    :func:`mtkit.models.linear.step_linear` (a prepacked oneDNN weight when decoding on a CPU).
+    """
     sfx = _suffix(layer)
     h = state[0] if isinstance(state, tuple) else state
     gh = step_linear(h, rnn, f"weight_hh{sfx}", getattr(rnn, f"bias_hh{sfx}"))
@@ -146,7 +146,7 @@ def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.T
     -> (top output (B, H), new per-layer list). ``gx0``, when given, is the bottom layer's input
     share of the gates (``x W_ih^T + b_ih``, see :func:`cell_step`) computed by the caller, and
     ``x`` is not used. Equal to calling ``rnn`` on a length-1 sequence, dropout between layers
-    included, and several times cheaper per step on a CPU."""
+    included, and cheaper per step on a CPU (no fused-layer setup per call)."""
     new = []
     for layer, state in enumerate(hidden):
         if layer == 0 and gx0 is not None:
