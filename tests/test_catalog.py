@@ -53,6 +53,23 @@ def test_shipped_catalog_is_valid_and_the_top_level_copy_matches():
     assert c.split("multi30k/test_2016_flickr").filename("de") == "test_2016_flickr.de.gz"
 
 
+SHARED_MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
+
+
+def test_every_multi30k_file_has_a_checksum():
+    for split in load_catalog().datasets["multi30k"].values():
+        for lang in split.langs:
+            assert len(split.checksum(lang) or "") == 64, (split.name, lang)
+
+
+@pytest.mark.skipif(not SHARED_MULTI30K.is_dir(), reason="no local Multi30k copy")
+def test_multi30k_checksums_match_the_pinned_files():
+    for split in load_catalog().datasets["multi30k"].values():
+        for lang in split.langs:
+            path = SHARED_MULTI30K / split.filename(lang)
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == split.checksum(lang), path
+
+
 def test_sacrebleu_names_in_the_catalog_exist():
     from sacrebleu.dataset import DATASETS
 
