@@ -19,15 +19,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):
-    """Each test gets its own cache and no MTKIT_DATA; any real download fails loudly."""
+    """Each test gets its own cache and no MTKIT_DATA; any download from beyond 127.0.0.1 fails loudly."""
     monkeypatch.setenv("MTKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MTKIT_DATA", raising=False)
     monkeypatch.delenv("MTKIT_OFFLINE", raising=False)
+    urlopen = cat.urllib.request.urlopen
 
-    def no_network(*args, **kwargs):
-        raise AssertionError("tests must not touch the network")
+    def local_only(url, *args, **kwargs):
+        if not str(url).startswith("http://127.0.0.1:"):
+            raise AssertionError("tests must not touch the network")
+        return urlopen(url, *args, **kwargs)
 
-    monkeypatch.setattr(cat.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(cat.urllib.request, "urlopen", local_only)
 
 
 def _gz(path: Path, lines: list[str]) -> Path:
@@ -208,3 +211,136 @@ def test_sacrebleu_sources_are_fetched_through_sacrebleu(tmp_path, monkeypatch):
     assert calls == [("wmt14/full", "en-de", "ref"), ("wmt14/full", "en-de", "src")]
     assert resolve_file(split, "de") == cat.cache_dir() / "wmt14_en_de" / "newstest2014.de.gz"
     assert len(calls) == 2  # the second time it comes from the cache
+
+
+# --- the download path for real, through a local HTTP server ---------------------------------
+class _Server:
+    """Serves ``files`` (path -> bytes) on 127.0.0.1; paths in ``cut`` announce their full size
+    and close the connection after half of it, ``cut[path]`` times."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.files: dict[str, bytes] = {}
+        self.cut: dict[str, int] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the http.server API)
+                server.requests.append(self.path)
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.cut.get(self.path, 0) > 0:
+                    server.cut[self.path] -= 1
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.close()
+
+
+def _payload(lines: list[str]) -> bytes:
+    return gzip.compress("".join(f"{line}\n" for line in lines).encode())
+
+
+def test_a_real_download_lands_in_the_cache_checked(server):
+    body = _payload(["ein Hund", "eine Katze"] * 5000)
+    server.files["/train.de.gz"] = body
+    split = _split(url=server.url + "/train.{lang}.gz", sha256={"de": hashlib.sha256(body).hexdigest()})
+    path = resolve_file(split, "de")
+    assert path == cat.cache_dir() / "toy" / "train.de.gz" and path.read_bytes() == body
+    assert not list(path.parent.glob("*.part")) and not list((cat.cache_dir() / "downloads").glob("*.part"))
+    assert resolve_file(split, "de") == path and len(server.requests) == 1  # cached: not fetched again
+
+
+def test_a_checksum_mismatch_names_the_file_and_keeps_nothing(server):
+    server.files["/train.de.gz"] = _payload(["tampered"])
+    split = _split(url=server.url + "/train.{lang}.gz", sha256={"de": "0" * 64})
+    with pytest.raises(MtkitError) as err:
+        resolve_file(split, "de")
+    msg = str(err.value)
+    assert "\n" not in msg and "train.de.gz" in msg and "0" * 64 in msg
+    assert hashlib.sha256(server.files["/train.de.gz"]).hexdigest() in msg
+    assert not [p for p in cat.cache_dir().rglob("*") if p.is_file()]
+
+
+def test_an_interrupted_download_is_tried_again_and_never_cached_half(server):
+    body = _payload([f"line {i}" for i in range(20000)])
+    server.files["/train.de.gz"] = body
+    server.cut["/train.de.gz"] = 1  # the first connection drops halfway
+    split = _split(url=server.url + "/train.{lang}.gz")  # no checksum: only the byte count can tell
+    assert resolve_file(split, "de").read_bytes() == body
+    assert len(server.requests) == 2
+
+    server.files["/train.en.gz"] = body
+    server.cut["/train.en.gz"] = cat.DOWNLOAD_ATTEMPTS  # every attempt drops
+    with pytest.raises(MtkitError, match=rf"download of .*train.en.gz failed {cat.DOWNLOAD_ATTEMPTS} times"):
+        resolve_file(split, "en")
+    assert not [p for p in cat.cache_dir().rglob("*en*") if p.is_file()]
+
+
+def test_an_archive_member_is_downloaded_and_extracted(server):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for lang, text in (("en", "Hello .\n"), ("de", "Hallo .\n")):
+            data = text.encode()
+            info = tarfile.TarInfo(f"corpus/train.{lang}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    server.files["/corpus.tgz"] = buf.getvalue()
+    split = _split(url=None, archive=server.url + "/corpus.tgz", member="corpus/train.{lang}")
+    with gzip.open(resolve_file(split, "de"), "rt", encoding="utf-8") as f:
+        assert f.read() == "Hallo .\n"
+    with gzip.open(resolve_file(split, "en"), "rt", encoding="utf-8") as f:
+        assert f.read() == "Hello .\n"
+    assert server.requests == ["/corpus.tgz"]  # the archive is fetched once for both sides
+
+
+def test_no_network_is_a_one_line_error_that_says_where_to_put_the_files(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    split = _split(url=f"http://127.0.0.1:{port}/train.{{lang}}.gz")
+    with pytest.raises(MtkitError) as err:
+        resolve_file(split, "de", data_dir=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "could not download" in msg and f"place train.de.gz in {tmp_path}" in msg
+
+
+def test_a_missing_data_dir_is_one_warning_then_the_cache(tmp_path, monkeypatch, caplog):
+    cached = _gz(cat.cache_dir() / "toy" / "train.en.gz", ["cache"])
+    missing = tmp_path / "no-such-dir"
+    monkeypatch.setenv("MTKIT_DATA", str(missing))
+    with caplog.at_level("WARNING", logger="mtkit.data.catalog"):
+        assert resolve_file(_split(), "en") == cached
+        assert resolve_file(_split(), "en") == cached
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "MTKIT_DATA" in warnings[0] and str(missing) in warnings[0]

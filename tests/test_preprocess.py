@@ -186,6 +186,19 @@ def test_gz_input_same_as_plain(tmp_path):
         assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes()
 
 
+def test_a_gz_name_on_plain_text_is_reported_as_not_gzip(tmp_path):
+    fake = tmp_path / "train.en.gz"
+    fake.write_text("plain text\n")
+    with pytest.raises(MtkitError, match=f"{fake}: not a gzip file"):
+        list(iter_lines(fake))
+    empty = tmp_path / "empty.gz"
+    empty.write_bytes(b"")
+    assert list(iter_lines(empty)) == []  # nothing to misread
+    real = tmp_path / "real.txt"
+    real.write_bytes(gzip.compress(b"a\nb\n"))  # gzip under another name is still read
+    assert list(iter_lines(real)) == ["a", "b"]
+
+
 def test_workers_and_chunks_do_not_change_output(tmp_path, monkeypatch):
     pairs = make_pairs(250) + make_pairs(30)  # duplicates across chunks
     m1, out1 = run(tmp_path, pairs, out="one", dedup=True, workers=1)

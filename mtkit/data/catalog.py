@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import logging
 import os
@@ -179,7 +180,16 @@ def data_dirs(data_dir: str | Path | Sequence[str | Path] | None = None) -> list
         for part in str(item).split(os.pathsep):
             if part:
                 dirs.append(Path(part).expanduser())
+    for d in dirs:
+        if not d.is_dir() and d not in _WARNED_MISSING:
+            _WARNED_MISSING.add(d)
+            source = "--data-dir" if data_dir else "MTKIT_DATA"
+            logger.warning("%s names %s, which is not a directory; looking in the cache and downloading instead",
+                           source, d)
     return dirs
+
+
+_WARNED_MISSING: set[Path] = set()  # data directories already warned about in this process
 
 
 def cache_dir() -> Path:
@@ -287,19 +297,46 @@ def _cached_archive(split: Split) -> Path | None:
     return None
 
 
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
-    """Fetch ``url`` to ``dest`` through a temp file; verify ``sha256`` when given."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    logger.info("downloading %s", url)
+DOWNLOAD_ATTEMPTS = 3  # a connection that drops mid-file is tried again this many times in all
+
+
+class IncompleteDownload(OSError):
+    """The server closed the connection before the announced number of bytes arrived."""
+
+
+def _download_once(url: str, tmp: Path, desc: str, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
         size = int(resp.headers.get("Content-Length") or 0)
         chunks = iter(lambda: resp.read(CHUNK), b"")
         total = (size + CHUNK - 1) // CHUNK if size else None
-        for chunk in progress(chunks, total=total, desc=dest.name, unit="MiB"):
+        got = 0
+        for chunk in progress(chunks, total=total, desc=desc, unit="MiB"):
             out.write(chunk)
-    verify(tmp, sha256, url)
-    os.replace(tmp, dest)
+            got += len(chunk)
+    if size and got < size:  # urllib returns what came before the connection closed, without an error
+        raise IncompleteDownload(f"the connection closed after {got} of {size} bytes")
+
+
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``dest`` through a temp file, trying again when the connection drops
+    mid-file; verify ``sha256`` when given. Nothing is left at ``dest`` (or beside it) unless
+    the whole file arrived and matched."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    logger.info("downloading %s", url)
+    try:
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                _download_once(url, tmp, dest.name, timeout)
+                break
+            except (IncompleteDownload, http.client.IncompleteRead, ConnectionError) as exc:
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    raise MtkitError(f"download of {url} failed {attempt} times: {exc}") from None
+                logger.warning("download of %s interrupted (%s); trying again", url, exc)
+        verify(tmp, sha256, url)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -311,7 +348,7 @@ def verify(path: Path, sha256: str | None, what: str) -> None:
     got = sha256_file(path)
     if got != sha256:
         path.unlink(missing_ok=True)
-        raise MtkitError(f"checksum mismatch for {what}: expected sha256 {sha256}, got {got}")
+        raise MtkitError(f"checksum mismatch for {what}: expected sha256 {sha256}, got {got} (nothing was kept)")
 
 
 def _write_gz(lines: Iterator[str], dest: Path) -> None:

@@ -33,8 +33,12 @@ def open_binary(path: str | Path) -> BinaryIO:
         raise MtkitError(f"file not found: {p}") from None
     except PermissionError:
         raise MtkitError(f"permission denied: {p}") from None
-    if f.peek(2)[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+    head = f.peek(2)[:2]
+    if head == b"\x1f\x8b":  # gzip magic, whatever the file is called
         return gzip.open(f, "rb")  # type: ignore[return-value]
+    if p.suffix == ".gz" and head:  # named .gz but not gzip: say so rather than read it as text
+        f.close()
+        raise MtkitError(f"{p}: not a gzip file (it is named .gz but does not start with gzip's magic bytes)")
     return f
 
 
