@@ -137,7 +137,7 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @click.option("-m", "--model", "model_paths", multiple=True, required=True, help="Checkpoint (repeat for an ensemble with the same vocabulary).")
-@click.option("-i", "--input", "input_path", default="-", show_default=True, help="Input file (plain or .gz), - for stdin.")
+@click.option("-i", "--input", "input_path", default="-", show_default=True, help="Input file (plain or .gz), - for stdin. Piped or typed input is answered as soon as it pauses (50 ms); flowing input and files are translated in full length-sorted buffers.")
 @click.option("-o", "--output", "output_path", default="-", show_default=True, help="Output file, - for stdout.")
 @click.option("--beam", type=int, default=None, help="Beam size (1 = greedy). Default: the checkpoint's decode.beam.")
 @click.option("--nbest", type=int, default=None, help="Hypotheses per sentence (n-best / jsonl output, or samples).")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import time
 
 import pytest
 import torch
@@ -317,3 +319,61 @@ def test_dtype_option(ckpt, tmp_path):
     assert res.exit_code == 1 and "float16 needs a CUDA device" in res.stderr
     with pytest.raises(MtkitError, match="unknown dtype"):
         translate_file([ckpt], tmp_path / "missing", tmp_path / "o", dtype="int4")
+
+
+def test_piped_input_is_answered_line_by_line_when_it_pauses(ckpt, tmp_path):
+    """A line followed by a pause is translated and written before the next line arrives; lines
+    that flow are batched as before; the output keeps input order, one line per input line."""
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtkit", "-q", "translate", "-m", str(ckpt), "--device", "cpu"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    answers: list[str] = []
+    first = threading.Event()
+
+    def collect():
+        for raw in proc.stdout:
+            answers.append(raw.decode().rstrip("\n"))
+            first.set()
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    try:
+        proc.stdin.write(b"a man is riding a bike\n")
+        proc.stdin.flush()
+        assert first.wait(timeout=30), "no answer to the first line while the input paused"
+        assert len(answers) == 1
+        proc.stdin.write(b"\nthe dog\na woman walking\n")  # the rest flows, with an empty line
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    assert len(answers) == 4 and answers[1] == "" and all(answers[i] for i in (0, 2, 3))
+    alone = tmp_path / "in.en"
+    alone.write_text("a man is riding a bike\n\nthe dog\na woman walking\n")
+    translate_file([ckpt], alone, tmp_path / "out.de", device="cpu")
+    assert read_lines(tmp_path / "out.de") == answers  # the same translations as from a file
+
+
+def test_paced_reader_marks_pauses_and_forwards_errors():
+    from mtkit.decoding.translate import paced
+
+    def slow():
+        yield "a"
+        yield "b"
+        time.sleep(0.3)
+        yield "c"
+        raise MtkitError("bad line 4")
+
+    got = []
+    with pytest.raises(MtkitError, match="bad line 4"):
+        for item in paced(slow(), pause=0.1):
+            got.append(item)
+    assert [x for x in got if x is not None] == ["a", "b", "c"]
+    assert None in got[got.index("b") : got.index("c")]  # the 0.3 s gap

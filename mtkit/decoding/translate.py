@@ -6,6 +6,12 @@ budget), decoded, and written back in input order as soon as a prefix of lines i
 large file therefore never sits in memory, and every input line gives exactly one output line
 (``nbest``: one or more lines numbered by input line; empty input lines give empty output).
 
+Input from a pipe or a terminal is read by a background thread: when no new line arrives for
+``PAUSE_S`` seconds, the lines already read are translated and written at once, so a person
+typing, a script waiting for each answer or a slow producer get every line back in about the time
+its decoding takes; input that flows fills whole buffers as before. Regular files (also as
+``< file`` on stdin) are read directly.
+
 ``resume=True`` continues a partly written output file: its complete lines are kept (a trailing
 partial line or, for n-best output, the last sentence's group is dropped), as many input lines
 are skipped, and the rest is appended.
@@ -14,8 +20,14 @@ are skipped, and the rest is appended.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
+import os
+import queue
+import stat
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +74,46 @@ class Options:
     decode_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     engine: str = "torch"
     dtype: str = "float32"  # torch engine: float32 | bfloat16 | float16 (CUDA) weights and activations
+
+
+PAUSE_S = 0.05  # a gap in piped or typed input this long ends the buffer: what is read gets translated
+
+
+def is_stream(path: str | Path) -> bool:
+    """Whether input arrives over time (a pipe, FIFO or terminal) rather than from a regular file."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode if str(path) == "-" else os.stat(path).st_mode
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False  # e.g. a stdin replaced by an in-memory stream
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
+
+
+def paced(lines: Iterator[str], pause: float = PAUSE_S, queued: int = 100_000) -> Iterator[str | None]:
+    """``lines`` read by a background thread, with ``None`` yielded whenever no next line has
+    arrived for ``pause`` seconds (once per gap); errors of the reader are raised in order."""
+    items: queue.Queue = queue.Queue(maxsize=queued)
+    end = object()
+
+    def read() -> None:
+        try:
+            for line in lines:
+                items.put(line)
+            items.put(end)
+        except BaseException as exc:  # handed to the consumer, in order
+            items.put(exc)
+
+    threading.Thread(target=read, name="mtkit-input", daemon=True).start()
+    while True:
+        try:
+            item = items.get(timeout=pause)
+        except queue.Empty:
+            yield None
+            item = items.get()
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -436,19 +488,28 @@ def _records(
     run decodes it in, and a resumed output is byte-identical to an uninterrupted one.
     """
     name = display_name(input_path)
-    lines = iter_lines(input_path, errors=opts.errors)
+    lines: Iterator[str | None] = iter_lines(input_path, errors=opts.errors)
+    if is_stream(input_path):
+        lines = paced(lines)  # type: ignore[arg-type]
     lineno = 0
 
     def too_short() -> MtkitError:
         return MtkitError(f"cannot resume: the output already has {skip} lines but {name} has only {lineno}")
 
-    for _ in range(skip - skip % opts.buffer_lines):
-        if next(lines, None) is None:
+    exhausted = object()
+    while lineno < skip - skip % opts.buffer_lines:
+        line = next(lines, exhausted)
+        if line is exhausted:
             raise too_short()
-        lineno += 1
+        if line is not None:  # None: a pause in piped input
+            lineno += 1
     while True:
         buffer: list[tuple[int, list[int]]] = []
         for line in lines:
+            if line is None:  # piped input paused: translate what has arrived
+                if buffer:
+                    break
+                continue
             lineno += 1
             ids = encode_line(line, lineno, tr, opts.input_format, name) if line.strip() else []
             if tr.max_src_len is not None and len(ids) + 1 > tr.max_src_len:
