@@ -270,6 +270,26 @@ def test_plot_attention(ckpt, tmp_path):
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["000000.png", "000002.png"]
 
 
+def test_attention_plots_say_what_they_draw(ckpt, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from mtkit.decoding import plot
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    titles = []
+    real = plot.plot_attention
+    monkeypatch.setattr(plot, "plot_attention", lambda *a, **k: titles.append(k["title"]) or real(*a, **k))
+    src = tmp_path / "in"
+    src.write_text("a man\n")
+    translate_file([ckpt, ckpt], src, tmp_path / "o", plot_attention=str(tmp_path / "plots"))
+    assert titles == ["line 1: cross-attention of decoder layer 2 (the last), mean of 4 heads, mean over 2 models"]
+    fig = figures[0]
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "attention weight"  # the colour bar
+    assert fig.axes[0].get_title() == titles[0]
+
+
 def test_cli_stdin_to_stdout(ckpt, tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["-q", "translate", "-m", str(ckpt)], input="A man is riding a bike.\n")

@@ -433,7 +433,7 @@ def translate_file(
                 plot_attention(
                     h.attn, tr.src_spm.id_to_piece(rec.src_ids) + ["</s>"],
                     tr.tgt_spm.id_to_piece(h.tokens) + ["</s>"],
-                    Path(opts.plot_attention) / f"{rec.index:06d}.png",
+                    Path(opts.plot_attention) / f"{rec.index:06d}.png", title=attention_title(tr, rec.index),
                 )
             if to_stdout or written % 64 == 0:
                 out.flush()
@@ -466,6 +466,14 @@ def translate_file(
         tgt_tokens_per_s=round(stats["tgt_tokens"] / seconds, 1) if seconds > 0 else 0.0,
     )
     return stats
+
+
+def attention_title(tr: Translator, index: int) -> str:
+    """An attention plot's title: the line, which attention is drawn, and the ensemble mean."""
+    label = tr.models[0].attention_label() if tr.models else "attention weights"
+    if len(tr.models) > 1:
+        label += f", mean over {len(tr.models)} models"
+    return f"line {index + 1}: {label}"
 
 
 def _close_quietly(out: Any) -> None:

@@ -49,6 +49,10 @@ class Seq2Seq(nn.Module):
         self.tgt_vocab_size = tgt_vocab_size
         self.pad_id = pad_id
 
+    def attention_label(self) -> str:
+        """What the attention weights ``step`` returns are, in words (titles of attention plots)."""
+        return "attention weights"
+
     def forward(
         self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor, features_only: bool = False
     ) -> torch.Tensor:

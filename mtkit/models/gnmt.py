@@ -195,6 +195,9 @@ class GNMT(AttentionalRNN):
         if cfg.tie_embeddings:
             self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out, "model.hidden_dim")
 
+    def attention_label(self) -> str:
+        return "additive attention, queried by the bottom decoder layer"
+
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
         src_len = src_len.to(src.device)
         memory = self.encoder(src, src_len)

@@ -235,6 +235,11 @@ class RNNAttention(AttentionalRNN):
             size_key = "model.readout_dim" if cfg.attention == "bahdanau" else "model.hidden_dim"
             self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out, size_key)
 
+    def attention_label(self) -> str:
+        if self.cfg.attention == "bahdanau":
+            return "Bahdanau additive attention"
+        return f"Luong {self.cfg.attention} attention, {self.cfg.window} window"
+
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
         memory, final = self.encoder(src, src_len)  # (B, S, Hm)
         enc = {

@@ -345,6 +345,9 @@ class Transformer(Seq2Seq):
             state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
         return state
 
+    def attention_label(self) -> str:
+        return f"cross-attention of decoder layer {self.cfg.decoder_layers} (the last), mean of {self.cfg.heads} heads"
+
     def step(
         self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
     ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
