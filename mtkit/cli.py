@@ -13,6 +13,7 @@ import click
 
 from mtkit import __version__
 from mtkit.errors import MtkitError
+from mtkit.signals import Interrupted
 from mtkit.utils import setup_logging
 
 logger = logging.getLogger("mtkit")
@@ -38,7 +39,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             if debug:
                 raise
-            _fail("interrupted")
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Interrupted as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
         except BrokenPipeError:
             sys.stderr.close()  # downstream closed the pipe (e.g. `| head`): not an error
             sys.exit(0)

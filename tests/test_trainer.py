@@ -88,6 +88,73 @@ def test_resume_is_bit_exact(spm, tmp_path):
     assert train_events("a") == train_events("b") and len(train_events("a")) == 6
 
 
+def same_tensors(a, b, where: str = "") -> None:
+    """Nested dicts/lists of tensors and numbers are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("signame,seed", [("SIGTERM", 0), ("SIGINT", 1), ("SIGTERM", 2), ("SIGINT", 3)])
+def test_a_stop_signal_saves_the_update_and_resume_is_bit_exact(spm, tmp_path, signame, seed):
+    import os
+    import random
+    import signal
+
+    from mtkit.signals import Interrupted
+
+    signum = getattr(signal, signame)
+    at = random.Random(seed).randint(1, 11)  # the signal arrives during this update
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=12"), tmp_path / "a", device="cpu").fit()
+    trainer = T.Trainer(data(spm), tiny_cfg("train.max_updates=12"), tmp_path / "b", device="cpu")
+    real_step = trainer.train_step
+
+    def step(chunk):
+        if trainer.update == at - 1:
+            os.kill(os.getpid(), signum)  # handled at once: the update still completes
+        return real_step(chunk)
+
+    trainer.train_step = step
+    handler_before = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as err:
+        trainer.fit()
+    assert err.value.exit_code == 128 + signum and f"at update {at}" in err.value.message
+    assert signal.getsignal(signum) == handler_before and trainer.update == at  # the handler is put back
+    assert load_checkpoint(tmp_path / "b" / T.LAST)["update"] == at
+    T.Trainer(data(spm), tiny_cfg("train.max_updates=12"), tmp_path / "b", device="cpu").fit(resume=True)
+    a, b = load_checkpoint(tmp_path / "a" / T.LAST), load_checkpoint(tmp_path / "b" / T.LAST)
+    same_tensors(a["model"], b["model"], "model")
+    same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+
+
+def test_a_second_stop_signal_ends_the_process_at_once():
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, time\n"
+        "from mtkit.signals import stop_requests\n"
+        "with stop_requests() as request:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.2)\n"
+        "    print('first: requested' if request.requested else 'first: missed', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(2)\n"
+        "    print('still running', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "first: requested\n" and proc.returncode == -15, (proc.stdout, proc.stderr)
+
+
 def test_different_seed_differs(spm, tmp_path):
     T.Trainer(data(spm), tiny_cfg("train.max_updates=3"), tmp_path / "a", device="cpu").fit()
     T.Trainer(data(spm), tiny_cfg("train.max_updates=3", "train.seed=2"), tmp_path / "b", device="cpu").fit()

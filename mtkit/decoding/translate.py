@@ -44,6 +44,7 @@ from mtkit.decoding import search
 from mtkit.decoding.search import Hypothesis, SamplingOptions
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq
+from mtkit.signals import term_as_interrupt
 from mtkit.utils import progress
 
 logger = logging.getLogger("mtkit.translate")
@@ -421,6 +422,8 @@ def translate_file(
     created = not to_stdout and not Path(output_path).exists()
     out = open_output(output_path, append=resume)
     written = skip
+    stop_on_term = term_as_interrupt()  # SIGTERM, as Ctrl-C: keep what is written, say how to resume
+    stop_on_term.__enter__()
     try:
         records = _records(input_path, skip, tr, cfg, opts, decoder, stats)
         for rec in progress(records, desc="translate", unit="lines"):
@@ -450,6 +453,7 @@ def translate_file(
             raise MtkitError(f"could not write {display_name(output_path)}: {exc.strerror or exc}") from None
         raise
     finally:
+        stop_on_term.__exit__(None, None, None)
         if to_stdout:
             try:
                 out.flush()

@@ -34,11 +34,12 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from mtkit.errors import MtkitError
 from mtkit.models import build_model
 from mtkit.models.base import num_parameters
 from mtkit.models.linear import release_packed
+from mtkit.signals import Interrupted, stop_requests
 from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.training.loss import projected_nll
 from mtkit.training.schedule import Scheduler
@@ -706,8 +708,12 @@ class Trainer:
             bar = tqdm(total=tc.max_updates or None, initial=self.update, unit="upd", dynamic_ncols=True, leave=False, file=sys.stderr)
         window = self._new_window()
         stop_reason = None
+        stops = stop_requests()  # SIGTERM/SIGINT: finish this update, write checkpoint_last, exit
+        request = stops.__enter__()
         try:
             while stop_reason is None:
+                if self._any(request.requested):  # every rank stops at the same update
+                    self._preempted(request.signum or signal.SIGTERM)
                 stop_reason = self._stop_reason()
                 if stop_reason:
                     break
@@ -741,6 +747,7 @@ class Trainer:
                     self.batches.next_epoch()
                     self._after_update(epoch_end=True)
         finally:
+            stops.__exit__(None, None, None)
             if bar is not None:
                 bar.close()
         # final validation and checkpoint
@@ -766,6 +773,17 @@ class Trainer:
             "metrics_file": str(self.metrics_path),
             "world_size": self.world_size,
         }
+
+    def _preempted(self, signum: int) -> NoReturn:
+        """Stopped by a signal between updates: write checkpoint_last.pt (data position and RNG
+        states included, so ``--resume`` continues bit-exactly), no validation, then raise."""
+        if self.saved_at != self.update or not self._agree((self.save_dir / LAST).exists()):
+            self.save(numbered=False)
+        name = signal.Signals(signum).name
+        logger.warning("%s at update %d: wrote %s; rerun with --resume to continue", name, self.update,
+                       self.save_dir / LAST)
+        raise Interrupted(signum, f"stopped by {name} at update {self.update}; checkpoint_last.pt is up to date "
+                                  "(rerun with --resume)")
 
     def _stop_reason(self) -> str | None:
         tc = self.tc
