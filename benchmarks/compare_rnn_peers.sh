@@ -236,6 +236,14 @@ model:
 YAML
 }
 
+alternate() {  # $1 name, $2 peer parts, $3 mtkit part: REPEAT runs into OUT/<name>1, ..., the order alternating
+  local i order
+  for i in $(seq "$REPEAT"); do
+    order="$2 $3"; [ $((i % 2)) = 0 ] && order="$3 $2"
+    DOUT=$OUT/$1$i OUT=$OUT bash "$REPO/benchmarks/compare_rnn_peers.sh" $order
+  done
+}
+
 exit_status() { grep 'Exit status' "$1" | awk '{print $NF}'; }
 
 parts=${*:-onmt_setup train onmt_model mtkit_model decode table}
@@ -243,16 +251,8 @@ for part in $parts; do
   echo "=== $part $(date -u +%FT%TZ)"
   mkdir -p "$DOUT"
   case $part in
-    train)
-      for i in $(seq "$REPEAT"); do
-        order="$TRAIN_PEERS mtkit_train"; [ $((i % 2)) = 0 ] && order="mtkit_train $TRAIN_PEERS"
-        DOUT=$OUT/train$i OUT=$OUT bash "$REPO/benchmarks/compare_rnn_peers.sh" $order
-      done ;;
-    decode)
-      for i in $(seq "$REPEAT"); do
-        order="onmt_decode mtkit_decode"; [ $((i % 2)) = 0 ] && order="mtkit_decode onmt_decode"
-        DOUT=$OUT/decode$i OUT=$OUT bash "$REPO/benchmarks/compare_rnn_peers.sh" $order
-      done ;;
+    train) alternate train "$TRAIN_PEERS" mtkit_train ;;
+    decode) alternate decode onmt_decode mtkit_decode ;;
     onmt_setup)
       [ -x "$V/onmt_train" ] || bash "$PEERS/setup_venvs.sh" onmt
       [ -s "$DATA/spm.model" ] && [ -s "$DATA/test.sp.en" ] || bash "$PEERS/run_all.sh" preprocess ;;

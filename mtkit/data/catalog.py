@@ -169,6 +169,9 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
 # Resolution
 
 
+_WARNED_MISSING: set[Path] = set()  # data directories already warned about in this process
+
+
 def data_dirs(data_dir: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
     """The data directories to search: ``data_dir`` if given, else ``MTKIT_DATA``."""
     if data_dir:
@@ -187,9 +190,6 @@ def data_dirs(data_dir: str | Path | Sequence[str | Path] | None = None) -> list
             logger.warning("%s names %s, which is not a directory; looking in the cache and downloading instead",
                            source, d)
     return dirs
-
-
-_WARNED_MISSING: set[Path] = set()  # data directories already warned about in this process
 
 
 def cache_dir() -> Path:

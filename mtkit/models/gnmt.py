@@ -34,7 +34,7 @@ from mtkit.errors import MtkitError
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
 from mtkit.models.dropout import Dropout
-from mtkit.models.linear import Linear, linear
+from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     CELL_CLASSES,
     RNN_CLASSES,
@@ -43,12 +43,13 @@ from mtkit.models.lstm import (
     cell_step,
     check_choice,
     check_positive,
+    embedding_gates,
     init_forget_bias,
     init_uniform,
     input_gates,
+    output_of,
     padding_mask,
     run_cell,
-    split_input,
     tie_embeddings,
 )
 
@@ -153,12 +154,11 @@ class GNMTDecoder(nn.Module):
         ctx = state["ctx"]
         bottom: Hidden = (h[0], c[0]) if c is not None else h[0]
         bottom_cell = self.cells[0]
-        w_emb, w_ctx = split_input(bottom_cell.weight_ih, emb.size(-1))
-        gx_emb = linear(emb, w_emb, bottom_cell.bias_ih)  # the embedding's share of the bottom gates, all steps
+        gx_emb, w_ctx = embedding_gates(emb, bottom_cell.weight_ih, bottom_cell.bias_ih)
         bottoms, ctxs = [], []
         for gx in gx_emb.unbind(1):  # (B, 4H) per position
             bottom = cell_step(gx + F.linear(ctx, w_ctx), bottom, bottom_cell)
-            hb = bottom[0] if isinstance(bottom, tuple) else bottom
+            hb = output_of(bottom)
             ctx, _ = self.attention(hb, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
             bottoms.append(hb)
             ctxs.append(ctx)

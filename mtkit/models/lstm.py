@@ -19,7 +19,7 @@ from mtkit.config import ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
 from mtkit.models.dropout import Dropout, dropout
-from mtkit.models.linear import Linear, step_linear
+from mtkit.models.linear import Linear, linear, step_linear
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 CELL_CLASSES: dict[str, type[nn.RNNCellBase]] = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
@@ -108,6 +108,11 @@ def run_cell(cell: nn.RNNCellBase, x: torch.Tensor, h0: torch.Tensor, c0: torch.
     return out
 
 
+def output_of(state: Hidden) -> torch.Tensor:
+    """h of one layer's state: ``(h, c)`` (LSTM) or ``h`` (GRU)."""
+    return state[0] if isinstance(state, tuple) else state
+
+
 def _suffix(layer: int | None) -> str:
     return "" if layer is None else f"_l{layer}"
 
@@ -121,7 +126,7 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
     :func:`mtkit.models.linear.step_linear` (a prepacked oneDNN weight when decoding on a CPU).
     """
     sfx = _suffix(layer)
-    h = state[0] if isinstance(state, tuple) else state
+    h = output_of(state)
     gh = step_linear(h, rnn, f"weight_hh{sfx}", getattr(rnn, f"bias_hh{sfx}"))
     n_hidden = h.size(1)
     if isinstance(state, tuple):
@@ -156,16 +161,17 @@ def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.T
                 x = dropout(x, rnn.dropout)
             gx = input_gates(x, rnn, layer)
         state = cell_step(gx, state, rnn, layer)
-        x = state[0] if isinstance(state, tuple) else state
+        x = output_of(state)
         new.append(state)
     return x, new
 
 
-def split_input(w_ih: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The columns of an input weight (4H, I) that read the first ``first`` input features, and
-    the rest, each contiguous (a decoder computes the share of a recurrence-free input, e.g. the
-    embedding, over the whole sequence, and the rest per step)."""
-    return w_ih[:, :first].contiguous(), w_ih[:, first:].contiguous()
+def embedding_gates(emb: torch.Tensor, w_ih: torch.Tensor, b_ih: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a bottom layer that reads ``[embedding; x_t]`` with x_t known only step by step: the
+    embedding's share of the gates for all positions at once (``emb`` (B, T, E) -> (B, T, 4H or
+    3H), ``b_ih`` included) and the contiguous columns of ``w_ih`` that read x_t."""
+    first = emb.size(-1)
+    return linear(emb, w_ih[:, :first].contiguous(), b_ih), w_ih[:, first:].contiguous()
 
 
 def state_layers(state: State) -> list:
@@ -184,7 +190,7 @@ def layers_state(layers: list) -> State:
 
 def top_output(layers: list) -> torch.Tensor:
     """The top layer's h (B, H) of a per-layer list."""
-    return layers[-1][0] if isinstance(layers[-1], tuple) else layers[-1]
+    return output_of(layers[-1])
 
 
 def to_state(hidden: Hidden) -> State:

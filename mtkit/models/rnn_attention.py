@@ -34,20 +34,20 @@ from mtkit.errors import MtkitError
 from mtkit.models.attention import SCORES, Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
 from mtkit.models.dropout import Dropout
-from mtkit.models.linear import Linear, linear
+from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     RNN_CLASSES,
     Embedding,
     RNNEncoder,
     check_choice,
     check_positive,
+    embedding_gates,
     from_state,
     init_forget_bias,
     init_uniform,
     layers_state,
     padding_mask,
     rnn_step,
-    split_input,
     state_layers,
     tie_embeddings,
     top_output,
@@ -142,8 +142,7 @@ class BahdanauDecoder(nn.Module):
 
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
         hidden = state_layers(state)  # per-layer (B, H) states for the whole loop
-        w_emb, w_ctx = split_input(self.rnn.weight_ih_l0, emb.size(-1))
-        gx_emb = linear(emb, w_emb, self.rnn.bias_ih_l0)  # the embedding's share of the bottom gates, all steps
+        gx_emb, w_ctx = embedding_gates(emb, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
         states, contexts = [], []
         for gx in gx_emb.unbind(1):
             ctx, _ = self.attend(hidden, enc)
@@ -199,8 +198,7 @@ class LuongDecoder(nn.Module):
             out, _ = self.rnn(emb, from_state(state))  # (B, T, H)
             return self.attend(out, enc, state["t"].unsqueeze(1) + steps)[0]  # (B, T, H)
         hidden, feed, outs = state_layers(state), state["feed"], []
-        w_emb, w_feed = split_input(self.rnn.weight_ih_l0, emb.size(-1))
-        gx_emb = linear(emb, w_emb, self.rnn.bias_ih_l0)  # the embedding's share of the bottom gates, all steps
+        gx_emb, w_feed = embedding_gates(emb, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
         for i, gx in enumerate(gx_emb.unbind(1)):  # h~_{t-1} feeds step t: sequential by nature
             out, hidden = rnn_step(self.rnn, None, hidden, gx + F.linear(feed, w_feed))
             feed, _ = self.attend(out, enc, state["t"] + i)
