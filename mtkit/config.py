@@ -4,6 +4,11 @@ The YAML sections mirror the dataclasses (``data``, ``model``, ``train``, ``deco
 ``model`` section is validated against the config class of the family named by ``model.arch``
 (each ``models/<family>.py`` defines its own ``Config`` subclass of :class:`ModelConfig`).
 An unknown key anywhere is an error that names the closest valid key.
+
+Every field states what it accepts in its ``metadata["rule"]`` (:func:`choice`, :func:`number`,
+:func:`any_value`; a ``bool`` field's type says it all), and a section's ``check()`` adds the
+rules that join several fields. :func:`build_section` applies both when a section is loaded, so a
+bad value is one ``error:`` line naming the key, the value and what is allowed, before any work.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,17 +30,112 @@ from mtkit.errors import MtkitError
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-@dataclass
-class DataConfig:
-    max_src_len: int = 256  # subword tokens; longer training pairs are skipped, longer inputs truncated
-    max_tgt_len: int = 256
+# --- what a field accepts ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """The values a config field accepts beyond its type (``any`` marks a deliberately free field)."""
+
+    choices: tuple[str, ...] = ()
+    low: float | None = None  # smallest allowed value (``low_open``: strictly above it)
+    low_open: bool = False
+    high: float | None = None  # largest allowed value (``high_open``: strictly below it)
+    high_open: bool = False
+    length: int = 0  # lists: exactly this many items (0: any number)
+    any: bool = False
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        text = " and ".join(parts) if parts else "a finite number"
+        return f"{self.length} numbers, each {text}" if self.length else text
+
+
+def choice(default: str, *choices: str) -> Any:
+    """A field holding one of ``choices`` (the default first among them or not)."""
+    return field(default=default, metadata={"rule": Rule(choices=tuple(choices))})
+
+
+def choices_list(factory: Any, *choices: str) -> Any:
+    """A list field whose every item is one of ``choices``."""
+    return field(default_factory=factory, metadata={"rule": Rule(choices=tuple(choices))})
+
+
+def number(
+    default: Any = None, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+    high_open: bool = False, length: int = 0, factory: Any = None,
+) -> Any:
+    """A numeric field (or list of numbers) in ``[low, high]``; NaN and infinities never pass."""
+    rule = Rule(low=low, high=high, low_open=low_open, high_open=high_open, length=length)
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
+def any_value(default: Any) -> Any:
+    """A field whose every value of the right type is valid (e.g. ``seed``, a free-text name)."""
+    return field(default=default, metadata={"rule": Rule(any=True)})
+
+
+def field_rule(f: dataclasses.Field) -> Rule | None:
+    """The rule of a dataclass field; None only for ``bool`` fields, whose type is the whole check."""
+    return f.metadata.get("rule")
+
+
+def _bad(key: str, value: Any, rule: Rule) -> MtkitError:
+    text = f"config key '{key}': {value!r} is not allowed; must be {rule.allowed()}"
+    if rule.choices and isinstance(value, str):
+        close = difflib.get_close_matches(value, list(rule.choices), n=1, cutoff=0.5)
+        if close:
+            text += f"; did you mean '{close[0]}'?"
+    return MtkitError(text)
+
+
+def _check_rule(value: Any, rule: Rule, key: str) -> None:
+    if rule.any or value is None:  # None passed the type check: the field is Optional
+        return
+    if rule.choices:
+        for item in value if isinstance(value, list) else [value]:
+            if item not in rule.choices:
+                raise _bad(key, item, rule)
+        return
+    items = value if isinstance(value, list) else [value]
+    if rule.length and len(items) != rule.length:
+        raise _bad(key, value, rule)
+    for x in items:
+        if not isinstance(x, (int, float)):
+            continue
+        if (
+            not math.isfinite(x)
+            or (rule.low is not None and (x <= rule.low if rule.low_open else x < rule.low))
+            or (rule.high is not None and (x >= rule.high if rule.high_open else x > rule.high))
+        ):
+            raise _bad(key, value, rule)
+
+
+class Section:
+    """Mixin of every config section: ``check()`` holds the rules that join several fields."""
+
+    def check(self, section: str) -> None:
+        """Raise :class:`MtkitError` naming ``section.key`` when fields disagree with each other."""
 
 
 @dataclass
-class ModelConfig:
+class DataConfig(Section):
+    # subword tokens; longer training pairs are skipped, longer inputs truncated
+    max_src_len: int = number(256, low=1)
+    max_tgt_len: int = number(256, low=1)
+
+
+@dataclass
+class ModelConfig(Section):
     """Base of every family's model config; ``arch`` selects the family in ``MODELS``."""
 
-    arch: str = "transformer"
+    arch: str = any_value("transformer")  # checked against MODELS (with a did-you-mean) on load
 
     @property
     def width(self) -> int:
@@ -42,62 +143,125 @@ class ModelConfig:
         raise NotImplementedError
 
 
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULERS = ("inverse_sqrt", "noam", "constant")
+TIME_DECAYS = ("none", "linear", "cosine")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+LENGTH_PENALTIES = ("none", "average", "gnmt")
+STOPPING = ("full", "first")
+
+
 @dataclass
-class TrainConfig:
-    seed: int = 1
-    max_tokens: int = 4096  # token budget of one batch (max of source/target tokens incl. padding)
-    max_sentences: int = 0  # 0 = no limit on sentences per batch
-    update_freq: int = 1  # gradient accumulation steps per update
+class TrainConfig(Section):
+    seed: int = any_value(1)
+    max_tokens: int = number(4096, low=1)  # token budget of one batch (max of source/target tokens incl. padding)
+    max_sentences: int = number(0, low=0)  # 0 = no limit on sentences per batch
+    update_freq: int = number(1, low=1)  # gradient accumulation steps per update
     # forward/backward each batch in runs of at most this many padded tokens, gradients summed:
     # the same update in less activation memory (and heap fragmentation on a CPU); 0 = whole batches
-    pass_tokens: int = 0
-    max_updates: int = 0  # 0 = no limit
-    max_epochs: int = 0  # 0 = no limit
-    max_time_minutes: float = 0.0  # wall-clock budget, 0 = no limit
-    optimizer: str = "adam"
-    lr: float = 5e-4
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    adam_eps: float = 1e-9
-    weight_decay: float = 0.0
-    lr_scheduler: str = "inverse_sqrt"  # inverse_sqrt | noam | constant
-    time_decay: str = "none"  # none | linear | cosine: lr x a factor reaching 0 at max_time_minutes
-    warmup_updates: int = 4000
-    warmup_init_lr: float = 1e-7
-    noam_factor: float = 2.0  # noam: lr = factor * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)
-    clip_norm: float = 0.0  # 0 = no clipping
-    label_smoothing: float = 0.1
-    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16 (fp16: CUDA only)
-    num_threads: int = 0  # torch intra-op threads on CPU, 0 = torch default
+    pass_tokens: int = number(0, low=0)
+    max_updates: int = number(0, low=0)  # 0 = no limit
+    max_epochs: int = number(0, low=0)  # 0 = no limit
+    max_time_minutes: float = number(0.0, low=0)  # wall-clock budget, 0 = no limit
+    optimizer: str = choice("adam", *OPTIMIZERS)
+    lr: float = number(5e-4, low=0, low_open=True)
+    adam_betas: list[float] = number(factory=lambda: [0.9, 0.98], low=0, high=1, high_open=True, length=2)
+    adam_eps: float = number(1e-9, low=0, low_open=True)
+    weight_decay: float = number(0.0, low=0)
+    lr_scheduler: str = choice("inverse_sqrt", *LR_SCHEDULERS)
+    time_decay: str = choice("none", *TIME_DECAYS)  # lr x a factor reaching 0 at max_time_minutes
+    warmup_updates: int = number(4000, low=0)
+    warmup_init_lr: float = number(1e-7, low=0)
+    noam_factor: float = number(2.0, low=0, low_open=True)  # noam: lr = factor * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)
+    clip_norm: float = number(0.0, low=0)  # 0 = no clipping
+    label_smoothing: float = number(0.1, low=0, high=1, high_open=True)
+    amp: str = choice("auto", *AMP_MODES)  # auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16 (fp16: CUDA only)
+    num_threads: int = number(0, low=0)  # torch intra-op threads on CPU, 0 = torch default
     # CPU: when the process RSS exceeds this many GiB between updates, hand the allocator's free
     # memory back to the OS (glibc malloc_trim; caps heap fragmentation, costs page faults); 0 = never
-    trim_memory_gib: float = 0.0
-    log_interval: int = 50
-    validate_interval_updates: int = 1000  # 0 = validate at the end of each epoch only
+    trim_memory_gib: float = number(0.0, low=0)
+    log_interval: int = number(50, low=1)
+    validate_interval_updates: int = number(1000, low=0)  # 0 = validate at the end of each epoch only
     valid_bleu: bool = True
-    valid_bleu_max_sentences: int = 0  # 0 = whole valid set
-    early_stop_metric: str = "bleu"  # bleu | loss
-    patience: int = 0  # validations without improvement before stopping, 0 = never
-    save_interval_updates: int = 1000
-    keep_last: int = 5
-    max_bad_updates: int = 5  # consecutive NaN/inf updates before training stops
+    valid_bleu_max_sentences: int = number(0, low=0)  # 0 = whole valid set
+    early_stop_metric: str = choice("bleu", "bleu", "loss")
+    patience: int = number(0, low=0)  # validations without improvement before stopping, 0 = never
+    save_interval_updates: int = number(1000, low=0)  # 0 = at validations and the end only
+    keep_last: int = number(5, low=0)
+    max_bad_updates: int = number(5, low=1)  # consecutive NaN/inf updates before training stops
+
+    def check(self, section: str) -> None:
+        if self.time_decay != "none" and self.max_time_minutes <= 0:
+            raise MtkitError(
+                f"config key '{section}.time_decay': '{self.time_decay}' needs a time budget; "
+                f"set {section}.max_time_minutes > 0"
+            )
 
 
 @dataclass
-class DecodeConfig:
-    beam: int = 5
-    nbest: int = 1
-    max_len_a: float = 1.5  # max output length = a * source length + b
-    max_len_b: int = 10
-    min_len: int = 1
-    length_penalty: str = "gnmt"  # none | average | gnmt
-    alpha: float = 0.6  # GNMT length-penalty exponent
-    beta: float = 0.0  # GNMT coverage-penalty weight
-    no_repeat_ngram: int = 0
+class DecodeConfig(Section):
+    beam: int = number(5, low=1)
+    nbest: int = number(1, low=1)
+    max_len_a: float = number(1.5, low=0)  # max output length = a * source length + b
+    max_len_b: int = number(10, low=0)
+    min_len: int = number(1, low=0)
+    length_penalty: str = choice("gnmt", *LENGTH_PENALTIES)
+    alpha: float = number(0.6, low=0)  # GNMT length-penalty exponent
+    beta: float = number(0.0, low=0)  # GNMT coverage-penalty weight
+    no_repeat_ngram: int = number(0, low=0)
     # when a sentence's beam search ends: "full" once beam-size hypotheses are finished;
     # "first" once its best-scoring extension is EOS and nbest are finished (fewer steps)
-    stopping: str = "full"
-    batch_size: int = 0  # sentences per batch, 0 = use max_tokens
-    max_tokens: int = 4000
+    stopping: str = choice("full", *STOPPING)
+    batch_size: int = number(0, low=0)  # sentences per batch, 0 = use max_tokens
+    max_tokens: int = number(4000, low=1)
+
+
+# --- the recipe's own sections (mtkit/recipes.py), beside the config's --------------------------
+# sacrebleu's BLEU tokenizers (a test holds this list equal to sacrebleu's own)
+BLEU_TOKENIZERS = ("none", "zh", "13a", "intl", "char", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200", "spBLEU-1K")
+
+
+@dataclass
+class PreprocessSection(Section):
+    """The recipe's ``preprocess`` keys: the options of ``mtkit preprocess`` (same defaults)."""
+
+    vocab_size: int = number(8000, low=8)
+    model_type: str = choice("bpe", "bpe", "unigram")
+    joint: bool = True
+    character_coverage: float = number(1.0, low=0, low_open=True, high=1)
+    user_defined_symbols: list[str] | None = any_value(None)  # extra sentencepiece pieces, kept whole
+    max_len: int = number(250, low=1)
+    max_ratio: float = number(3.0, low=1)
+    dedup: bool = False
+    workers: int = number(2, low=1)
+
+
+@dataclass
+class AverageSection(Section):
+    """The recipe's ``average`` keys: average the last N numbered checkpoints, or the best N."""
+
+    last: int | None = number(None, low=0)
+    best: int | None = number(None, low=0)
+
+    def check(self, section: str) -> None:
+        if self.last and self.best:
+            raise MtkitError(f"give one of {section}.last and {section}.best, not both")
+
+
+@dataclass
+class ScoreSection(Section):
+    """The recipe's ``score`` keys: which metrics, and sacrebleu's options for BLEU."""
+
+    metrics: list[str] = choices_list(lambda: ["bleu"], "bleu", "chrf", "ter")
+    tokenize: str | None = choice(None, *BLEU_TOKENIZERS)
+    lowercase: bool = False
+
+    def check(self, section: str) -> None:
+        if "bleu" not in self.metrics:
+            raise MtkitError(f"{section}.metrics must include bleu (the number the report compares)")
+
+
+RECIPE_SECTIONS = {"preprocess": PreprocessSection, "average": AverageSection, "score": ScoreSection}
 
 
 @dataclass
@@ -117,6 +281,8 @@ SECTIONS = {"data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
 def model_config_class(arch: str) -> type[ModelConfig]:
     from mtkit.models import MODELS  # local import: models import this module
 
+    if not isinstance(arch, str):
+        raise MtkitError(f"config key 'model.arch': expected a family name, got {arch!r}")
     if arch not in MODELS:
         raise MtkitError(_unknown("model.arch value", arch, list(MODELS)))
     return MODELS[arch].Config
@@ -176,7 +342,39 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
         if key not in fields:
             raise MtkitError(_unknown("config key", f"{section}.{key}", [f"{section}.{k}" for k in fields]))
         kwargs[key] = _type_check(value, hints[key], f"{section}.{key}")
-    return cls(**kwargs)
+    return check_section(cls(**kwargs), section)
+
+
+def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any:
+    """A section dataclass from a YAML mapping: unknown keys, types, each field's rule, ``check()``."""
+    return _build(cls, values or {}, section)
+
+
+def check_values(cls: type, values: dict[str, Any], section: str) -> None:
+    """Check some keys of a section on their own (command-line options, before any loading)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in fields:
+            raise MtkitError(_unknown("config key", f"{section}.{key}", [f"{section}.{k}" for k in fields]))
+        value = _type_check(value, hints[key], f"{section}.{key}")
+        rule = field_rule(fields[key])
+        if rule is not None:
+            _check_rule(value, rule, f"{section}.{key}")
+
+
+def check_section(obj: Any, section: str) -> Any:
+    """Apply every field's rule and the section's ``check()`` to a built section; returns it."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = f"{section}.{f.name}", getattr(obj, f.name)
+        _type_check(value, hints[f.name], key)
+        rule = field_rule(f)
+        if rule is not None:
+            _check_rule(value, rule, key)
+    if isinstance(obj, Section):
+        obj.check(section)
+    return obj
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

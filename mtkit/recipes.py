@@ -38,7 +38,9 @@ import yaml
 
 from mtkit.config import (
     PRESET_DIR,
+    RECIPE_SECTIONS,
     Config,
+    build_section,
     config_from_dict,
     load_raw_config,
     parse_override,
@@ -74,12 +76,8 @@ TOP_KEYS = {
 REQUIRED = ("reproduces", "src_lang", "tgt_lang", "corpora")
 REPRODUCES_KEYS = ("paper", "table", "metric", "value", "test_set", "note", "url")
 CORPORA_KEYS = ("train", "valid", "test")
-PREPROCESS_KEYS = (
-    "vocab_size", "model_type", "joint", "character_coverage", "user_defined_symbols",
-    "max_len", "max_ratio", "dedup", "workers",
-)
-AVERAGE_KEYS = ("last", "best")
-SCORE_KEYS = ("metrics", "tokenize", "lowercase")
+
+
 SMOKE_KEYS = ("preset", "model", "train", "decode", "preprocess", "train_lines", "eval_lines")
 
 # --- what --smoke changes ---
@@ -325,24 +323,11 @@ def validate(raw: dict[str, Any], where: str, catalog: Catalog | None = None) ->
     if rep_test not in names:
         raise MtkitError(f"{where}: reproduces.test_set '{rep_test}' is not one of the test sets ({', '.join(names)})")
 
-    pre = _check_keys("preprocess", raw.get("preprocess"), PREPROCESS_KEYS, where)
-    if pre.get("model_type", "bpe") not in ("bpe", "unigram"):
-        raise MtkitError(f"{where}: preprocess.model_type must be bpe or unigram")
-    for key in ("vocab_size", "max_len", "workers"):
-        if key in pre and (isinstance(pre[key], bool) or not isinstance(pre[key], int) or pre[key] < 1):
-            raise MtkitError(f"{where}: preprocess.{key} must be a positive integer")
-    avg = _check_keys("average", raw.get("average"), AVERAGE_KEYS, where)
-    for key, v in avg.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise MtkitError(f"{where}: average.{key} must be a non-negative integer")
-    if avg.get("last") and avg.get("best"):
-        raise MtkitError(f"{where}: give one of average.last and average.best, not both")
-    score = _check_keys("score", raw.get("score"), SCORE_KEYS, where)
-    metrics = score.get("metrics", ["bleu"])
-    if not isinstance(metrics, list) or not metrics or any(m not in ("bleu", "chrf", "ter") for m in metrics):
-        raise MtkitError(f"{where}: score.metrics must be a list drawn from bleu, chrf, ter")
-    if "bleu" not in metrics:
-        raise MtkitError(f"{where}: score.metrics must include bleu (the number the report compares)")
+    for key, cls in RECIPE_SECTIONS.items():
+        try:
+            build_section(cls, raw.get(key), key)
+        except MtkitError as exc:
+            raise MtkitError(f"{where}: {exc}") from None
     smoke = _check_keys("smoke", raw.get("smoke"), SMOKE_KEYS, where)
     for key in ("model", "train", "decode", "preprocess"):
         if key in smoke and not isinstance(smoke[key], dict):

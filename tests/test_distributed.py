@@ -219,6 +219,50 @@ def test_killed_two_rank_run_resumes_to_the_same_weights(data_dir, tmp_path):
     ]
 
 
+SIGNALLED = textwrap.dedent("""
+    import os, signal, sys
+    from mtkit.training import trainer as T
+    step = T.Trainer.train_step
+    def train_step(self, batches):
+        if self.rank == 1 and self.update == int(sys.argv[1]) - 1:  # only rank 1 is told to stop
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batches)
+    T.Trainer.train_step = train_step
+    from mtkit.cli import main
+    main(sys.argv[2:], prog_name="mtkit")
+""")
+
+
+def test_sigterm_on_one_rank_stops_both_at_one_update_and_resumes_bit_exactly(data_dir, tmp_path):
+    """The scheduler's SIGTERM may reach one rank first: both finish the same update, rank 0 alone
+    writes it, both exit 143 (no rank left waiting in a collective), and --resume is bit-exact."""
+    extra = ["model.dropout=0.1", "train.max_tokens=256", "train.max_updates=12", "train.validate_interval_updates=6"]
+    straight = tmp_path / "straight"
+    run_ranks(data_dir, straight, *extra)
+
+    stopped = tmp_path / "stopped"
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED)
+    at = 9  # between the checkpoints of updates 8 and 12
+    procs = start_ranks([str(script), str(at), *train_argv(data_dir, stopped, *extra)[2:]])
+    try:
+        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    except subprocess.TimeoutExpired:
+        kill_group(procs)
+        pytest.fail("a rank kept waiting after the other was signalled")
+    assert [p.returncode for p in procs] == [143, 143], [err for _, err in outs]
+    assert load_checkpoint(stopped / T.LAST)["update"] == at
+    assert not list(stopped.glob("*.tmp*")), "a rank left a partial write"
+
+    run_ranks(data_dir, stopped, *extra, resume=True)
+    a, b = load_checkpoint(straight / T.LAST), load_checkpoint(stopped / T.LAST)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert [(e["update"], e["loss"]) for e in events(straight, "train")] == [
+        (e["update"], e["loss"]) for e in events(stopped, "train")
+    ]
+
+
 # --- changing the number of ranks --------------------------------------------------------------------
 def resume_dir(src: Path, dst: Path, update: int) -> Path:
     dst.mkdir()

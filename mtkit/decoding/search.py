@@ -33,12 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mtkit.config import DecodeConfig
+from mtkit.config import DecodeConfig, check_section
 from mtkit.decoding import penalties as P
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State, expand_state, reorder_state
 
-STOPPING = ("full", "first")  # when a sentence's beam search ends; see DecodeConfig.stopping
 SYNC_EVERY = {"cpu": 1}  # steps between "all done?" checks; other devices: DEFAULT_SYNC_EVERY
 DEFAULT_SYNC_EVERY = 8
 TOPK_BLOCK = 64  # columns per block in row_topk
@@ -117,24 +116,21 @@ def max_lengths(src_len: torch.Tensor, cfg: DecodeConfig, limit: int | None) -> 
 
 
 def check_config(cfg: DecodeConfig, sampling: SamplingOptions | None) -> None:
-    if cfg.beam < 1:
-        raise MtkitError(f"beam size must be at least 1, got {cfg.beam}")
-    if cfg.nbest < 1:
-        raise MtkitError(f"nbest must be at least 1, got {cfg.nbest}")
+    """The decode section's own rules, then what joins it to the search mode."""
+    check_section(cfg, "decode")
     if sampling is None and cfg.nbest > cfg.beam:
         raise MtkitError(f"nbest ({cfg.nbest}) cannot exceed the beam size ({cfg.beam})")
-    if cfg.stopping not in STOPPING:
-        raise MtkitError(f"decode.stopping must be one of {', '.join(STOPPING)}, got '{cfg.stopping}'")
-    if cfg.min_len < 0 or cfg.no_repeat_ngram < 0:
-        raise MtkitError("min_len and no_repeat_ngram must be >= 0")
-    P.length_penalty_fn(cfg.length_penalty)
     if sampling is not None:
-        if sampling.temperature <= 0:
-            raise MtkitError(f"sampling temperature must be > 0, got {sampling.temperature}")
-        if not 0.0 < sampling.topp <= 1.0:
-            raise MtkitError(f"top-p must be in (0, 1], got {sampling.topp}")
-        if sampling.topk < 0:
-            raise MtkitError(f"top-k must be >= 0, got {sampling.topk}")
+        check_sampling(sampling)
+
+
+def check_sampling(sampling: SamplingOptions) -> None:
+    if not sampling.temperature > 0 or not math.isfinite(sampling.temperature):
+        raise MtkitError(f"sampling temperature must be > 0, got {sampling.temperature}")
+    if not 0.0 < sampling.topp <= 1.0:
+        raise MtkitError(f"top-p must be in (0, 1], got {sampling.topp}")
+    if sampling.topk < 0:
+        raise MtkitError(f"top-k must be >= 0, got {sampling.topk}")
 
 
 def _constrain(

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from mtkit.config import DecodeConfig
+from mtkit.config import DecodeConfig, check_values
 from mtkit.data.batching import collate_source
 from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_lines, open_binary, open_output
@@ -168,7 +168,10 @@ class Translator:
         return cls(models, src_spm, tgt_spm, cfg.decode, min(limits) if limits else None, device)
 
 
-def check_options(cfg: DecodeConfig, opts: Options) -> None:
+def check_options(opts: Options) -> None:
+    """What the options alone decide, before any model is loaded."""
+    limits = {"max_tokens": opts.max_tokens} if opts.max_tokens is not None else {}
+    check_values(DecodeConfig, {**opts.decode_overrides, **limits}, "decode")
     for name, value, valid in (
         ("input format", opts.input_format, INPUT_FORMATS),
         ("output units", opts.output_units, OUTPUT_UNITS),
@@ -181,13 +184,11 @@ def check_options(cfg: DecodeConfig, opts: Options) -> None:
         raise MtkitError(f"unknown engine '{opts.engine}'; valid: torch, ctranslate2")
     if opts.batch_size is not None and opts.batch_size <= 0:
         raise MtkitError(f"batch size must be at least 1, got {opts.batch_size}")
-    if opts.max_tokens is not None and opts.max_tokens <= 0:
-        raise MtkitError(f"max tokens must be at least 1, got {opts.max_tokens}")
-    if cfg.batch_size < 0 or (cfg.batch_size == 0 and cfg.max_tokens <= 0):
-        raise MtkitError(f"decode batch_size={cfg.batch_size}, max_tokens={cfg.max_tokens}: need a positive batch limit")
     if opts.buffer_lines <= 0:
         raise MtkitError(f"buffer lines must be at least 1, got {opts.buffer_lines}")
-    search.check_config(cfg, sampling_options(opts, torch.device("cpu")))
+    sampling = sampling_options(opts, torch.device("cpu"))
+    if sampling is not None:
+        search.check_sampling(sampling)
 
 
 def sampling_options(opts: Options, device: torch.device) -> SamplingOptions | None:
@@ -201,10 +202,6 @@ def sampling_options(opts: Options, device: torch.device) -> SamplingOptions | N
 
 def resolve_decode_config(base: DecodeConfig, decode_cfg: DecodeConfig | None, opts: Options) -> DecodeConfig:
     cfg = decode_cfg if decode_cfg is not None else base
-    fields = {f.name for f in dataclasses.fields(DecodeConfig)}
-    for key in opts.decode_overrides:
-        if key not in fields:
-            raise MtkitError(f"unknown decode option '{key}'")
     cfg = dataclasses.replace(cfg, **opts.decode_overrides)
     if opts.batch_size is not None:
         cfg = dataclasses.replace(cfg, batch_size=opts.batch_size)
@@ -378,6 +375,7 @@ def translate_file(
         if key not in valid:
             raise MtkitError(f"unknown translate option '{key}'")
     opts = Options(**options)
+    check_options(opts)  # before loading any model
     if output_format not in OUTPUT_FORMATS:
         raise MtkitError(f"unknown output format '{output_format}'; valid: {', '.join(OUTPUT_FORMATS)}")
     to_stdout = str(output_path) == "-"
@@ -406,7 +404,7 @@ def translate_file(
             raise MtkitError("--dtype float16 needs a CUDA device; on a CPU use bfloat16")
         tr = Translator.load(model_paths, dev, opts.dtype)
     cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
-    check_options(cfg, opts)
+    search.check_config(cfg, sampling_options(opts, torch.device("cpu")))
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
     if engine is not None:
         decoder = engine.decoder(cfg, attention)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mtkit.config import ModelConfig
+from mtkit.config import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
@@ -41,8 +41,6 @@ from mtkit.models.lstm import (
     Embedding,
     Hidden,
     cell_step,
-    check_choice,
-    check_positive,
     embedding_gates,
     init_forget_bias,
     init_uniform,
@@ -56,18 +54,26 @@ from mtkit.models.lstm import (
 
 @dataclass
 class Config(ModelConfig):
-    arch: str = "gnmt"
-    cell: str = "lstm"  # lstm | gru
-    embed_dim: int = 512
-    hidden_dim: int = 512  # every layer (the bidirectional bottom layer: per direction)
-    encoder_layers: int = 4  # the first one bidirectional
-    decoder_layers: int = 4
-    residual_start: int = 3  # 1-based layer from which residual connections start (>= 3)
-    attn_dim: int = 0  # hidden units of the additive attention; 0 = hidden_dim
-    dropout: float = 0.2  # on embeddings, each layer's input and before the output layer
-    init_scale: float = 0.0  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
-    forget_bias: float = 1.0  # initial LSTM forget-gate bias
+    arch: str = any_value("gnmt")
+    cell: str = choice("lstm", "lstm", "gru")
+    embed_dim: int = number(512, low=1)
+    hidden_dim: int = number(512, low=1)  # every layer (the bidirectional bottom layer: per direction)
+    encoder_layers: int = number(4, low=1)  # the first one bidirectional
+    decoder_layers: int = number(4, low=1)
+    # 1-based layer from which residual connections start (layer 2 changes the encoder's width)
+    residual_start: int = number(3, low=3)
+    attn_dim: int = number(0, low=0)  # hidden units of the additive attention; 0 = hidden_dim
+    dropout: float = number(0.2, low=0, high=1, high_open=True)  # embeddings, each layer's input, output layer
+    init_scale: float = number(0.0, low=0)  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
+    forget_bias: float = number(1.0)  # initial LSTM forget-gate bias
     tie_embeddings: bool = False  # output layer = target embedding (= source too, joint vocabulary)
+
+    def check(self, section: str) -> None:
+        if self.tie_embeddings and self.hidden_dim != self.embed_dim:
+            raise MtkitError(
+                f"config key '{section}.tie_embeddings': true needs {section}.hidden_dim ({self.hidden_dim}) "
+                f"== {section}.embed_dim ({self.embed_dim})"
+            )
 
     @property
     def width(self) -> int:
@@ -178,13 +184,6 @@ class GNMT(AttentionalRNN):
 
     def __init__(self, cfg: Config, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
         super().__init__(cfg, src_vocab_size, tgt_vocab_size, pad_id)
-        check_choice(cfg.cell, RNN_CLASSES, "model.cell")
-        check_positive(cfg, "embed_dim", "hidden_dim", "encoder_layers", "decoder_layers")
-        if cfg.residual_start < 3:
-            raise MtkitError(
-                f"config key 'model.residual_start' must be >= 3 (layer 2 changes the encoder's width), "
-                f"got {cfg.residual_start}"
-            )
         self.encoder = GNMTEncoder(cfg, src_vocab_size, pad_id)
         self.decoder = GNMTDecoder(cfg, self.encoder.out_dim)
         self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)

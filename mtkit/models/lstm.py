@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mtkit.config import ModelConfig
+from mtkit.config import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
 from mtkit.models.dropout import Dropout, dropout
@@ -28,18 +28,6 @@ Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 # --- shared helpers --------------------------------------------------------------------------
-def check_choice(value: str, choices, key: str) -> None:
-    """Raise a one-line error naming the config key when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        raise MtkitError(f"config key '{key}': unknown value '{value}' (valid: {', '.join(sorted(choices))})")
-
-
-def check_positive(cfg: ModelConfig, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < 1:
-            raise MtkitError(f"config key 'model.{name}' must be >= 1, got {getattr(cfg, name)}")
-
-
 def init_uniform(module: nn.Module, scale: float) -> None:
     """Uniform(-scale, scale) for every parameter (the papers' init); 0 keeps torch's defaults."""
     if scale > 0:
@@ -253,16 +241,23 @@ class RNNEncoder(nn.Module):
 # --- the Sutskever model ---------------------------------------------------------------------
 @dataclass
 class Config(ModelConfig):
-    arch: str = "lstm"
-    cell: str = "lstm"  # lstm | gru
-    embed_dim: int = 256
-    hidden_dim: int = 256
-    layers: int = 2  # encoder and decoder depth (the encoder's final states seed the decoder)
+    arch: str = any_value("lstm")
+    cell: str = choice("lstm", "lstm", "gru")
+    embed_dim: int = number(256, low=1)
+    hidden_dim: int = number(256, low=1)
+    layers: int = number(2, low=1)  # encoder and decoder depth (the encoder's final states seed the decoder)
     reverse_source: bool = True  # feed the source backwards (the paper's key trick)
-    dropout: float = 0.2  # on embeddings, between layers and before the output layer
-    init_scale: float = 0.0  # uniform(-s, s) init of every weight (paper: 0.08); 0 = torch defaults
+    dropout: float = number(0.2, low=0, high=1, high_open=True)  # on embeddings, between layers, before the output layer
+    init_scale: float = number(0.0, low=0)  # uniform(-s, s) init of every weight (paper: 0.08); 0 = torch defaults
     tie_embeddings: bool = False  # share decoder input embedding and output projection
-    forget_bias: float = 1.0  # initial LSTM forget-gate bias
+    forget_bias: float = number(1.0)  # initial LSTM forget-gate bias
+
+    def check(self, section: str) -> None:
+        if self.tie_embeddings and self.embed_dim != self.hidden_dim:
+            raise MtkitError(
+                f"config key '{section}.tie_embeddings': true needs {section}.embed_dim ({self.embed_dim}) "
+                f"== {section}.hidden_dim ({self.hidden_dim})"
+            )
 
     @property
     def width(self) -> int:
@@ -276,10 +271,6 @@ class LSTMSeq2Seq(Seq2Seq):
 
     def __init__(self, cfg: Config, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
         super().__init__(cfg, src_vocab_size, tgt_vocab_size, pad_id)
-        check_choice(cfg.cell, RNN_CLASSES, "model.cell")
-        check_positive(cfg, "embed_dim", "hidden_dim", "layers")
-        if cfg.tie_embeddings and cfg.embed_dim != cfg.hidden_dim:
-            raise MtkitError("model.tie_embeddings needs model.embed_dim == model.hidden_dim")
         self.encoder = RNNEncoder(cfg.cell, src_vocab_size, cfg.embed_dim, cfg.hidden_dim,
                                   cfg.layers, cfg.dropout, pad_id)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtkit.config import ModelConfig
+from mtkit.config import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
-from mtkit.models.attention import SCORES, Attention, AttentionalRNN, build_attention
+from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
 from mtkit.models.dropout import Dropout
 from mtkit.models.linear import Linear
@@ -39,8 +39,6 @@ from mtkit.models.lstm import (
     RNN_CLASSES,
     Embedding,
     RNNEncoder,
-    check_choice,
-    check_positive,
     embedding_gates,
     from_state,
     init_forget_bias,
@@ -56,24 +54,44 @@ from mtkit.models.lstm import (
 
 @dataclass
 class Config(ModelConfig):
-    arch: str = "rnn_attention"
-    cell: str = "lstm"  # lstm | gru
-    embed_dim: int = 256
-    hidden_dim: int = 256  # decoder size, and the encoder's size per direction unless encoder_hidden_dim is set
-    encoder_hidden_dim: int = 0  # encoder size per direction; 0 = hidden_dim (hidden_dim/2 matches a split brnn)
-    encoder_layers: int = 1
-    decoder_layers: int = 1
+    arch: str = any_value("rnn_attention")
+    cell: str = choice("lstm", "lstm", "gru")
+    embed_dim: int = number(256, low=1)
+    # decoder size, and the encoder's size per direction unless encoder_hidden_dim is set
+    hidden_dim: int = number(256, low=1)
+    # encoder size per direction; 0 = hidden_dim (hidden_dim/2 matches a split brnn)
+    encoder_hidden_dim: int = number(0, low=0)
+    encoder_layers: int = number(1, low=1)
+    decoder_layers: int = number(1, low=1)
     bidirectional: bool = True  # encoder reads both ways (RNNsearch); Luong used False
-    attention: str = "bahdanau"  # bahdanau | dot | general | concat (the last three: Luong decoder)
-    window: str = "global"  # global | local-m | local-p (Luong decoder only)
-    window_size: int = 10  # D: local attention covers [p_t - D, p_t + D]
+    # bahdanau, or a Luong decoder with the dot, general or concat score
+    attention: str = choice("bahdanau", "bahdanau", "dot", "general", "concat")
+    window: str = choice("global", "global", "local-m", "local-p")  # Luong decoder only
+    window_size: int = number(10, low=0)  # D: local attention covers [p_t - D, p_t + D]
     input_feed: bool = True  # Luong decoder: feed h~_{t-1} to the bottom layer
-    attn_dim: int = 0  # hidden units of the bahdanau/concat score; 0 = hidden_dim
-    readout_dim: int = 0  # Bahdanau maxout readout size; 0 = embed_dim
-    dropout: float = 0.2
-    init_scale: float = 0.0  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
-    forget_bias: float = 1.0  # initial LSTM forget-gate bias
+    attn_dim: int = number(0, low=0)  # hidden units of the bahdanau/concat score; 0 = hidden_dim
+    readout_dim: int = number(0, low=0)  # Bahdanau maxout readout size; 0 = embed_dim
+    dropout: float = number(0.2, low=0, high=1, high_open=True)
+    init_scale: float = number(0.0, low=0)  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
+    forget_bias: float = number(1.0)  # initial LSTM forget-gate bias
     tie_embeddings: bool = False  # output layer = target embedding (= source too, joint vocabulary)
+
+    def check(self, section: str) -> None:
+        if self.attention == "bahdanau" and self.window != "global":
+            raise MtkitError(
+                f"config key '{section}.window': '{self.window}' needs a Luong score "
+                f"({section}.attention dot, general or concat), not bahdanau"
+            )
+        if self.tie_embeddings:  # the output layer reads the readout (Bahdanau) or h~ (Luong)
+            key, size = (
+                ("readout_dim", self.readout_dim or self.embed_dim) if self.attention == "bahdanau"
+                else ("hidden_dim", self.hidden_dim)
+            )
+            if size != self.embed_dim:
+                raise MtkitError(
+                    f"config key '{section}.tie_embeddings': true needs {section}.{key} ({size}) "
+                    f"== {section}.embed_dim ({self.embed_dim})"
+                )
 
     @property
     def width(self) -> int:
@@ -213,11 +231,6 @@ class RNNAttention(AttentionalRNN):
 
     def __init__(self, cfg: Config, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
         super().__init__(cfg, src_vocab_size, tgt_vocab_size, pad_id)
-        check_choice(cfg.cell, RNN_CLASSES, "model.cell")
-        check_choice(cfg.attention, SCORES, "model.attention")
-        check_positive(cfg, "embed_dim", "hidden_dim", "encoder_layers", "decoder_layers")
-        if cfg.encoder_hidden_dim < 0:
-            raise MtkitError(f"config key 'model.encoder_hidden_dim' must be >= 0, got {cfg.encoder_hidden_dim}")
         self.encoder = RNNEncoder(cfg.cell, src_vocab_size, cfg.embed_dim, cfg.encoder_hidden_dim or cfg.hidden_dim,
                                   cfg.encoder_layers, cfg.dropout, pad_id, bidirectional=cfg.bidirectional)
         memory_dim = self.encoder.out_dim

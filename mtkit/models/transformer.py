@@ -16,37 +16,50 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mtkit.config import ModelConfig
+from mtkit.config import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
 from mtkit.models.dropout import add_dropout, dropout
 from mtkit.models.linear import Linear
 
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
+ACTIVATION_NAMES = ("relu", "gelu", "silu")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 @dataclass
 class Config(ModelConfig):
-    arch: str = "transformer"
-    d_model: int = 512
-    heads: int = 8
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    ffn_dim: int = 2048
-    dropout: float = 0.1  # on embeddings and every residual branch
-    attention_dropout: float = 0.0  # on attention weights
-    activation_dropout: float = 0.0  # inside the feed-forward block
-    activation: str = "relu"  # relu | gelu | silu
+    arch: str = any_value("transformer")
+    d_model: int = number(512, low=1)
+    heads: int = number(8, low=1)
+    encoder_layers: int = number(6, low=0)  # 0: the decoder reads the source embeddings
+    decoder_layers: int = number(6, low=1)
+    ffn_dim: int = number(2048, low=1)
+    dropout: float = number(0.1, low=0, high=1, high_open=True)  # on embeddings and every residual branch
+    attention_dropout: float = number(0.0, low=0, high=1, high_open=True)  # on attention weights
+    activation_dropout: float = number(0.0, low=0, high=1, high_open=True)  # inside the feed-forward block
+    activation: str = choice("relu", *ACTIVATION_NAMES)
     pre_norm: bool = False  # LayerNorm before each block (plus a final one) instead of after
-    positions: str = "sinusoidal"  # sinusoidal | learned | rope | alibi
-    max_positions: int = 1024  # longest source/target (learned positions need a table this long)
+    positions: str = choice("sinusoidal", *POSITIONS)
+    max_positions: int = number(1024, low=1)  # longest source/target (learned positions need a table this long)
     tie_embeddings: bool = True  # output projection = target embedding (and = source when sizes match)
     grad_checkpointing: bool = False  # recompute layer activations in backward to save memory
 
     @property
     def width(self) -> int:
         return self.d_model
+
+    def check(self, section: str) -> None:
+        if self.d_model % self.heads:
+            raise MtkitError(
+                f"config key '{section}.d_model': {self.d_model} is not allowed; must be divisible by "
+                f"{section}.heads ({self.heads})"
+            )
+        if self.positions == "rope" and (self.d_model // self.heads) % 2:
+            raise MtkitError(
+                f"config key '{section}.positions': rope needs an even head size ({section}.d_model / "
+                f"{section}.heads), got {self.d_model // self.heads}"
+            )
 
 
 # --- positions --------------------------------------------------------------------------------
@@ -211,17 +224,7 @@ class Transformer(Seq2Seq):
 
     def __init__(self, cfg: Config, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
         super().__init__(cfg, src_vocab_size, tgt_vocab_size, pad_id)
-        if cfg.d_model % cfg.heads:
-            raise MtkitError(f"model.d_model {cfg.d_model} must be divisible by model.heads {cfg.heads}")
-        if cfg.positions not in POSITIONS:
-            raise MtkitError(f"model.positions '{cfg.positions}' must be one of {', '.join(POSITIONS)}")
-        if cfg.activation not in ACTIVATIONS:
-            raise MtkitError(f"model.activation '{cfg.activation}' must be one of {', '.join(ACTIVATIONS)}")
-        if cfg.decoder_layers < 1:
-            raise MtkitError(f"model.decoder_layers must be at least 1, got {cfg.decoder_layers}")
         d, dh = cfg.d_model, cfg.d_model // cfg.heads
-        if cfg.positions == "rope" and dh % 2:
-            raise MtkitError(f"model.positions rope needs an even head size, got {dh}")
         self.tgt_embed = nn.Embedding(tgt_vocab_size, d, padding_idx=pad_id)
         share_src = cfg.tie_embeddings and src_vocab_size == tgt_vocab_size
         self.src_embed = self.tgt_embed if share_src else nn.Embedding(src_vocab_size, d, padding_idx=pad_id)

@@ -18,11 +18,7 @@ from typing import Any
 
 import torch
 
-from mtkit.config import TrainConfig
-from mtkit.errors import MtkitError
-
-SCHEDULES = ("inverse_sqrt", "noam", "constant")
-TIME_DECAYS = ("none", "linear", "cosine")
+from mtkit.config import TrainConfig, check_section
 
 
 def _warmup(t: int, warmup: int, init_lr: float, lr: float) -> float:
@@ -60,12 +56,7 @@ class Scheduler:
     """Sets the optimizer's lr for each update; its state is just the update number."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, d_model: int = 512):
-        if cfg.lr_scheduler not in SCHEDULES:
-            raise MtkitError(f"train.lr_scheduler '{cfg.lr_scheduler}' must be one of {', '.join(SCHEDULES)}")
-        if cfg.time_decay not in TIME_DECAYS:
-            raise MtkitError(f"train.time_decay '{cfg.time_decay}' must be one of {', '.join(TIME_DECAYS)}")
-        if cfg.time_decay != "none" and cfg.max_time_minutes <= 0:
-            raise MtkitError(f"train.time_decay {cfg.time_decay} needs a time budget: set train.max_time_minutes")
+        check_section(cfg, "train")  # the scheduler's choices and the time budget its decay needs
         self.optimizer, self.cfg, self.d_model = optimizer, cfg, d_model
         self.update = 0
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtkit.config import Config
+from mtkit.config import Config, check_section
 from mtkit.data.batching import BatchIterator, collate_source, collate_target, fixed_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.errors import MtkitError
@@ -62,6 +62,7 @@ logger = logging.getLogger("mtkit.train")
 
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 NUMBERED = re.compile(r"checkpoint_(\d+)\.pt$")
+OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # the names of config.OPTIMIZERS
 
 
 @dataclass
@@ -234,13 +235,8 @@ class Trainer:
         tc = self.tc
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
-        if tc.early_stop_metric not in ("bleu", "loss"):
-            raise MtkitError(f"train.early_stop_metric '{tc.early_stop_metric}' must be bleu or loss")
-        for key in ("update_freq", "max_tokens"):
-            if getattr(tc, key) < 1:
-                raise MtkitError(f"train.{key} must be positive, got {getattr(tc, key)}")
-        if tc.pass_tokens < 0:
-            raise MtkitError(f"train.pass_tokens must be 0 (whole batches) or positive, got {tc.pass_tokens}")
+        for name in ("data", "model", "train", "decode"):  # configs built in code get the load-time checks too
+            check_section(getattr(cfg, name), name)
         self.src_pad, self.tgt_pad = data.src_spm.pad, data.tgt_spm.pad
         self.bos, self.eos = data.tgt_spm.bos, data.tgt_spm.eos
         self.src_eos = data.src_spm.eos
@@ -337,21 +333,14 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
         tc = self.tc
-        kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        if tc.optimizer not in kinds:
-            raise MtkitError(f"train.optimizer '{tc.optimizer}' must be one of {', '.join(kinds)}")
-        if len(tc.adam_betas) != 2:
-            raise MtkitError(f"train.adam_betas must hold two numbers, got {tc.adam_betas}")
         # fused: one kernel over all parameters (on a CPU ~20x faster than the per-tensor loop)
-        return kinds[tc.optimizer](
+        return OPTIMIZER_CLASSES[tc.optimizer](
             self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
             weight_decay=tc.weight_decay, fused=self.device.type in ("cpu", "cuda"),
         )
 
     def _amp_dtype(self) -> torch.dtype | None:
         amp = self.tc.amp
-        if amp not in ("auto", "none", "bf16", "fp16"):
-            raise MtkitError(f"train.amp '{amp}' must be one of auto, none, bf16, fp16")
         if amp == "none" or (self.device.type != "cuda" and amp == "auto"):
             return None
         if self.device.type == "cpu":  # opt-in: bf16 matmuls are ~2x faster on CPUs with AVX512-BF16/AMX
