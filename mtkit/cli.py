@@ -193,7 +193,9 @@ def translate(model_paths: tuple[str, ...], input_path: str, output_path: str, d
 @click.option("-i", "--input", "hyp", default=None, help="Hypothesis file (default: stdin unless -s is given).")
 @click.option("-m", "--metrics", "metrics", multiple=True, metavar="METRIC", help="bleu (default), chrf, chrf++, ter; -m bleu chrf, -m bleu -m ter or -m bleu,ter.")
 @click.argument("more_metrics", nargs=-1, metavar="")
-@click.option("-tok", "--tokenize", default=None, help="BLEU tokenizer: 13a (default), intl, zh, char, none, ... (sacrebleu's names).")
+@click.option("-tok", "--tokenize", default=None, help="BLEU tokenizer: 13a (default), intl, zh, char, none, ... (sacrebleu's names), or moses: the Moses tokenizer, then BLEU on its tokens (the papers' tokenized BLEU).")
+@click.option("-l", "--lang", default=None, help="Language for -tok moses (default: the reference file's suffix, e.g. de for test.de).")
+@click.option("--compound-split", "split_compounds", is_flag=True, help="Split hyphenated compounds (a-b -> a ##AT##-##AT## b) on both sides before BLEU, as the WMT14 En-De papers do; with -tok moses, or -tok none for text already tokenized (but not already split).")
 @click.option("-lc", "--lowercase", is_flag=True, help="Case-insensitive BLEU and chrF.")
 @click.option("--ter-case-sensitive", is_flag=True, help="Case-sensitive TER (sacrebleu's TER lowercases by default).")
 @click.option("--force", is_flag=True, help="Do not warn about hypotheses that look tokenized.")
@@ -207,11 +209,13 @@ def translate(model_paths: tuple[str, ...], input_path: str, output_path: str, d
 @click.option("-w", "--width", type=click.IntRange(0, 10), default=1, show_default=True, help="Decimals printed.")
 @click.option("--detok-pieces", "detok", default=None, metavar="SPM_OR_CKPT", help="Detokenise space-separated sentencepiece pieces with this model (or a checkpoint's) first.")
 @handle_errors
-def score(refs: tuple[str, ...], hyp: str | None, metrics: tuple[str, ...], more_metrics: tuple[str, ...], tokenize: str | None, lowercase: bool, ter_case_sensitive: bool, force: bool, fmt: str, sentence: bool, systems: tuple[str, ...], paired_bs: bool, paired_bs_n: int, paired_ar: bool, paired_ar_n: int, width: int, detok: str | None) -> None:
+def score(refs: tuple[str, ...], hyp: str | None, metrics: tuple[str, ...], more_metrics: tuple[str, ...], tokenize: str | None, lang: str | None, split_compounds: bool, lowercase: bool, ter_case_sensitive: bool, force: bool, fmt: str, sentence: bool, systems: tuple[str, ...], paired_bs: bool, paired_bs_n: int, paired_ar: bool, paired_ar_n: int, width: int, detok: str | None) -> None:
     """Score hypotheses with BLEU / chrF / TER (sacrebleu signatures).
 
     Reads the hypotheses from -i or stdin; with -s SYS (repeatable) scores several systems
     against the same references, and --paired-bs / --paired-ar test each against the first.
+    -tok, -l and --compound-split change BLEU only (its signature's tok field says how: e.g.
+    tok:moses+cs); chrF and TER always score the text as given.
     """
     from mtkit.scoring import format_results, score_files
 
@@ -225,6 +229,8 @@ def score(refs: tuple[str, ...], hyp: str | None, metrics: tuple[str, ...], more
         refs,
         metrics + more_metrics,
         tokenize=tokenize,
+        split_compounds=split_compounds,
+        lang=lang,
         lowercase=lowercase,
         force=force,
         sentence=sentence,

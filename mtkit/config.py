@@ -250,15 +250,18 @@ class AverageSection(Section):
 
 @dataclass
 class ScoreSection(Section):
-    """The recipe's ``score`` keys: which metrics, and sacrebleu's options for BLEU."""
+    """The recipe's ``score`` keys: which metrics, and the options of ``mtkit score`` for BLEU."""
 
     metrics: list[str] = choices_list(lambda: ["bleu"], "bleu", "chrf", "ter")
-    tokenize: str | None = choice(None, *BLEU_TOKENIZERS)
+    tokenize: str | None = choice(None, *BLEU_TOKENIZERS, "moses")  # moses: Moses tokens, then BLEU
     lowercase: bool = False
+    compound_split: bool = False  # a-b -> a ##AT##-##AT## b before BLEU (tokenize moses or none)
 
     def check(self, section: str) -> None:
         if "bleu" not in self.metrics:
             raise MtkitError(f"{section}.metrics must include bleu (the number the report compares)")
+        if self.compound_split and self.tokenize not in ("moses", "none"):
+            raise MtkitError(f"{section}.compound_split needs {section}.tokenize moses or none (tokenized text)")
 
 
 RECIPE_SECTIONS = {"preprocess": PreprocessSection, "average": AverageSection, "score": ScoreSection}

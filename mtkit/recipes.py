@@ -53,7 +53,15 @@ logger = logging.getLogger("mtkit.recipes")
 
 STAGES = ("prepare", "preprocess", "train", "average", "translate", "score")
 CONFIG_SECTIONS = ("data", "model", "train", "decode")
-METRICS = ("tokenized BLEU", "sacreBLEU")
+# The metric a published number was computed with, as options of `mtkit score`: the report scores
+# our output with the same metric and sets it beside the published number (and sacreBLEU beside it).
+METRICS: dict[str, dict[str, Any]] = {
+    "sacreBLEU": {},  # detokenized text, cased, sacrebleu's 13a tokenization
+    "NIST BLEU": {},  # mteval-v13a on detokenized text, which sacreBLEU's defaults reproduce
+    "tokenized BLEU": {"tokenize": "moses"},  # Moses tokenizer, cased, multi-bleu.perl's BLEU
+    "tokenized BLEU, compound-split": {"tokenize": "moses", "split_compounds": True},  # a ##AT##-##AT## b
+    "tokenized BLEU, lowercased": {"tokenize": "moses", "lowercase": True},
+}
 
 # --- the recipe schema: key -> one-line description (also the did-you-mean vocabulary) ---
 TOP_KEYS = {
@@ -206,7 +214,8 @@ def _check_reproduces(value: Any, key: str, where: str) -> None:
         if not isinstance(rep.get(k), str) or not rep[k].strip():
             raise MtkitError(f"{where}: {key}.{k} is required (a string)")
     if rep["metric"] not in METRICS:
-        raise MtkitError(f"{where}: {key}.metric '{rep['metric']}' must be one of: {', '.join(METRICS)}")
+        valid = ", ".join(f"'{m}'" for m in METRICS)
+        raise MtkitError(f"{where}: {key}.metric '{rep['metric']}' must be one of: {valid}")
     v = rep.get("value")
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
         raise MtkitError(f"{where}: {key}.value must be a number (or null where the source gives none)")
@@ -319,9 +328,9 @@ def validate(raw: dict[str, Any], where: str, catalog: Catalog | None = None) ->
         for lang in (raw["src_lang"], raw["tgt_lang"]):
             if lang not in split.langs:
                 raise MtkitError(f"{where}: {ref} has no '{lang}' side (languages: {', '.join(split.langs)})")
-    rep_test = raw["reproduces"]["test_set"]
-    if rep_test not in names:
-        raise MtkitError(f"{where}: reproduces.test_set '{rep_test}' is not one of the test sets ({', '.join(names)})")
+    for key, rep in [("reproduces", raw["reproduces"])] + [(f"see_also[{i}]", x) for i, x in enumerate(see_also)]:
+        if rep["test_set"] not in names:
+            raise MtkitError(f"{where}: {key}.test_set '{rep['test_set']}' is not one of the test sets ({', '.join(names)})")
 
     for key, cls in RECIPE_SECTIONS.items():
         try:
@@ -756,22 +765,39 @@ def stage_translate(ctx: RunContext, resume: bool) -> dict[str, Any]:
     return out
 
 
+def published_metric_scores(hyp: str | Path, ref: str | Path, lang: str, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """BLEU of ``hyp`` against ``ref`` by each named published metric: ``{metric: {score, signature}}``."""
+    from mtkit.scoring import score_files
+
+    out = {}
+    for name in metrics:
+        (d,) = score_files(str(hyp), [str(ref)], ["bleu"], lang=lang, width=2, **METRICS[name])
+        out[name] = {"score": d["score"], "signature": d["signature"]}
+    return out
+
+
 def stage_score(ctx: RunContext, resume: bool) -> dict[str, Any]:
-    from mtkit.report import write_report
+    from mtkit.report import OUR_METRIC, write_report
     from mtkit.scoring import score_files
 
     r = ctx.recipe
     opts = r.section("score")
+    published = [r.raw["reproduces"], *(r.raw.get("see_also") or [])]
     scores: dict[str, list[dict[str, Any]]] = {}
+    metric_scores: dict[str, dict[str, dict[str, Any]]] = {}
     for test in r.tests:
         hyp = ctx.hyp_dir / f"{test.name}.{r.tgt_lang}"
         ref = ctx.raw_dir / f"{test.name}.{r.tgt_lang}"
         result = score_files(
             str(hyp), [str(ref)], metrics=tuple(opts.get("metrics", ["bleu"])),
             tokenize=opts.get("tokenize"), lowercase=bool(opts.get("lowercase", False)),
+            split_compounds=bool(opts.get("compound_split", False)), lang=r.tgt_lang,
         )
         scores[test.name] = json.loads(json.dumps(result, default=str))
-    return write_report(ctx, scores)
+        # the published numbers' metrics on the same output and raw reference, sacreBLEU always
+        names = dict.fromkeys([OUR_METRIC] + [p["metric"] for p in published if p["test_set"] == test.name])
+        metric_scores[test.name] = published_metric_scores(hyp, ref, r.tgt_lang, list(names))
+    return write_report(ctx, scores, metric_scores)
 
 
 STAGE_FUNCS: dict[str, Callable[[RunContext, bool], dict[str, Any]]] = {

@@ -1,9 +1,9 @@
 """The end of a recipe run: ``results.json``, ``report.md`` and a PNG of the training curves.
 
-The report sets the test-set scores (with sacrebleu signatures) beside the number the recipe
-reproduces, states both metrics, and says when they are not directly comparable (a paper's
-tokenized BLEU is computed on its own tokenization; mtkit reports sacreBLEU on detokenized
-text).
+The report lists the test-set scores with their sacrebleu signatures, then sets each published
+number beside our output scored with the same metric (``reproduces.metric``: e.g. tokenized
+BLEU with compound splitting, computed on our detokenized output and the raw reference), with
+the difference, and beside our sacreBLEU; every figure carries its signature.
 """
 
 from __future__ import annotations
@@ -105,25 +105,38 @@ def _bleu(scores: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def compare(reference: dict[str, Any], tests: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One published number beside ours on the same test set, with the difference."""
-    ours = (tests.get(reference["test_set"]) or {}).get("bleu")
-    value = reference.get("value")
-    diff = round(ours - value, 2) if _finite(ours) and _finite(value) else None
-    comparable = reference["metric"] == OUR_METRIC
+    """One published number beside ours by the same metric on the same test set, with the difference.
+
+    ``tests[name]["metrics"]`` holds our output's score by each metric (``{metric: {score,
+    signature}}``); our sacreBLEU is always set beside it.
+    """
+    by_metric = (tests.get(reference["test_set"]) or {}).get("metrics") or {}
+    ours = by_metric.get(reference["metric"]) or {}
+    sacre = by_metric.get(OUR_METRIC) or {}
+    value = ours.get("score")
+    diff = round(value - reference["value"], 2) if _finite(value) and _finite(reference.get("value")) else None
     return {
         **reference,
-        "ours": ours,
-        "our_metric": OUR_METRIC,
+        "ours": value,
+        "our_metric": reference["metric"],
+        "our_signature": ours.get("signature"),
+        "sacrebleu": sacre.get("score"),
+        "sacrebleu_signature": sacre.get("signature"),
         "difference": diff,
-        "comparable": comparable,
-        "caveat": None if comparable else (
-            f"the paper reports {reference['metric']}; mtkit reports {OUR_METRIC} on detokenized "
-            "output, so the difference is indicative only"
+        "comparable": value is not None,
+        "caveat": None if value is not None else (
+            f"our output was not scored with {reference['metric']} on {reference['test_set']}, so there is "
+            "no difference to give"
         ),
     }
 
 
-def build_results(ctx: RunContext, scores: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def build_results(
+    ctx: RunContext,
+    scores: dict[str, list[dict[str, Any]]],
+    metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """``results.json``'s content; ``metric_scores``: per test set, our BLEU by each published metric."""
     from mtkit.recipes import STAGES, Markers
 
     r = ctx.recipe
@@ -131,6 +144,7 @@ def build_results(ctx: RunContext, scores: dict[str, list[dict[str, Any]]]) -> d
     for name, result in scores.items():
         b = _bleu(result) or {}
         tests[name] = {"bleu": b.get("score"), "signature": b.get("signature"), "scores": result,
+                       "metrics": (metric_scores or {}).get(name, {}),
                        "lines": (ctx.outputs.get("prepare") or {}).get("lines", {}).get(name)}
     train = ctx.outputs.get("train") or {}
     translate = ctx.outputs.get("translate") or {}
@@ -191,15 +205,23 @@ def render_markdown(res: dict[str, Any]) -> str:
     for name, t in res["tests"].items():
         for s in t["scores"]:
             lines.append(f"| {name} | {_fmt(t['lines'])} | {s.get('name')} {_fmt(s.get('score'))} | `{s.get('signature')}` |")
+    rows = [rep, *res["see_also"]]
     lines += ["", "## Against the published number", "",
-              "| source | table | test set | their metric | theirs | ours (sacreBLEU) | difference |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for c in [rep, *res["see_also"]]:
+              "Ours is this run's output scored with the paper's metric (against the raw reference); "
+              "the difference compares the two.", "",
+              f"| source | table | test set | metric | theirs | ours | difference | ours, {OUR_METRIC} |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in rows:
         lines.append(
             f"| {c['paper']} | {c['table']} | {c['test_set']} | {c['metric']} | {_fmt(c.get('value'))} | "
-            f"{_fmt(c['ours'])} | {_fmt(c['difference'])} |"
+            f"{_fmt(c['ours'])} | {_fmt(c['difference'])} | {_fmt(c.get('sacrebleu'))} |"
         )
-    notes = [c for c in [rep, *res["see_also"]] if c.get("note") or c.get("caveat")]
+    signatures = {}
+    for c in rows:
+        signatures.setdefault((c["metric"], c["test_set"]), c.get("our_signature"))
+        signatures.setdefault((OUR_METRIC, c["test_set"]), c.get("sacrebleu_signature"))
+    lines += [""] + [f"- {metric} on {test}: `{sig}`" for (metric, test), sig in signatures.items() if sig]
+    notes = [c for c in rows if c.get("note") or c.get("caveat")]
     if notes:
         lines += [""]
         for c in notes:
@@ -213,9 +235,13 @@ def render_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(ctx: RunContext, scores: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Write results.json, report.md and training_curves.png into the work dir."""
-    res = build_results(ctx, scores)
+def write_report(
+    ctx: RunContext,
+    scores: dict[str, list[dict[str, Any]]],
+    metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """Write results.json, report.md and training_curves.png into the work dir (see :func:`build_results`)."""
+    res = build_results(ctx, scores, metric_scores)
     metrics = res["training"].get("metrics_file") or ctx.save_dir / "metrics.jsonl"
     png = plot_curves(metrics, ctx.workdir / "training_curves.png", title=ctx.recipe.name)
     res["curves"] = str(png) if png else None
@@ -225,8 +251,8 @@ def write_report(ctx: RunContext, scores: dict[str, list[dict[str, Any]]]) -> di
     report.write_text(render_markdown(res), encoding="utf-8")
     rep = res["reproduces"]
     logger.info(
-        "%s: %s %s on %s (paper: %s %s)", ctx.recipe.name, OUR_METRIC, _fmt(rep["ours"]), rep["test_set"],
-        _fmt(rep.get("value")), rep["metric"],
+        "%s: %s %s on %s (paper: %s), %s %s", ctx.recipe.name, rep["metric"], _fmt(rep["ours"]), rep["test_set"],
+        _fmt(rep.get("value")), OUR_METRIC, _fmt(rep.get("sacrebleu")),
     )
     return {"results": str(results), "report": str(report), "curves": res["curves"],
             "bleu": {k: v["bleu"] for k, v in res["tests"].items()}}

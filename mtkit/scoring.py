@@ -5,6 +5,12 @@ files and options (its CLI strips trailing whitespace from every line; so does t
 Option mapping to sacrebleu's command line:
 
 - ``tokenize`` -> ``--tokenize`` (BLEU only; chrF and TER have their own processing)
+- ``tokenize="moses"`` has no sacrebleu equivalent: hypotheses and references go through the
+  Moses tokenizer (sacremoses, default escaping) and BLEU counts the resulting tokens
+  (``--tokenize none``), as Moses' ``multi-bleu.perl`` does; ``split_compounds`` rewrites
+  ``a-b`` as ``a ##AT##-##AT## b`` on both sides (the WMT14 En-De papers' BLEU). Either shows in
+  the signature's ``tok`` field (``tok:moses``, ``tok:moses+cs``, ``tok:none+cs``). chrF and TER
+  always score the text as given.
 - ``lowercase`` -> ``--lowercase --chrf-lowercase`` (TER is case-insensitive unless
   ``ter_case_sensitive``, as in sacrebleu)
 - ``force`` -> ``--force``; metric ``chrf++`` -> ``-m chrf --chrf-word-order 2``
@@ -23,7 +29,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,8 @@ from mtkit.data.text import display_name, iter_lines
 from mtkit.errors import MtkitError
 
 METRICS = ("bleu", "chrf", "chrf++", "ter")
-TOKENIZERS = tuple(BLEU.TOKENIZERS)
+SACREBLEU_TOKENIZERS = tuple(BLEU.TOKENIZERS)
+TOKENIZERS = (*SACREBLEU_TOKENIZERS, "moses")
 PAIRED_TESTS = {"bs": "bootstrap resampling", "ar": "approximate randomization"}
 
 
@@ -102,6 +110,71 @@ def _check_lengths(systems: Sequence[tuple[str, list[str]]], refs: Sequence[tupl
 
 
 # --------------------------------------------------------------------------------------------
+# tokenized BLEU: Moses tokenization and compound splitting before sacrebleu
+
+_COMPOUND = re.compile(r"(\S)-(\S)")
+
+
+def compound_split(line: str) -> str:
+    """``a-b`` -> ``a ##AT##-##AT## b`` for every hyphen between two non-space characters.
+
+    The rewrite is Perl's ``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g``: matches do not overlap, so in
+    ``a-b-c`` only the first hyphen is split (the ``b`` belongs to the first match).
+    """
+    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", line)
+
+
+def _sacremoses():
+    try:
+        import sacremoses.corpus  # binds the package too
+    except ImportError:
+        raise MtkitError("-tok moses needs the sacremoses package: pip install sacremoses") from None
+    return sacremoses
+
+
+def moses_tokenizer(lang: str) -> Callable[[str], str]:
+    """The Moses tokenizer for ``lang`` with its default escaping (``&`` -> ``&amp;``, ...)."""
+    tokenizer = _sacremoses().MosesTokenizer(lang=lang)
+    return lambda line: tokenizer.tokenize(line, escape=True, return_str=True)
+
+
+def moses_languages() -> set[str]:
+    """Language codes with their own Moses rules (nonbreaking prefixes); others fall back to English."""
+    return set(_sacremoses().corpus.NonbreakingPrefixes().available_langs.values())
+
+
+def language_of(path: str | Path) -> str | None:
+    """The language a file name ends in (``newstest2014.de``, ``test.de.gz`` -> ``de``), if Moses knows it."""
+    name = Path(str(path)).name
+    name = name[: -len(".gz")] if name.endswith(".gz") else name
+    suffix = Path(name).suffix.lstrip(".").lower()
+    return suffix if suffix in moses_languages() else None
+
+
+def bleu_tokenization(tokenize: str | None, split_compounds: bool) -> str | None:
+    """The signature's ``tok`` value when mtkit processes BLEU's text itself (None: sacrebleu's own)."""
+    if tokenize == "moses" or split_compounds:
+        return f"{tokenize}+cs" if split_compounds else tokenize
+    return None
+
+
+def _bleu_text(tokenize: str | None, split_compounds: bool, lang: str | None) -> Callable[[str], str] | None:
+    """What every hypothesis and reference line goes through before BLEU (None: nothing)."""
+    if tokenize != "moses":
+        return compound_split if split_compounds else None
+    if not lang:
+        raise MtkitError("-tok moses needs the language of the references: -l LANG")
+    tok = moses_tokenizer(lang)
+    return (lambda line: compound_split(tok(line))) if split_compounds else tok
+
+
+def _relabel(d: dict[str, Any], tok: str) -> dict[str, Any]:
+    d["tok"] = tok
+    d["signature"] = "|".join(f"tok:{tok}" if kv.startswith("tok:") else kv for kv in d["signature"].split("|"))
+    return d
+
+
+# --------------------------------------------------------------------------------------------
 # scoring
 
 
@@ -120,8 +193,8 @@ def make_metric(
     ``references``: one list of lines per reference file (cached inside the metric).
     """
     if name == "bleu":
-        if tokenize is not None and tokenize not in TOKENIZERS:
-            raise MtkitError(f"unknown BLEU tokenizer '{tokenize}'; valid: {', '.join(TOKENIZERS)}")
+        if tokenize is not None and tokenize not in SACREBLEU_TOKENIZERS:
+            raise MtkitError(f"unknown BLEU tokenizer '{tokenize}'; valid: {', '.join(SACREBLEU_TOKENIZERS)}")
         # sentence-level BLEU uses effective n-gram order, as sacrebleu's --sentence-level does
         return BLEU(lowercase=lowercase, force=force, tokenize=tokenize, effective_order=sentence, references=references)
     if name in ("chrf", "chrf++"):
@@ -155,12 +228,16 @@ def score_systems(
     paired_n: int = 0,
     width: int = 1,
     ter_case_sensitive: bool = False,
+    split_compounds: bool = False,
+    lang: str | None = None,
 ) -> list[dict[str, Any]]:
     """Score in-memory systems ``[(name, lines), ...]`` against ``references`` (one list per reference).
 
     Results come system by system, metrics in the given order (sentence mode: metric by
     metric, sentence by sentence). ``paired`` ("bs" or "ar") compares every system with the
     first one (the baseline); ``paired_n`` 0 means sacrebleu's default (1000 / 10000).
+    ``tokenize="moses"`` (which needs ``lang``, the references' language) and
+    ``split_compounds`` change what BLEU reads; see the module docstring.
     """
     names = parse_metrics(metrics)
     if not systems:
@@ -178,60 +255,78 @@ def score_systems(
         if name in seen:
             raise MtkitError(f"system {name} is given twice")
         seen.add(name)
+    if tokenize is not None and tokenize not in TOKENIZERS:
+        raise MtkitError(f"unknown BLEU tokenizer '{tokenize}'; valid: {', '.join(TOKENIZERS)}")
+    if split_compounds and tokenize not in ("moses", "none"):
+        raise MtkitError("--compound-split works on tokenized text: use it with -tok moses or -tok none")
     refs = [list(r) for r in references]
+    prepare = _bleu_text(tokenize, split_compounds, lang) if "bleu" in names else None
+    bleu_texts = None
+    if prepare is not None:  # BLEU reads its own copy of the text; chrF and TER the original
+        bleu_texts = (
+            [(n, [prepare(line) for line in h]) for n, h in systems],
+            [[prepare(line) for line in r] for r in refs],
+        )
 
-    def build(name: str) -> Metric:
-        return make_metric(name, refs, tokenize, lowercase, force, chrf_word_order, sentence, ter_case_sensitive)
+    def texts(name: str) -> tuple[Sequence[tuple[str, Sequence[str]]], list[list[str]]]:
+        return bleu_texts if name == "bleu" and bleu_texts else (systems, refs)
+
+    def build(name: str, with_refs: bool = True) -> Metric:
+        own = name == "bleu" and bleu_texts is not None
+        return make_metric(
+            name, texts(name)[1] if with_refs else None, "none" if own and tokenize == "moses" else tokenize,
+            lowercase, force or own, chrf_word_order, sentence, ter_case_sensitive,
+        )
 
     results: list[dict[str, Any]] = []
     if sentence:
-        sys_name, hyps = systems[0]
         for name in names:
+            (sys_name, hyps), name_refs = texts(name)[0][0], texts(name)[1]
             metric = build(name)
             signature = metric.get_signature().format()
-            for i, (hyp, *sent_refs) in enumerate(zip(hyps, *refs), start=1):
+            for i, (hyp, *sent_refs) in enumerate(zip(hyps, *name_refs), start=1):
                 d = _score_dict(metric.sentence_score(hyp, sent_refs), signature, width, sys_name)
                 d["sentence"] = i
                 results.append(d)
-        return results
-
-    if paired:
-        test = PairedTest(
-            [(n, list(h)) for n, h in systems],
-            {name: build(name) for name in names},
-            references=None,
-            test_type=paired,
-            n_samples=paired_n,
-        )
-        sigs, table = test()
-        for metric_name, column in table.items():
-            if metric_name == "System":
-                continue
-            signature = sigs[metric_name].format()
-            for i, res in enumerate(column):
-                d: dict[str, Any] = {"name": metric_name, "score": _rounded(res.score, width), "signature": signature}
-                d.update(dict(kv.split(":", 1) for kv in signature.split("|")))
-                d.update(
-                    system=systems[i][0],
-                    baseline=i == 0,
-                    p_value=_rounded(res.p_value, 4),
-                    mean=_rounded(res.mean, width),
-                    ci=_rounded(res.ci, width),
-                    test=paired,
-                    n=test.n_samples,
-                )
-                results.append(d)
+    elif paired:
+        # one test for all metrics, or one per metric when BLEU reads other text than the rest
+        for group in [[name] for name in names] if bleu_texts else [names]:
+            test = PairedTest(
+                [(n, list(h)) for n, h in texts(group[0])[0]],
+                {name: build(name) for name in group},
+                references=None,
+                test_type=paired,
+                n_samples=paired_n,
+            )
+            sigs, table = test()
+            for metric_name, column in table.items():
+                if metric_name == "System":
+                    continue
+                signature = sigs[metric_name].format()
+                for i, res in enumerate(column):
+                    d: dict[str, Any] = {"name": metric_name, "score": _rounded(res.score, width), "signature": signature}
+                    d.update(dict(kv.split(":", 1) for kv in signature.split("|")))
+                    d.update(
+                        system=systems[i][0],
+                        baseline=i == 0,
+                        p_value=_rounded(res.p_value, 4),
+                        mean=_rounded(res.mean, width),
+                        ci=_rounded(res.ci, width),
+                        test=paired,
+                        n=test.n_samples,
+                    )
+                    results.append(d)
         # order system by system, like the unpaired results
         order = {name: i for i, (name, _) in enumerate(systems)}
         results.sort(key=lambda d: order[d["system"]])
-        return results
-
-    for sys_name, hyps in systems:
-        for name in names:
-            metric = make_metric(name, None, tokenize, lowercase, force, chrf_word_order, sentence, ter_case_sensitive)
-            score = corpus_score_chunked(metric, hyps, refs)
-            results.append(_score_dict(score, metric.get_signature().format(), width, sys_name))
-    return results
+    else:
+        for i, (sys_name, _) in enumerate(systems):
+            for name in names:
+                metric = build(name, with_refs=False)
+                score = corpus_score_chunked(metric, texts(name)[0][i][1], texts(name)[1])
+                results.append(_score_dict(score, metric.get_signature().format(), width, sys_name))
+    tok = bleu_tokenization(tokenize, split_compounds)
+    return [_relabel(d, tok) if tok and d["name"] == "BLEU" else d for d in results]
 
 
 CHUNK_LINES = 20_000
@@ -285,12 +380,15 @@ def score_files(
     paired_n: int = 0,
     width: int = 1,
     ter_case_sensitive: bool = False,
+    split_compounds: bool = False,
+    lang: str | None = None,
 ) -> list[dict[str, Any]]:
     """Score a hypothesis file (``-`` = stdin) and/or several ``systems`` against reference files.
 
     The systems are ``[hyp_path] + systems`` (``hyp_path`` may be None when ``systems`` is
     given); the first is the baseline of a paired test. ``detok_spm`` (a sentencepiece model
-    or a checkpoint) detokenises piece-segmented hypotheses before scoring. See
+    or a checkpoint) detokenises piece-segmented hypotheses before scoring. ``tokenize="moses"``
+    takes the language from ``lang`` or else from the first reference's name (``ref.de``). See
     :func:`score_systems` for the other options and the module docstring for the result dicts.
     """
     names = parse_metrics(metrics)  # fail on a bad metric before reading anything
@@ -299,6 +397,13 @@ def score_files(
         raise MtkitError("no hypothesis file given")
     if not ref_paths:
         raise MtkitError("no reference file given (-r REF)")
+    if tokenize == "moses" and not lang and "bleu" in names:
+        lang = language_of(ref_paths[0])
+        if lang is None:
+            raise MtkitError(
+                f"cannot tell the language of {display_name(ref_paths[0])} from its name "
+                "(e.g. test.de); give it with -l LANG for -tok moses"
+            )
     detok = load_piece_model(detok_spm) if detok_spm is not None else None
     named = [(display_name(p), read_lines(p, detok)) for p in paths]
     refs = [(display_name(p), read_lines(p)) for p in ref_paths]
@@ -316,6 +421,8 @@ def score_files(
         paired_n=paired_n,
         width=width,
         ter_case_sensitive=ter_case_sensitive,
+        split_compounds=split_compounds,
+        lang=lang,
     )
 
 

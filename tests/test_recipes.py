@@ -55,7 +55,8 @@ def test_every_recipe_passes_check(path):
     info = check_recipe(path)
     assert info["ok"] and info["tests"]
     raw = yaml.safe_load(path.read_text())
-    assert raw["reproduces"]["metric"] in ("tokenized BLEU", "sacreBLEU")
+    for rep in [raw["reproduces"], *(raw.get("see_also") or [])]:
+        assert rep["metric"] in recipes.METRICS, path.name
     # every top-level key carries a comment on its line or the line of its first child
     lines = path.read_text().splitlines()
     for key in raw:
@@ -77,10 +78,13 @@ def test_unknown_keys_get_a_did_you_mean(tmp_path):
     with pytest.raises(MtkitError, match="did you mean 'train'"):
         load_recipe(_write(tmp_path, raw))
     raw = dict(MINIMAL, reproduces=dict(MINIMAL["reproduces"], metric="BLEU"))
-    with pytest.raises(MtkitError, match="tokenized BLEU, sacreBLEU"):
+    with pytest.raises(MtkitError, match="'sacreBLEU', 'NIST BLEU', 'tokenized BLEU', 'tokenized BLEU, compound-split'"):
         load_recipe(_write(tmp_path, raw))
     raw = dict(MINIMAL, reproduces=dict(MINIMAL["reproduces"], test_set="newstest2014"))
     with pytest.raises(MtkitError, match="not one of the test sets"):
+        load_recipe(_write(tmp_path, raw))
+    raw = dict(MINIMAL, see_also=[dict(MINIMAL["reproduces"], test_set="newstest2014")])
+    with pytest.raises(MtkitError, match=r"see_also\[0\].test_set 'newstest2014' is not one of the test sets"):
         load_recipe(_write(tmp_path, raw))
 
 
@@ -216,15 +220,28 @@ def test_report_compares_with_the_paper_and_draws_curves(tmp_path):
     events += [{"kind": "valid", "update": u, "loss": 4.0 - u / 100, "bleu": u / 2} for u in (15, 30)]
     (ctx.save_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     ctx.outputs["train"] = {"updates": 30, "train_seconds": 12.5, "metrics_file": str(ctx.save_dir / "metrics.jsonl")}
-    scores = {"test_2016_flickr": [{"name": "BLEU", "score": 27.25, "signature": "nrefs:1|tok:13a"}]}
-    out = write_report(ctx, scores)
+    scores = {"test_2016_flickr": [{"name": "BLEU", "score": 26.3, "signature": "nrefs:1|tok:13a"}]}
+    by_metric = {"test_2016_flickr": {
+        "sacreBLEU": {"score": 26.31, "signature": "nrefs:1|tok:13a"},
+        "tokenized BLEU": {"score": 27.25, "signature": "nrefs:1|tok:moses"},
+    }}
+    out = write_report(ctx, scores, by_metric)
     res = json.loads(Path(out["results"]).read_text())
-    assert res["reproduces"]["ours"] == 27.25 and res["reproduces"]["difference"] == -2.75
-    assert res["reproduces"]["comparable"] is False and "tokenized BLEU" in res["reproduces"]["caveat"]
+    rep = res["reproduces"]
+    assert rep["ours"] == 27.25 and rep["difference"] == -2.75 and rep["our_signature"] == "nrefs:1|tok:moses"
+    assert rep["sacrebleu"] == 26.31 and rep["sacrebleu_signature"] == "nrefs:1|tok:13a"
+    assert rep["comparable"] is True and rep["caveat"] is None
     assert res["tests"]["test_2016_flickr"]["signature"] == "nrefs:1|tok:13a"
     assert res["training"]["updates"] == 30
     md = Path(out["report"]).read_text()
-    assert "| P | T1 | test_2016_flickr | tokenized BLEU | 30.00 | 27.25 | -2.75 |" in md
+    assert "| P | T1 | test_2016_flickr | tokenized BLEU | 30.00 | 27.25 | -2.75 | 26.31 |" in md
+    assert "- tokenized BLEU on test_2016_flickr: `nrefs:1|tok:moses`" in md
+    assert "- sacreBLEU on test_2016_flickr: `nrefs:1|tok:13a`" in md
+
+    # without our output scored by the paper's metric there is no difference to give
+    res = json.loads(Path(write_report(ctx, scores)["results"]).read_text())
+    assert res["reproduces"]["ours"] is None and res["reproduces"]["difference"] is None
+    assert res["reproduces"]["comparable"] is False and "tokenized BLEU" in res["reproduces"]["caveat"]
     pytest.importorskip("matplotlib")
     assert Path(out["curves"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -259,6 +276,10 @@ def _smoke(path: Path, tmp_path: Path) -> dict:
         hyp = (work / "translations" / f"{name}.{res['tgt_lang']}").read_text().splitlines()
         assert len(hyp) == t["lines"] > 0
     assert res["model"]["parameters"] > 0 and res["training"]["updates"] > 0
+    for c in [res["reproduces"], *res["see_also"]]:  # our output by the paper's metric, and sacreBLEU
+        assert c["ours"] is not None and c["our_metric"] == c["metric"] and c["sacrebleu"] is not None
+        assert "tok:13a" in c["sacrebleu_signature"]
+        assert c["metric"] != "tokenized BLEU, compound-split" or "tok:moses+cs" in c["our_signature"]
     assert (work / "report.md").exists()
     return res
 

@@ -254,7 +254,7 @@ def test_bad_input_is_one_line_error(files, tmp_path):
         ["score", "-r", str(files["ref"]), "-i", str(bad)],
         ["score", "-r", str(files["ref"]), "-i", str(tmp_path / "missing.txt")],
         ["score", "-r", str(files["ref"]), "-i", str(files["hyp"]), "-m", "bleu", "blue"],
-        ["score", "-r", str(files["ref"]), "-i", str(files["hyp"]), "--tokenize", "moses"],
+        ["score", "-r", str(files["ref"]), "-i", str(files["hyp"]), "--tokenize", "mosses"],
         ["score", "-r", str(files["ref"]), "-i", str(files["hyp"]), "--paired-bs"],
         ["score", "-r", str(files["ref"]), "-s", str(files["hyp"]), "-s", str(files["sysb"]), "--sentence"],
         ["score", str(files["ref"]), "-r", str(files["ref"]), "-i", str(files["hyp"])],
