@@ -319,6 +319,19 @@ def score_files(
     )
 
 
+def score(
+    hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]], metrics: Iterable[str] = ("bleu",),
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Score hypotheses (strings) against one reference list, or several (a list of lists), as
+    ``mtkit score`` scores files; ``options`` as :func:`score_systems` (tokenize, lowercase, width, ...)."""
+    several = bool(refs) and not isinstance(refs[0], str)
+    references = [[line.rstrip() for line in r] for r in (refs if several else [refs])]
+    system = ("hypotheses", [line.rstrip() for line in hyps])
+    _check_lengths([system], [(f"references {i + 1}", r) for i, r in enumerate(references)])
+    return score_systems([system], references, metrics, **options)
+
+
 # --------------------------------------------------------------------------------------------
 # printing
 

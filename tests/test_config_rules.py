@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from pathlib import Path
 
 import pytest
 
@@ -29,10 +28,10 @@ from mtkit.config import (
     preset_names,
 )
 from mtkit.models import MODELS
-from mtkit.recipes import _config_raw
+from mtkit.recipes import _config_raw, recipe_paths
 from tests.helpers import cli, error_line
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = recipe_paths()
 
 
 def section_classes() -> list[tuple[str, type]]:
