@@ -11,7 +11,6 @@ from typing import Any
 
 import click
 
-from mtkit import __version__
 from mtkit.errors import MtkitError
 from mtkit.signals import Interrupted
 from mtkit.utils import setup_logging
@@ -58,23 +57,77 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="mtkit")
-@click.option("-v", "--verbose", is_flag=True, help="Debug-level logs on stderr.")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def examples(*lines: str) -> str:
+    """A command's help epilog: a few real invocations, printed as written."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """-q / -v / --debug given after the subcommand act as they do before it."""
+    if not value or ctx.resilient_parsing:
+        return
+    obj = ctx.find_root().obj
+    if param.name == "debug":
+        obj["debug"] = True
+        return
+    obj["verbosity"] = 1 if param.name == "verbose" else -1
+    setup_logging(obj["verbosity"])
+
+
+VERBOSITY = (
+    (("-v", "--verbose"), "Debug-level logs on stderr."),
+    (("-q", "--quiet"), "Only warnings and errors on stderr (a run's log file keeps INFO)."),
+    (("--debug",), "Show the full traceback of an error."),
+)
+
+
+class Commands(click.Group):
+    """mtkit's command groups: every command also takes -q / -v / --debug after its name."""
+
+    group_class = type  # subgroups (recipe, data) are Commands too
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not isinstance(cmd, click.Group):
+            cmd.params += [click.Option(list(decls), is_flag=True, expose_value=False, callback=_verbosity, help=text)
+                           for decls, text in VERBOSITY]
+        super().add_command(cmd, name)
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from mtkit.provenance import versions
+
+    found = versions()
+    click.echo(f"mtkit {found.pop('mtkit')} ({', '.join(f'{k} {v}' for k, v in found.items())})")
+    ctx.exit()
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the versions of mtkit, torch, sentencepiece and sacrebleu and exit.")
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSITY[0][1])
+@click.option("-q", "--quiet", is_flag=True, help=VERBOSITY[1][1])
+@click.option("--debug", is_flag=True, help=VERBOSITY[2][1])
 @click.pass_context
 def main(ctx: click.Context, verbose: bool, quiet: bool, debug: bool) -> None:
     """mtkit: neural machine translation from raw text to scored, averaged models.
 
     Data goes to stdout, logs to stderr, so every command composes in shell pipelines.
+    Without -q/-v the MTKIT_LOG_LEVEL environment variable (debug, info, warning) sets the level.
     """
-    ctx.obj = {"debug": debug}
-    setup_logging(1 if verbose else -1 if quiet else 0)
+    ctx.obj = {"debug": debug, "verbosity": 1 if verbose else -1 if quiet else 0}
+    try:
+        setup_logging(ctx.obj["verbosity"])
+    except MtkitError as exc:
+        _fail(str(exc))
 
 
 # ---------------------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=examples(
+    "mtkit preprocess -s en -t de --train corpus/train --valid corpus/val -o data/m30k",
+    "mtkit preprocess -s en -t de --train corpus/train --test corpus/test_2016_flickr -o data/m30k --vocab-size 8000 --separate",
+))
 @click.option("-s", "--source-lang", "src_lang", required=True, help="Source language suffix, e.g. en.")
 @click.option("-t", "--target-lang", "tgt_lang", required=True, help="Target language suffix, e.g. de.")
 @click.option("--train", "train_prefix", required=True, help="Training prefix: reads PREFIX.SRC and PREFIX.TGT (plain or .gz).")
@@ -103,30 +156,44 @@ def preprocess(**kwargs: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=examples(
+    "mtkit train data/m30k -c transformer_small --save-dir ckpt --set train.max_updates=3000",
+    "mtkit train data/m30k -c transformer_small --save-dir ckpt --resume -q",
+    "mtkit train data/m30k -c ckpt/config.yaml --save-dir ckpt2 --dump-config",
+))
 @click.argument("data_dir")
-@click.option("-c", "--config", "config", required=True, help="YAML file or preset name (e.g. transformer_small).")
+@click.option("-c", "--config", "config", required=True, help="YAML file or preset name (e.g. transformer_small; `mtkit presets` lists them).")
 @click.option("--save-dir", required=True, help="Checkpoint directory.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from SAVE_DIR/checkpoint_last.pt.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--nproc", type=int, default=0, help="Data-parallel: run N ranks on this machine through torchrun (one per GPU).")
+@click.option("--dump-config", is_flag=True, help="Print the resolved config (preset + file + --set, every key) as YAML and exit; writes nothing.")
 @handle_errors
-def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...], resume: bool, device: str, nproc: int) -> None:
+def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...], resume: bool, device: str, nproc: int,
+          dump_config: bool) -> None:
     """Train a model on a preprocessed DATA_DIR.
 
+    SAVE_DIR receives the checkpoints, metrics.jsonl, train.log (INFO level whatever the console
+    shows, starting with the run's provenance: versions, command, machine, data hash) and the
+    resolved config.yaml, which -c takes back to repeat the run exactly.
     Several GPUs or machines: `torchrun --nproc-per-node N -m mtkit train ...` (or --nproc N)."""
     from mtkit.utils import limit_onednn_caches
 
     limit_onednn_caches()  # before the first matmul (see there)
+    from mtkit.config import dump_config as to_yaml
     from mtkit.config import load_config
     from mtkit.training.trainer import distributed_env, launch_local
     from mtkit.training.trainer import train as run
 
     cfg = load_config(config, overrides)
+    if dump_config:
+        click.echo(to_yaml(cfg), nl=False)
+        return
     if nproc > 1:
-        root = click.get_current_context().find_root().params
-        flags = [f for f, on in (("-v", root.get("verbose")), ("-q", root.get("quiet")), ("--debug", root.get("debug"))) if on]
+        root = click.get_current_context().find_root().obj
+        verbosity = {1: ["-v"], -1: ["-q"], 0: []}[root["verbosity"]]
+        flags = verbosity + (["--debug"] if root["debug"] else [])
         args = ["train", data_dir, "-c", config, "--save-dir", save_dir, "--device", device]
         for item in overrides:
             args += ["--set", item]
@@ -142,7 +209,11 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
 
 
 # ---------------------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=examples(
+    'echo "A man is riding a bike." | mtkit translate -m ckpt/checkpoint_best.pt',
+    "mtkit translate -m a.pt -m b.pt -i test.en -o test.hyp --beam 5 --resume",
+    "mtkit translate -m ckpt.pt -i test.en --beam 8 --nbest 8 --output-format nbest > test.nbest",
+))
 @click.option("-m", "--model", "model_paths", multiple=True, required=True, help="Checkpoint (repeat for an ensemble with the same vocabulary).")
 @click.option("-i", "--input", "input_path", default="-", show_default=True, help="Input file (plain or .gz), - for stdin. Piped or typed input is answered as soon as it pauses (50 ms); flowing input and files are translated in full length-sorted buffers.")
 @click.option("-o", "--output", "output_path", default="-", show_default=True, help="Output file, - for stdout.")
@@ -165,7 +236,7 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--input-format", type=click.Choice(["text", "pieces", "ids"]), default="text", show_default=True)
-@click.option("--output-format", type=click.Choice(["text", "nbest", "jsonl"]), default="text", show_default=True)
+@click.option("--output-format", type=click.Choice(["text", "nbest", "jsonl"]), default="text", show_default=True, help="nbest: Moses/Marian lines `id ||| hypothesis ||| F0= score ||| score` (0-based id, --nbest per sentence).")
 @click.option("--output-units", type=click.Choice(["text", "pieces", "ids"]), default="text", show_default=True, help="Hypotheses as detokenized text, pieces or ids.")
 @click.option("--alignment", type=click.Choice(["none", "argmax", "full"]), default="argmax", show_default=True, help="jsonl: attention argmax per target piece, or the full matrix too.")
 @click.option("--errors", type=click.Choice(["strict", "replace"]), default="strict", show_default=True, help="Invalid UTF-8 input: fail with the line number, or replace.")
@@ -188,13 +259,19 @@ def translate(model_paths: tuple[str, ...], input_path: str, output_path: str, d
                 stats["lines"], stats["skipped"], stats["seconds"], stats["sentences_per_s"], stats["tgt_tokens_per_s"])
 
 
-@main.command()
-@click.option("-r", "--ref", "refs", multiple=True, required=True, help="Reference file (repeatable for several references).")
+@main.command(epilog=examples(
+    "mtkit score -r test.de -i test.hyp -m bleu chrf ter",
+    "mtkit score -t multi30k/test_2016_flickr -l en-de -i test.hyp",
+    "mtkit score -r test.de -s base.hyp -s new.hyp --paired-bs",
+))
+@click.option("-r", "--ref", "refs", multiple=True, help="Reference file (repeatable for several references).")
+@click.option("-t", "--test-set", default=None, metavar="DATASET/SPLIT", help="Take the reference from the dataset catalog (e.g. multi30k/test_2016_flickr; needs -l).")
+@click.option("-l", "--langpair", default=None, metavar="SRC-TGT", help="Language pair, e.g. en-de: of -t (the reference is its second language), and the language -tok moses tokenizes (default: the reference file's suffix, e.g. de for test.de).")
+@click.option("--data-dir", default=None, help="Directory holding the catalog's files for -t (default: $MTKIT_DATA, then the cache, then a download).")
 @click.option("-i", "--input", "hyp", default=None, help="Hypothesis file (default: stdin unless -s is given).")
 @click.option("-m", "--metrics", "metrics", multiple=True, metavar="METRIC", help="bleu (default), chrf, chrf++, ter; -m bleu chrf, -m bleu -m ter or -m bleu,ter.")
 @click.argument("more_metrics", nargs=-1, metavar="")
 @click.option("-tok", "--tokenize", default=None, help="BLEU tokenizer: 13a (default), intl, zh, char, none, ... (sacrebleu's names), or moses: the Moses tokenizer, then BLEU on its tokens (the papers' tokenized BLEU).")
-@click.option("-l", "--lang", default=None, help="Language for -tok moses (default: the reference file's suffix, e.g. de for test.de).")
 @click.option("--compound-split", "split_compounds", is_flag=True, help="Split hyphenated compounds (a-b -> a ##AT##-##AT## b) on both sides before BLEU, as the WMT14 En-De papers do; with -tok moses, or -tok none for text already tokenized (but not already split).")
 @click.option("-lc", "--lowercase", is_flag=True, help="Case-insensitive BLEU and chrF.")
 @click.option("--ter-case-sensitive", is_flag=True, help="Case-sensitive TER (sacrebleu's TER lowercases by default).")
@@ -209,7 +286,7 @@ def translate(model_paths: tuple[str, ...], input_path: str, output_path: str, d
 @click.option("-w", "--width", type=click.IntRange(0, 10), default=1, show_default=True, help="Decimals printed.")
 @click.option("--detok-pieces", "detok", default=None, metavar="SPM_OR_CKPT", help="Detokenise space-separated sentencepiece pieces with this model (or a checkpoint's) first.")
 @handle_errors
-def score(refs: tuple[str, ...], hyp: str | None, metrics: tuple[str, ...], more_metrics: tuple[str, ...], tokenize: str | None, lang: str | None, split_compounds: bool, lowercase: bool, ter_case_sensitive: bool, force: bool, fmt: str, sentence: bool, systems: tuple[str, ...], paired_bs: bool, paired_bs_n: int, paired_ar: bool, paired_ar_n: int, width: int, detok: str | None) -> None:
+def score(refs: tuple[str, ...], test_set: str | None, langpair: str | None, data_dir: str | None, hyp: str | None, metrics: tuple[str, ...], more_metrics: tuple[str, ...], tokenize: str | None, split_compounds: bool, lowercase: bool, ter_case_sensitive: bool, force: bool, fmt: str, sentence: bool, systems: tuple[str, ...], paired_bs: bool, paired_bs_n: int, paired_ar: bool, paired_ar_n: int, width: int, detok: str | None) -> None:
     """Score hypotheses with BLEU / chrF / TER (sacrebleu signatures).
 
     Reads the hypotheses from -i or stdin; with -s SYS (repeatable) scores several systems
@@ -217,8 +294,20 @@ def score(refs: tuple[str, ...], hyp: str | None, metrics: tuple[str, ...], more
     -tok, -l and --compound-split change BLEU only (its signature's tok field says how: e.g.
     tok:moses+cs); chrF and TER always score the text as given.
     """
+    from mtkit.data.catalog import test_set_file
     from mtkit.scoring import format_results, score_files
 
+    if test_set is not None and langpair is None:
+        raise MtkitError("-t/--test-set needs -l/--langpair, e.g. -t multi30k/test_2016_flickr -l en-de")
+    lang = None
+    if langpair is not None:
+        src, _, lang = langpair.partition("-")
+        if not src or not lang or "-" in lang:
+            raise MtkitError(f"-l/--langpair '{langpair}' must look like SRC-TGT, e.g. en-de")
+    if test_set is not None:
+        refs = (*refs, str(test_set_file(test_set, langpair, "ref", data_dir)))
+    if not refs:
+        raise MtkitError("no reference given: -r REF, or -t DATASET/SPLIT -l SRC-TGT")
     if more_metrics and not metrics:
         raise MtkitError(f"unexpected argument '{more_metrics[0]}' (references go after -r, hypotheses after -i)")
     if paired_bs and paired_ar:
@@ -249,20 +338,18 @@ def score(refs: tuple[str, ...], hyp: str | None, metrics: tuple[str, ...], more
         raise MtkitError(f"could not write the scores to stdout: {exc.strerror or exc}") from None
 
 
-@main.command()
+@main.command(epilog=examples(
+    "mtkit average ckpt/ --last 5 -o avg.pt          highest update numbers",
+    "mtkit average ckpt/ --best 5 -o avg.pt          best valid BLEU (else lowest valid loss)",
+    "mtkit average a.pt b.pt c.pt -o avg.pt          these files",
+))
 @click.argument("inputs", nargs=-1, required=True, metavar="(CKPT_DIR | CKPT ...)")
 @click.option("--last", type=click.IntRange(min=1), default=None, help="Average the N checkpoint_<update>.pt with the highest update numbers.")
 @click.option("--best", type=click.IntRange(min=1), default=None, help="Average the N checkpoint_<update>.pt with the best validation BLEU (or loss).")
 @click.option("-o", "--output", "out_path", required=True, help="Averaged checkpoint to write.")
 @handle_errors
 def average(inputs: tuple[str, ...], last: int | None, best: int | None, out_path: str) -> None:
-    """Average the weights of several checkpoints.
-
-    \b
-    mtkit average CKPT_DIR --last N -o OUT     highest update numbers
-    mtkit average CKPT_DIR --best N -o OUT     best valid BLEU (else lowest valid loss)
-    mtkit average CKPT CKPT ... -o OUT         these files
-    """
+    """Average the weights of several checkpoints."""
     from mtkit.training.average import average_checkpoints, select_checkpoints
 
     if (last is not None or best is not None) and len(inputs) != 1:
@@ -274,12 +361,29 @@ def average(inputs: tuple[str, ...], last: int | None, best: int | None, out_pat
 
 @main.group()
 def recipe() -> None:
-    """Run or check a WMT-style recipe (YAML in recipes/)."""
+    """List, check or run a WMT-style recipe: a shipped one by name (`mtkit recipe list`) or a YAML file."""
 
 
-@recipe.command("run")
-@click.argument("recipe_file", metavar="RECIPE.yaml")
-@click.option("--workdir", required=True, help="Directory for every stage's outputs and markers.")
+@recipe.command("list", epilog=examples(
+    "mtkit recipe list",
+    "mtkit recipe list | grep multi30k",
+    "mtkit recipe check multi30k_en_de_transformer          (a listed recipe, by name)",
+))
+@handle_errors
+def recipe_list() -> None:
+    """The shipped recipes: languages, model family and the number each cites."""
+    from mtkit.recipes import format_recipe_list, list_recipes
+
+    click.echo(format_recipe_list(list_recipes()))
+
+
+@recipe.command("run", epilog=examples(
+    "MTKIT_DATA=data/multi30k mtkit recipe run multi30k_en_de_transformer --workdir runs/m30k",
+    "mtkit recipe run multi30k_en_de_gnmt --workdir /tmp/smoke --smoke",
+    "mtkit recipe run my_recipe.yaml --workdir runs/mine --stages train-score --set train.lr=5e-4",
+))
+@click.argument("recipe_file", metavar="RECIPE")
+@click.option("--workdir", required=True, help="Directory for every stage's outputs and markers (and run.log).")
 @click.option("--stages", multiple=True, metavar="STAGE[,STAGE|A-B]",
               help="Run only these stages (prepare, preprocess, train, average, translate, score).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE",
@@ -291,7 +395,10 @@ def recipe() -> None:
 @handle_errors
 def recipe_run(recipe_file: str, workdir: str, stages: tuple[str, ...], overrides: tuple[str, ...],
                data_dir: str | None, smoke: bool, force: bool, device: str) -> None:
-    """Run a recipe's stages, resuming at the first unfinished one."""
+    """Run a recipe's stages, resuming at the first unfinished one.
+
+    RECIPE is a shipped recipe's name or a YAML file. WORKDIR/run.log keeps the run's INFO log
+    (appended on resume) after its provenance; results.json carries the same record."""
     from mtkit.utils import limit_onednn_caches
 
     limit_onednn_caches()  # training is most of a recipe's time (see there)
@@ -302,20 +409,92 @@ def recipe_run(recipe_file: str, workdir: str, stages: tuple[str, ...], override
     click.echo(json.dumps(summary, indent=1))
 
 
-@recipe.command("check")
-@click.argument("recipe_file", metavar="RECIPE.yaml")
+@recipe.command("check", epilog=examples(
+    "mtkit recipe check multi30k_en_de_transformer",
+    "mtkit recipe check wmt14_en_de_transformer_base --data-dir /data/wmt14",
+    "mtkit recipe check my_recipe.yaml --smoke",
+))
+@click.argument("recipe_file", metavar="RECIPE")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE", help="Override a recipe key (repeatable).")
 @click.option("--data-dir", default=None, help="Directory holding the corpus files (default: $MTKIT_DATA).")
 @click.option("--smoke", is_flag=True, help="Check the --smoke variant.")
 @handle_errors
 def recipe_check(recipe_file: str, overrides: tuple[str, ...], data_dir: str | None, smoke: bool) -> None:
-    """Validate a recipe without running it; show where each data file would come from."""
+    """Validate a recipe (name or YAML file) without running it; show where each data file would come from."""
     from mtkit.recipes import check_recipe
 
     click.echo(json.dumps(check_recipe(recipe_file, overrides, data_dir=data_dir, smoke=smoke), indent=1))
 
 
-@main.command()
+@main.group()
+def data() -> None:
+    """The dataset catalog's files: a test set's source or reference, as sacrebleu's -t gives them."""
+
+
+@data.command("get", epilog=examples(
+    "mtkit data get multi30k/test_2016_flickr -l en-de --side src > test.en",
+    "mtkit data get multi30k/test_2016_flickr -l en-de --side src | mtkit translate -m ckpt.pt "
+    "| mtkit score -t multi30k/test_2016_flickr -l en-de",
+))
+@click.argument("test_set", metavar="DATASET/SPLIT")
+@click.option("-l", "--langpair", required=True, metavar="SRC-TGT", help="Language pair, e.g. en-de.")
+@click.option("--side", type=click.Choice(["src", "ref"]), default="src", show_default=True, help="src: the pair's first language; ref: its second.")
+@click.option("--data-dir", default=None, help="Directory holding the catalog's files (default: $MTKIT_DATA, then the cache, then a download).")
+@handle_errors
+def data_get(test_set: str, langpair: str, side: str, data_dir: str | None) -> None:
+    """Print one side of a catalog split to stdout."""
+    from mtkit.data.catalog import test_set_file
+    from mtkit.data.text import iter_lines
+
+    out = click.get_text_stream("stdout", encoding="utf-8")
+    for line in iter_lines(test_set_file(test_set, langpair, side, data_dir)):
+        out.write(line + "\n")
+    out.flush()
+
+
+@main.command(epilog=examples("mtkit info ckpt/checkpoint_best.pt", "mtkit info avg.pt --format json"))
+@click.argument("checkpoint")
+@click.option("-f", "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@handle_errors
+def info(checkpoint: str, fmt: str) -> None:
+    """What a checkpoint holds and how it was made: model size, languages, vocabularies and the
+    training run's provenance (versions, command, machine, config, data hash)."""
+    from mtkit.provenance import describe_checkpoint, format_info
+
+    found = describe_checkpoint(checkpoint)
+    click.echo(json.dumps(found, indent=1, default=str) if fmt == "json" else format_info(found))
+
+
+@main.command(epilog=examples("mtkit presets", "mtkit train data/m30k -c transformer_small --save-dir ckpt --dump-config"))
+@handle_errors
+def presets() -> None:
+    """The built-in config presets that `train -c NAME` takes, with their descriptions."""
+    from mtkit.config import preset_descriptions
+
+    found = preset_descriptions()
+    width = max(map(len, found), default=0)
+    for name, text in found.items():
+        click.echo(f"{name:<{width}}  {text}")
+
+
+@main.command(epilog=examples("mtkit plot ckpt/metrics.jsonl -o curves.png",
+                              "mtkit plot runs/m30k/checkpoints/metrics.jsonl -o m30k.png --title m30k"))
+@click.argument("metrics_file", metavar="METRICS.jsonl")
+@click.option("-o", "--output", "out_png", required=True, help="Image to write (PNG; the suffix picks the format).")
+@click.option("--title", default="", help="Figure title.")
+@handle_errors
+def plot(metrics_file: str, out_png: str, title: str) -> None:
+    """Draw a training run's loss and validation BLEU curves (needs matplotlib)."""
+    from mtkit.report import plot_curves
+
+    click.echo(str(plot_curves(metrics_file, out_png, title=title)))
+
+
+@main.command(epilog=examples(
+    "mtkit export --format ctranslate2 -m avg.pt -o model-ct2",
+    "mtkit export -m avg.pt -o model-ct2-int8 --quantization int8",
+    "mtkit translate --engine ctranslate2 -m model-ct2 -i test.en",
+))
 @click.option("--format", "fmt", type=click.Choice(["ctranslate2"]), default="ctranslate2", show_default=True, help="Target engine.")
 @click.option("-m", "--model", "ckpt_path", required=True, help="Transformer checkpoint to export.")
 @click.option("-o", "--output", "out_dir", required=True, help="Output model directory.")

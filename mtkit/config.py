@@ -189,6 +189,8 @@ class TrainConfig(Section):
     save_interval_updates: int = number(1000, low=0)  # 0 = at validations and the end only
     keep_last: int = number(5, low=0)
     max_bad_updates: int = number(5, low=1)  # consecutive NaN/inf updates before training stops
+    # TensorBoard event files of the metrics.jsonl records (needs the tensorboard package); "" = off
+    tensorboard_dir: str = any_value("")
 
     def check(self, section: str) -> None:
         if self.time_decay != "none" and self.max_time_minutes <= 0:
@@ -311,7 +313,8 @@ def _type_check(value: Any, tp: Any, key: str) -> Any:
                 return _type_check(value, arg, key)
             except MtkitError:
                 pass
-        raise MtkitError(f"config key '{key}': value {value!r} does not have type {tp}")
+        kinds = " or ".join(getattr(arg, "__name__", str(arg)) for arg in args if arg is not type(None))
+        raise MtkitError(f"config key '{key}': expected {kinds}{' or null' if type(None) in args else ''}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise MtkitError(f"config key '{key}': expected a list, got {value!r}")
@@ -463,6 +466,24 @@ def load_raw_config(name_or_path: str | Path | None) -> dict[str, Any]:
     if preset.exists():
         return read_yaml(preset)
     raise MtkitError(_unknown("config file or preset", str(name_or_path), preset_names()))
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, every key: ``load_config`` of it gives ``cfg`` back."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def preset_descriptions() -> dict[str, str]:
+    """Each built-in preset's one-line description: the first comment line of its file."""
+    out = {}
+    for name in preset_names():
+        first = ""
+        for line in (PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
+            if line.startswith("#"):
+                first = line.lstrip("#").strip()
+                break
+        out[name] = first
+    return out
 
 
 def load_config(name_or_path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -36,10 +36,12 @@ from typing import Any
 
 import yaml
 
+from mtkit import provenance
 from mtkit.config import (
     PRESET_DIR,
     RECIPE_SECTIONS,
     Config,
+    ModelConfig,
     build_section,
     config_from_dict,
     load_raw_config,
@@ -48,6 +50,7 @@ from mtkit.config import (
 )
 from mtkit.data.catalog import Catalog, Split, load_catalog, resolve_file
 from mtkit.errors import MtkitError
+from mtkit.utils import atomic_write_text
 
 logger = logging.getLogger("mtkit.recipes")
 
@@ -356,8 +359,9 @@ def validate(raw: dict[str, Any], where: str, catalog: Catalog | None = None) ->
 def load_recipe(
     path: str | Path, overrides: Sequence[str] = (), smoke: bool = False, catalog: Catalog | None = None
 ) -> Recipe:
-    """Read, override and validate a recipe (and, with ``smoke``, its smoke variant)."""
-    path = Path(path)
+    """Read, override and validate a recipe (and, with ``smoke``, its smoke variant); ``path``
+    may also be a shipped recipe's name (:func:`find_recipe`)."""
+    path = find_recipe(path)
     catalog = catalog or load_catalog()
     raw = apply_recipe_overrides(read_yaml(path), overrides)
     parts = validate(raw, str(path), catalog)
@@ -406,6 +410,7 @@ class RunContext:
     device: str = "auto"
     catalog: Catalog | None = None
     outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)  # of this run (mtkit.provenance)
 
     @property
     def raw_dir(self) -> Path:
@@ -461,9 +466,7 @@ class Markers:
 
     def write(self, stage: str, marker: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(stage).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(marker, indent=1, default=str) + "\n", encoding="utf-8")
-        tmp.replace(self.path(stage))
+        atomic_write_text(self.path(stage), json.dumps(marker, indent=1, default=str) + "\n")
 
     def remove(self, stage: str) -> None:
         self.path(stage).unlink(missing_ok=True)
@@ -514,8 +517,16 @@ def run_recipe(
         encoding="utf-8",
     )
     ctx = RunContext(recipe, workdir, data_dir=data_dir, device=device, catalog=catalog)
+    ctx.provenance = provenance.collect(recipe.config.to_dict(), ctx.data_path)
+    with provenance.run_log(workdir / "run.log", ctx.provenance, f"mtkit recipe run {recipe.name}"):
+        return _run_stages(ctx, selected, force)
+
+
+def _run_stages(ctx: RunContext, selected: list[str], force: bool) -> dict[str, Any]:
+    """The stage loop of :func:`run_recipe`."""
+    workdir = ctx.workdir
     markers = Markers(workdir)
-    hashes = stage_inputs(recipe)
+    hashes = stage_inputs(ctx.recipe)
     report: dict[str, Any] = {"workdir": str(workdir), "stages": {}}
     t_start = time.monotonic()
     for stage in STAGES:
@@ -810,7 +821,49 @@ STAGE_FUNCS: dict[str, Callable[[RunContext, bool], dict[str, Any]]] = {
 }
 
 
+RECIPE_DIR = Path(__file__).with_name("recipes_data")  # the recipes shipped inside the package
+
+
 def recipe_paths(directory: str | Path | None = None) -> list[Path]:
-    """The recipes shipped in ``recipes/`` (next to the package in a source checkout)."""
-    d = Path(directory) if directory else Path(__file__).resolve().parent.parent / "recipes"
-    return sorted(d.glob("*.yaml"))
+    """The recipes shipped with mtkit (package data, also in a plain ``pip install``)."""
+    return sorted(Path(directory or RECIPE_DIR).glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path, or a shipped recipe by name. ``recipes/NAME.yaml`` (the
+    place the recipes had in a source checkout) names the shipped recipe when no such file exists."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.stem if path.suffix in (".yaml", ".yml") and path.parent.name in ("", "recipes") else str(name_or_path)
+    shipped = RECIPE_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    if path.parent.name not in ("", "recipes") or path.exists():
+        raise MtkitError(f"recipe file not found: {path}")
+    raise MtkitError(_did_you_mean("recipe", name, [p.stem for p in recipe_paths()]))
+
+
+def list_recipes() -> list[dict[str, Any]]:
+    """Name, languages, model family and the cited number of every shipped recipe."""
+    rows = []
+    for path in recipe_paths():
+        raw = read_yaml(path)
+        rep = raw.get("reproduces") or {}
+        arch = ((_config_raw(raw).get("model") or {}).get("arch")) or ModelConfig.arch
+        rows.append({
+            "name": path.stem, "src_lang": raw.get("src_lang"), "tgt_lang": raw.get("tgt_lang"), "arch": arch,
+            "preset": raw.get("preset"), "value": rep.get("value"), "metric": rep.get("metric"),
+            "test_set": rep.get("test_set"), "paper": rep.get("paper"),
+        })
+    return rows
+
+
+def format_recipe_list(rows: list[dict[str, Any]]) -> str:
+    width = max((len(r["name"]) for r in rows), default=4)
+    lines = [f"{'recipe':<{width}}  pair   model          cites"]
+    for r in rows:
+        value = "-" if r["value"] is None else f"{r['value']:g}"
+        lines.append(f"{r['name']:<{width}}  {r['src_lang']}-{r['tgt_lang']}  {r['arch']:<13}  "
+                     f"{value} {r['metric']} on {r['test_set']}")
+    return "\n".join(lines)

@@ -14,6 +14,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtkit.errors import MtkitError
+from mtkit.utils import atomic_write_text
+
 if TYPE_CHECKING:
     from mtkit.recipes import RunContext
 
@@ -43,23 +46,24 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") -> Path | None:
-    """Train/valid loss and valid BLEU against updates; ``None`` without matplotlib or data."""
+def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") -> Path:
+    """Train/valid loss and valid BLEU against updates, drawn from a training run's
+    ``metrics.jsonl``; a missing file, a file without metrics or a missing matplotlib is an error."""
+    if not Path(metrics_file).is_file():
+        raise MtkitError(f"metrics file not found: {metrics_file}")
     events = read_metrics(metrics_file)
     train = [(e["update"], e["loss"]) for e in events if e.get("kind") == "train" and _finite(e.get("loss"))]
     valid = [(e["update"], e["loss"]) for e in events if e.get("kind") == "valid" and _finite(e.get("loss"))]
     bleu = [(e["update"], e["bleu"]) for e in events if e.get("kind") == "valid" and _finite(e.get("bleu"))]
     if not (train or valid or bleu):
-        logger.info("no training metrics in %s; no curves drawn", metrics_file)
-        return None
+        raise MtkitError(f"no training metrics in {metrics_file}")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed (pip install mtkit[plot]); no training-curve PNG")
-        return None
+        raise MtkitError("drawing curves needs matplotlib (pip install 'mtkit[plot]')") from None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     if train:
         ax1.plot(*zip(*train), label="train loss", alpha=0.7)
@@ -85,7 +89,6 @@ def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") 
 
 def count_parameters(checkpoint: str | Path) -> int | None:
     """Number of model parameters in a checkpoint (``None`` if it cannot be read)."""
-    from mtkit.errors import MtkitError
     from mtkit.models.base import num_parameters
     from mtkit.training.checkpoint import load_model
 
@@ -137,6 +140,7 @@ def build_results(
     metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """``results.json``'s content; ``metric_scores``: per test set, our BLEU by each published metric."""
+    from mtkit.provenance import manifest_info
     from mtkit.recipes import STAGES, Markers
 
     r = ctx.recipe
@@ -176,6 +180,7 @@ def build_results(
         "decode": {k: getattr(r.config.decode, k) for k in ("beam", "length_penalty", "alpha")},
         "stage_seconds": stage_seconds,
         "total_seconds": round(sum(v for v in stage_seconds.values() if _finite(v)), 1),
+        "provenance": {**ctx.provenance, "data": manifest_info(ctx.data_path)},
     }
 
 
@@ -243,12 +248,14 @@ def write_report(
     """Write results.json, report.md and training_curves.png into the work dir (see :func:`build_results`)."""
     res = build_results(ctx, scores, metric_scores)
     metrics = res["training"].get("metrics_file") or ctx.save_dir / "metrics.jsonl"
-    png = plot_curves(metrics, ctx.workdir / "training_curves.png", title=ctx.recipe.name)
+    try:
+        png: Path | None = plot_curves(metrics, ctx.workdir / "training_curves.png", title=ctx.recipe.name)
+    except MtkitError as exc:
+        logger.warning("no training-curve PNG: %s", exc)
+        png = None
     res["curves"] = str(png) if png else None
-    results = ctx.workdir / "results.json"
-    results.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
-    report = ctx.workdir / "report.md"
-    report.write_text(render_markdown(res), encoding="utf-8")
+    results = atomic_write_text(ctx.workdir / "results.json", json.dumps(res, indent=1, default=str) + "\n")
+    report = atomic_write_text(ctx.workdir / "report.md", render_markdown(res))
     rep = res["reproduces"]
     logger.info(
         "%s: %s %s on %s (paper: %s), %s %s", ctx.recipe.name, rep["metric"], _fmt(rep["ours"]), rep["test_set"],

@@ -163,7 +163,7 @@ def _bleu_text(tokenize: str | None, split_compounds: bool, lang: str | None) ->
     if tokenize != "moses":
         return compound_split if split_compounds else None
     if not lang:
-        raise MtkitError("-tok moses needs the language of the references: -l LANG")
+        raise MtkitError("-tok moses needs the language of the references: -l SRC-TGT")
     tok = moses_tokenizer(lang)
     return (lambda line: compound_split(tok(line))) if split_compounds else tok
 
@@ -402,7 +402,7 @@ def score_files(
         if lang is None:
             raise MtkitError(
                 f"cannot tell the language of {display_name(ref_paths[0])} from its name "
-                "(e.g. test.de); give it with -l LANG for -tok moses"
+                "(e.g. test.de); give it with -l SRC-TGT (e.g. -l en-de) for -tok moses"
             )
     detok = load_piece_model(detok_spm) if detok_spm is not None else None
     named = [(display_name(p), read_lines(p, detok)) for p in paths]
@@ -424,6 +424,19 @@ def score_files(
         split_compounds=split_compounds,
         lang=lang,
     )
+
+
+def score(
+    hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]], metrics: Iterable[str] = ("bleu",),
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Score hypotheses (strings) against one reference list, or several (a list of lists), as
+    ``mtkit score`` scores files; ``options`` as :func:`score_systems` (tokenize, lowercase, width, ...)."""
+    several = bool(refs) and not isinstance(refs[0], str)
+    references = [[line.rstrip() for line in r] for r in (refs if several else [refs])]
+    system = ("hypotheses", [line.rstrip() for line in hyps])
+    _check_lengths([system], [(f"references {i + 1}", r) for i, r in enumerate(references)])
+    return score_systems([system], references, metrics, **options)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -57,19 +58,52 @@ def release_free_memory() -> bool:
 _libc = None
 
 
+LEVELS = {"quiet": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+
+
 def setup_logging(verbosity: int = 0) -> None:
-    """verbosity: -1 quiet (warnings only), 0 info, 1 debug. Logs always go to stderr."""
+    """verbosity: -1 quiet (warnings only), 0 info, 1 debug. Logs always go to stderr.
+
+    Without -q/-v the ``MTKIT_LOG_LEVEL`` environment variable (debug, info, warning) decides."""
     level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
+    env = os.environ.get("MTKIT_LOG_LEVEL", "").strip().lower()
+    if verbosity == 0 and env:
+        if env not in LEVELS:
+            from mtkit.errors import MtkitError
+
+            raise MtkitError(f"MTKIT_LOG_LEVEL={env!r} is not one of debug, info, warning")
+        level = LEVELS[env]
     root = logging.getLogger("mtkit")
     root.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s", "%H:%M:%S"))
+    handler.setLevel(level)  # a run's log file may lower the logger's level, never the console's
     root.addHandler(handler)
     root.setLevel(level)
 
 
+def console_level() -> int:
+    """The level of the records shown on stderr (not those a run's log file keeps)."""
+    root = logging.getLogger("mtkit")
+    levels = [h.level for h in root.handlers if type(h) is logging.StreamHandler and h.level]
+    return min(levels) if levels else root.getEffectiveLevel()
+
+
 def progress_enabled() -> bool:
-    return sys.stderr.isatty() and logging.getLogger("mtkit").getEffectiveLevel() <= logging.INFO
+    return sys.stderr.isatty() and console_level() <= logging.INFO
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same directory and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def progress(

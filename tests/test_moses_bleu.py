@@ -164,7 +164,7 @@ def test_bad_combinations_are_refused():
         score_systems([("hyp", HYPS)], [REFS], split_compounds=True)
     with pytest.raises(MtkitError, match="--compound-split works on tokenized text"):
         score_systems([("hyp", HYPS)], [REFS], tokenize="intl", split_compounds=True)
-    with pytest.raises(MtkitError, match="-l LANG"):
+    with pytest.raises(MtkitError, match="-l SRC-TGT"):
         score_systems([("hyp", HYPS)], [REFS], tokenize="moses")
     with pytest.raises(MtkitError, match="unknown BLEU tokenizer 'mosses'.*moses"):
         score_systems([("hyp", HYPS)], [REFS], tokenize="mosses")
@@ -197,7 +197,7 @@ def test_cli_scores_tokenized_bleu_with_compound_splitting(files):
     (d,) = json.loads(res.stdout)
     assert d["score"] == round(expected.score, 2) and d["tok"] == "moses+cs"
 
-    res = cli(["score", "-r", files["ref.txt"], "-i", files["hyp.de"], "--tokenize", "moses", "-l", "de",
+    res = cli(["score", "-r", files["ref.txt"], "-i", files["hyp.de"], "--tokenize", "moses", "-l", "en-de",
                "--compound-split", "-f", "json", "-w", "2"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)[0]["score"] == d["score"]
@@ -205,7 +205,7 @@ def test_cli_scores_tokenized_bleu_with_compound_splitting(files):
 
 def test_cli_refuses_unclear_options_in_one_line(files):
     res = cli(["-q", "score", "-r", files["ref.txt"], "-i", files["hyp.de"], "-tok", "moses"])
-    error_line(res.stderr, res.exit_code, "cannot tell the language", "ref.txt", "-l LANG")
+    error_line(res.stderr, res.exit_code, "cannot tell the language", "ref.txt", "-l SRC-TGT")
     res = cli(["-q", "score", "-r", files["ref.de"], "-i", files["hyp.de"], "--compound-split"])
     error_line(res.stderr, res.exit_code, "--compound-split", "-tok moses or -tok none")
     assert res.stdout == ""

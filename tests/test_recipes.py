@@ -4,6 +4,7 @@ the report, and (slow) a --smoke run of every recipe on generated data."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -281,6 +282,12 @@ def _smoke(path: Path, tmp_path: Path) -> dict:
         assert "tok:13a" in c["sacrebleu_signature"]
         assert c["metric"] != "tokenized BLEU, compound-split" or "tok:moses+cs" in c["our_signature"]
     assert (work / "report.md").exists()
+    manifest = hashlib.sha256((work / "data" / "manifest.json").read_bytes()).hexdigest()
+    assert res["provenance"]["data"]["manifest_sha256"] == manifest
+    assert res["provenance"]["config"] == load_recipe(path, smoke=True).config.to_dict()
+    log = (work / "run.log").read_text()
+    assert "=== mtkit recipe run" in log.splitlines()[0] and "versions: mtkit" in log and "stage score: done" in log
+    assert "=== mtkit train ===" in (work / "checkpoints" / "train.log").read_text()
     return res
 
 

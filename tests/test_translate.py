@@ -133,12 +133,15 @@ def test_nbest_format(ckpt, src_file, tmp_path):
     out = tmp_path / "o.nbest"
     translate_file([ckpt], path, out, output_format="nbest", decode_overrides={"nbest": 2})
     rows = [line.split(" ||| ") for line in read_lines(out)]
-    assert all(len(r) == 3 for r in rows)
+    assert all(len(r) == 4 and r[2].startswith("F0= ") for r in rows)
     idx = [int(r[0]) for r in rows]
     assert sorted(set(idx)) == list(range(len(lines))) and idx == sorted(idx)
     for i in range(len(lines)):
-        scores = [float(r[2]) for r in rows if int(r[0]) == i]
+        group = [r for r in rows if int(r[0]) == i]
+        assert len(group) == (2 if lines[i].strip() else 1)
+        scores = [float(r[3]) for r in group]
         assert scores == sorted(scores, reverse=True)
+        assert all(float(r[2].split()[1]) <= 0 for r in group)
 
 
 @pytest.mark.parametrize("fmt,cut", [("text", 9), ("text", 0), ("nbest", 7), ("jsonl", 5)])

@@ -254,6 +254,27 @@ def resolve_file(
     return dest
 
 
+SIDES = ("src", "ref")
+
+
+def test_set_file(
+    ref: str, langpair: str, side: str = "ref", data_dir: str | Path | Sequence[str | Path] | None = None,
+    catalog: Catalog | None = None,
+) -> Path:
+    """One side of a catalog split for a language pair, found or fetched as a recipe's prepare
+    stage does: ``src`` is the pair's first language, ``ref`` its second."""
+    src, sep, tgt = langpair.partition("-")
+    if not (sep and src and tgt) or "-" in tgt:
+        raise MtkitError(f"language pair '{langpair}' must look like en-de (source-target)")
+    if side not in SIDES:
+        raise MtkitError(f"unknown side '{side}'; valid: {', '.join(SIDES)}")
+    split = (catalog or load_catalog()).split(ref)
+    for lang in (src, tgt):
+        if lang not in split.langs:
+            raise MtkitError(f"{split.ref} has no '{lang}' side (languages: {', '.join(split.langs)})")
+    return resolve_file(split, src if side == "src" else tgt, data_dir)
+
+
 def resolution_plan(
     refs_langs: Sequence[tuple[str, str]],
     data_dir: str | Path | Sequence[str | Path] | None = None,

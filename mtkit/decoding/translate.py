@@ -4,7 +4,8 @@ Input is read in buffers of ``buffer_lines`` lines; each buffer is encoded with 
 source sentencepiece model, sorted by length, cut into batches (sentences or a source-token
 budget), decoded, and written back in input order as soon as a prefix of lines is complete. A
 large file therefore never sits in memory, and every input line gives exactly one output line
-(``nbest``: one or more lines numbered by input line; empty input lines give empty output).
+(``nbest``: one or more lines ``id ||| hypothesis ||| F0= log-prob ||| score`` per input line,
+the Moses/Marian form that rerankers read; empty input lines give empty output).
 
 Input from a pipe or a terminal is read by a background thread: when no new line arrives for
 ``PAUSE_S`` seconds, the lines already read are translated and written at once, so a person
@@ -143,12 +144,22 @@ class Translator:
     device: torch.device
 
     @classmethod
-    def load(cls, model_paths: Sequence[str | Path], device: torch.device, dtype: str = "float32") -> Translator:
-        """Load checkpoints (several: an ensemble) onto ``device``, weights cast to ``dtype``."""
+    def load(
+        cls, model_paths: str | Path | Sequence[str | Path], device: str | torch.device = "auto", dtype: str = "float32"
+    ) -> Translator:
+        """Load checkpoints (several: an ensemble) onto ``device`` (auto, cpu, cuda), weights
+        cast to ``dtype`` (float32, bfloat16, float16 on CUDA)."""
         from mtkit.training.checkpoint import load_model
 
+        if isinstance(model_paths, (str, Path)):
+            model_paths = [model_paths]
         if not model_paths:
             raise MtkitError("no checkpoint given (-m CKPT)")
+        device = pick_device(device) if isinstance(device, str) else device
+        if dtype not in DTYPES:  # before loading the checkpoints
+            raise MtkitError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
+        if dtype == "float16" and device.type == "cpu":
+            raise MtkitError("--dtype float16 needs a CUDA device; on a CPU use bfloat16")
         models, first = [], None
         limits: list[int] = []
         for path in model_paths:
@@ -166,6 +177,45 @@ class Translator:
         assert first is not None
         _, cfg, src_spm, tgt_spm = first
         return cls(models, src_spm, tgt_spm, cfg.decode, min(limits) if limits else None, device)
+
+    def translate(
+        self, sentences: Sequence[str], nbest: int = 1, **options: Any
+    ) -> list[str] | list[list[tuple[str, float]]]:
+        """Translate sentences as ``mtkit translate`` does (same batches, same search): one string
+        per sentence, or with ``nbest`` > 1 a list of (hypothesis, score) per sentence, best first.
+
+        ``options``: decode keys (``beam``, ``length_penalty``, ``alpha``, ``max_len_a``, ...) and
+        the fields of :class:`Options` (``batch_size``, ``max_tokens``, ``sampling``, ``seed``, ...).
+        """
+        decode_keys = {f.name for f in dataclasses.fields(DecodeConfig)} - {"batch_size", "max_tokens"}
+        overrides = {k: options.pop(k) for k in list(options) if k in decode_keys and options[k] is not None}
+        opts = make_options({**options, "decode_overrides": {**overrides, "nbest": nbest}})
+        cfg = resolve_decode_config(self.cfg, None, opts)
+        search.check_config(cfg, sampling_options(opts, torch.device("cpu")))
+        decoder = Decoder(self, cfg, sampling_options(opts, self.device), attention=False)
+        fmt = Formatter(self, "text", opts.output_units, "none")
+        stats = new_stats()
+        out: list[Any] = []
+        for start in range(0, len(sentences), opts.buffer_lines):
+            buffer = [(i, encode_source(line, i + 1, self, opts, "input", stats))
+                      for i, line in enumerate(sentences[start : start + opts.buffer_lines], start)]
+            for rec in _translate_buffer(buffer, cfg, decoder, stats):
+                if nbest > 1:
+                    out.append([(fmt.hyp_text(h), h.score) for h in rec.hyps])
+                else:
+                    out.append(fmt.hyp_text(rec.hyps[0]) if rec.hyps else "")
+        return out
+
+
+def make_options(options: dict[str, Any]) -> Options:
+    """:class:`Options` from keyword arguments, checked (an unknown key is an error)."""
+    valid = {f.name for f in dataclasses.fields(Options)}
+    for key in options:
+        if key not in valid:
+            raise MtkitError(f"unknown translate option '{key}'")
+    opts = Options(**options)
+    check_options(opts)
+    return opts
 
 
 def check_options(opts: Options) -> None:
@@ -302,10 +352,15 @@ class Formatter:
         if self.fmt == "text":
             return (self.hyp_text(rec.hyps[0]) if rec.hyps else "") + "\n"
         if self.fmt == "nbest":
-            if not rec.hyps:
-                return f"{rec.index} |||  ||| 0.0000\n"
-            return "".join(f"{rec.index} ||| {self.hyp_text(h)} ||| {h.score:.4f}\n" for h in rec.hyps)
+            return "".join(self.nbest_line(rec.index, h) for h in rec.hyps or [None])
         return json.dumps(self.jsonl(rec), ensure_ascii=False) + "\n"
+
+    def nbest_line(self, index: int, h: Hypothesis | None) -> str:
+        """Moses/Marian n-best: ``id ||| hypothesis ||| F0= log-prob ||| total score`` (the
+        total is the search's final score, length and coverage penalties included)."""
+        if h is None:  # an empty input line
+            return f"{index} |||  ||| F0= 0.0000 ||| 0.0000\n"
+        return f"{index} ||| {self.hyp_text(h)} ||| F0= {h.log_prob:.4f} ||| {h.score:.4f}\n"
 
     def jsonl(self, rec: Record) -> dict[str, Any]:
         if not rec.hyps:
@@ -370,12 +425,7 @@ def translate_file(
     output_units, alignment, errors, plot_attention, sampling, temperature, topk, topp, seed,
     decode_overrides, buffer_lines, engine).
     """
-    valid = {f.name for f in dataclasses.fields(Options)}
-    for key in options:
-        if key not in valid:
-            raise MtkitError(f"unknown translate option '{key}'")
-    opts = Options(**options)
-    check_options(opts)  # before loading any model
+    opts = make_options(options)  # checked before loading any model
     if output_format not in OUTPUT_FORMATS:
         raise MtkitError(f"unknown output format '{output_format}'; valid: {', '.join(OUTPUT_FORMATS)}")
     to_stdout = str(output_path) == "-"
@@ -397,12 +447,8 @@ def translate_file(
         dev = torch.device("cpu")
         tr = Translator([], engine.src_spm, engine.tgt_spm, engine.cfg, engine.max_src_len, dev)
     else:
-        dev = pick_device(device)
-        if opts.dtype not in DTYPES:  # before loading the checkpoints
-            raise MtkitError(f"unknown dtype '{opts.dtype}'; valid: {', '.join(DTYPES)}")
-        if opts.dtype == "float16" and dev.type == "cpu":
-            raise MtkitError("--dtype float16 needs a CUDA device; on a CPU use bfloat16")
-        tr = Translator.load(model_paths, dev, opts.dtype)
+        tr = Translator.load(model_paths, device, opts.dtype)
+        dev = tr.device
     cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
     search.check_config(cfg, sampling_options(opts, torch.device("cpu")))
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
@@ -415,7 +461,7 @@ def translate_file(
     if str(input_path) != "-":
         open_binary(input_path).close()  # a missing or unreadable input fails before any output exists
     skip = prepare_resume(Path(output_path), output_format) if resume else 0
-    stats = {"lines": 0, "translated": 0, "skipped": skip, "truncated": 0, "src_tokens": 0, "tgt_tokens": 0}
+    stats = {**new_stats(), "skipped": skip}
     start = time.monotonic()
     created = not to_stdout and not Path(output_path).exists()
     out = open_output(output_path, append=resume)
@@ -486,6 +532,21 @@ def _close_quietly(out: Any) -> None:
         pass
 
 
+def new_stats() -> dict[str, Any]:
+    return {"lines": 0, "translated": 0, "skipped": 0, "truncated": 0, "src_tokens": 0, "tgt_tokens": 0}
+
+
+def encode_source(line: str, lineno: int, tr: Translator, opts: Options, name: str, stats: dict[str, Any]) -> list[int]:
+    """One input line as source ids (empty for a blank line), truncated to the model's limit."""
+    ids = encode_line(line, lineno, tr, opts.input_format, name) if line.strip() else []
+    if tr.max_src_len is not None and len(ids) + 1 > tr.max_src_len:
+        logger.warning("%s line %d: %d tokens, truncated to the model limit of %d", name, lineno,
+                       len(ids), tr.max_src_len - 1)
+        ids = ids[: tr.max_src_len - 1]
+        stats["truncated"] += 1
+    return ids
+
+
 def _records(
     input_path: str | Path, skip: int, tr: Translator, cfg: DecodeConfig, opts: Options, decoder: Decoder,
     stats: dict[str, Any],
@@ -521,13 +582,7 @@ def _records(
                     break
                 continue
             lineno += 1
-            ids = encode_line(line, lineno, tr, opts.input_format, name) if line.strip() else []
-            if tr.max_src_len is not None and len(ids) + 1 > tr.max_src_len:
-                logger.warning("%s line %d: %d tokens, truncated to the model limit of %d", name, lineno,
-                               len(ids), tr.max_src_len - 1)
-                ids = ids[: tr.max_src_len - 1]
-                stats["truncated"] += 1
-            buffer.append((lineno - 1, ids))
+            buffer.append((lineno - 1, encode_source(line, lineno, tr, opts, name, stats)))
             if len(buffer) >= opts.buffer_lines:
                 break
         if not buffer:

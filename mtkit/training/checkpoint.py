@@ -14,6 +14,8 @@ File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, the
   rank's states, and ``world_size``), ``scaler``
 - ``metrics``: the latest validation {"loss", "ppl", "bleu", ...} at the time of saving
 - ``train_state``: trainer bookkeeping (best metric, bad-update count, elapsed time, ...)
+- ``provenance`` (optional; absent in checkpoints of mtkit before it was recorded): versions,
+  command line, machine, seed and data manifest hash of the run (:mod:`mtkit.provenance`)
 
 Writes go to ``<name>.tmp-<pid>`` in the same directory, are fsynced and renamed over the
 target, so an interrupted write never replaces the previous good checkpoint. The temp file of a

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtkit.config import Config, check_section
+from mtkit import provenance
+from mtkit.config import Config, check_section, dump_config
 from mtkit.data.batching import BatchIterator, collate_source, collate_target, fixed_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.errors import MtkitError
@@ -56,7 +57,7 @@ from mtkit.signals import Interrupted, stop_requests
 from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.training.loss import projected_nll
 from mtkit.training.schedule import Scheduler
-from mtkit.utils import progress_enabled, release_free_memory, rss_gib
+from mtkit.utils import atomic_write_text, progress_enabled, release_free_memory, rss_gib
 
 logger = logging.getLogger("mtkit.train")
 
@@ -73,6 +74,7 @@ class TrainData:
     valid: Any | None
     src_spm: SubwordModel
     tgt_spm: SubwordModel
+    data_dir: Path | None = None  # its manifest's hash goes into the provenance record
 
 
 def load_data(data_dir: str | Path) -> TrainData:
@@ -84,7 +86,7 @@ def load_data(data_dir: str | Path) -> TrainData:
     if "train" not in splits:
         raise MtkitError(f"{data_dir} has no train split (has: {', '.join(splits)})")
     valid = ParallelDataset(data_dir, "valid") if "valid" in splits else None
-    return TrainData(ParallelDataset(data_dir, "train"), valid, src_spm, tgt_spm)
+    return TrainData(ParallelDataset(data_dir, "train"), valid, src_spm, tgt_spm, Path(data_dir))
 
 
 def train(
@@ -202,6 +204,16 @@ def resolve_device(device: str | torch.device, local_rank: int | None = None) ->
     return torch.device(device)
 
 
+def tensorboard_writer_class() -> type:
+    """torch's TensorBoard ``SummaryWriter``; a one-line error when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MtkitError("train.tensorboard_dir is set but the tensorboard package is not installed "
+                         "(pip install tensorboard)") from None
+    return SummaryWriter
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Atomically make ``dst`` hold the bytes of ``src`` (a hard link where possible)."""
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
@@ -226,6 +238,10 @@ class Trainer:
     ):
         """``rank``/``world_size`` > 1 need the default process group joined (see :func:`train`)."""
         self.data, self.cfg, self.tc = data, cfg, cfg.train
+        self.provenance = provenance.collect(cfg.to_dict(), data.data_dir, world_size)
+        self.tensorboard: Any = None  # a SummaryWriter while rank 0 trains with train.tensorboard_dir
+        if cfg.train.tensorboard_dir:
+            tensorboard_writer_class()  # a missing package fails before any work
         self.save_dir = Path(save_dir)
         self.device = resolve_device(device)
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
@@ -547,6 +563,7 @@ class Trainer:
             "data_state": self.batches.state_dict(),
             "rng": rng,
             "metrics": dict(self.last_valid),
+            "provenance": self.provenance,
             "train_state": {
                 "best": self.best, "best_metric": self.best_metric_name, "stale": self.stale,
                 "bad_total": self.bad_total, "elapsed": self.elapsed,
@@ -646,9 +663,15 @@ class Trainer:
         return self.save_dir / "metrics.jsonl"
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        if self.is_main:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        """One event of ``metrics.jsonl``; also a TensorBoard scalar per number (``train/loss``, ...)."""
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("kind", "update") and isinstance(value, (int, float)) and value is not None:
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["update"])
 
     def truncate_metrics(self) -> None:
         """After a resume, drop events the interrupted run logged past the checkpoint."""
@@ -666,20 +689,32 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        tc = self.tc
+        """Train (resuming from ``checkpoint_last.pt`` with ``resume``); rank 0 keeps the run's
+        records in the save dir: ``train.log`` (appended) and the resolved ``config.yaml``."""
         last = self.save_dir / LAST
         found = self._agree(last.exists())  # rank 0's view: a save dir must be shared by all nodes
-        if resume and found:
-            self.restore(last)
-            self.truncate_metrics()
-        elif resume:
-            self._warn("nothing to resume in %s: starting from scratch", self.save_dir)
-        elif found:
+        if found and not resume:
             raise MtkitError(f"{self.save_dir} already holds checkpoints: pass --resume to continue, or use another --save-dir")
+        records = contextlib.ExitStack()
         if self.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            if not found and self.metrics_path.exists():  # events of a run that never saved
-                self.metrics_path.unlink()
+            records.enter_context(provenance.run_log(self.save_dir / "train.log", self.provenance, "mtkit train"))
+            if self.tc.tensorboard_dir:
+                self.tensorboard = records.enter_context(tensorboard_writer_class()(self.tc.tensorboard_dir))
+        with records:
+            if found:
+                self.restore(last)
+                self.truncate_metrics()
+            elif resume:
+                self._warn("nothing to resume in %s: starting from scratch", self.save_dir)
+            if self.is_main:
+                if not found and self.metrics_path.exists():  # events of a run that never saved
+                    self.metrics_path.unlink()
+                atomic_write_text(self.save_dir / "config.yaml", dump_config(self.cfg))
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
+        tc = self.tc
         ranks = ""
         if self.distributed:
             ranks = (f"; {self.world_size} ranks, an update takes up to {self.world_size} x {tc.update_freq} x "
