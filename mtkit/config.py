@@ -164,7 +164,7 @@ class TrainConfig(Section):
     max_epochs: int = number(0, low=0)  # 0 = no limit
     max_time_minutes: float = number(0.0, low=0)  # wall-clock budget, 0 = no limit
     optimizer: str = choice("adam", *OPTIMIZERS)
-    lr: float = number(5e-4, low=0, low_open=True)
+    lr: float = number(5e-4, low=0)  # 0 keeps the weights (a frozen run)
     adam_betas: list[float] = number(factory=lambda: [0.9, 0.98], low=0, high=1, high_open=True, length=2)
     adam_eps: float = number(1e-9, low=0, low_open=True)
     weight_decay: float = number(0.0, low=0)

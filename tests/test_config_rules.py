@@ -167,7 +167,7 @@ def test_did_you_mean_for_choices(tmp_path):
 def test_lr_minus_one_is_one_line_not_a_traceback(tmp_path):
     res = cli(["-q", "train", tmp_path, "-c", "transformer_tiny", "--save-dir", tmp_path / "s", "--set", "train.lr=-1"])
     assert res.exit_code == 1
-    assert error_line(res.stderr, res.exit_code, "train.lr", "-1", "> 0")
+    assert error_line(res.stderr, res.exit_code, "train.lr", "-1", ">= 0")
     assert not (tmp_path / "s").exists()
 
 

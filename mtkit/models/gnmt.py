@@ -63,7 +63,7 @@ class Config(ModelConfig):
     # 1-based layer from which residual connections start (layer 2 changes the encoder's width)
     residual_start: int = number(3, low=3)
     attn_dim: int = number(0, low=0)  # hidden units of the additive attention; 0 = hidden_dim
-    dropout: float = number(0.2, low=0, high=1, high_open=True)  # embeddings, each layer's input, output layer
+    dropout: float = number(0.2, low=0, high=1)  # embeddings, each layer's input, output layer
     init_scale: float = number(0.0, low=0)  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
     forget_bias: float = number(1.0)  # initial LSTM forget-gate bias
     tie_embeddings: bool = False  # output layer = target embedding (= source too, joint vocabulary)

@@ -247,7 +247,7 @@ class Config(ModelConfig):
     hidden_dim: int = number(256, low=1)
     layers: int = number(2, low=1)  # encoder and decoder depth (the encoder's final states seed the decoder)
     reverse_source: bool = True  # feed the source backwards (the paper's key trick)
-    dropout: float = number(0.2, low=0, high=1, high_open=True)  # on embeddings, between layers, before the output layer
+    dropout: float = number(0.2, low=0, high=1)  # on embeddings, between layers, before the output layer
     init_scale: float = number(0.0, low=0)  # uniform(-s, s) init of every weight (paper: 0.08); 0 = torch defaults
     tie_embeddings: bool = False  # share decoder input embedding and output projection
     forget_bias: float = number(1.0)  # initial LSTM forget-gate bias

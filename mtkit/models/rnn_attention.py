@@ -71,7 +71,7 @@ class Config(ModelConfig):
     input_feed: bool = True  # Luong decoder: feed h~_{t-1} to the bottom layer
     attn_dim: int = number(0, low=0)  # hidden units of the bahdanau/concat score; 0 = hidden_dim
     readout_dim: int = number(0, low=0)  # Bahdanau maxout readout size; 0 = embed_dim
-    dropout: float = number(0.2, low=0, high=1, high_open=True)
+    dropout: float = number(0.2, low=0, high=1)
     init_scale: float = number(0.0, low=0)  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
     forget_bias: float = number(1.0)  # initial LSTM forget-gate bias
     tie_embeddings: bool = False  # output layer = target embedding (= source too, joint vocabulary)

@@ -35,9 +35,9 @@ class Config(ModelConfig):
     encoder_layers: int = number(6, low=0)  # 0: the decoder reads the source embeddings
     decoder_layers: int = number(6, low=1)
     ffn_dim: int = number(2048, low=1)
-    dropout: float = number(0.1, low=0, high=1, high_open=True)  # on embeddings and every residual branch
-    attention_dropout: float = number(0.0, low=0, high=1, high_open=True)  # on attention weights
-    activation_dropout: float = number(0.0, low=0, high=1, high_open=True)  # inside the feed-forward block
+    dropout: float = number(0.1, low=0, high=1)  # on embeddings and every residual branch
+    attention_dropout: float = number(0.0, low=0, high=1)  # on attention weights
+    activation_dropout: float = number(0.0, low=0, high=1)  # inside the feed-forward block
     activation: str = choice("relu", *ACTIVATION_NAMES)
     pre_norm: bool = False  # LayerNorm before each block (plus a final one) instead of after
     positions: str = choice("sinusoidal", *POSITIONS)
