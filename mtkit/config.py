@@ -474,15 +474,19 @@ def dump_config(cfg: Config) -> str:
 
 
 def preset_descriptions() -> dict[str, str]:
-    """Each built-in preset's one-line description: the first comment line of its file."""
+    """Each built-in preset's description: the first sentence of its leading comment, whole."""
     out = {}
     for name in preset_names():
-        first = ""
+        words: list[str] = []
         for line in (PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
-            if line.startswith("#"):
-                first = line.lstrip("#").strip()
+            if not line.startswith("#"):
                 break
-        out[name] = first
+            words += line.lstrip("#").split()
+        text = " ".join(words)
+        end = text.find(". ")  # the first sentence (an abbreviation such as "et al." may end it early)
+        while end != -1 and text[: end + 1].endswith(("al.", "e.g.", "i.e.")):
+            end = text.find(". ", end + 1)
+        out[name] = text if end == -1 else text[: end + 1]
     return out
 
 
