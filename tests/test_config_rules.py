@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 
 import pytest
@@ -21,7 +22,6 @@ from mtkit.config import (
     SECTIONS,
     STOPPING,
     TIME_DECAYS,
-    DecodeConfig,
     field_rule,
     load_raw_config,
     model_config_class,
@@ -78,7 +78,7 @@ def bad_values(cls: type, name: str) -> list[tuple[str, str]]:
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     tp, rule = typing.get_type_hints(cls)[name], field_rule(f)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if typing.get_origin(tp) in (typing.Union, __import__("types").UnionType) else tp
+    base = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
     is_list = typing.get_origin(base) is list
     item = typing.get_args(base)[0] if is_list else base
     wrap = (lambda v: f"[{v}, {v}]") if is_list else (lambda v: v)
@@ -205,4 +205,3 @@ def test_nan_never_passes_even_without_bounds():
 
     with pytest.raises(MtkitError, match="model.forget_bias"):
         config_from_dict({"model": {"arch": "lstm", "forget_bias": math.nan}})
-    assert DecodeConfig().beam >= 1
