@@ -78,7 +78,8 @@ VARIANTS = [
     ("bahdanau_tiny", {"tie_embeddings": True, "embed_dim": 24, "readout_dim": 24}),
     ("bahdanau_gru_tiny", {"decoder_layers": 2}),
     ("gnmt_tiny", {"tie_embeddings": True, "decoder_layers": 4}),
-    ("gnmt_gru_tiny", {"decoder_layers": 4}),
+    ("gnmt_tiny", {"bridge": True, "encoder_layers": 1}),
+    ("gnmt_gru_tiny", {"decoder_layers": 4, "bridge": True}),
 ]
 
 
@@ -162,8 +163,8 @@ def test_gnmt_residual_path_is_never_dropped():
     shallow.train()
     src, src_len, _ = batch([6, 3], [1, 1])
     with torch.no_grad():
-        memory = deep.encoder(src, src_len)
-        torch.testing.assert_close(memory, shallow.encoder(src, src_len))
+        memory, _ = deep.encoder(src, src_len)
+        torch.testing.assert_close(memory, shallow.encoder(src, src_len)[0])
     assert memory[0, :6].abs().min() > 0  # the second layer's output, carried by the residual
 
 
@@ -365,6 +366,30 @@ def test_encoder_hidden_dim_sizes_the_encoder_alone():
         assert model(src, src_len, tgt).shape == (2, tgt.size(1), V)
 
 
+@pytest.mark.parametrize("preset", ["gnmt_tiny", "gnmt_gru_tiny"])
+def test_gnmt_bridge_seeds_every_decoder_layer_from_the_top_encoder_layer(preset):
+    model, _ = make_model(preset, bridge=True)
+    src, src_len, _ = batch([7, 3, 5], [6, 2, 4])
+    enc = model.encode(src, src_len)
+    state = model.init_state(enc)
+    top = model.encoder.layers[-1]
+    x = model.encoder.embed(src)
+    for layer, residual in zip(model.encoder.layers, model.encoder.residual):  # eval: no dropout
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, src_len, batch_first=True, enforce_sorted=False)
+        out, final = layer(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=src.size(1))
+        x = out + x if residual else out
+    assert layer is top
+    h_last = (final[0] if isinstance(final, tuple) else final)[-1]  # (B, H), each row's own last position
+    expected = torch.tanh(model.bridge.h(h_last))
+    for i in range(len(model.decoder.cells)):
+        torch.testing.assert_close(state["h"][:, i], expected)
+    assert state["h"].abs().sum() > 0
+    zero, _ = make_model(preset, bridge=False)
+    assert zero.init_state(zero.encode(src, src_len))["h"].abs().sum() == 0
+    assert not hasattr(zero, "bridge")
+
+
 def test_gnmt_structure():
     model, cfg = make_model("gnmt_tiny", encoder_layers=4, decoder_layers=4)
     enc, dec = model.encoder, model.decoder
@@ -390,7 +415,7 @@ def test_gnmt_residual_layer_adds_its_input():
         third.bias_ih_l0[3 * H :] = -1e4  # output gate closed: h = 0
     src, src_len, _ = batch([6, 3], [1, 1])
     with torch.no_grad():
-        torch.testing.assert_close(deep.encoder(src, src_len), shallow.encoder(src, src_len))
+        torch.testing.assert_close(deep.encoder(src, src_len)[0], shallow.encoder(src, src_len)[0])
 
 
 def test_bidirectional_encoders_see_the_whole_source():

@@ -8,7 +8,10 @@ layers run over one packed sequence, so padding never enters.
 Decoder: a stack of LSTM (or GRU) cells. The bottom layer reads the previous word and the
 previous context; its output queries an additive attention over the encoder output, and the
 new context ``a_i`` is concatenated to the input of every layer above; residual connections
-as in the encoder. The top layer's output predicts the word. Decoder states start at zero.
+as in the encoder. The top layer's output predicts the word. Decoder states start at zero,
+or with ``bridge`` from the top encoder layer's final state through a small bridge
+(``h = tanh(W_h s)``, ``c = W_c s``, every decoder layer), as the reference GNMT implementation
+passes the encoder state on.
 (The paper queries with the bottom layer's output of the previous step; querying with the
 current one, as the reference GNMT implementation's "new attention" does, learns faster and
 gives the same structure: the bottom layer attends, every layer receives the context.)
@@ -50,6 +53,7 @@ from mtkit.models.lstm import (
     run_cell,
     tie_embeddings,
 )
+from mtkit.models.rnn_attention import Bridge
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Config(ModelConfig):
     init_scale: float = number(0.0, low=0)  # uniform(-s, s) init of every weight (papers: 0.1); 0 = torch defaults
     forget_bias: float = number(1.0)  # initial LSTM forget-gate bias
     tie_embeddings: bool = False  # output layer = target embedding (= source too, joint vocabulary)
+    bridge: bool = False  # decoder states start from the top encoder layer's final state (else zero)
 
     def check(self, section: str) -> None:
         if self.tie_embeddings and self.hidden_dim != self.embed_dim:
@@ -97,14 +102,18 @@ class GNMTEncoder(nn.Module):
         self.residual = residual_layers(cfg.encoder_layers, cfg.residual_start)
         self.out_dim = h if cfg.encoder_layers > 1 else 2 * h
 
-    def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """-> memory (B, S, Hm), zero on padding, and the top layer's final state
+        {"h": (B, 1, H)[, "c": ...]} (both directions concatenated with a single layer)."""
         x = self.embed(src)  # (B, S, E)
         packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
         for layer, residual in zip(self.layers, self.residual):
-            out, _ = layer(packed._replace(data=self.dropout(packed.data)))  # .data is (tokens, H)
+            out, final = layer(packed._replace(data=self.dropout(packed.data)))  # .data is (tokens, H)
             packed = out._replace(data=out.data + packed.data) if residual else out
         memory, _ = pad_packed_sequence(packed, batch_first=True, total_length=src.size(1))
-        return memory  # (B, S, Hm), zero on padding
+        finals = final if isinstance(final, tuple) else (final,)  # each (directions, B, H), batch order kept
+        last = {name: t.transpose(0, 1).reshape(t.size(1), 1, -1) for name, t in zip(("h", "c"), finals)}
+        return memory, last
 
 
 class GNMTDecoder(nn.Module):
@@ -122,8 +131,11 @@ class GNMTDecoder(nn.Module):
 
     def init_state(self, enc: State) -> State:
         memory = enc["memory"]
-        zeros = memory.new_zeros(memory.size(0), len(self.cells), self.hidden)  # (B, L, H)
-        state = {"h": zeros, "c": zeros.clone()} if self.has_cell_state else {"h": zeros}
+        if "init_h" in enc:  # from the bridge: (B, L, H)
+            state = {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+        else:
+            zeros = memory.new_zeros(memory.size(0), len(self.cells), self.hidden)  # (B, L, H)
+            state = {"h": zeros, "c": zeros.clone()} if self.has_cell_state else {"h": zeros}
         state["ctx"] = memory.new_zeros(memory.size(0), memory.size(2))  # previous context (B, Hm)
         return state
 
@@ -186,6 +198,8 @@ class GNMT(AttentionalRNN):
         super().__init__(cfg, src_vocab_size, tgt_vocab_size, pad_id)
         self.encoder = GNMTEncoder(cfg, src_vocab_size, pad_id)
         self.decoder = GNMTDecoder(cfg, self.encoder.out_dim)
+        if cfg.bridge:
+            self.bridge = Bridge(self.encoder.out_dim, cfg.hidden_dim, cfg.decoder_layers, has_cell=cfg.cell == "lstm")
         self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(cfg.dropout)
         self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
@@ -199,10 +213,13 @@ class GNMT(AttentionalRNN):
 
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
         src_len = src_len.to(src.device)
-        memory = self.encoder(src, src_len)
-        return {
+        memory, final = self.encoder(src, src_len)
+        enc = {
             "memory": memory,  # (B, S, Hm)
             "keys": self.decoder.attention.precompute(memory),  # (B, S, A)
             "mask": padding_mask(src_len, src.size(1)),  # (B, S)
             "src_len": src_len,
         }
+        if self.cfg.bridge:
+            enc.update(self.bridge(final))  # init_h / init_c: (B, L, H)
+        return enc
