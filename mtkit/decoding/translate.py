@@ -321,12 +321,13 @@ class Decoder:
                 raise
             if len(seqs) == 1:
                 raise MtkitError(f"out of memory decoding a single sentence of {len(seqs[0])} tokens on {tr.device}") from None
-            if tr.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.oom_splits += 1
-            half = len(seqs) // 2
-            logger.warning("out of memory on a batch of %d sentences; retrying in halves", len(seqs))
-            return self(seqs[:half]) + self(seqs[half:])
+        # retried outside the except block: its traceback would keep the failed attempt's tensors alive
+        if tr.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.oom_splits += 1
+        half = len(seqs) // 2
+        logger.warning("out of memory on a batch of %d sentences; retrying in halves", len(seqs))
+        return self(seqs[:half]) + self(seqs[half:])
 
 
 # ---------------------------------------------------------------------------------------------
