@@ -175,7 +175,7 @@ class TrainConfig(Section):
     noam_factor: float = number(2.0, low=0, low_open=True)  # noam: lr = factor * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)
     clip_norm: float = number(0.0, low=0)  # 0 = no clipping
     label_smoothing: float = number(0.1, low=0, high=1, high_open=True)
-    amp: str = choice("auto", *AMP_MODES)  # auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16 (fp16: CUDA only)
+    amp: str = choice("auto", *AMP_MODES)  # auto (bf16 on CUDA, none on CPU) | none | bf16 (CPU: float32 without bf16 instructions) | fp16 (CUDA only)
     num_threads: int = number(0, low=0)  # torch intra-op threads on CPU, 0 = torch default
     # CPU: when the process RSS exceeds this many GiB between updates, hand the allocator's free
     # memory back to the OS (glibc malloc_trim; caps heap fragmentation, costs page faults); 0 = never

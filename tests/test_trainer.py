@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import types
 from pathlib import Path
@@ -449,7 +450,8 @@ def test_cli_train_on_preprocessed_dir(tmp_path, monkeypatch):
     assert res.exit_code == 1 and "data directory not found" in res.stderr
 
 
-def test_bf16_autocast_on_cpu_and_fp16_refused(spm, tmp_path):
+def test_bf16_autocast_on_cpu_and_fp16_refused(spm, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: True)
     t = T.Trainer(data(spm), tiny_cfg("train.max_updates=2", "train.amp=bf16"), tmp_path / "a", device="cpu")
     assert t.autocast_dtype == torch.bfloat16
     s = t.fit()
@@ -458,6 +460,31 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(spm, tmp_path):
     assert T.Trainer(data(spm), tiny_cfg(), tmp_path / "b", device="cpu").autocast_dtype is None  # auto: fp32 on CPU
     with pytest.raises(MtkitError, match="fp16"):
         T.Trainer(data(spm), tiny_cfg("train.amp=fp16"), tmp_path / "c", device="cpu")
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_float32(spm, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: several times slower
+    with caplog.at_level(logging.WARNING, logger="mtkit.train"):
+        t = T.Trainer(data(spm), tiny_cfg("train.max_updates=1", "train.amp=bf16"), tmp_path, device="cpu")
+    assert t.autocast_dtype is None
+    assert any("no bf16 matmul instructions" in r.getMessage() and "float32" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_has_native_bf16_reads_torch_or_the_cpu_flags(monkeypatch, tmp_path):
+    from mtkit import provenance, utils
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert utils.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not utils.cpu_has_native_bf16()
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older torch: the CPU flags decide
+    real_cpu_info, info = provenance.cpu_info, tmp_path / "cpuinfo"
+    monkeypatch.setattr(provenance, "cpu_info", lambda: real_cpu_info(info))
+    for flags, native in (("fpu avx2 avx512f", False), ("fpu avx2 avx512f avx512_bf16", True), ("amx_bf16", True)):
+        info.write_text(f"model name\t: Some CPU\nflags\t\t: {flags}\n")
+        assert utils.cpu_has_native_bf16() == native, flags
 
 
 def test_trim_memory_releases_free_memory_above_the_limit(spm, tmp_path, monkeypatch):

@@ -57,7 +57,13 @@ from mtkit.signals import Interrupted, stop_requests
 from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.training.loss import projected_nll
 from mtkit.training.schedule import Scheduler
-from mtkit.utils import atomic_write_text, progress_enabled, release_free_memory, rss_gib
+from mtkit.utils import (
+    atomic_write_text,
+    cpu_has_native_bf16,
+    progress_enabled,
+    release_free_memory,
+    rss_gib,
+)
 
 logger = logging.getLogger("mtkit.train")
 
@@ -362,6 +368,10 @@ class Trainer:
         if self.device.type == "cpu":  # opt-in: bf16 matmuls are ~2x faster on CPUs with AVX512-BF16/AMX
             if amp == "fp16":
                 raise MtkitError("train.amp fp16 needs a CUDA device (on a CPU use bf16 or none)")
+            if not cpu_has_native_bf16():  # emulated bf16 is ~9x slower per matmul than float32
+                logger.warning("train.amp bf16: this CPU has no bf16 matmul instructions (AVX512-BF16 or AMX), "
+                               "where bf16 is several times slower than float32; training in float32")
+                return None
             return torch.bfloat16
         if amp == "auto":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
