@@ -108,6 +108,36 @@ def test_overrides_and_the_smoke_variant(tmp_path):
         load_recipe(path, ["train.lrr=1"])
 
 
+def test_every_preset_declares_its_smoke_preset():
+    from mtkit.config import PRESET_DIR, load_raw_config
+    from mtkit.models import MODELS
+    from mtkit.recipes.smoke import FAMILY_SMOKE_PRESETS, SMOKE_PRESETS
+
+    def arch(preset: str) -> str:
+        return (load_raw_config(preset).get("model") or {}).get("arch", "transformer")
+
+    presets = {p.stem for p in PRESET_DIR.glob("*.yaml")}
+    assert set(SMOKE_PRESETS) == presets  # a new preset names its small counterpart here
+    for full, small in SMOKE_PRESETS.items():
+        assert small in presets and arch(small) == arch(full), full
+        assert SMOKE_PRESETS[small] == small  # a small preset runs as itself
+    assert set(FAMILY_SMOKE_PRESETS) == set(MODELS)
+    assert all(arch(small) == family for family, small in FAMILY_SMOKE_PRESETS.items())
+
+
+def test_the_smoke_preset_comes_from_the_table_the_family_or_the_recipe(tmp_path):
+    def smoke_preset_of(**changes) -> str:
+        return load_recipe(_write(tmp_path, dict(MINIMAL, **changes)), smoke=True).raw["preset"]
+
+    assert smoke_preset_of(preset="bahdanau2015") == "bahdanau_tiny"
+    assert smoke_preset_of(preset="luong_local_p_tiny") == "luong_local_p_tiny"
+    own = tmp_path / "own.yaml"  # a preset file of one's own: its family's small preset
+    own.write_text(yaml.safe_dump({"model": {"arch": "gnmt"}}))
+    assert smoke_preset_of(preset=str(own)) == "gnmt_tiny"
+    assert smoke_preset_of(preset=None, model={"arch": "rnn_attention"}) == "bahdanau_tiny"
+    assert smoke_preset_of(smoke={"preset": "transformer_small"}) == "transformer_small"
+
+
 def test_parse_stages():
     assert parse_stages(None) == list(STAGES)
     assert parse_stages(["score,train"]) == ["train", "score"]
