@@ -218,7 +218,7 @@ class DecodeConfig(Section):
     max_tokens: int = number(4000, low=1)
 
 
-# --- the recipe's own sections (mtkit/recipes.py), beside the config's --------------------------
+# --- the recipe's own sections (mtkit/recipes/schema.py), beside the config's --------------------------
 # sacrebleu's BLEU tokenizers (a test holds this list equal to sacrebleu's own)
 BLEU_TOKENIZERS = ("none", "zh", "13a", "intl", "char", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200", "spBLEU-1K")
 

@@ -4,21 +4,21 @@ The report lists the test-set scores with their sacrebleu signatures, then sets 
 number beside our output scored with the same metric (``reproduces.metric``: e.g. tokenized
 BLEU with compound splitting, computed on our detokenized output and the raw reference), with
 the difference, and beside our sacreBLEU; every figure carries its signature.
+
+It takes plain data (a :class:`RecipeRun` and the scores), which the recipe runner gathers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mtkit.errors import MtkitError
 from mtkit.utils import atomic_write_text
-
-if TYPE_CHECKING:
-    from mtkit.recipes import RunContext
 
 logger = logging.getLogger("mtkit.report")
 
@@ -87,19 +87,6 @@ def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") 
     return out_png
 
 
-def count_parameters(checkpoint: str | Path) -> int | None:
-    """Number of model parameters in a checkpoint (``None`` if it cannot be read)."""
-    from mtkit.models.base import num_parameters
-    from mtkit.training.checkpoint import load_model
-
-    try:
-        model = load_model(checkpoint)[0]
-    except (MtkitError, OSError, RuntimeError) as exc:
-        logger.warning("could not count parameters of %s: %s", checkpoint, exc)
-        return None
-    return num_parameters(model)
-
-
 def _bleu(scores: list[dict[str, Any]]) -> dict[str, Any] | None:
     for s in scores:
         if str(s.get("name", "")).lower().startswith("bleu"):
@@ -134,53 +121,55 @@ def compare(reference: dict[str, Any], tests: dict[str, dict[str, Any]]) -> dict
     }
 
 
+@dataclasses.dataclass
+class RecipeRun:
+    """A finished recipe run as plain data: what the report needs besides the scores."""
+
+    recipe: str  # the recipe's name
+    recipe_file: str
+    smoke: bool
+    src_lang: str
+    tgt_lang: str
+    reproduces: dict[str, Any]  # the recipe's published number (its ``reproduces`` mapping)
+    see_also: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    test_lines: dict[str, int] = dataclasses.field(default_factory=dict)  # pairs in each test set
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)  # the train stage's summary
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # arch, preset, parameters, checkpoint, averaged_from
+    decode: dict[str, Any] = dataclasses.field(default_factory=dict)  # beam, length_penalty, alpha
+    stage_seconds: dict[str, Any] = dataclasses.field(default_factory=dict)  # finished stages, in order
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+TRAINING_KEYS = ("updates", "epochs", "train_seconds", "best_checkpoint", "last_checkpoint", "metrics_file")
+
+
 def build_results(
-    ctx: RunContext,
+    run: RecipeRun,
     scores: dict[str, list[dict[str, Any]]],
     metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """``results.json``'s content; ``metric_scores``: per test set, our BLEU by each published metric."""
-    from mtkit.provenance import manifest_info
-    from mtkit.recipes import STAGES, Markers
-
-    r = ctx.recipe
     tests = {}
     for name, result in scores.items():
         b = _bleu(result) or {}
         tests[name] = {"bleu": b.get("score"), "signature": b.get("signature"), "scores": result,
                        "metrics": (metric_scores or {}).get(name, {}),
-                       "lines": (ctx.outputs.get("prepare") or {}).get("lines", {}).get(name)}
-    train = ctx.outputs.get("train") or {}
-    translate = ctx.outputs.get("translate") or {}
-    ckpt = translate.get("checkpoint")
-    markers = Markers(ctx.workdir)
-    stage_seconds = {}
-    for stage in STAGES:
-        m = markers.read(stage)
-        if m and m.get("status") == "done":
-            stage_seconds[stage] = m.get("seconds")
+                       "lines": run.test_lines.get(name)}
     return {
-        "recipe": r.name,
-        "recipe_file": str(r.path),
-        "smoke": r.smoke,
-        "src_lang": r.src_lang,
-        "tgt_lang": r.tgt_lang,
+        "recipe": run.recipe,
+        "recipe_file": run.recipe_file,
+        "smoke": run.smoke,
+        "src_lang": run.src_lang,
+        "tgt_lang": run.tgt_lang,
         "tests": tests,
-        "reproduces": compare(r.raw["reproduces"], tests),
-        "see_also": [compare(x, tests) for x in r.raw.get("see_also") or []],
-        "training": {k: train.get(k) for k in
-                     ("updates", "epochs", "train_seconds", "best_checkpoint", "last_checkpoint", "metrics_file")},
-        "model": {
-            "arch": r.config.model.arch,
-            "preset": r.raw.get("preset"),
-            "parameters": count_parameters(ckpt) if ckpt else None,
-            "checkpoint": ckpt,
-            "averaged_from": (ctx.outputs.get("average") or {}).get("from"),
-        },
-        "decode": {k: getattr(r.config.decode, k) for k in ("beam", "length_penalty", "alpha")},
-        "stage_seconds": stage_seconds,
-        "total_seconds": round(sum(v for v in stage_seconds.values() if _finite(v)), 1),
-        "provenance": {**ctx.provenance, "data": manifest_info(ctx.data_path)},
+        "reproduces": compare(run.reproduces, tests),
+        "see_also": [compare(x, tests) for x in run.see_also],
+        "training": {k: run.training.get(k) for k in TRAINING_KEYS},
+        "model": {k: run.model.get(k) for k in ("arch", "preset", "parameters", "checkpoint", "averaged_from")},
+        "decode": dict(run.decode),
+        "stage_seconds": dict(run.stage_seconds),
+        "total_seconds": round(sum(v for v in run.stage_seconds.values() if _finite(v)), 1),
+        "provenance": run.provenance,
     }
 
 
@@ -193,6 +182,7 @@ def _fmt(x: Any, nd: int = 2) -> str:
 
 
 def render_markdown(res: dict[str, Any]) -> str:
+    """``report.md``'s text from ``results.json``'s content (:func:`build_results`)."""
     rep = res["reproduces"]
     lines = [
         f"# {res['recipe']}{' (smoke run: tiny model, not a real result)' if res['smoke'] else ''}",
@@ -240,25 +230,35 @@ def render_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(
-    ctx: RunContext,
-    scores: dict[str, list[dict[str, Any]]],
-    metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
-) -> dict[str, Any]:
-    """Write results.json, report.md and training_curves.png into the work dir (see :func:`build_results`)."""
-    res = build_results(ctx, scores, metric_scores)
-    metrics = res["training"].get("metrics_file") or ctx.save_dir / "metrics.jsonl"
+def _draw_curves(metrics_file: str | Path | None, workdir: Path, title: str) -> Path | None:
+    if metrics_file is None:
+        logger.warning("no training-curve PNG: the run names no metrics file")
+        return None
     try:
-        png: Path | None = plot_curves(metrics, ctx.workdir / "training_curves.png", title=ctx.recipe.name)
+        return plot_curves(metrics_file, workdir / "training_curves.png", title=title)
     except MtkitError as exc:
         logger.warning("no training-curve PNG: %s", exc)
-        png = None
+        return None
+
+
+def write_report(
+    run: RecipeRun,
+    workdir: str | Path,
+    scores: dict[str, list[dict[str, Any]]],
+    metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
+    metrics_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write results.json, report.md and training_curves.png into ``workdir`` (see
+    :func:`build_results`); the curves come from ``metrics_file``, by default the training summary's."""
+    workdir = Path(workdir)
+    res = build_results(run, scores, metric_scores)
+    png = _draw_curves(metrics_file or res["training"].get("metrics_file"), workdir, run.recipe)
     res["curves"] = str(png) if png else None
-    results = atomic_write_text(ctx.workdir / "results.json", json.dumps(res, indent=1, default=str) + "\n")
-    report = atomic_write_text(ctx.workdir / "report.md", render_markdown(res))
+    results = atomic_write_text(workdir / "results.json", json.dumps(res, indent=1, default=str) + "\n")
+    report = atomic_write_text(workdir / "report.md", render_markdown(res))
     rep = res["reproduces"]
     logger.info(
-        "%s: %s %s on %s (paper: %s), %s %s", ctx.recipe.name, rep["metric"], _fmt(rep["ours"]), rep["test_set"],
+        "%s: %s %s on %s (paper: %s), %s %s", run.recipe, rep["metric"], _fmt(rep["ours"]), rep["test_set"],
         _fmt(rep.get("value")), OUR_METRIC, _fmt(rep.get("sacrebleu")),
     )
     return {"results": str(results), "report": str(report), "curves": res["curves"],

@@ -28,7 +28,8 @@ from mtkit.config import (
     preset_names,
 )
 from mtkit.models import MODELS
-from mtkit.recipes import _config_raw, recipe_paths
+from mtkit.recipes.load import recipe_paths
+from mtkit.recipes.schema import config_raw
 from tests.helpers import cli, error_line
 
 RECIPES = recipe_paths()
@@ -136,7 +137,7 @@ def test_every_key_of_every_recipe_refuses_bad_values(recipe):
     from mtkit.config import read_yaml
 
     raw = read_yaml(recipe)
-    cases = config_cases(_config_raw(raw))
+    cases = config_cases(config_raw(raw))
     for section, cls in RECIPE_SECTIONS.items():
         cases += [(section, f.name, text) for f in dataclasses.fields(cls) for _, text in bad_values(cls, f.name)]
     for section, key, text in cases:

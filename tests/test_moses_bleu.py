@@ -212,7 +212,7 @@ def test_cli_refuses_unclear_options_in_one_line(files):
 
 
 def test_sacremoses_is_imported_only_when_asked_for():
-    code = "import sys, mtkit.cli, mtkit.scoring, mtkit.recipes, mtkit.report; print('sacremoses' in sys.modules)"
+    code = "import sys, mtkit.cli, mtkit.scoring, mtkit.recipes.runner, mtkit.report; print('sacremoses' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"
 
@@ -269,20 +269,22 @@ def test_multi30k_lines_agree_with_sacremoses_and_sacrebleu(tmp_path):
 
 def test_recipe_report_scores_our_output_with_the_papers_metric(tmp_path, monkeypatch):
     """The score stage of the WMT14 En-De recipe on a made-up output: no training needed."""
-    from mtkit import recipes
+    from mtkit.recipes.context import RunContext
+    from mtkit.recipes.load import load_recipe, recipe_paths
+    from mtkit.recipes.stages import stage_score
 
     monkeypatch.setenv("MTKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MTKIT_OFFLINE", "1")
-    path = recipes.recipe_paths()[0].parent / "wmt14_en_de_transformer_base.yaml"
-    recipe = recipes.load_recipe(path)
+    path = recipe_paths()[0].parent / "wmt14_en_de_transformer_base.yaml"
+    recipe = load_recipe(path)
     assert recipe.raw["reproduces"]["metric"] == "tokenized BLEU, compound-split"
-    ctx = recipes.RunContext(recipe, tmp_path / "work")
+    ctx = RunContext(recipe, tmp_path / "work")
     ctx.raw_dir.mkdir(parents=True)
     ctx.hyp_dir.mkdir(parents=True)
     (ctx.raw_dir / "newstest2014.de").write_text("".join(r + "\n" for r in REFS), encoding="utf-8")
     (ctx.hyp_dir / "newstest2014.de").write_text("".join(h + "\n" for h in HYPS), encoding="utf-8")
 
-    out = recipes.stage_score(ctx, resume=False)
+    out = stage_score(ctx, resume=False)
     res = json.loads(Path(out["results"]).read_text())
     rep = res["reproduces"]
     (cs,) = score_systems([("h", HYPS)], [REFS], tokenize="moses", split_compounds=True, lang="de", width=2)

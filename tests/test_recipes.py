@@ -12,10 +12,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mtkit import recipes
 from mtkit.cli import main
 from mtkit.errors import MtkitError
-from mtkit.recipes import STAGES, check_recipe, load_recipe, parse_stages, recipe_paths, run_recipe
+from mtkit.recipes import schema, stages, toy
+from mtkit.recipes.context import STAGES
+from mtkit.recipes.load import check_recipe, load_recipe, recipe_paths
+from mtkit.recipes.runner import parse_stages, run_recipe
+from mtkit.recipes.smoke import SMOKE_PREPROCESS, SMOKE_TRAIN
 
 RECIPES = recipe_paths()
 MINIMAL = {
@@ -57,7 +60,7 @@ def test_every_recipe_passes_check(path):
     assert info["ok"] and info["tests"]
     raw = yaml.safe_load(path.read_text())
     for rep in [raw["reproduces"], *(raw.get("see_also") or [])]:
-        assert rep["metric"] in recipes.METRICS, path.name
+        assert rep["metric"] in schema.METRICS, path.name
     # every top-level key carries a comment on its line or the line of its first child
     lines = path.read_text().splitlines()
     for key in raw:
@@ -98,11 +101,41 @@ def test_overrides_and_the_smoke_variant(tmp_path):
     assert smoke.raw["preset"] == "transformer_tiny"
     assert smoke.config.model.d_model == 32  # sizes from the tiny preset
     assert smoke.config.model.activation == "gelu"  # choices kept from the recipe
-    assert smoke.config.train.max_updates == recipes.SMOKE_TRAIN["max_updates"]
+    assert smoke.config.train.max_updates == SMOKE_TRAIN["max_updates"]
     assert smoke.raw["average"] == {"last": 4}  # --set wins over the smoke defaults
-    assert smoke.raw["preprocess"]["vocab_size"] == recipes.SMOKE_PREPROCESS["vocab_size"]
+    assert smoke.raw["preprocess"]["vocab_size"] == SMOKE_PREPROCESS["vocab_size"]
     with pytest.raises(MtkitError, match="did you mean 'train.lr'"):
         load_recipe(path, ["train.lrr=1"])
+
+
+def test_every_preset_declares_its_smoke_preset():
+    from mtkit.config import PRESET_DIR, load_raw_config
+    from mtkit.models import MODELS
+    from mtkit.recipes.smoke import FAMILY_SMOKE_PRESETS, SMOKE_PRESETS
+
+    def arch(preset: str) -> str:
+        return (load_raw_config(preset).get("model") or {}).get("arch", "transformer")
+
+    presets = {p.stem for p in PRESET_DIR.glob("*.yaml")}
+    assert set(SMOKE_PRESETS) == presets  # a new preset names its small counterpart here
+    for full, small in SMOKE_PRESETS.items():
+        assert small in presets and arch(small) == arch(full), full
+        assert SMOKE_PRESETS[small] == small  # a small preset runs as itself
+    assert set(FAMILY_SMOKE_PRESETS) == set(MODELS)
+    assert all(arch(small) == family for family, small in FAMILY_SMOKE_PRESETS.items())
+
+
+def test_the_smoke_preset_comes_from_the_table_the_family_or_the_recipe(tmp_path):
+    def smoke_preset_of(**changes) -> str:
+        return load_recipe(_write(tmp_path, dict(MINIMAL, **changes)), smoke=True).raw["preset"]
+
+    assert smoke_preset_of(preset="bahdanau2015") == "bahdanau_tiny"
+    assert smoke_preset_of(preset="luong_local_p_tiny") == "luong_local_p_tiny"
+    own = tmp_path / "own.yaml"  # a preset file of one's own: its family's small preset
+    own.write_text(yaml.safe_dump({"model": {"arch": "gnmt"}}))
+    assert smoke_preset_of(preset=str(own)) == "gnmt_tiny"
+    assert smoke_preset_of(preset=None, model={"arch": "rnn_attention"}) == "bahdanau_tiny"
+    assert smoke_preset_of(smoke={"preset": "transformer_small"}) == "transformer_small"
 
 
 def test_parse_stages():
@@ -124,7 +157,7 @@ class FakeStages:
         self.calls: list[tuple[str, bool]] = []
         self.fail: str | None = None
         for stage in STAGES:
-            monkeypatch.setitem(recipes.STAGE_FUNCS, stage, self._make(stage))
+            monkeypatch.setitem(stages.STAGE_FUNCS, stage, self._make(stage))
 
     def _make(self, stage):
         def fn(ctx, resume):
@@ -211,8 +244,8 @@ def test_cli_recipe_check_and_run_errors(tmp_path, monkeypatch):
 
 
 def test_report_compares_with_the_paper_and_draws_curves(tmp_path):
-    from mtkit.recipes import RunContext
-    from mtkit.report import write_report
+    from mtkit.recipes.context import RunContext
+    from mtkit.recipes.stages import write_run_report
 
     raw = dict(MINIMAL, reproduces=dict(MINIMAL["reproduces"], metric="tokenized BLEU", value=30.0))
     ctx = RunContext(load_recipe(_write(tmp_path, raw)), tmp_path)
@@ -226,7 +259,7 @@ def test_report_compares_with_the_paper_and_draws_curves(tmp_path):
         "sacreBLEU": {"score": 26.31, "signature": "nrefs:1|tok:13a"},
         "tokenized BLEU": {"score": 27.25, "signature": "nrefs:1|tok:moses"},
     }}
-    out = write_report(ctx, scores, by_metric)
+    out = write_run_report(ctx, scores, by_metric)
     res = json.loads(Path(out["results"]).read_text())
     rep = res["reproduces"]
     assert rep["ours"] == 27.25 and rep["difference"] == -2.75 and rep["our_signature"] == "nrefs:1|tok:moses"
@@ -240,7 +273,7 @@ def test_report_compares_with_the_paper_and_draws_curves(tmp_path):
     assert "- sacreBLEU on test_2016_flickr: `nrefs:1|tok:13a`" in md
 
     # without our output scored by the paper's metric there is no difference to give
-    res = json.loads(Path(write_report(ctx, scores)["results"]).read_text())
+    res = json.loads(Path(write_run_report(ctx, scores)["results"]).read_text())
     assert res["reproduces"]["ours"] is None and res["reproduces"]["difference"] is None
     assert res["reproduces"]["comparable"] is False and "tokenized BLEU" in res["reproduces"]["caveat"]
     pytest.importorskip("matplotlib")
@@ -256,7 +289,7 @@ def _generated_data_dir(recipe_path: Path, root: Path) -> Path:
     r = load_recipe(recipe_path)
     for n, ref in enumerate(r.data_refs()):
         dataset, split = ref.split("/")
-        pairs = recipes.generated_pairs(250, seed=n)
+        pairs = toy.generated_pairs(250, seed=n)
         for i, lang in enumerate((r.src_lang, r.tgt_lang)):
             path = root / dataset / f"{split}.{lang}.gz"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,6 +365,6 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     assert summary["stages"]["prepare"] == summary["stages"]["preprocess"] == "skipped (done)"
     assert summary["stages"]["train"].startswith("resumed")
     marker = json.loads((work / "stages" / "train.json").read_text())
-    assert marker["status"] == "done" and marker["outputs"]["updates"] == recipes.SMOKE_TRAIN["max_updates"]
+    assert marker["status"] == "done" and marker["outputs"]["updates"] == SMOKE_TRAIN["max_updates"]
     assert (work / "checkpoints" / "checkpoint_8.pt").exists()  # the first attempt's work was kept
     assert json.loads((work / "results.json").read_text())["training"]["updates"] == 12

@@ -1,0 +1,300 @@
+"""The recipe schema: its YAML keys, the published metrics it may cite, and validation.
+
+:func:`validate` checks a recipe mapping (after ``--set`` overrides) and resolves its config;
+any problem is one :class:`~mtkit.errors.MtkitError` line that names the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtkit.config import (
+    RECIPE_SECTIONS,
+    Config,
+    build_section,
+    config_from_dict,
+    load_raw_config,
+    parse_override,
+)
+from mtkit.data.catalog import Catalog, load_catalog
+from mtkit.errors import MtkitError
+
+CONFIG_SECTIONS = ("data", "model", "train", "decode")
+# The metric a published number was computed with, as options of `mtkit score`: the report scores
+# our output with the same metric and sets it beside the published number (and sacreBLEU beside it).
+METRICS: dict[str, dict[str, Any]] = {
+    "sacreBLEU": {},  # detokenized text, cased, sacrebleu's 13a tokenization
+    "NIST BLEU": {},  # mteval-v13a on detokenized text, which sacreBLEU's defaults reproduce
+    "tokenized BLEU": {"tokenize": "moses"},  # Moses tokenizer, cased, multi-bleu.perl's BLEU
+    "tokenized BLEU, compound-split": {"tokenize": "moses", "split_compounds": True},  # a ##AT##-##AT## b
+    "tokenized BLEU, lowercased": {"tokenize": "moses", "lowercase": True},
+}
+
+# --- the recipe schema: key -> one-line description (also the did-you-mean vocabulary) ---
+TOP_KEYS = {
+    "description": "free text",
+    "reproduces": "the published number this recipe aims at",
+    "see_also": "further published numbers (same keys as reproduces)",
+    "src_lang": "source language code",
+    "tgt_lang": "target language code",
+    "corpora": "train / valid / test data as <dataset>/<split> names from the catalog",
+    "preprocess": "options of mtkit preprocess",
+    "preset": "built-in config preset the model/train/decode sections start from",
+    "data": "config section data (merged over the preset)",
+    "model": "config section model (merged over the preset)",
+    "train": "config section train (merged over the preset)",
+    "decode": "config section decode (merged over the preset)",
+    "average": "checkpoint averaging: last N or best N",
+    "score": "metrics and sacrebleu options for the test sets",
+    "smoke": "overrides used only by --smoke",
+}
+REQUIRED = ("reproduces", "src_lang", "tgt_lang", "corpora")
+REPRODUCES_KEYS = ("paper", "table", "metric", "value", "test_set", "note", "url")
+CORPORA_KEYS = ("train", "valid", "test")
+SMOKE_KEYS = ("preset", "model", "train", "decode", "preprocess", "train_lines", "eval_lines")
+
+
+def _did_you_mean(what: str, name: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(valid)}"
+    return f"unknown {what} '{name}'{hint}"
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``over`` merged in, nested mappings key by key."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclasses.dataclass
+class TestSet:
+    name: str
+    refs: list[str]
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A validated recipe: the raw mapping (after overrides / smoke) and its resolved config."""
+
+    name: str
+    path: Path
+    raw: dict[str, Any]
+    config: Config
+    smoke: bool
+    train_refs: list[str]
+    valid_refs: list[str]
+    holdout_every: int
+    tests: list[TestSet]
+
+    @property
+    def src_lang(self) -> str:
+        return self.raw["src_lang"]
+
+    @property
+    def tgt_lang(self) -> str:
+        return self.raw["tgt_lang"]
+
+    def section(self, key: str) -> dict[str, Any]:
+        return dict(self.raw.get(key) or {})
+
+    def data_refs(self) -> list[str]:
+        refs = self.train_refs + self.valid_refs + [r for t in self.tests for r in t.refs]
+        return list(dict.fromkeys(refs))
+
+
+@dataclasses.dataclass
+class ValidRecipe:
+    """What :func:`validate` resolves from a recipe mapping."""
+
+    config: Config
+    train_refs: list[str]
+    valid_refs: list[str]
+    holdout: int
+    tests: list[TestSet]
+
+
+def apply_recipe_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``key.sub=value`` items set keys of the recipe (``train.lr=5e-4``, ``average.last=3``)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise MtkitError(f"override '{item}' must look like key.sub=value")
+        key, _, text = item.partition("=")
+        parts = [p for p in key.strip().split(".")]
+        if not all(parts):
+            raise MtkitError(f"override key '{key}' must look like section.key (e.g. train.lr)")
+        if len(parts) == 2 and parts[0] in CONFIG_SECTIONS:
+            _, value = parse_override(item)  # the config's own typing rules
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                raise MtkitError(f"override '{item}': value is not valid YAML") from None
+        node = raw
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise MtkitError(f"override '{item}': '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def config_raw(raw: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's config mapping: its preset with the recipe's config sections merged over it."""
+    base = load_raw_config(raw["preset"]) if raw.get("preset") else {}
+    over = {k: raw[k] for k in CONFIG_SECTIONS if raw.get(k)}
+    if "arch" in (over.get("model") or {}) and over["model"]["arch"] != (base.get("model") or {}).get("arch"):
+        base.pop("model", None)  # another family: the preset's model keys do not apply
+    return deep_merge(base, over)
+
+
+def _check_keys(section: str, mapping: Any, keys: Sequence[str], where: str) -> dict[str, Any]:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise MtkitError(f"{where}: '{section}' must be a mapping")
+    for key in mapping:
+        if key not in keys:
+            raise MtkitError(f"{where}: " + _did_you_mean("recipe key", f"{section}.{key}", [f"{section}.{k}" for k in keys]))
+    return mapping
+
+
+def _ref_list(value: Any, what: str, where: str, catalog: Catalog) -> list[str]:
+    refs = [value] if isinstance(value, str) else value
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        raise MtkitError(f"{where}: {what} must be a <dataset>/<split> name or a non-empty list of them")
+    for r in refs:
+        catalog.split(r)
+    return refs
+
+
+def _check_reproduces(value: Any, key: str, where: str) -> None:
+    rep = _check_keys(key, value, REPRODUCES_KEYS, where)
+    for k in ("paper", "table", "metric", "test_set"):
+        if not isinstance(rep.get(k), str) or not rep[k].strip():
+            raise MtkitError(f"{where}: {key}.{k} is required (a string)")
+    if rep["metric"] not in METRICS:
+        valid = ", ".join(f"'{m}'" for m in METRICS)
+        raise MtkitError(f"{where}: {key}.metric '{rep['metric']}' must be one of: {valid}")
+    v = rep.get("value")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise MtkitError(f"{where}: {key}.value must be a number (or null where the source gives none)")
+
+
+def _check_top(raw: Any, where: str) -> list[Any]:
+    """The top-level keys and the published numbers; returns ``see_also`` as a list."""
+    if not isinstance(raw, dict):
+        raise MtkitError(f"{where}: a recipe must be a mapping")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise MtkitError(f"{where}: " + _did_you_mean("recipe key", key, list(TOP_KEYS)))
+    for key in REQUIRED:
+        if raw.get(key) in (None, "", {}):
+            raise MtkitError(f"{where}: recipe key '{key}' is required")
+    for key in ("src_lang", "tgt_lang"):
+        if not isinstance(raw[key], str):
+            raise MtkitError(f"{where}: {key} must be a language code string")
+    _check_reproduces(raw["reproduces"], "reproduces", where)
+    see_also = raw.get("see_also") or []
+    if not isinstance(see_also, list):
+        raise MtkitError(f"{where}: see_also must be a list of mappings like reproduces")
+    for i, item in enumerate(see_also):
+        _check_reproduces(item, f"see_also[{i}]", where)
+    return see_also
+
+
+def _check_valid(value: Any, where: str, catalog: Catalog) -> tuple[list[str], int]:
+    """``corpora.valid``: catalog splits, or ``{holdout_every: N}`` (every Nth training pair)."""
+    if not isinstance(value, dict):
+        return _ref_list(value, "corpora.valid", where, catalog), 0
+    _check_keys("corpora.valid", value, ("holdout_every",), where)
+    holdout = value.get("holdout_every")
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 2:
+        raise MtkitError(f"{where}: corpora.valid.holdout_every must be an integer >= 2")
+    return [], holdout
+
+
+def _check_tests(value: Any, where: str, catalog: Catalog) -> list[TestSet]:
+    items = value if isinstance(value, list) else [value]
+    tests: list[TestSet] = []
+    for item in items:
+        if isinstance(item, str):
+            tests.append(TestSet(catalog.split(item).name, [item]))
+        elif isinstance(item, dict):
+            _check_keys("corpora.test[]", item, ("name", "from"), where)
+            if not isinstance(item.get("name"), str) or not item["name"]:
+                raise MtkitError(f"{where}: a corpora.test entry needs a 'name'")
+            tests.append(TestSet(item["name"], _ref_list(item.get("from"), f"corpora.test {item['name']}.from", where, catalog)))
+        else:
+            raise MtkitError(f"{where}: corpora.test entries are <dataset>/<split> names or {{name, from}} mappings")
+    names = [t.name for t in tests]
+    for name in names:
+        if name in ("train", "valid") or names.count(name) > 1 or not name.replace("_", "").replace("-", "").isalnum():
+            raise MtkitError(f"{where}: test set name '{name}' is reserved, repeated or not a plain name")
+    return tests
+
+
+def _check_corpora(raw: dict[str, Any], see_also: list[Any], where: str, catalog: Catalog) -> tuple[list[str], list[str], int, list[TestSet]]:
+    """``corpora``: (train refs, valid refs, holdout_every, test sets), each with both languages."""
+    corpora = _check_keys("corpora", raw["corpora"], CORPORA_KEYS, where)
+    for k in CORPORA_KEYS:
+        if k not in corpora:
+            raise MtkitError(f"{where}: corpora.{k} is required")
+    train_refs = _ref_list(corpora["train"], "corpora.train", where, catalog)
+    valid_refs, holdout = _check_valid(corpora["valid"], where, catalog)
+    tests = _check_tests(corpora["test"], where, catalog)
+    names = [t.name for t in tests]
+    for ref in train_refs + valid_refs + [r for t in tests for r in t.refs]:
+        split = catalog.split(ref)
+        for lang in (raw["src_lang"], raw["tgt_lang"]):
+            if lang not in split.langs:
+                raise MtkitError(f"{where}: {ref} has no '{lang}' side (languages: {', '.join(split.langs)})")
+    for key, rep in [("reproduces", raw["reproduces"])] + [(f"see_also[{i}]", x) for i, x in enumerate(see_also)]:
+        if rep["test_set"] not in names:
+            raise MtkitError(f"{where}: {key}.test_set '{rep['test_set']}' is not one of the test sets ({', '.join(names)})")
+    return train_refs, valid_refs, holdout, tests
+
+
+def _check_sections(raw: dict[str, Any], where: str) -> Config:
+    """The recipe-only sections, the ``smoke`` block, the config sections; returns the config."""
+    for key, cls in RECIPE_SECTIONS.items():
+        try:
+            build_section(cls, raw.get(key), key)
+        except MtkitError as exc:
+            raise MtkitError(f"{where}: {exc}") from None
+    smoke = _check_keys("smoke", raw.get("smoke"), SMOKE_KEYS, where)
+    for key in ("model", "train", "decode", "preprocess"):
+        if key in smoke and not isinstance(smoke[key], dict):
+            raise MtkitError(f"{where}: smoke.{key} must be a mapping")
+    for key in CONFIG_SECTIONS:
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise MtkitError(f"{where}: '{key}' must be a mapping of config keys")
+    if raw.get("preset") is not None and not isinstance(raw["preset"], str):
+        raise MtkitError(f"{where}: preset must be a preset name")
+    try:
+        return config_from_dict(config_raw(raw))
+    except MtkitError as exc:
+        raise MtkitError(f"{where}: {exc}") from None
+
+
+def validate(raw: dict[str, Any], where: str, catalog: Catalog | None = None) -> ValidRecipe:
+    """Check a recipe mapping; returns the parts the runner needs. Any problem: one-line error."""
+    catalog = catalog or load_catalog()
+    see_also = _check_top(raw, where)
+    train_refs, valid_refs, holdout, tests = _check_corpora(raw, see_also, where, catalog)
+    config = _check_sections(raw, where)
+    return ValidRecipe(config, train_refs, valid_refs, holdout, tests)

@@ -1,0 +1,291 @@
+"""The six stages of a recipe run, each a function ``(ctx, resume) -> outputs`` over a
+:class:`~mtkit.recipes.context.RunContext`; :data:`STAGE_FUNCS` maps the stage names to them."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mtkit.data.catalog import Split, resolve_file
+from mtkit.errors import MtkitError
+from mtkit.recipes.context import Markers, RunContext, short_hash
+from mtkit.recipes.schema import METRICS
+from mtkit.recipes.smoke import SMOKE_TRAIN_LINES
+from mtkit.recipes.toy import generated_pairs
+from mtkit.report import OUR_METRIC, RecipeRun, write_report
+
+logger = logging.getLogger("mtkit.recipes")
+
+
+def _open_text(path: Path) -> Iterator[str]:
+    from mtkit.data.text import iter_lines
+
+    yield from iter_lines(path)
+
+
+def _read_side(path: Path, limit: int | None) -> list[str]:
+    lines = []
+    for i, line in enumerate(_open_text(path)):
+        if limit is not None and i >= limit:
+            break
+        lines.append(line)
+    return lines
+
+
+def _read_pairs(ctx: RunContext, ref: str, limit: int | None) -> tuple[list[str], list[str], dict[str, str]]:
+    """One catalog split's (src lines, tgt lines, where they came from), first ``limit`` lines."""
+    split: Split = ctx.catalog.split(ref)
+    r = ctx.recipe
+    sides, origin = {}, {}
+    try:
+        for lang in (r.src_lang, r.tgt_lang):
+            path = resolve_file(split, lang, ctx.data_dir, allow_download=not r.smoke)
+            sides[lang], origin[f"{ref}.{lang}"] = _read_side(path, limit), str(path)
+    except MtkitError as exc:
+        if not r.smoke:
+            raise
+        logger.warning("smoke: %s; using generated text for %s", exc, ref)
+        pairs = generated_pairs(limit or SMOKE_TRAIN_LINES, seed=int(short_hash(ref), 16) % 10_000)
+        sides = {r.src_lang: [p[0] for p in pairs], r.tgt_lang: [p[1] for p in pairs]}
+        origin = {f"{ref}.{lang}": "generated" for lang in (r.src_lang, r.tgt_lang)}
+    src, tgt = sides[r.src_lang], sides[r.tgt_lang]
+    if len(src) != len(tgt):
+        raise MtkitError(
+            f"{ref}: {origin[f'{ref}.{r.src_lang}']} has {len(src)} lines but "
+            f"{origin[f'{ref}.{r.tgt_lang}']} has {len(tgt)}"
+        )
+    return src, tgt, origin
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(tmp, "wt", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line + "\n")
+    tmp.replace(path)
+
+
+def _gather(
+    ctx: RunContext, refs: Sequence[str], limit: int | None, origin: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """The pairs of ``refs`` one after another, at most ``limit`` in all; records their origin."""
+    src: list[str] = []
+    tgt: list[str] = []
+    for ref in refs:
+        left = None if limit is None else limit - len(src)
+        if left is not None and left <= 0:
+            break
+        s, t, o = _read_pairs(ctx, ref, left)
+        src += s
+        tgt += t
+        origin.update(o)
+    return src, tgt
+
+
+def _hold_out(
+    src: list[str], tgt: list[str], every: int, limit: int | None
+) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
+    """Every ``every``-th pair as validation data (at most ``limit``): (train, valid)."""
+    valid_src = [x for i, x in enumerate(src, 1) if i % every == 0]
+    valid_tgt = [x for i, x in enumerate(tgt, 1) if i % every == 0]
+    train = ([x for i, x in enumerate(src, 1) if i % every], [x for i, x in enumerate(tgt, 1) if i % every])
+    if limit:
+        valid_src, valid_tgt = valid_src[:limit], valid_tgt[:limit]
+    return train, (valid_src, valid_tgt)
+
+
+def stage_prepare(ctx: RunContext, resume: bool) -> dict[str, Any]:
+    """Resolve every corpus file and write WORKDIR/raw/{train,valid,<test>}.<lang>."""
+    r = ctx.recipe
+    smoke = r.raw.get("smoke") or {}
+    train_limit = smoke.get("train_lines") if r.smoke else None
+    eval_limit = smoke.get("eval_lines") if r.smoke else None
+    origin: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    train = _gather(ctx, r.train_refs, None if train_limit is None else train_limit, origin)
+    if r.holdout_every:
+        train, valid = _hold_out(*train, r.holdout_every, eval_limit)
+    else:
+        valid = _gather(ctx, r.valid_refs, eval_limit, origin)
+    splits = {"train": train, "valid": valid}
+    for test in r.tests:
+        splits[test.name] = _gather(ctx, test.refs, eval_limit, origin)
+    files: dict[str, dict[str, str]] = {}
+    for name, (src, tgt) in splits.items():
+        if not src:
+            raise MtkitError(f"split '{name}' of recipe {r.name} is empty")
+        suffix = ".gz" if name == "train" else ""
+        files[name] = {}
+        for lang, side in ((r.src_lang, src), (r.tgt_lang, tgt)):
+            out = ctx.raw_dir / f"{name}.{lang}{suffix}"
+            _write_lines(out, side)
+            files[name][lang] = str(out)
+        lines[name] = len(src)
+        logger.info("prepare: %s = %d pairs", name, len(src))
+    return {"files": files, "lines": lines, "sources": origin}
+
+
+def stage_preprocess(ctx: RunContext, resume: bool) -> dict[str, Any]:
+    from mtkit.data.preprocess import preprocess
+
+    r = ctx.recipe
+    manifest = preprocess(
+        r.src_lang, r.tgt_lang,
+        train_prefix=ctx.raw_dir / "train",
+        out_dir=ctx.data_path,
+        valid_prefix=ctx.raw_dir / "valid",
+        test_prefixes=[ctx.raw_dir / t.name for t in r.tests],
+        force=True,
+        **r.section("preprocess"),
+    )
+    keep = {k: manifest[k] for k in ("splits", "filters", "spm") if k in manifest}
+    return {"data_dir": str(ctx.data_path), **json.loads(json.dumps(keep, default=str))}
+
+
+def stage_train(ctx: RunContext, resume: bool) -> dict[str, Any]:
+    from mtkit.training.trainer import train
+
+    last = ctx.save_dir / "checkpoint_last.pt"
+    summary = train(ctx.data_path, ctx.recipe.config, ctx.save_dir, resume=last.exists(), device=ctx.device)
+    return json.loads(json.dumps(summary, default=str))
+
+
+def stage_average(ctx: RunContext, resume: bool) -> dict[str, Any]:
+    from mtkit.training.average import average_checkpoints, select_checkpoints
+
+    avg = ctx.recipe.section("average")
+    last, best = avg.get("last") or None, avg.get("best") or None
+    if not last and not best:
+        return {"skipped": "averaging is not configured"}
+    paths = select_checkpoints(ctx.save_dir, last=last, best=None if last else best)
+    if len(paths) < 2:
+        return {"skipped": f"only {len(paths)} checkpoint(s) to average", "from": [str(p) for p in paths]}
+    out = ctx.save_dir / "averaged.pt"
+    average_checkpoints(paths, out)
+    return {"checkpoint": str(out), "from": [str(p) for p in paths]}
+
+
+def translation_checkpoint(ctx: RunContext) -> Path:
+    """The averaged checkpoint where there is one, else the best, else the last."""
+    averaged = (ctx.outputs.get("average") or {}).get("checkpoint")
+    if averaged and Path(averaged).exists():
+        return Path(averaged)
+    for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+        if (ctx.save_dir / name).exists():
+            return ctx.save_dir / name
+    raise MtkitError(f"no checkpoint to translate with in {ctx.save_dir}; run the train stage")
+
+
+def stage_translate(ctx: RunContext, resume: bool) -> dict[str, Any]:
+    from mtkit.decoding.translate import translate_file
+
+    r = ctx.recipe
+    ckpt = translation_checkpoint(ctx)
+    ctx.hyp_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"checkpoint": str(ckpt), "tests": {}}
+    for test in r.tests:
+        hyp = ctx.hyp_dir / f"{test.name}.{r.tgt_lang}"
+        stats = translate_file(
+            [str(ckpt)], str(ctx.raw_dir / f"{test.name}.{r.src_lang}"), str(hyp),
+            decode_cfg=r.config.decode, device=ctx.device, resume=resume and hyp.exists(),
+        )
+        out["tests"][test.name] = {"hyp": str(hyp), "stats": json.loads(json.dumps(stats, default=str))}
+    return out
+
+
+def published_metric_scores(hyp: str | Path, ref: str | Path, lang: str, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """BLEU of ``hyp`` against ``ref`` by each named published metric: ``{metric: {score, signature}}``."""
+    from mtkit.scoring import score_files
+
+    out = {}
+    for name in metrics:
+        (d,) = score_files(str(hyp), [str(ref)], ["bleu"], lang=lang, width=2, **METRICS[name])
+        out[name] = {"score": d["score"], "signature": d["signature"]}
+    return out
+
+
+def stage_score(ctx: RunContext, resume: bool) -> dict[str, Any]:
+    from mtkit.scoring import score_files
+
+    r = ctx.recipe
+    opts = r.section("score")
+    published = [r.raw["reproduces"], *(r.raw.get("see_also") or [])]
+    scores: dict[str, list[dict[str, Any]]] = {}
+    metric_scores: dict[str, dict[str, dict[str, Any]]] = {}
+    for test in r.tests:
+        hyp = ctx.hyp_dir / f"{test.name}.{r.tgt_lang}"
+        ref = ctx.raw_dir / f"{test.name}.{r.tgt_lang}"
+        result = score_files(
+            str(hyp), [str(ref)], metrics=tuple(opts.get("metrics", ["bleu"])),
+            tokenize=opts.get("tokenize"), lowercase=bool(opts.get("lowercase", False)),
+            split_compounds=bool(opts.get("compound_split", False)), lang=r.tgt_lang,
+        )
+        scores[test.name] = json.loads(json.dumps(result, default=str))
+        # the published numbers' metrics on the same output and raw reference, sacreBLEU always
+        names = dict.fromkeys([OUR_METRIC] + [p["metric"] for p in published if p["test_set"] == test.name])
+        metric_scores[test.name] = published_metric_scores(hyp, ref, r.tgt_lang, list(names))
+    return write_run_report(ctx, scores, metric_scores)
+
+
+def count_parameters(checkpoint: str | Path) -> int | None:
+    """Number of model parameters in a checkpoint (``None`` if it cannot be read)."""
+    from mtkit.models.base import num_parameters
+    from mtkit.training.checkpoint import load_model
+
+    try:
+        model = load_model(checkpoint)[0]
+    except (MtkitError, OSError, RuntimeError) as exc:
+        logger.warning("could not count parameters of %s: %s", checkpoint, exc)
+        return None
+    return num_parameters(model)
+
+
+def run_data(ctx: RunContext) -> RecipeRun:
+    """The run as the report takes it: the recipe's published numbers, what the stages did."""
+    from mtkit.provenance import manifest_info
+
+    r = ctx.recipe
+    ckpt = (ctx.outputs.get("translate") or {}).get("checkpoint")
+    return RecipeRun(
+        recipe=r.name, recipe_file=str(r.path), smoke=r.smoke, src_lang=r.src_lang, tgt_lang=r.tgt_lang,
+        reproduces=r.raw["reproduces"], see_also=list(r.raw.get("see_also") or []),
+        test_lines=(ctx.outputs.get("prepare") or {}).get("lines", {}),
+        training=ctx.outputs.get("train") or {},
+        model={
+            "arch": r.config.model.arch,
+            "preset": r.raw.get("preset"),
+            "parameters": count_parameters(ckpt) if ckpt else None,
+            "checkpoint": ckpt,
+            "averaged_from": (ctx.outputs.get("average") or {}).get("from"),
+        },
+        decode={k: getattr(r.config.decode, k) for k in ("beam", "length_penalty", "alpha")},
+        stage_seconds=Markers(ctx.workdir).stage_seconds(),
+        provenance={**ctx.provenance, "data": manifest_info(ctx.data_path)},
+    )
+
+
+def write_run_report(
+    ctx: RunContext,
+    scores: dict[str, list[dict[str, Any]]],
+    metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """Have :mod:`mtkit.report` write results.json, report.md and the curves of this run."""
+    run = run_data(ctx)
+    metrics_file = run.training.get("metrics_file") or ctx.save_dir / "metrics.jsonl"
+    return write_report(run, ctx.workdir, scores, metric_scores, metrics_file=metrics_file)
+
+
+STAGE_FUNCS: dict[str, Callable[[RunContext, bool], dict[str, Any]]] = {
+    "prepare": stage_prepare,
+    "preprocess": stage_preprocess,
+    "train": stage_train,
+    "average": stage_average,
+    "translate": stage_translate,
+    "score": stage_score,
+}
