@@ -11,11 +11,11 @@ from typing import Any
 import click
 import pytest
 import yaml
+from helpers import cli, error_line
 
 from mtkit.cli import main
 from mtkit.errors import MtkitError
 from mtkit.signals import Interrupted
-from tests.helpers import cli, error_line
 
 
 def commands(group: click.Group = main, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
