@@ -334,7 +334,7 @@ def test_score_in_chunks_equals_whole_corpus(tmp_path, monkeypatch):
     reference's n-grams: gigabytes for a million lines); the figures must not change."""
     from sacrebleu.metrics import BLEU, CHRF, TER
 
-    from mtkit import scoring
+    from mtkit import scoring_metrics
 
     hyp = sentences(230, 1)
     hyp[7] = ""
@@ -342,7 +342,7 @@ def test_score_in_chunks_equals_whole_corpus(tmp_path, monkeypatch):
     write_lines(tmp_path / "hyp", hyp)
     for i, r in enumerate(refs):
         write_lines(tmp_path / f"ref{i}", r)
-    monkeypatch.setattr(scoring, "CHUNK_LINES", 50)  # five chunks, the last one short
+    monkeypatch.setattr(scoring_metrics, "CHUNK_LINES", 50)  # five chunks, the last one short
     from sacrebleu.metrics.base import Metric
 
     extract, chunks = Metric._extract_corpus_statistics, []

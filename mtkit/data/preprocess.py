@@ -78,11 +78,7 @@ def preprocess(
     for split in splits[1:]:  # cheap checks (line counts, UTF-8) before the expensive part
         split.pairs = sum(1 for _ in iter_parallel(split.src, split.tgt))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _temp_dir(out)
     try:
         manifest, t_end = _write_data(tmp, splits, src_lang, tgt_lang, options, t0)
         _replace_dir(tmp, out)
@@ -90,14 +86,9 @@ def preprocess(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     train, filters = manifest["splits"]["train"], manifest["filters"]
-    logger.info(
-        "wrote %s: %d training pairs (%d read, %d dropped), %.1fs",
-        out,
-        train["pairs"],
-        filters["input_pairs"],
-        filters["input_pairs"] - train["pairs"],
-        t_end - t0,
-    )
+    dropped = filters["input_pairs"] - train["pairs"]
+    logger.info("wrote %s: %d training pairs (%d read, %d dropped), %.1fs",
+                out, train["pairs"], filters["input_pairs"], dropped, t_end - t0)
     return manifest
 
 
@@ -269,6 +260,16 @@ def _check_out_dir(out: Path, force: bool, inputs: Iterable[Path]) -> None:
             raise MtkitError(
                 f"--force would delete the input {path}: it lies inside the output directory {out}"
             )
+
+
+def _temp_dir(out: Path) -> Path:
+    """A fresh temp dir beside ``out``, renamed to ``out`` once the data is complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
