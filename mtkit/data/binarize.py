@@ -35,6 +35,8 @@ UINT16_LIMIT = 1 << 16
 
 @dataclass
 class Split:
+    """One split of the corpus being preprocessed: its name and its source and target files."""
+
     name: str
     src: Path
     tgt: Path
@@ -42,6 +44,7 @@ class Split:
 
 
 def shard_dtype(vocab_size: int) -> str:
+    """The id type of the shards for a vocabulary of ``vocab_size`` pieces."""
     return "uint16" if vocab_size < UINT16_LIMIT else "int32"
 
 

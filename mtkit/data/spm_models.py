@@ -20,6 +20,7 @@ SPM_TRAIN_SENTENCES = 1_000_000  # at most this many sentences (per model) train
 
 
 def load_models(paths: Sequence[str | Path]) -> tuple[SubwordModel, SubwordModel]:
+    """The (source, target) models from one file (joint) or two; they must agree on special ids."""
     models = [SubwordModel.from_file(p) for p in paths]
     src, tgt = models[0], models[-1]
     for attr in ("pad", "bos", "eos", "unk"):
@@ -108,6 +109,8 @@ def train_models(
 def write_models(
     tmp: Path, src: SubwordModel, tgt: SubwordModel, joint: bool, src_lang: str, tgt_lang: str
 ) -> dict[str, dict[str, str]]:
+    """Write the models into ``tmp`` (``spm.model``, or one per language); returns their file
+    names and sha256 for the manifest."""
     names = (
         {"src": "spm.model", "tgt": "spm.model"}
         if joint
