@@ -28,40 +28,31 @@ sentence scores add ``sentence`` (1-based line number).
 from __future__ import annotations
 
 import json
-import logging
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sacrebleu.metrics import BLEU, CHRF, TER
 from sacrebleu.metrics.base import Metric, Score
-from sacrebleu.significance import PairedTest
 
 from mtkit.data.text import display_name, iter_lines
 from mtkit.errors import MtkitError
-
-METRICS = ("bleu", "chrf", "chrf++", "ter")
-SACREBLEU_TOKENIZERS = tuple(BLEU.TOKENIZERS)
-TOKENIZERS = (*SACREBLEU_TOKENIZERS, "moses")
-PAIRED_TESTS = {"bs": "bootstrap resampling", "ar": "approximate randomization"}
-
+from mtkit.scoring_metrics import (
+    TOKENIZERS,
+    MetricFor,
+    Systems,
+    TextsFor,
+    bleu_text,
+    bleu_tokenization,
+    corpus_score_chunked,
+    language_of,
+    make_metric,
+    parse_metrics,
+    relabel_bleu,
+)
+from mtkit.scoring_significance import PAIRED_TESTS, paired_scores
 
 # --------------------------------------------------------------------------------------------
 # reading
-
-
-def parse_metrics(values: Iterable[str]) -> list[str]:
-    """``["bleu chrf", "ter,chrf++"]`` -> ``["bleu", "chrf", "ter", "chrf++"]`` (checked, deduplicated)."""
-    names: list[str] = []
-    for value in values:
-        for name in value.replace(",", " ").split():
-            name = name.lower()
-            if name not in METRICS:
-                raise MtkitError(f"unknown metric '{name}'; valid: {', '.join(METRICS)}")
-            if name not in names:
-                names.append(name)
-    return names or ["bleu"]
 
 
 def load_piece_model(path: str | Path):
@@ -110,109 +101,7 @@ def _check_lengths(systems: Sequence[tuple[str, list[str]]], refs: Sequence[tupl
 
 
 # --------------------------------------------------------------------------------------------
-# tokenized BLEU: Moses tokenization and compound splitting before sacrebleu
-
-_COMPOUND = re.compile(r"(\S)-(\S)")
-
-
-def compound_split(line: str) -> str:
-    """``a-b`` -> ``a ##AT##-##AT## b`` for every hyphen between two non-space characters.
-
-    The rewrite is Perl's ``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g``: matches do not overlap, so in
-    ``a-b-c`` only the first hyphen is split (the ``b`` belongs to the first match).
-    """
-    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", line)
-
-
-def _sacremoses():
-    try:
-        import sacremoses.corpus  # binds the package too
-    except ImportError:
-        raise MtkitError("-tok moses needs the sacremoses package: pip install sacremoses") from None
-    return sacremoses
-
-
-def moses_tokenizer(lang: str) -> Callable[[str], str]:
-    """The Moses tokenizer for ``lang`` with its default escaping (``&`` -> ``&amp;``, ...)."""
-    tokenizer = _sacremoses().MosesTokenizer(lang=lang)
-    return lambda line: tokenizer.tokenize(line, escape=True, return_str=True)
-
-
-def moses_languages() -> set[str]:
-    """Language codes with their own Moses rules (nonbreaking prefixes); others fall back to English."""
-    return set(_sacremoses().corpus.NonbreakingPrefixes().available_langs.values())
-
-
-def language_of(path: str | Path) -> str | None:
-    """The language a file name ends in (``newstest2014.de``, ``test.de.gz`` -> ``de``), if Moses knows it."""
-    name = Path(str(path)).name
-    name = name[: -len(".gz")] if name.endswith(".gz") else name
-    suffix = Path(name).suffix.lstrip(".").lower()
-    return suffix if suffix in moses_languages() else None
-
-
-def bleu_tokenization(tokenize: str | None, split_compounds: bool) -> str | None:
-    """The signature's ``tok`` value when mtkit processes BLEU's text itself (None: sacrebleu's own)."""
-    if tokenize == "moses" or split_compounds:
-        return f"{tokenize}+cs" if split_compounds else tokenize
-    return None
-
-
-def _bleu_text(tokenize: str | None, split_compounds: bool, lang: str | None) -> Callable[[str], str] | None:
-    """What every hypothesis and reference line goes through before BLEU (None: nothing)."""
-    if tokenize != "moses":
-        return compound_split if split_compounds else None
-    if not lang:
-        raise MtkitError("-tok moses needs the language of the references: -l SRC-TGT")
-    tok = moses_tokenizer(lang)
-    return (lambda line: compound_split(tok(line))) if split_compounds else tok
-
-
-def _relabel(d: dict[str, Any], tok: str) -> dict[str, Any]:
-    d["tok"] = tok
-    d["signature"] = "|".join(f"tok:{tok}" if kv.startswith("tok:") else kv for kv in d["signature"].split("|"))
-    return d
-
-
-# --------------------------------------------------------------------------------------------
 # scoring
-
-
-def make_metric(
-    name: str,
-    references: Sequence[Sequence[str]] | None = None,
-    tokenize: str | None = None,
-    lowercase: bool = False,
-    force: bool = False,
-    chrf_word_order: int = 0,
-    sentence: bool = False,
-    ter_case_sensitive: bool = False,
-) -> Metric:
-    """One sacrebleu metric object, configured as sacrebleu's CLI would for the same options.
-
-    ``references``: one list of lines per reference file (cached inside the metric).
-    """
-    if name == "bleu":
-        if tokenize is not None and tokenize not in SACREBLEU_TOKENIZERS:
-            raise MtkitError(f"unknown BLEU tokenizer '{tokenize}'; valid: {', '.join(SACREBLEU_TOKENIZERS)}")
-        # sentence-level BLEU uses effective n-gram order, as sacrebleu's --sentence-level does
-        return BLEU(lowercase=lowercase, force=force, tokenize=tokenize, effective_order=sentence, references=references)
-    if name in ("chrf", "chrf++"):
-        word_order = 2 if name == "chrf++" else chrf_word_order
-        return CHRF(word_order=word_order, lowercase=lowercase, references=references)
-    if name == "ter":
-        return TER(case_sensitive=ter_case_sensitive, references=references)
-    raise MtkitError(f"unknown metric '{name}'; valid: {', '.join(METRICS)}")
-
-
-def _rounded(x: float | None, width: int) -> float | None:
-    return None if x is None else float(f"{float(x):.{width}f}")
-
-
-def _score_dict(score: Score, signature: str, width: int, system: str) -> dict[str, Any]:
-    d = json.loads(score.format(width, False, signature, is_json=True))
-    d["system"] = system
-    return d
 
 
 def score_systems(
@@ -240,6 +129,46 @@ def score_systems(
     ``split_compounds`` change what BLEU reads; see the module docstring.
     """
     names = parse_metrics(metrics)
+    _check_request(systems, references, paired, sentence, tokenize, split_compounds)
+    refs = [list(r) for r in references]
+    prepare = bleu_text(tokenize, split_compounds, lang) if "bleu" in names else None
+    bleu_texts = None
+    if prepare is not None:  # BLEU reads its own copy of the text; chrF and TER the original
+        bleu_texts = (
+            [(n, [prepare(line) for line in h]) for n, h in systems],
+            [[prepare(line) for line in r] for r in refs],
+        )
+
+    def texts(name: str) -> tuple[Sequence[tuple[str, Sequence[str]]], list[list[str]]]:
+        return bleu_texts if name == "bleu" and bleu_texts else (systems, refs)
+
+    def build(name: str, with_refs: bool = True) -> Metric:
+        own = name == "bleu" and bleu_texts is not None
+        return make_metric(
+            name, texts(name)[1] if with_refs else None, "none" if own and tokenize == "moses" else tokenize,
+            lowercase, force or own, chrf_word_order, sentence, ter_case_sensitive,
+        )
+
+    if sentence:
+        results = _sentence_scores(names, texts, build, width)
+    elif paired:
+        per_metric = bleu_texts is not None
+        results = paired_scores(names, systems, texts, build, paired, paired_n, width, per_metric)
+    else:
+        results = _corpus_scores(names, systems, texts, build, width)
+    tok = bleu_tokenization(tokenize, split_compounds)
+    return [relabel_bleu(d, tok) if tok and d["name"] == "BLEU" else d for d in results]
+
+
+def _check_request(
+    systems: Sequence[tuple[str, Sequence[str]]],
+    references: Sequence[Sequence[str]],
+    paired: str | None,
+    sentence: bool,
+    tokenize: str | None,
+    split_compounds: bool,
+) -> None:
+    """Refuse option combinations sacrebleu would not score, before any scoring."""
     if not systems:
         raise MtkitError("no hypotheses to score")
     if not references:
@@ -259,110 +188,39 @@ def score_systems(
         raise MtkitError(f"unknown BLEU tokenizer '{tokenize}'; valid: {', '.join(TOKENIZERS)}")
     if split_compounds and tokenize not in ("moses", "none"):
         raise MtkitError("--compound-split works on tokenized text: use it with -tok moses or -tok none")
-    refs = [list(r) for r in references]
-    prepare = _bleu_text(tokenize, split_compounds, lang) if "bleu" in names else None
-    bleu_texts = None
-    if prepare is not None:  # BLEU reads its own copy of the text; chrF and TER the original
-        bleu_texts = (
-            [(n, [prepare(line) for line in h]) for n, h in systems],
-            [[prepare(line) for line in r] for r in refs],
-        )
 
-    def texts(name: str) -> tuple[Sequence[tuple[str, Sequence[str]]], list[list[str]]]:
-        return bleu_texts if name == "bleu" and bleu_texts else (systems, refs)
 
-    def build(name: str, with_refs: bool = True) -> Metric:
-        own = name == "bleu" and bleu_texts is not None
-        return make_metric(
-            name, texts(name)[1] if with_refs else None, "none" if own and tokenize == "moses" else tokenize,
-            lowercase, force or own, chrf_word_order, sentence, ter_case_sensitive,
-        )
-
+def _sentence_scores(names: list[str], texts: TextsFor, build: MetricFor, width: int) -> list[dict[str, Any]]:
+    """Every sentence of the one system, metric by metric."""
     results: list[dict[str, Any]] = []
-    if sentence:
+    for name in names:
+        (sys_name, hyps), name_refs = texts(name)[0][0], texts(name)[1]
+        metric = build(name)
+        signature = metric.get_signature().format()
+        for i, (hyp, *sent_refs) in enumerate(zip(hyps, *name_refs), start=1):
+            d = _score_dict(metric.sentence_score(hyp, sent_refs), signature, width, sys_name)
+            d["sentence"] = i
+            results.append(d)
+    return results
+
+
+def _corpus_scores(
+    names: list[str], systems: Systems, texts: TextsFor, build: MetricFor, width: int
+) -> list[dict[str, Any]]:
+    """Corpus scores, system by system, metrics in the given order."""
+    results: list[dict[str, Any]] = []
+    for i, (sys_name, _) in enumerate(systems):
         for name in names:
-            (sys_name, hyps), name_refs = texts(name)[0][0], texts(name)[1]
-            metric = build(name)
-            signature = metric.get_signature().format()
-            for i, (hyp, *sent_refs) in enumerate(zip(hyps, *name_refs), start=1):
-                d = _score_dict(metric.sentence_score(hyp, sent_refs), signature, width, sys_name)
-                d["sentence"] = i
-                results.append(d)
-    elif paired:
-        # one test for all metrics, or one per metric when BLEU reads other text than the rest
-        for group in [[name] for name in names] if bleu_texts else [names]:
-            test = PairedTest(
-                [(n, list(h)) for n, h in texts(group[0])[0]],
-                {name: build(name) for name in group},
-                references=None,
-                test_type=paired,
-                n_samples=paired_n,
-            )
-            sigs, table = test()
-            for metric_name, column in table.items():
-                if metric_name == "System":
-                    continue
-                signature = sigs[metric_name].format()
-                for i, res in enumerate(column):
-                    d: dict[str, Any] = {"name": metric_name, "score": _rounded(res.score, width), "signature": signature}
-                    d.update(dict(kv.split(":", 1) for kv in signature.split("|")))
-                    d.update(
-                        system=systems[i][0],
-                        baseline=i == 0,
-                        p_value=_rounded(res.p_value, 4),
-                        mean=_rounded(res.mean, width),
-                        ci=_rounded(res.ci, width),
-                        test=paired,
-                        n=test.n_samples,
-                    )
-                    results.append(d)
-        # order system by system, like the unpaired results
-        order = {name: i for i, (name, _) in enumerate(systems)}
-        results.sort(key=lambda d: order[d["system"]])
-    else:
-        for i, (sys_name, _) in enumerate(systems):
-            for name in names:
-                metric = build(name, with_refs=False)
-                score = corpus_score_chunked(metric, texts(name)[0][i][1], texts(name)[1])
-                results.append(_score_dict(score, metric.get_signature().format(), width, sys_name))
-    tok = bleu_tokenization(tokenize, split_compounds)
-    return [_relabel(d, tok) if tok and d["name"] == "BLEU" else d for d in results]
+            metric = build(name, with_refs=False)
+            score = corpus_score_chunked(metric, texts(name)[0][i][1], texts(name)[1])
+            results.append(_score_dict(score, metric.get_signature().format(), width, sys_name))
+    return results
 
 
-CHUNK_LINES = 20_000
-
-
-def corpus_score_chunked(
-    metric: Metric, hyps: Sequence[str], refs: Sequence[Sequence[str]], chunk: int | None = None
-) -> Score:
-    """``metric.corpus_score(hyps, refs)`` computed ``chunk`` sentences at a time.
-
-    sacrebleu holds the n-gram statistics of every reference sentence while scoring (about
-    20 kB per sentence for chrF: gigabytes for a million lines). BLEU, chrF and TER corpus
-    statistics are sums over sentences, so adding up per-chunk sums gives the same score with
-    memory bounded by the chunk. The tokenized-period warning counts over the whole corpus.
-    """
-    chunk = chunk or CHUNK_LINES
-    if len(hyps) <= chunk:
-        return metric.corpus_score(list(hyps), [list(r) for r in refs])
-    from sacrebleu.utils import sum_of_lists
-
-    original = metric._force
-    warn = not original and sum(1 for h in hyps if h.endswith(" .")) >= 100
-    metric._force = True  # counted above, not once per chunk
-    try:
-        sums = [
-            sum_of_lists(metric._extract_corpus_statistics(hyps[i : i + chunk], [r[i : i + chunk] for r in refs]))
-            for i in range(0, len(hyps), chunk)
-        ]
-    finally:
-        metric._force = original
-    if warn:
-        logging.getLogger("sacrebleu").warning(
-            "That's 100 lines that end in a tokenized period ('.'); it looks like you forgot to detokenize "
-            "your test data, which may hurt your score (--force silences this)"
-        )
-    return metric._aggregate_and_compute(sums)
+def _score_dict(score: Score, signature: str, width: int, system: str) -> dict[str, Any]:
+    d = json.loads(score.format(width, False, signature, is_json=True))
+    d["system"] = system
+    return d
 
 
 def score_files(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mtkit.data import catalog as cat
+from mtkit.data import download as dl
 from mtkit.data.catalog import Split, load_catalog, resolution_plan, resolve_file
 from mtkit.errors import MtkitError
 
@@ -23,14 +24,14 @@ def _isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("MTKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MTKIT_DATA", raising=False)
     monkeypatch.delenv("MTKIT_OFFLINE", raising=False)
-    urlopen = cat.urllib.request.urlopen
+    urlopen = dl.urllib.request.urlopen
 
     def local_only(url, *args, **kwargs):
         if not str(url).startswith("http://127.0.0.1:"):
             raise AssertionError("tests must not touch the network")
         return urlopen(url, *args, **kwargs)
 
-    monkeypatch.setattr(cat.urllib.request, "urlopen", local_only)
+    monkeypatch.setattr(dl.urllib.request, "urlopen", local_only)
 
 
 def _gz(path: Path, lines: list[str]) -> Path:
@@ -127,7 +128,7 @@ def test_download_verifies_the_checksum(tmp_path, monkeypatch):
     def fake_download(url, dest, sha256=None, timeout=60.0):
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(payload)
-        cat.verify(dest, sha256, url)
+        dl.verify(dest, sha256, url)
         return dest
 
     monkeypatch.setattr(cat, "download", fake_download)
@@ -185,7 +186,7 @@ def test_offline_error_names_the_files_and_where(tmp_path, monkeypatch):
     monkeypatch.delenv("MTKIT_OFFLINE")
 
     def unreachable(url, dest, sha256=None, timeout=60.0):
-        raise cat.urllib.error.URLError("Name or service not known")
+        raise dl.urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(cat, "download", unreachable)
     with pytest.raises(MtkitError, match=r"could not download .*offline\? place train.de.gz in"):
@@ -299,8 +300,8 @@ def test_an_interrupted_download_is_tried_again_and_never_cached_half(server):
     assert len(server.requests) == 2
 
     server.files["/train.en.gz"] = body
-    server.cut["/train.en.gz"] = cat.DOWNLOAD_ATTEMPTS  # every attempt drops
-    with pytest.raises(MtkitError, match=rf"download of .*train.en.gz failed {cat.DOWNLOAD_ATTEMPTS} times"):
+    server.cut["/train.en.gz"] = dl.DOWNLOAD_ATTEMPTS  # every attempt drops
+    with pytest.raises(MtkitError, match=rf"download of .*train.en.gz failed {dl.DOWNLOAD_ATTEMPTS} times"):
         resolve_file(split, "en")
     assert not [p for p in cat.cache_dir().rglob("*en*") if p.is_file()]
 

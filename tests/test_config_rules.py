@@ -52,14 +52,14 @@ def test_every_field_has_a_rule():
 def test_choice_lists_match_the_code_that_uses_them():
     from sacrebleu.metrics import BLEU
 
-    from mtkit import scoring
+    from mtkit import scoring_metrics
     from mtkit.decoding import penalties
     from mtkit.models.lstm import RNN_CLASSES
     from mtkit.training.trainer import OPTIMIZER_CLASSES
 
     assert set(BLEU_TOKENIZERS) == set(BLEU.TOKENIZERS)
     score_tokenize = {f.name: f for f in dataclasses.fields(RECIPE_SECTIONS["score"])}["tokenize"]
-    assert set(field_rule(score_tokenize).choices) == set(scoring.TOKENIZERS) == set(BLEU.TOKENIZERS) | {"moses"}
+    assert set(field_rule(score_tokenize).choices) == set(scoring_metrics.TOKENIZERS) == set(BLEU.TOKENIZERS) | {"moses"}
     assert set(OPTIMIZERS) == set(OPTIMIZER_CLASSES)
     from mtkit.training import schedule
 

@@ -133,7 +133,7 @@ def test_disk_full_translation_error_names_output(workspace, tmp_path):
 
 
 def test_disk_full_while_preprocessing_keeps_previous_data(tmp_path, monkeypatch):
-    from mtkit.data import preprocess as P
+    from mtkit.data import binarize
 
     write_pair(tmp_path / "c", sentences(80, 0))
     out = tmp_path / "data"
@@ -141,14 +141,14 @@ def test_disk_full_while_preprocessing_keeps_previous_data(tmp_path, monkeypatch
             "-o", out, "--vocab-size", "60", "--workers", "1"]
     assert cli(args).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    add = P._ShardWriter.add
+    add = binarize._ShardWriter.add
 
     def full(self, flat, lens):
         if self.bin.name.endswith("c.de.bin"):  # the test split, after train succeeded
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.bin.name)
         return add(self, flat, lens)
 
-    monkeypatch.setattr(P._ShardWriter, "add", full)
+    monkeypatch.setattr(binarize._ShardWriter, "add", full)
     res = cli([*args, "--force"])
     error_line(res.stderr, res.exit_code, "No space left on device", "c.de.bin")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -334,7 +334,7 @@ def test_score_in_chunks_equals_whole_corpus(tmp_path, monkeypatch):
     reference's n-grams: gigabytes for a million lines); the figures must not change."""
     from sacrebleu.metrics import BLEU, CHRF, TER
 
-    from mtkit import scoring
+    from mtkit import scoring_metrics
 
     hyp = sentences(230, 1)
     hyp[7] = ""
@@ -342,7 +342,7 @@ def test_score_in_chunks_equals_whole_corpus(tmp_path, monkeypatch):
     write_lines(tmp_path / "hyp", hyp)
     for i, r in enumerate(refs):
         write_lines(tmp_path / f"ref{i}", r)
-    monkeypatch.setattr(scoring, "CHUNK_LINES", 50)  # five chunks, the last one short
+    monkeypatch.setattr(scoring_metrics, "CHUNK_LINES", 50)  # five chunks, the last one short
     from sacrebleu.metrics.base import Metric
 
     extract, chunks = Metric._extract_corpus_statistics, []

@@ -17,7 +17,8 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacremoses import MosesTokenizer
 
 from mtkit.errors import MtkitError
-from mtkit.scoring import compound_split, language_of, moses_tokenizer, score_files, score_systems
+from mtkit.scoring import score_files, score_systems
+from mtkit.scoring_metrics import compound_split, language_of, moses_tokenizer
 from tests.helpers import cli, error_line, run_mtkit
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"  # shared/ beside the repo

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import mtkit.data.preprocess as pp
+import mtkit.data.binarize as binarize
+import mtkit.data.spm_models as spm_models
 from mtkit.cli import main
 from mtkit.data.dataset import ParallelDataset, load_manifest, load_spm
-from mtkit.data.preprocess import Reservoir, preprocess
+from mtkit.data.preprocess import preprocess
+from mtkit.data.spm_models import Reservoir
 from mtkit.data.subword import SubwordModel
 from mtkit.data.text import (
     EMPTY,
@@ -202,7 +204,7 @@ def test_a_gz_name_on_plain_text_is_reported_as_not_gzip(tmp_path):
 def test_workers_and_chunks_do_not_change_output(tmp_path, monkeypatch):
     pairs = make_pairs(250) + make_pairs(30)  # duplicates across chunks
     m1, out1 = run(tmp_path, pairs, out="one", dedup=True, workers=1)
-    monkeypatch.setattr(pp, "CHUNK_PAIRS", 17)
+    monkeypatch.setattr(binarize, "CHUNK_PAIRS", 17)
     m2, out2 = run(
         tmp_path, pairs, out="two", spm_models=[out1 / "spm.model"], dedup=True, workers=2
     )
@@ -346,15 +348,15 @@ def test_reservoir_is_bounded_and_uniform():
 
 
 def test_spm_trains_on_a_bounded_sample(tmp_path, monkeypatch):
-    monkeypatch.setattr(pp, "SPM_TRAIN_SENTENCES", 50)
+    monkeypatch.setattr(spm_models, "SPM_TRAIN_SENTENCES", 50)
     seen = {}
-    real = pp.train_sentencepiece
+    real = spm_models.train_sentencepiece
 
     def spy(sentences, *args, **kwargs):
         seen["n"] = len(sentences)
         return real(sentences, *args, **kwargs)
 
-    monkeypatch.setattr(pp, "train_sentencepiece", spy)
+    monkeypatch.setattr(spm_models, "train_sentencepiece", spy)
     manifest, _ = run(tmp_path, make_pairs(300), vocab_size=50)
     assert seen["n"] == 50 and manifest["splits"]["train"]["pairs"] > 0
 

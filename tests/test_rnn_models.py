@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from mtkit.config import PRESET_DIR, config_from_dict, load_config
 from mtkit.errors import MtkitError
 from mtkit.models import MODELS, build_model
-from mtkit.models.attention import SCORES, WINDOWS, build_attention, masked_softmax
 from mtkit.models.base import expand_state, reorder_state
-from mtkit.models.lstm import layers_state, padding_mask, reverse_padded, rnn_step, state_layers
+from mtkit.models.lstm import layers_state, reverse_padded, rnn_step, state_layers
 from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 torch.set_num_threads(1)
@@ -240,66 +239,6 @@ def test_checkpoint_round_trip(preset, tmp_path):
     src, src_len, tgt = batch([5, 4], [3, 3])
     with torch.no_grad():
         torch.testing.assert_close(model2(src, src_len, tgt), model(src, src_len, tgt), atol=0, rtol=0)
-
-
-# --- attention -----------------------------------------------------------------------------
-@pytest.mark.parametrize("window", list(WINDOWS))
-@pytest.mark.parametrize("score", list(SCORES))
-def test_attention_weights_sum_to_one_and_skip_padding(score, window):
-    torch.manual_seed(0)
-    B, S, H = 4, 9, 12
-    attn = build_attention(score, H, H, 10, window, window_size=2)
-    memory = torch.randn(B, S, H)
-    src_len = torch.tensor([9, 5, 1, 3])
-    mask = padding_mask(src_len, S)
-    memory = memory * mask.unsqueeze(-1)
-    query = torch.randn(B, H, requires_grad=True)
-    for t in (0, 2, 7, 20):
-        ctx, w = attn(query, memory, attn.precompute(memory), mask, src_len, torch.full((B,), t))
-        assert w.shape == (B, S) and ctx.shape == (B, H)
-        torch.testing.assert_close(w.sum(-1), torch.ones(B))
-        assert (w[~mask] == 0).all()
-        assert (w >= 0).all()
-        torch.testing.assert_close(ctx, torch.einsum("bs,bsh->bh", w, memory))
-        ctx.sum().backward()
-        assert torch.isfinite(query.grad).all()
-
-
-def test_local_m_window_is_centered_on_the_target_position():
-    B, S, H = 2, 12, 8
-    attn = build_attention("dot", H, H, H, "local-m", window_size=2)
-    memory = torch.randn(B, S, H)
-    src_len = torch.tensor([12, 6])
-    mask = padding_mask(src_len, S)
-    _, w = attn(torch.randn(B, H), memory, memory, mask, src_len, torch.tensor([5, 9]))
-    # row 0: p = 5 -> positions 3..7; row 1: p = min(9, 5) = 5 -> positions 3..5 (6+ is padding)
-    assert w[0].nonzero().flatten().tolist() == [3, 4, 5, 6, 7]
-    assert w[1].nonzero().flatten().tolist() == [3, 4, 5]
-
-
-def test_local_p_follows_the_predicted_position_and_gaussian():
-    torch.manual_seed(0)
-    B, S, H, D = 1, 30, 8, 4
-    attn = build_attention("dot", H, H, H, "local-p", window_size=D)
-    window = attn.window
-    query = torch.randn(B, H)
-    src_len = torch.tensor([S])
-    p = float(window.center(query, src_len, torch.zeros(1)).detach())
-    assert p == pytest.approx(S * torch.sigmoid(window.v(torch.tanh(window.proj(query)))).item(), rel=1e-6)
-    memory = torch.zeros(B, S, H)  # equal scores: the weights are the Gaussian alone
-    _, w = attn(query, memory, memory, torch.ones(B, S, dtype=torch.bool), src_len)
-    pos = torch.arange(S, dtype=torch.float)
-    inside = (pos - p).abs() <= D
-    gauss = torch.exp(-((pos - p) ** 2) / (2 * (D / 2) ** 2)) * inside
-    torch.testing.assert_close(w[0], gauss / gauss.sum())
-
-
-def test_masked_softmax_zero_on_padding():
-    scores = torch.tensor([[1.0, 2.0, 50.0], [0.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, False], [True, True, True]])
-    w = masked_softmax(scores, mask)
-    assert w[0, 2] == 0
-    torch.testing.assert_close(w[1], torch.full((3,), 1 / 3))
 
 
 # --- family-specific structure -------------------------------------------------------------------

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from mtkit.cli import main
 from mtkit.errors import MtkitError
-from mtkit.scoring import format_results, parse_metrics, score_files
+from mtkit.scoring import format_results, score_files
+from mtkit.scoring_metrics import parse_metrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"  # shared/ beside the repo
 N_LINES = 300

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from mtkit.cli import main
-from mtkit.config import TrainConfig, load_config
+from mtkit.config import load_config
 from mtkit.data.batching import BatchIterator
 from mtkit.data.dataset import ListDataset
 from mtkit.data.subword import train_sentencepiece
@@ -23,7 +23,6 @@ from mtkit.errors import MtkitError
 from mtkit.training import trainer as T
 from mtkit.training.checkpoint import load_checkpoint, load_model
 from mtkit.training.loss import projected_nll
-from mtkit.training.schedule import Scheduler, inverse_sqrt, noam
 
 V = 32
 
@@ -293,39 +292,7 @@ def test_length_limits_skip_pairs():
     assert it.skipped == 2 and np.concatenate(it.epoch_batches(1)).tolist() == [0]
 
 
-# --- schedule and loss -------------------------------------------------------------------------
-def test_schedules():
-    assert inverse_sqrt(0, 1e-3, 100, 0.0) == 0.0
-    assert inverse_sqrt(50, 1e-3, 100, 0.0) == pytest.approx(5e-4)
-    assert inverse_sqrt(100, 1e-3, 100) == pytest.approx(1e-3)
-    assert inverse_sqrt(400, 1e-3, 100) == pytest.approx(5e-4)
-    assert noam(4000, 512, 4000, 1.0) == pytest.approx(512**-0.5 * 4000**-0.5)
-    assert noam(100, 512, 4000, 2.0) == pytest.approx(2 * 512**-0.5 * 100 * 4000**-1.5)
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([p])
-    sched = Scheduler(opt, TrainConfig(lr=1e-3, lr_scheduler="constant", warmup_updates=10, warmup_init_lr=0.0))
-    assert sched.step(5) == pytest.approx(5e-4) and opt.param_groups[0]["lr"] == pytest.approx(5e-4)
-    assert sched.step(50) == pytest.approx(1e-3)
-    with pytest.raises(MtkitError, match="lr_scheduler"):
-        Scheduler(opt, TrainConfig(lr_scheduler="cosine"))
-
-
-def test_time_decay_reaches_zero_when_the_budget_is_spent():
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
-    cfg = TrainConfig(lr=1e-3, lr_scheduler="constant", warmup_updates=0, max_time_minutes=10, time_decay="linear")
-    sched = Scheduler(opt, cfg)
-    assert sched.step(1, elapsed=0.0) == pytest.approx(1e-3)
-    assert sched.step(2, elapsed=150.0) == pytest.approx(7.5e-4)
-    assert sched.step(3, elapsed=600.0) == 0.0 and opt.param_groups[0]["lr"] == 0.0
-    cosine = Scheduler(opt, TrainConfig(lr=1e-3, lr_scheduler="inverse_sqrt", warmup_updates=100, max_time_minutes=10,
-                                        time_decay="cosine"))
-    assert cosine.step(400, elapsed=300.0) == pytest.approx(5e-4 * 0.5)  # inverse_sqrt x (1 + cos(pi/2)) / 2
-    with pytest.raises(MtkitError, match="max_time_minutes"):
-        Scheduler(opt, TrainConfig(time_decay="linear"))
-    with pytest.raises(MtkitError, match="time_decay"):
-        Scheduler(opt, TrainConfig(time_decay="exp", max_time_minutes=1))
-
-
+# --- time decay and loss ---------------------------------------------------------------------------
 def test_trainer_decays_the_lr_by_training_time(spm, tmp_path, monkeypatch):
     """With time_decay the trainer hands the scheduler its elapsed training time: the logged lr
     falls below the constant schedule's as the (fake) clock runs towards the budget."""

@@ -15,33 +15,32 @@ With no local copy and downloads impossible (offline, ``MTKIT_OFFLINE=1``, or
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import http.client
-import io
 import logging
 import os
 import re
 import shutil
-import tarfile
 import urllib.error
-import urllib.request
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mtkit.data.download import (
+    convert,
+    decode_lines,
+    download,
+    read_member,
+    sacrebleu_file,
+    write_gz,
+)
 from mtkit.errors import MtkitError
-from mtkit.utils import progress
 
 logger = logging.getLogger("mtkit.data.catalog")
 
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
 FORMATS = ("text", "iwslt_tags", "iwslt_xml")
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -300,14 +299,6 @@ def resolution_plan(
 # Fetching
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _archive_path(split: Split) -> Path:
     return cache_dir() / "downloads" / Path(split.archive.split("?")[0]).name
 
@@ -316,69 +307,6 @@ def _cached_archive(split: Split) -> Path | None:
     if split.archive and _archive_path(split).is_file():
         return _archive_path(split)
     return None
-
-
-DOWNLOAD_ATTEMPTS = 3  # a connection that drops mid-file is tried again this many times in all
-
-
-class IncompleteDownload(OSError):
-    """The server closed the connection before the announced number of bytes arrived."""
-
-
-def _download_once(url: str, tmp: Path, desc: str, timeout: float) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-        size = int(resp.headers.get("Content-Length") or 0)
-        chunks = iter(lambda: resp.read(CHUNK), b"")
-        total = (size + CHUNK - 1) // CHUNK if size else None
-        got = 0
-        for chunk in progress(chunks, total=total, desc=desc, unit="MiB"):
-            out.write(chunk)
-            got += len(chunk)
-    if size and got < size:  # urllib returns what came before the connection closed, without an error
-        raise IncompleteDownload(f"the connection closed after {got} of {size} bytes")
-
-
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
-    """Fetch ``url`` to ``dest`` through a temp file, trying again when the connection drops
-    mid-file; verify ``sha256`` when given. Nothing is left at ``dest`` (or beside it) unless
-    the whole file arrived and matched."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    logger.info("downloading %s", url)
-    try:
-        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-            try:
-                _download_once(url, tmp, dest.name, timeout)
-                break
-            except (IncompleteDownload, http.client.IncompleteRead, ConnectionError) as exc:
-                if attempt == DOWNLOAD_ATTEMPTS:
-                    raise MtkitError(f"download of {url} failed {attempt} times: {exc}") from None
-                logger.warning("download of %s interrupted (%s); trying again", url, exc)
-        verify(tmp, sha256, url)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
-
-
-def verify(path: Path, sha256: str | None, what: str) -> None:
-    """Check a file's sha256; on mismatch delete it and raise."""
-    if not sha256:
-        logger.warning("no checksum known for %s; using it unverified", what)
-        return
-    got = sha256_file(path)
-    if got != sha256:
-        path.unlink(missing_ok=True)
-        raise MtkitError(f"checksum mismatch for {what}: expected sha256 {sha256}, got {got} (nothing was kept)")
-
-
-def _write_gz(lines: Iterator[str], dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with gzip.open(tmp, "wt", encoding="utf-8", newline="\n") as out:
-        for line in lines:
-            out.write(line + "\n")
-    os.replace(tmp, dest)
 
 
 def _fetch(split: Split, lang: str, dest: Path) -> None:
@@ -390,7 +318,7 @@ def _fetch(split: Split, lang: str, dest: Path) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(raw, dest)
         else:
-            _write_gz(_decode_lines(raw.read_bytes(), url), dest)
+            write_gz(decode_lines(raw.read_bytes(), url), dest)
         return
     if split.archive:
         path = _cached_archive(split)
@@ -398,7 +326,7 @@ def _fetch(split: Split, lang: str, dest: Path) -> None:
             path = download(split.archive, _archive_path(split), split.checksum(lang))
         member = split.member.format(lang=lang)
         data = read_member(path, member)
-        _write_gz(convert(_decode_lines(data, f"{path}:{member}"), split.format), dest)
+        write_gz(convert(decode_lines(data, f"{path}:{member}"), split.format), dest)
         return
     _fetch_sacrebleu(split, lang, dest)
 
@@ -410,73 +338,5 @@ def _fetch_sacrebleu(split: Split, lang: str, dest: Path) -> None:
         raise MtkitError(f"{split.ref}: sacrebleu pair {langpair} has no '{lang}' side")
     path = sacrebleu_file(test_set, langpair, "src" if lang == src_lang else "ref")
     with open(path, encoding="utf-8") as f:
-        _write_gz((line.rstrip("\n") for line in f), dest)
+        write_gz((line.rstrip("\n") for line in f), dest)
 
-
-def sacrebleu_file(test_set: str, langpair: str, side: str) -> str:
-    """Download (through sacrebleu) and return the path of a test set's source or reference."""
-    from sacrebleu.dataset import DATASETS
-
-    if test_set not in DATASETS:
-        raise MtkitError(f"sacrebleu does not know the test set '{test_set}'")
-    ds = DATASETS[test_set]
-    if langpair not in ds.langpairs:
-        raise MtkitError(f"sacrebleu test set '{test_set}' has no language pair {langpair}")
-    try:
-        return ds.get_source_file(langpair) if side == "src" else ds.get_reference_files(langpair)[0]
-    except SystemExit:  # sacrebleu exits on a failed download
-        raise MtkitError(f"sacrebleu could not fetch {test_set} {langpair}; offline?") from None
-
-
-def read_member(archive: Path, member: str) -> bytes:
-    """The bytes of one file inside a tar or zip archive (gunzipped if it is gzip)."""
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as z:
-                data = z.read(member)
-        else:
-            with tarfile.open(archive) as t:
-                f = t.extractfile(member)
-                if f is None:
-                    raise KeyError(member)
-                data = f.read()
-    except KeyError:
-        raise MtkitError(f"archive {archive} has no member {member}") from None
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError):
-        raise MtkitError(f"archive {archive} is corrupt or truncated; delete it and retry") from None
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    return data
-
-
-def _decode_lines(data: bytes, name: str) -> Iterator[str]:
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    for lineno, raw in enumerate(io.BytesIO(data), start=1):
-        try:
-            yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
-        except UnicodeDecodeError:
-            raise MtkitError(f"{name} line {lineno}: invalid UTF-8") from None
-
-
-_IWSLT_DROP = ("<url>", "<talkid>", "<keywords>")  # as fairseq's prepare-iwslt14.sh
-_IWSLT_TAGS = re.compile(r"</?(title|description)>")
-_SEG = re.compile(r"<seg id=\"?\d+\"?>\s*(.*?)\s*</seg>")
-
-
-def convert(lines: Iterator[str], fmt: str) -> Iterator[str]:
-    """Turn a source file's lines into plain sentences according to the catalog ``format``."""
-    if fmt == "text":
-        yield from lines
-    elif fmt == "iwslt_tags":
-        for line in lines:
-            if line.lstrip().startswith(_IWSLT_DROP):
-                continue
-            yield _IWSLT_TAGS.sub("", line).strip()
-    elif fmt == "iwslt_xml":
-        for line in lines:
-            m = _SEG.search(line)
-            if m:
-                yield m.group(1).replace("\u2019", "'")
-    else:
-        raise MtkitError(f"unknown catalog format '{fmt}'")

@@ -1,0 +1,231 @@
+"""Binarizing one split: encode its lines in chunks (in a pool of worker processes), drop the
+training pairs the filters reject, and append the ids to ``<split>.<lang>.bin`` with their int64
+offsets (n + 1 of them) in ``<split>.<lang>.idx``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtkit.data.subword import SubwordModel
+from mtkit.data.text import (
+    FILTER_NAMES,
+    KEEP,
+    DuplicateFilter,
+    filter_codes,
+    iter_parallel,
+    pair_hashes,
+)
+from mtkit.utils import progress
+
+logger = logging.getLogger("mtkit.preprocess")
+
+CHUNK_PAIRS = 5_000  # pairs per unit of work sent to an encoding process
+UINT16_LIMIT = 1 << 16
+
+
+@dataclass
+class Split:
+    """One split of the corpus being preprocessed: its name and its source and target files."""
+
+    name: str
+    src: Path
+    tgt: Path
+    pairs: int | None = None  # line count, when a previous pass has counted it
+
+
+def shard_dtype(vocab_size: int) -> str:
+    """The id type of the shards for a vocabulary of ``vocab_size`` pieces."""
+    return "uint16" if vocab_size < UINT16_LIMIT else "int32"
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+Chunk = tuple[list[str], list[str], bool]  # source lines, target lines, whether to hash pairs
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(src_bytes: bytes, tgt_bytes: bytes) -> None:
+    _worker["src"] = SubwordModel(src_bytes, "source model")
+    _worker["tgt"] = (
+        _worker["src"] if tgt_bytes == src_bytes else SubwordModel(tgt_bytes, "target model")
+    )
+
+
+def _flatten(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(lens.sum()))
+    return flat, lens
+
+
+def _encode_chunk(chunk: Chunk) -> Encoded:
+    """(src ids, src lens, tgt ids, tgt lens, pair hashes or None) for one chunk of lines."""
+    src_lines, tgt_lines, hashed = chunk
+    src_ids, src_lens = _flatten(_worker["src"].sp.encode(src_lines, out_type=int, num_threads=1))
+    tgt_ids, tgt_lens = _flatten(_worker["tgt"].sp.encode(tgt_lines, out_type=int, num_threads=1))
+    hashes = pair_hashes(src_lines, tgt_lines) if hashed else None
+    return src_ids, src_lens, tgt_ids, tgt_lens, hashes
+
+
+class EncoderPool:
+    """Context manager giving ``encode(chunks) -> iterator of results`` in input order.
+
+    With one worker it encodes in this process; otherwise a process pool, with at most two
+    chunks per worker in flight so that reading never runs ahead of encoding.
+    """
+
+    def __init__(self, src: SubwordModel, tgt: SubwordModel, workers: int):
+        self.args = (src.model_bytes, tgt.model_bytes)
+        self.workers = workers
+        self.pool: Any = None
+
+    def __enter__(self) -> Callable[[Iterable[Chunk]], Iterator[Encoded]]:
+        if self.workers > 1:
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods and sys.platform == "linux" else None)
+            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=self.args)
+        else:
+            _init_worker(*self.args)
+        return self.encode
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+        _worker.clear()
+
+    def encode(self, chunks: Iterable[Chunk]) -> Iterator[Encoded]:
+        if self.pool is None:
+            yield from map(_encode_chunk, chunks)
+            return
+        pending: deque[Any] = deque()
+        for chunk in chunks:
+            pending.append(self.pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _chunks(split: Split, hashed: bool) -> Iterator[Chunk]:
+    it = iter_parallel(split.src, split.tgt)
+    while True:
+        block = list(itertools.islice(it, CHUNK_PAIRS))
+        if not block:
+            return
+        yield [s for s, _ in block], [t for _, t in block], hashed
+
+
+class _ShardWriter:
+    """Appends id sequences to ``<split>.<lang>.bin`` and their offsets to ``.idx``."""
+
+    def __init__(self, directory: Path, split: str, lang: str, dtype: str):
+        self.bin = open(directory / f"{split}.{lang}.bin", "wb")
+        self.idx = open(directory / f"{split}.{lang}.idx", "wb")
+        self.dtype = np.dtype(dtype)
+        self.offset = 0
+        self.n = 0
+        self.max_len = 0
+        self.idx.write(np.zeros(1, dtype=np.int64).tobytes())
+
+    def add(self, flat: np.ndarray, lens: np.ndarray) -> None:
+        self.bin.write(flat.astype(self.dtype, copy=False).tobytes())
+        self.idx.write((self.offset + np.cumsum(lens, dtype=np.int64)).tobytes())
+        self.offset += int(lens.sum())
+        self.n += len(lens)
+        self.max_len = max(self.max_len, int(lens.max(initial=0)))
+
+    def close(self) -> None:
+        self.bin.close()
+        self.idx.close()
+
+
+def binarize_split(
+    split: Split,
+    tmp: Path,
+    src_lang: str,
+    tgt_lang: str,
+    dtypes: dict[str, str],
+    encode: Callable[[Iterable[Chunk]], Iterator[Encoded]],
+    cleaning: tuple[int, float, bool] | None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Encode one split into its shards; ``cleaning`` = (max_len, max_ratio, dedup) for train."""
+    dedup = cleaning is not None and cleaning[2]
+    seen = DuplicateFilter() if dedup else None
+    dropped = {name: 0 for name in (*FILTER_NAMES.values(), "duplicate")}
+    read = 0
+    writers = (
+        _ShardWriter(tmp, split.name, src_lang, dtypes["src"]),
+        _ShardWriter(tmp, split.name, tgt_lang, dtypes["tgt"]),
+    )
+    total = None if split.pairs is None else -(-split.pairs // CHUNK_PAIRS)
+    try:
+        results = encode(_chunks(split, dedup))
+        for src_ids, src_lens, tgt_ids, tgt_lens, hashes in progress(
+            results, total=total, desc=f"encode {split.name}", unit="chunks"
+        ):
+            read += len(src_lens)
+            if cleaning is not None:
+                src_ids, src_lens, tgt_ids, tgt_lens = _clean(
+                    (src_ids, src_lens, tgt_ids, tgt_lens, hashes), cleaning, seen, dropped
+                )
+            writers[0].add(src_ids, src_lens)
+            writers[1].add(tgt_ids, tgt_lens)
+    finally:
+        for w in writers:
+            w.close()
+    src_w, tgt_w = writers
+    stats = {
+        "pairs": src_w.n,
+        "src_tokens": src_w.offset,
+        "tgt_tokens": tgt_w.offset,
+        "src_max_len": src_w.max_len,
+        "tgt_max_len": tgt_w.max_len,
+        "src_files": [str(split.src)],
+        "tgt_files": [str(split.tgt)],
+    }
+    logger.info("%s: %d pairs, %d / %d tokens", split.name, src_w.n, src_w.offset, tgt_w.offset)
+    if cleaning is None:
+        return stats, None
+    if not dedup:
+        del dropped["duplicate"]
+    report = {"input_pairs": read, "dropped": dropped, "kept": src_w.n}
+    if any(dropped.values()):
+        logger.info(
+            "train filters dropped %s", ", ".join(f"{k}: {v}" for k, v in dropped.items() if v)
+        )
+    return stats, report
+
+
+def _clean(
+    encoded: Encoded,
+    cleaning: tuple[int, float, bool],
+    seen: DuplicateFilter | None,
+    dropped: dict[str, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Drop the pairs the training filters reject, counting them by filter in ``dropped``."""
+    src_ids, src_lens, tgt_ids, tgt_lens, hashes = encoded
+    codes = filter_codes(src_lens, tgt_lens, cleaning[0], cleaning[1])
+    for code, name in FILTER_NAMES.items():
+        dropped[name] += int(np.count_nonzero(codes == code))
+    keep = codes == KEEP
+    if seen is not None and hashes is not None:
+        fresh = np.zeros_like(keep)
+        fresh[keep] = seen.first_seen(hashes[keep])
+        dropped["duplicate"] += int(np.count_nonzero(keep & ~fresh))
+        keep = fresh
+    if not keep.all():
+        src_ids, src_lens = src_ids[np.repeat(keep, src_lens)], src_lens[keep]
+        tgt_ids, tgt_lens = tgt_ids[np.repeat(keep, tgt_lens)], tgt_lens[keep]
+    return src_ids, src_lens, tgt_ids, tgt_lens
