@@ -42,7 +42,8 @@ from mtkit.data.batching import collate_source
 from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_lines, open_binary, open_output
 from mtkit.decoding import search
-from mtkit.decoding.search import Hypothesis, SamplingOptions
+from mtkit.decoding.search import SamplingOptions
+from mtkit.decoding.search_base import Hypothesis
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq
 from mtkit.signals import term_as_interrupt
@@ -191,7 +192,7 @@ class Translator:
         overrides = {k: options.pop(k) for k in list(options) if k in decode_keys and options[k] is not None}
         opts = make_options({**options, "decode_overrides": {**overrides, "nbest": nbest}})
         cfg = resolve_decode_config(self.cfg, None, opts)
-        search.check_config(cfg, sampling_options(opts, torch.device("cpu")))
+        cfg.check_for_search(sampling=opts.sampling)
         decoder = Decoder(self, cfg, sampling_options(opts, self.device), attention=False)
         fmt = Formatter(self, "text", opts.output_units, "none")
         stats = new_stats()
@@ -236,9 +237,7 @@ def check_options(opts: Options) -> None:
         raise MtkitError(f"batch size must be at least 1, got {opts.batch_size}")
     if opts.buffer_lines <= 0:
         raise MtkitError(f"buffer lines must be at least 1, got {opts.buffer_lines}")
-    sampling = sampling_options(opts, torch.device("cpu"))
-    if sampling is not None:
-        search.check_sampling(sampling)
+    sampling_options(opts, torch.device("cpu"))  # SamplingOptions check themselves when made
 
 
 def sampling_options(opts: Options, device: torch.device) -> SamplingOptions | None:
@@ -451,7 +450,7 @@ def translate_file(
         tr = Translator.load(model_paths, device, opts.dtype)
         dev = tr.device
     cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
-    search.check_config(cfg, sampling_options(opts, torch.device("cpu")))
+    cfg.check_for_search(sampling=opts.sampling)
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
     if engine is not None:
         decoder = engine.decoder(cfg, attention)
