@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from mtkit.config import DecodeConfig
+from mtkit.data.batching import length_sorted_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.decoding.search_base import Hypothesis
 from mtkit.errors import MtkitError
@@ -200,7 +201,8 @@ class CT2Engine:
         return [self.hypotheses(r, cfg, len(self.truncate(p))) for r, p in zip(results, pieces)]
 
     def decoder(self, cfg: DecodeConfig, attention: bool = False) -> CT2Decoder:
-        """A drop-in for ``translate.Decoder`` (``cfg`` checked): list of id sequences -> hypotheses."""
+        """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (``cfg`` checked):
+        list of id sequences -> hypotheses."""
         return CT2Decoder(self, cfg, attention)
 
     def translate_pieces(
@@ -208,9 +210,9 @@ class CT2Engine:
     ) -> list[list[str]]:
         """Best hypothesis (pieces, no EOS) per input, batching length-sorted inputs; empty in, empty out."""
         out: list[list[str]] = [[] for _ in pieces]
-        order = sorted((i for i, p in enumerate(pieces) if p), key=lambda i: len(pieces[i]))
-        for start in range(0, len(order), max(batch_size, 1)):
-            rows = order[start : start + batch_size]
+        todo = [i for i, p in enumerate(pieces) if p]
+        for batch in length_sorted_batches([len(pieces[i]) for i in todo], batch_size=max(batch_size, 1)):
+            rows = [todo[j] for j in batch]
             for i, res in zip(rows, self.translate_batch([pieces[i] for i in rows], cfg)):
                 out[i] = self.split_eos(res.hypotheses[0], len(self.truncate(list(pieces[i]))), cfg)[0]
         return out
@@ -218,7 +220,8 @@ class CT2Engine:
 
 @dataclass
 class CT2Decoder:
-    """Callable like ``translate.Decoder`` (same ``batches`` / ``oom_splits`` counters)."""
+    """Callable like :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (same ``batches`` /
+    ``oom_splits`` counters)."""
 
     engine: CT2Engine
     cfg: DecodeConfig
