@@ -217,6 +217,15 @@ class DecodeConfig(Section):
     batch_size: int = number(0, low=0)  # sentences per batch, 0 = use max_tokens
     max_tokens: int = number(4000, low=1)
 
+    def check_for_search(self, sampling: bool = False) -> DecodeConfig:
+        """Check a decode config assembled from a checkpoint and overrides, once before decoding:
+        every field's rule, then what joins it to the search mode (beam search returns at most
+        ``beam`` hypotheses; sampling draws ``nbest`` samples of any number). Returns it."""
+        check_section(self, "decode")
+        if not sampling and self.nbest > self.beam:
+            raise MtkitError(f"nbest ({self.nbest}) cannot exceed the beam size ({self.beam})")
+        return self
+
 
 # --- the recipe's own sections (mtkit/recipes/schema.py), beside the config's --------------------------
 # sacrebleu's BLEU tokenizers (a test holds this list equal to sacrebleu's own)

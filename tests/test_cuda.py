@@ -24,7 +24,7 @@ from helpers import TINY, Workspace, cli, get_workspace, line_count, sentences, 
 
 from mtkit.config import load_config
 from mtkit.data.batching import collate_source, collate_target
-from mtkit.decoding import search
+from mtkit.decoding import search, search_base
 from mtkit.decoding.translate import DTYPES, Translator, translate_file
 from mtkit.training import trainer as T
 from mtkit.training.checkpoint import load_checkpoint
@@ -132,13 +132,13 @@ def test_validation_decodes_under_the_training_autocast(workspace, tmp_path, mon
     t = cuda_trainer(workspace, tmp_path, "transformer_tiny", "train.amp=bf16", "train.valid_bleu=true",
                      "train.valid_bleu_max_sentences=8")
     seen = []
-    step = search.Ensemble.step
+    step = search_base.Ensemble.step
 
     def spy(self, *args, **kwargs):
         seen.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
         return step(self, *args, **kwargs)
 
-    monkeypatch.setattr(search.Ensemble, "step", spy)
+    monkeypatch.setattr(search_base.Ensemble, "step", spy)
     metrics = t.validate()
     assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen)
     assert metrics["bleu"] is not None and math.isfinite(metrics["bleu"]) and math.isfinite(metrics["loss"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtkit.data.batching import collate_source, collate_target
+from mtkit.data.batching import collate_source, collate_target, length_sorted_batches
 from mtkit.data.dataset import ListDataset, ParallelDataset, load_manifest, load_spm
 from mtkit.data.preprocess import preprocess
 from mtkit.errors import MtkitError
@@ -141,3 +141,14 @@ def test_spm_checksum_checked(data_dir, tmp_path):
     shutil.copy(other / "spm.model", d / "spm.model")
     with pytest.raises(MtkitError, match="does not match the sha256"):
         load_spm(d)
+
+
+def test_length_sorted_batches_by_hand():
+    lengths = [5, 1, 9, 3, 3, 7, 2]  # + EOS: 6 2 10 4 4 8 3; sorted (stable): 1 6 3 4 0 5 2
+    assert [b.tolist() for b in length_sorted_batches(lengths, batch_size=3)] == [[1, 6, 3], [4, 0, 5], [2]]
+    # budget 12 padded tokens: [1 6 3] is 3 x 4; [4 0] 2 x 6; [5] 8 (with 2: 2 x 10); [2] 10
+    assert [b.tolist() for b in length_sorted_batches(lengths, max_tokens=12)] == [[1, 6, 3], [4, 0], [5], [2]]
+    # a sentence over the budget gets a batch of its own
+    assert [b.tolist() for b in length_sorted_batches([30, 1], max_tokens=12)] == [[1], [0]]
+    assert length_sorted_batches([], batch_size=2) == [] and length_sorted_batches([], max_tokens=5) == []
+

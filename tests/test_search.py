@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from mtkit.config import DecodeConfig, ModelConfig
-from mtkit.decoding.search import Ensemble, SamplingOptions, _beam_search, generate
+from mtkit.decoding.beam import beam_search
+from mtkit.decoding.search import SamplingOptions, generate
+from mtkit.decoding.search_base import Ensemble
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq
 
@@ -143,12 +145,13 @@ def test_no_repeat_bigram_blocks_repeats():
 
 
 def test_bad_configs_are_errors():
-    model = Scripted(TABLE, DEFAULT)
+    # checked once where a decode config is assembled, not per batch by the search
     for kw in ({"beam": 0}, {"nbest": 3, "beam": 2}, {"nbest": 0}, {"length_penalty": "bogus"}):
         with pytest.raises(MtkitError):
-            run(model, **kw)
+            cfg_(**kw).check_for_search()
+    cfg_(nbest=3, beam=2).check_for_search(sampling=True)  # sampling draws nbest samples of any number
     with pytest.raises(MtkitError):
-        generate([model], SRC, SRC_LEN, cfg_(), BOS, EOS, sampling=SamplingOptions(temperature=0))
+        SamplingOptions(temperature=0)
 
 
 def random_table(seed: int, depth: int) -> dict[tuple[int, ...], dict[int, float]]:
@@ -273,7 +276,7 @@ def test_beam_one_equals_greedy():
     cfg = replace(GRU_CFG, beam=1, nbest=1, length_penalty="average", beta=0.2)
     greedy = generate([model], src, src_len, cfg, BOS, EOS, attention=True)
     with torch.inference_mode():
-        beam1 = _beam_search(Ensemble([model]), src, src_len, cfg, BOS, EOS, attention=True)
+        beam1 = beam_search(Ensemble([model]), src, src_len, cfg, BOS, EOS, attention=True)
     for (g,), (b,) in zip(greedy, beam1):
         assert g.tokens == b.tokens
         assert g.score == pytest.approx(b.score, abs=1e-5)
@@ -452,12 +455,12 @@ def test_stopping_first_keeps_nbest():
 
 def test_unknown_stopping_rule_is_an_error():
     with pytest.raises(MtkitError, match="decode.stopping"):
-        generate([tiny_gru()], *random_batch(), replace(GRU_CFG, stopping="early"), BOS, EOS)
+        replace(GRU_CFG, stopping="early").check_for_search()
 
 
 @pytest.mark.parametrize("n,v,c", [(7, 8000, 10), (3, 8003, 4), (5, 700, 1), (2, 100, 10), (4, 64 * 20, 10)])
 def test_row_topk_equals_topk(n, v, c):
-    from mtkit.decoding.search import row_topk
+    from mtkit.decoding.search_base import row_topk
 
     g = torch.Generator().manual_seed(v)
     x = torch.randn(n, v, generator=g)

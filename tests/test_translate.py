@@ -14,10 +14,11 @@ from click.testing import CliRunner
 
 from mtkit.cli import main
 from mtkit.config import load_config
-from mtkit.data.batching import collate_source
+from mtkit.data.batching import collate_source, length_sorted_batches
 from mtkit.data.subword import train_sentencepiece
 from mtkit.decoding import search, translate
-from mtkit.decoding.translate import make_batches, prepare_resume, translate_file
+from mtkit.decoding.output import prepare_resume
+from mtkit.decoding.translate import translate_file
 from mtkit.errors import MtkitError
 from mtkit.models import build_model
 from mtkit.training.checkpoint import load_model, save_checkpoint
@@ -84,13 +85,13 @@ def test_line_count_order_and_empty_lines(ckpt, src_file, tmp_path):
     assert stats["translated"] == sum(1 for line in lines if line.strip())
 
 
-def test_make_batches_respects_limits():
+def test_length_sorted_batches_respect_limits():
     lengths = [5, 1, 9, 3, 3, 7, 2]
-    for batches in (make_batches(lengths, 0, 20), make_batches(lengths, 2, 0)):
+    for batches in (length_sorted_batches(lengths, 0, 20), length_sorted_batches(lengths, 2, 0)):
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in make_batches(lengths, 0, 20):
+    for b in length_sorted_batches(lengths, 0, 20):
         assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 1) <= 20
-    assert all(len(b) <= 2 for b in make_batches(lengths, 2, 0))
+    assert all(len(b) <= 2 for b in length_sorted_batches(lengths, 2, 0))
 
 
 def rescore(model, src_ids, tokens, eos, bos, pad) -> float:
@@ -385,7 +386,7 @@ def test_piped_input_is_answered_line_by_line_when_it_pauses(ckpt, tmp_path):
 
 
 def test_paced_reader_marks_pauses_and_forwards_errors():
-    from mtkit.decoding.translate import paced
+    from mtkit.decoding.inputs import paced
 
     def slow():
         yield "a"

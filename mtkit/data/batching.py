@@ -157,6 +157,20 @@ class BatchIterator:
         self.position = position
 
 
+def length_sorted_batches(lengths: Sequence[int] | np.ndarray, batch_size: int = 0, max_tokens: int = 0) -> list[np.ndarray]:
+    """Source batches for decoding: indices stably sorted by length, cut into batches of
+    ``batch_size`` sentences, or (``batch_size`` 0) of at most ``max_tokens`` padded source
+    tokens, each sentence counting its length + EOS (a longer single sentence gets its own batch).
+
+    ``lengths`` count source tokens without EOS; the batches index into it.
+    """
+    cost = np.asarray(lengths, dtype=np.int64) + 1  # + EOS
+    order = np.argsort(cost, kind="stable")
+    if batch_size:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return pack_batches(order, cost, max_tokens)
+
+
 def fixed_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     """Length-sorted token-budget batches in a fixed order (validation)."""
     cost = np.maximum(np.asarray(src_lens) + 1, np.asarray(tgt_lens) + 1).astype(np.int64)

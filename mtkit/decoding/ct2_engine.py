@@ -40,8 +40,9 @@ from typing import Any
 import torch
 
 from mtkit.config import DecodeConfig
+from mtkit.data.batching import length_sorted_batches
 from mtkit.data.subword import SubwordModel
-from mtkit.decoding.search import Hypothesis, check_config
+from mtkit.decoding.search_base import Hypothesis
 from mtkit.errors import MtkitError
 from mtkit.export import META, SRC_SPM, TGT_SPM, import_ctranslate2
 
@@ -123,8 +124,7 @@ class CT2Engine:
 
     # -- options -----------------------------------------------------------------------------
     def options(self, cfg: DecodeConfig) -> dict[str, Any]:
-        """CTranslate2 ``translate_batch`` keyword arguments for a decode config (no max length)."""
-        check_config(cfg, None)
+        """CTranslate2 ``translate_batch`` keyword arguments for a checked decode config (no max length)."""
         if cfg.beta:
             _warn_once("beta", "ctranslate2 applies its own coverage penalty formula for decode.beta")
         return {
@@ -201,8 +201,8 @@ class CT2Engine:
         return [self.hypotheses(r, cfg, len(self.truncate(p))) for r, p in zip(results, pieces)]
 
     def decoder(self, cfg: DecodeConfig, attention: bool = False) -> CT2Decoder:
-        """A drop-in for ``translate.Decoder``: list of id sequences -> hypotheses."""
-        check_config(cfg, None)
+        """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (``cfg`` checked):
+        list of id sequences -> hypotheses."""
         return CT2Decoder(self, cfg, attention)
 
     def translate_pieces(
@@ -210,9 +210,9 @@ class CT2Engine:
     ) -> list[list[str]]:
         """Best hypothesis (pieces, no EOS) per input, batching length-sorted inputs; empty in, empty out."""
         out: list[list[str]] = [[] for _ in pieces]
-        order = sorted((i for i, p in enumerate(pieces) if p), key=lambda i: len(pieces[i]))
-        for start in range(0, len(order), max(batch_size, 1)):
-            rows = order[start : start + batch_size]
+        todo = [i for i, p in enumerate(pieces) if p]
+        for batch in length_sorted_batches([len(pieces[i]) for i in todo], batch_size=max(batch_size, 1)):
+            rows = [todo[j] for j in batch]
             for i, res in zip(rows, self.translate_batch([pieces[i] for i in rows], cfg)):
                 out[i] = self.split_eos(res.hypotheses[0], len(self.truncate(list(pieces[i]))), cfg)[0]
         return out
@@ -220,7 +220,8 @@ class CT2Engine:
 
 @dataclass
 class CT2Decoder:
-    """Callable like ``translate.Decoder`` (same ``batches`` / ``oom_splits`` counters)."""
+    """Callable like :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (same ``batches`` /
+    ``oom_splits`` counters)."""
 
     engine: CT2Engine
     cfg: DecodeConfig
@@ -260,7 +261,7 @@ def translate_lines_ct2(
     cfg = decode_cfg if decode_cfg is not None else engine.cfg
     given = {"beam": beam, "length_penalty": length_penalty, "alpha": alpha, "min_len": min_len,
              "max_len_a": max_len_a, "max_len_b": max_len_b, "no_repeat_ngram": no_repeat_ngram}
-    cfg = dataclasses.replace(cfg, nbest=1, **{k: v for k, v in given.items() if v is not None})
+    cfg = dataclasses.replace(cfg, nbest=1, **{k: v for k, v in given.items() if v is not None}).check_for_search()
     pieces = [engine.src_spm.encode_pieces([ln])[0] if ln.strip() else [] for ln in lines]
     hyps = engine.translate_pieces(pieces, cfg, max_batch_size)
     return [engine.tgt_spm.decode_pieces([h])[0] if h else "" for h in hyps]
