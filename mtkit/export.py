@@ -187,7 +187,7 @@ def export_ctranslate2(
     ct2 = import_ctranslate2()
     from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES
 
-    from mtkit.training.checkpoint import build_from_checkpoint, load_checkpoint
+    from mtkit.checkpoint import build_from_checkpoint, load_checkpoint
 
     if quantization is not None and quantization not in ACCEPTED_MODEL_TYPES:
         raise MtkitError(f"unknown quantization '{quantization}'; valid: {', '.join(ACCEPTED_MODEL_TYPES)}")

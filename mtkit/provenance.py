@@ -153,8 +153,8 @@ def run_log(path: str | Path, prov: dict[str, Any], title: str) -> Iterator[None
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's model size, languages, vocabularies and provenance (what ``mtkit info`` prints)."""
+    from mtkit.checkpoint import build_from_checkpoint, load_checkpoint
     from mtkit.models.base import num_parameters
-    from mtkit.training.checkpoint import build_from_checkpoint, load_checkpoint
 
     payload = load_checkpoint(path)
     model, cfg, _, _ = build_from_checkpoint(payload, path)

@@ -734,7 +734,7 @@ def stage_train(ctx: RunContext, resume: bool) -> dict[str, Any]:
 
 
 def stage_average(ctx: RunContext, resume: bool) -> dict[str, Any]:
-    from mtkit.training.average import average_checkpoints, select_checkpoints
+    from mtkit.average import average_checkpoints, select_checkpoints
 
     avg = ctx.recipe.section("average")
     last, best = avg.get("last") or None, avg.get("best") or None

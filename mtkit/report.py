@@ -89,8 +89,8 @@ def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") 
 
 def count_parameters(checkpoint: str | Path) -> int | None:
     """Number of model parameters in a checkpoint (``None`` if it cannot be read)."""
+    from mtkit.checkpoint import load_model
     from mtkit.models.base import num_parameters
-    from mtkit.training.checkpoint import load_model
 
     try:
         model = load_model(checkpoint)[0]

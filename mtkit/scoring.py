@@ -66,8 +66,8 @@ def parse_metrics(values: Iterable[str]) -> list[str]:
 
 def load_piece_model(path: str | Path):
     """A sentencepiece model from a ``.model`` file or from an mtkit checkpoint (its target model)."""
+    from mtkit.checkpoint import MAGIC, load_checkpoint
     from mtkit.data.subword import SubwordModel
-    from mtkit.training.checkpoint import MAGIC, load_checkpoint
 
     path = Path(path)
     try:

@@ -27,9 +27,9 @@ from helpers import (
     write_pair,
 )
 
-from mtkit.training import checkpoint as C
+from mtkit import checkpoint as C
+from mtkit.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.training import trainer as T
-from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 DECODE = ["--beam", "2", "--max-len-a", "0", "--max-len-b", "3", "--device", "cpu"]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from mtkit.checkpoint import load_checkpoint, load_model
 from mtkit.cli import main
 from mtkit.config import TrainConfig, load_config
 from mtkit.data.batching import BatchIterator
@@ -21,7 +22,6 @@ from mtkit.data.dataset import ListDataset
 from mtkit.data.subword import train_sentencepiece
 from mtkit.errors import MtkitError
 from mtkit.training import trainer as T
-from mtkit.training.checkpoint import load_checkpoint, load_model
 from mtkit.training.loss import projected_nll
 from mtkit.training.schedule import Scheduler, inverse_sqrt, noam
 

@@ -149,7 +149,7 @@ class Translator:
     ) -> Translator:
         """Load checkpoints (several: an ensemble) onto ``device`` (auto, cpu, cuda), weights
         cast to ``dtype`` (float32, bfloat16, float16 on CUDA)."""
-        from mtkit.training.checkpoint import load_model
+        from mtkit.checkpoint import load_model
 
         if isinstance(model_paths, (str, Path)):
             model_paths = [model_paths]

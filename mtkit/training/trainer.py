@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from mtkit import provenance
+from mtkit.checkpoint import build_payload, load_checkpoint, save_checkpoint, subword_entries
 from mtkit.config import Config, check_section, dump_config
 from mtkit.data.batching import BatchIterator, collate_source, collate_target, fixed_batches
 from mtkit.data.subword import SubwordModel
@@ -54,7 +55,6 @@ from mtkit.models import build_model
 from mtkit.models.base import num_parameters
 from mtkit.models.linear import release_packed
 from mtkit.signals import Interrupted, stop_requests
-from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.training.loss import projected_nll
 from mtkit.training.schedule import Scheduler
 from mtkit.utils import (
@@ -554,31 +554,26 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def payload(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         """The checkpoint payload; ``rng`` from :meth:`_rng_states` (this process's if None)."""
-        spm_src, spm_tgt = self.data.src_spm, self.data.tgt_spm
         if rng is None:
             rng = self._rng_states()
-        return {
-            "config": self.cfg.to_dict(),
-            "spm": {"src": spm_src.model_bytes, "tgt": spm_tgt.model_bytes},
-            "vocab": {
-                "src_size": spm_src.size, "tgt_size": spm_tgt.size, "pad": self.tgt_pad, "bos": self.bos,
-                "eos": self.eos, "unk": spm_tgt.unk, "joint": spm_src.model_bytes == spm_tgt.model_bytes,
-            },
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else {},
-            "update": self.update,
-            "epoch": self.batches.epoch,
-            "data_state": self.batches.state_dict(),
-            "rng": rng,
-            "metrics": dict(self.last_valid),
-            "provenance": self.provenance,
-            "train_state": {
+        return build_payload(
+            self.cfg.to_dict(),
+            self.model.state_dict(),
+            **subword_entries(self.data.src_spm, self.data.tgt_spm),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else {},
+            update=self.update,
+            epoch=self.batches.epoch,
+            data_state=self.batches.state_dict(),
+            rng=rng,
+            metrics=dict(self.last_valid),
+            provenance=self.provenance,
+            train_state={
                 "best": self.best, "best_metric": self.best_metric_name, "stale": self.stale,
                 "bad_total": self.bad_total, "elapsed": self.elapsed,
             },
-        }
+        )
 
     def save(self, numbered: bool, best: bool = False) -> None:
         """Write a checkpoint (rank 0); on several ranks every rank must call it (RNG gather)."""
