@@ -32,6 +32,7 @@ import glob
 import hashlib
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ import torch
 
 from mtkit import __version__
 from mtkit.errors import MtkitError
+from mtkit.utils import atomic_path
 
 if TYPE_CHECKING:
     from mtkit.config import Config
@@ -130,9 +132,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     payload.setdefault("format_version", FORMAT_VERSION)
     payload.setdefault("mtkit_version", __version__)
     _remove_stale_temps(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(MAGIC + b"\0" * 32)
             writer = _HashingWriter(f)
             torch.save(payload, writer)
@@ -140,16 +141,18 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             f.write(writer.h.digest())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise MtkitError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
-        raise
+    except OSError as exc:
+        raise MtkitError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
     _fsync_dir(path.parent)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` hold the bytes of ``src`` (a hard link where possible)."""
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def _remove_stale_temps(path: Path) -> None:

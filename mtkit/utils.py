@@ -1,7 +1,9 @@
-"""Logging and progress reporting: tqdm on a terminal, plain log lines otherwise."""
+"""Small shared mechanisms: logging and progress reporting (tqdm on a terminal, plain log lines
+otherwise), atomic file writes, memory figures."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -108,16 +110,28 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty() and console_level() <= logging.INFO
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same directory and a rename."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The one way mtkit replaces a file: yields a temp path beside ``path``
+    (``<name>.tmp-<pid>``, same directory so the rename stays on one file system) for the
+    caller to write; when the block ends normally the temp file is renamed over ``path``,
+    when it raises the temp file is removed. Readers see the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # left by an earlier writer of this process (os.link needs it gone)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -275,7 +275,7 @@ def test_a_real_download_lands_in_the_cache_checked(server):
     split = _split(url=server.url + "/train.{lang}.gz", sha256={"de": hashlib.sha256(body).hexdigest()})
     path = resolve_file(split, "de")
     assert path == cat.cache_dir() / "toy" / "train.de.gz" and path.read_bytes() == body
-    assert not list(path.parent.glob("*.part")) and not list((cat.cache_dir() / "downloads").glob("*.part"))
+    assert not list(path.parent.glob("*.tmp-*")) and not list((cat.cache_dir() / "downloads").glob("*.tmp-*"))
     assert resolve_file(split, "de") == path and len(server.requests) == 1  # cached: not fetched again
 
 

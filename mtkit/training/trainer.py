@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -46,7 +45,13 @@ import torch
 import torch.distributed as dist
 
 from mtkit import provenance
-from mtkit.checkpoint import build_payload, load_checkpoint, save_checkpoint, subword_entries
+from mtkit.checkpoint import (
+    build_payload,
+    link_or_copy,
+    load_checkpoint,
+    save_checkpoint,
+    subword_entries,
+)
 from mtkit.config import Config, check_section, dump_config
 from mtkit.data.batching import BatchIterator, collate_source, collate_target, fixed_batches
 from mtkit.data.subword import SubwordModel
@@ -218,23 +223,6 @@ def tensorboard_writer_class() -> type:
         raise MtkitError("train.tensorboard_dir is set but the tensorboard package is not installed "
                          "(pip install tensorboard)") from None
     return SummaryWriter
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Atomically make ``dst`` hold the bytes of ``src`` (a hard link where possible)."""
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 class Trainer:
@@ -587,11 +575,11 @@ class Trainer:
         if numbered:
             path = self.save_dir / f"checkpoint_{self.update}.pt"
             save_checkpoint(path, payload)
-            _link_or_copy(path, last)
+            link_or_copy(path, last)
         else:
             save_checkpoint(last, payload)
         if best:
-            _link_or_copy(last, self.save_dir / BEST)
+            link_or_copy(last, self.save_dir / BEST)
         self.rotate()
 
     def rotate(self) -> None:
@@ -787,7 +775,7 @@ class Trainer:
             # numbered too, so that `average --last N` includes the weights training ended with
             self.save(numbered=tc.save_interval_updates > 0 and self.update > 0, best=best)
         if self.is_main and not (self.save_dir / BEST).exists():
-            _link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
+            link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
         logger.info("stopped at update %d: %s", self.update, stop_reason)
         return {
             "updates": self.update,
