@@ -43,6 +43,7 @@ from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_lines, open_binary, open_output
 from mtkit.decoding import search
 from mtkit.decoding.search import Hypothesis, SamplingOptions
+from mtkit.devices import torch_device
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq
 from mtkit.signals import term_as_interrupt
@@ -121,16 +122,6 @@ def paced(lines: Iterator[str], pause: float = PAUSE_S, queued: int = 100_000) -
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MtkitError(f"device '{device}' requested but CUDA is not available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise MtkitError(f"unknown device '{device}' (auto, cpu or cuda)")
-    return torch.device(device)
-
-
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Translator:
@@ -155,7 +146,7 @@ class Translator:
             model_paths = [model_paths]
         if not model_paths:
             raise MtkitError("no checkpoint given (-m CKPT)")
-        device = pick_device(device) if isinstance(device, str) else device
+        device = torch_device(device)
         if dtype not in DTYPES:  # before loading the checkpoints
             raise MtkitError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
         if dtype == "float16" and device.type == "cpu":

@@ -55,6 +55,7 @@ from mtkit.checkpoint import (
 from mtkit.config import Config, check_section, dump_config
 from mtkit.data.batching import BatchIterator, collate_source, collate_target, fixed_batches
 from mtkit.data.subword import SubwordModel
+from mtkit.devices import training_device
 from mtkit.errors import MtkitError
 from mtkit.models import build_model
 from mtkit.models.base import num_parameters
@@ -109,7 +110,7 @@ def train(
     rank, world_size, local_rank = distributed_env()
     if world_size == 1:
         return Trainer(load_data(data_dir), cfg, save_dir, device=device).fit(resume=resume)
-    dev = resolve_device(device, local_rank=local_rank)
+    dev = training_device(device, local_rank=local_rank)
     started = init_distributed(dev, rank, world_size)
     restore_logging = _rank_logging(rank)
     try:
@@ -196,25 +197,6 @@ def _rank_logging(rank: int):
     return restore
 
 
-def resolve_device(device: str | torch.device, local_rank: int | None = None) -> torch.device:
-    """``auto`` / ``cpu`` / ``cuda`` -> a device; a data-parallel rank (``local_rank`` given)
-    uses ``cuda:LOCAL_RANK``."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MtkitError("--device cuda requested but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise MtkitError(f"unknown device '{device}' (auto, cpu or cuda)")
-    if device == "cuda" and local_rank is not None:
-        if local_rank >= torch.cuda.device_count():
-            raise MtkitError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
 def tensorboard_writer_class() -> type:
     """torch's TensorBoard ``SummaryWriter``; a one-line error when the package is missing."""
     try:
@@ -237,7 +219,7 @@ class Trainer:
         if cfg.train.tensorboard_dir:
             tensorboard_writer_class()  # a missing package fails before any work
         self.save_dir = Path(save_dir)
-        self.device = resolve_device(device)
+        self.device = training_device(device)
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.distributed = world_size > 1
         if self.distributed and not (dist.is_available() and dist.is_initialized()):
