@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -25,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, did_you_mean, unknown_name
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -89,9 +88,7 @@ def field_rule(f: dataclasses.Field) -> Rule | None:
 def _bad(key: str, value: Any, rule: Rule) -> MtkitError:
     text = f"config key '{key}': {value!r} is not allowed; must be {rule.allowed()}"
     if rule.choices and isinstance(value, str):
-        close = difflib.get_close_matches(value, list(rule.choices), n=1, cutoff=0.5)
-        if close:
-            text += f"; did you mean '{close[0]}'?"
+        text += did_you_mean(value, rule.choices, listing=None)
     return MtkitError(text)
 
 
@@ -289,14 +286,8 @@ def model_config_class(arch: str) -> type[ModelConfig]:
     if not isinstance(arch, str):
         raise MtkitError(f"config key 'model.arch': expected a family name, got {arch!r}")
     if arch not in MODELS:
-        raise MtkitError(_unknown("model.arch value", arch, list(MODELS)))
+        raise MtkitError(unknown_name("model.arch value", arch, sorted(MODELS)))
     return MODELS[arch].Config
-
-
-def _unknown(what: str, name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(sorted(valid))}"
-    return f"unknown {what} '{name}'{hint}"
 
 
 def _type_check(value: Any, tp: Any, key: str) -> Any:
@@ -346,7 +337,7 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise MtkitError(_unknown("config key", f"{section}.{key}", [f"{section}.{k}" for k in fields]))
+            raise MtkitError(unknown_name("config key", f"{section}.{key}", sorted(f"{section}.{k}" for k in fields)))
         kwargs[key] = _type_check(value, hints[key], f"{section}.{key}")
     return check_section(cls(**kwargs), section)
 
@@ -362,7 +353,7 @@ def check_values(cls: type, values: dict[str, Any], section: str) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if key not in fields:
-            raise MtkitError(_unknown("config key", f"{section}.{key}", [f"{section}.{k}" for k in fields]))
+            raise MtkitError(unknown_name("config key", f"{section}.{key}", sorted(f"{section}.{k}" for k in fields)))
         value = _type_check(value, hints[key], f"{section}.{key}")
         rule = field_rule(fields[key])
         if rule is not None:
@@ -390,7 +381,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise MtkitError("a config must be a mapping of sections (data, model, train, decode)")
     for section in raw:
         if section not in ("data", "model", "train", "decode"):
-            raise MtkitError(_unknown("config section", section, ["data", "model", "train", "decode"]))
+            raise MtkitError(unknown_name("config section", section, sorted(["data", "model", "train", "decode"])))
     model_raw = dict(raw.get("model") or {})
     arch = model_raw.get("arch", ModelConfig.arch)
     cfg = Config(
@@ -465,7 +456,7 @@ def load_raw_config(name_or_path: str | Path | None) -> dict[str, Any]:
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return read_yaml(preset)
-    raise MtkitError(_unknown("config file or preset", str(name_or_path), preset_names()))
+    raise MtkitError(unknown_name("config file or preset", str(name_or_path), sorted(preset_names())))
 
 
 def dump_config(cfg: Config) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import gzip
 import hashlib
 import json
@@ -49,7 +48,7 @@ from mtkit.config import (
     read_yaml,
 )
 from mtkit.data.catalog import Catalog, Split, load_catalog, resolve_file
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, unknown_name
 from mtkit.utils import atomic_write_text
 
 logger = logging.getLogger("mtkit.recipes")
@@ -101,12 +100,6 @@ SMOKE_TRAIN = {
 SMOKE_PREPROCESS = {"vocab_size": 128, "workers": 1}
 SMOKE_TRAIN_LINES = 200
 SMOKE_EVAL_LINES = 20
-
-
-def _did_you_mean(what: str, name: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(valid)}"
-    return f"unknown {what} '{name}'{hint}"
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +191,7 @@ def _check_keys(section: str, mapping: Any, keys: Sequence[str], where: str) -> 
         raise MtkitError(f"{where}: '{section}' must be a mapping")
     for key in mapping:
         if key not in keys:
-            raise MtkitError(f"{where}: " + _did_you_mean("recipe key", f"{section}.{key}", [f"{section}.{k}" for k in keys]))
+            raise MtkitError(f"{where}: " + unknown_name("recipe key", f"{section}.{key}", [f"{section}.{k}" for k in keys]))
     return mapping
 
 
@@ -282,7 +275,7 @@ def validate(raw: dict[str, Any], where: str, catalog: Catalog | None = None) ->
         raise MtkitError(f"{where}: a recipe must be a mapping")
     for key in raw:
         if key not in TOP_KEYS:
-            raise MtkitError(f"{where}: " + _did_you_mean("recipe key", key, list(TOP_KEYS)))
+            raise MtkitError(f"{where}: " + unknown_name("recipe key", key, list(TOP_KEYS)))
     for key in REQUIRED:
         if raw.get(key) in (None, "", {}):
             raise MtkitError(f"{where}: recipe key '{key}' is required")
@@ -489,7 +482,7 @@ def parse_stages(stages: Sequence[str] | None) -> list[str]:
             ends = part.split("-") if "-" in part else [part, part]
             for end in ends:
                 if end not in STAGES:
-                    raise MtkitError(_did_you_mean("stage", end, list(STAGES)))
+                    raise MtkitError(unknown_name("stage", end, list(STAGES)))
             a, b = STAGES.index(ends[0]), STAGES.index(ends[-1])
             chosen.update(STAGES[min(a, b) : max(a, b) + 1])
     return [s for s in STAGES if s in chosen]
@@ -841,7 +834,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
         return shipped
     if path.parent.name not in ("", "recipes") or path.exists():
         raise MtkitError(f"recipe file not found: {path}")
-    raise MtkitError(_did_you_mean("recipe", name, [p.stem for p in recipe_paths()]))
+    raise MtkitError(unknown_name("recipe", name, [p.stem for p in recipe_paths()]))
 
 
 def list_recipes() -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, did_you_mean
 from mtkit.utils import atomic_path, progress
 
 logger = logging.getLogger("mtkit.data.catalog")
@@ -86,19 +86,15 @@ class Catalog:
 
     def split(self, ref: str) -> Split:
         """Look up ``"<dataset>/<split>"``; an unknown name is an error with a suggestion."""
-        import difflib
-
         if not isinstance(ref, str) or ref.count("/") != 1:
             raise MtkitError(f"data reference {ref!r} must look like <dataset>/<split>, e.g. multi30k/train")
         dataset, name = ref.split("/")
         if dataset not in self.datasets:
-            close = difflib.get_close_matches(dataset, list(self.datasets), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(self.datasets))}"
+            hint = did_you_mean(dataset, sorted(self.datasets), listing="known")
             raise MtkitError(f"unknown dataset '{dataset}' in '{ref}'{hint}")
         splits = self.datasets[dataset]
         if name not in splits:
-            close = difflib.get_close_matches(name, list(splits), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(splits))}"
+            hint = did_you_mean(name, sorted(splits), listing="known")
             raise MtkitError(f"unknown split '{name}' of dataset '{dataset}'{hint}")
         return splits[name]
 
