@@ -5,9 +5,9 @@ The YAML sections mirror the dataclasses (``data``, ``model``, ``train``, ``deco
 (each ``models/<family>.py`` defines its own ``Config`` subclass of :class:`ModelConfig`).
 An unknown key anywhere is an error that names the closest valid key.
 
-Every field states what it accepts in its ``metadata["rule"]`` (:func:`choice`, :func:`number`,
-:func:`any_value`; a ``bool`` field's type says it all), and a section's ``check()`` adds the
-rules that join several fields. :func:`build_section` applies both when a section is loaded, so a
+Every field states what it accepts in its ``metadata["rule"]`` (:mod:`mtkit.config_fields`:
+``choice``, ``number``, ``any_value``; a ``bool`` field's type says it all), and a section's
+``check()`` adds the rules that join several fields. :func:`build_section` applies both when a section is loaded, so a
 bad value is one ``error:`` line naming the key, the value and what is allowed, before any work.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,101 +23,19 @@ from typing import Any
 
 import yaml
 
-from mtkit.errors import MtkitError, did_you_mean, unknown_name
+from mtkit.config_fields import (
+    ModelConfig,
+    Section,
+    any_value,
+    check_rule,
+    choice,
+    choices_list,
+    field_rule,
+    number,
+)
+from mtkit.errors import MtkitError, unknown_name
 
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-# --- what a field accepts ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Rule:
-    """The values a config field accepts beyond its type (``any`` marks a deliberately free field)."""
-
-    choices: tuple[str, ...] = ()
-    low: float | None = None  # smallest allowed value (``low_open``: strictly above it)
-    low_open: bool = False
-    high: float | None = None  # largest allowed value (``high_open``: strictly below it)
-    high_open: bool = False
-    length: int = 0  # lists: exactly this many items (0: any number)
-    any: bool = False
-
-    def allowed(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        parts = []
-        if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
-        if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
-        text = " and ".join(parts) if parts else "a finite number"
-        return f"{self.length} numbers, each {text}" if self.length else text
-
-
-def choice(default: str, *choices: str) -> Any:
-    """A field holding one of ``choices`` (the default first among them or not)."""
-    return field(default=default, metadata={"rule": Rule(choices=tuple(choices))})
-
-
-def choices_list(factory: Any, *choices: str) -> Any:
-    """A list field whose every item is one of ``choices``."""
-    return field(default_factory=factory, metadata={"rule": Rule(choices=tuple(choices))})
-
-
-def number(
-    default: Any = None, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-    high_open: bool = False, length: int = 0, factory: Any = None,
-) -> Any:
-    """A numeric field (or list of numbers) in ``[low, high]``; NaN and infinities never pass."""
-    rule = Rule(low=low, high=high, low_open=low_open, high_open=high_open, length=length)
-    if factory is not None:
-        return field(default_factory=factory, metadata={"rule": rule})
-    return field(default=default, metadata={"rule": rule})
-
-
-def any_value(default: Any) -> Any:
-    """A field whose every value of the right type is valid (e.g. ``seed``, a free-text name)."""
-    return field(default=default, metadata={"rule": Rule(any=True)})
-
-
-def field_rule(f: dataclasses.Field) -> Rule | None:
-    """The rule of a dataclass field; None only for ``bool`` fields, whose type is the whole check."""
-    return f.metadata.get("rule")
-
-
-def _bad(key: str, value: Any, rule: Rule) -> MtkitError:
-    text = f"config key '{key}': {value!r} is not allowed; must be {rule.allowed()}"
-    if rule.choices and isinstance(value, str):
-        text += did_you_mean(value, rule.choices, listing=None)
-    return MtkitError(text)
-
-
-def _check_rule(value: Any, rule: Rule, key: str) -> None:
-    if rule.any or value is None:  # None passed the type check: the field is Optional
-        return
-    if rule.choices:
-        for item in value if isinstance(value, list) else [value]:
-            if item not in rule.choices:
-                raise _bad(key, item, rule)
-        return
-    items = value if isinstance(value, list) else [value]
-    if rule.length and len(items) != rule.length:
-        raise _bad(key, value, rule)
-    for x in items:
-        if not isinstance(x, (int, float)):
-            continue
-        if (
-            not math.isfinite(x)
-            or (rule.low is not None and (x <= rule.low if rule.low_open else x < rule.low))
-            or (rule.high is not None and (x >= rule.high if rule.high_open else x > rule.high))
-        ):
-            raise _bad(key, value, rule)
-
-
-class Section:
-    """Mixin of every config section: ``check()`` holds the rules that join several fields."""
-
-    def check(self, section: str) -> None:
-        """Raise :class:`MtkitError` naming ``section.key`` when fields disagree with each other."""
 
 
 @dataclass
@@ -126,18 +43,6 @@ class DataConfig(Section):
     # subword tokens; longer training pairs are skipped, longer inputs truncated
     max_src_len: int = number(256, low=1)
     max_tgt_len: int = number(256, low=1)
-
-
-@dataclass
-class ModelConfig(Section):
-    """Base of every family's model config; ``arch`` selects the family in ``MODELS``."""
-
-    arch: str = any_value("transformer")  # checked against MODELS (with a did-you-mean) on load
-
-    @property
-    def width(self) -> int:
-        """The model's width (d_model of the noam schedule): each family names its own."""
-        raise NotImplementedError
 
 
 OPTIMIZERS = ("adam", "adamw")
@@ -281,7 +186,7 @@ SECTIONS = {"data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
 
 
 def model_config_class(arch: str) -> type[ModelConfig]:
-    from mtkit.models import MODELS  # local import: models import this module
+    from mtkit.models import MODELS  # imported when a model section is read: it loads torch
 
     if not isinstance(arch, str):
         raise MtkitError(f"config key 'model.arch': expected a family name, got {arch!r}")
@@ -357,7 +262,7 @@ def check_values(cls: type, values: dict[str, Any], section: str) -> None:
         value = _type_check(value, hints[key], f"{section}.{key}")
         rule = field_rule(fields[key])
         if rule is not None:
-            _check_rule(value, rule, f"{section}.{key}")
+            check_rule(value, rule, f"{section}.{key}")
 
 
 def check_section(obj: Any, section: str) -> Any:
@@ -368,7 +273,7 @@ def check_section(obj: Any, section: str) -> Any:
         _type_check(value, hints[f.name], key)
         rule = field_rule(f)
         if rule is not None:
-            _check_rule(value, rule, key)
+            check_rule(value, rule, key)
     if isinstance(obj, Section):
         obj.check(section)
     return obj

@@ -33,23 +33,14 @@ from typing import Any
 
 import torch
 
+from mtkit.ct2_dir import META, SRC_SPM, TGT_SPM, import_ctranslate2
 from mtkit.errors import MtkitError
 
 logger = logging.getLogger("mtkit.export")
 
 FORMATS = ("ctranslate2",)
-SRC_SPM, TGT_SPM, META = "source.spm", "target.spm", "mtkit_export.json"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every mtkit Transformer
 ACTIVATIONS = {"relu": "RELU", "gelu": "GELU", "silu": "SWISH"}
-
-
-def import_ctranslate2() -> Any:
-    """``import ctranslate2`` with a one-line error naming the optional extra when missing."""
-    try:
-        import ctranslate2
-    except ImportError:
-        raise MtkitError("the ctranslate2 engine is not installed: pip install 'mtkit[ct2]'") from None
-    return ctranslate2
 
 
 def vocabulary(spm) -> list[str]:

@@ -40,14 +40,14 @@ from mtkit.config import (
     PRESET_DIR,
     RECIPE_SECTIONS,
     Config,
-    ModelConfig,
     build_section,
     config_from_dict,
     load_raw_config,
     parse_override,
     read_yaml,
 )
-from mtkit.data.catalog import Catalog, Split, load_catalog, resolve_file
+from mtkit.config_fields import ModelConfig
+from mtkit.data.catalog import Catalog, SplitSource, load_catalog, resolve_file
 from mtkit.errors import MtkitError, unknown_name
 from mtkit.utils import atomic_write_text
 
@@ -612,7 +612,7 @@ def generated_pairs(n: int, seed: int) -> list[tuple[str, str]]:
 
 def _read_pairs(ctx: RunContext, ref: str, limit: int | None) -> tuple[list[str], list[str], dict[str, str]]:
     """One catalog split's (src lines, tgt lines, where they came from), first ``limit`` lines."""
-    split: Split = ctx.catalog.split(ref)
+    split: SplitSource = ctx.catalog.split(ref)
     r = ctx.recipe
     sides, origin = {}, {}
     try:

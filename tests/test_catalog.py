@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mtkit.data import catalog as cat
-from mtkit.data.catalog import Split, load_catalog, resolution_plan, resolve_file
+from mtkit.data.catalog import SplitSource, load_catalog, resolution_plan, resolve_file
 from mtkit.errors import MtkitError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,10 +40,10 @@ def _gz(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def _split(**kw) -> Split:
+def _split(**kw) -> SplitSource:
     base = dict(dataset="toy", name="train", langs=("en", "de"), url="https://example.org/train.{lang}.gz")
     base.update(kw)
-    return Split(**base)
+    return SplitSource(**base)
 
 
 def test_shipped_catalog_is_valid_and_the_top_level_copy_matches():

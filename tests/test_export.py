@@ -16,12 +16,13 @@ ct2 = pytest.importorskip("ctranslate2")
 from mtkit.checkpoint import build_payload, load_model, save_checkpoint, subword_entries  # noqa: E402
 from mtkit.cli import main  # noqa: E402
 from mtkit.config import load_config  # noqa: E402
+from mtkit.ct2_dir import META, SRC_SPM, TGT_SPM  # noqa: E402
 from mtkit.data.batching import collate_source, collate_target  # noqa: E402
 from mtkit.data.subword import train_sentencepiece  # noqa: E402
 from mtkit.decoding.ct2_engine import CT2Engine, translate_lines_ct2  # noqa: E402
 from mtkit.decoding.search import generate  # noqa: E402
 from mtkit.errors import MtkitError  # noqa: E402
-from mtkit.export import META, SRC_SPM, TGT_SPM, export_ctranslate2  # noqa: E402
+from mtkit.export import export_ctranslate2  # noqa: E402
 from mtkit.models import build_model  # noqa: E402
 
 torch.set_num_threads(1)

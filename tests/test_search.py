@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from mtkit.config import DecodeConfig, ModelConfig
+from mtkit.config import DecodeConfig
+from mtkit.config_fields import ModelConfig
 from mtkit.decoding.search import Ensemble, SamplingOptions, _beam_search, generate
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq

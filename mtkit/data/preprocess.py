@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from mtkit import __version__
+from mtkit.data.dataset import DATA_FORMAT
 from mtkit.data.subword import SubwordModel, train_sentencepiece
 from mtkit.data.text import (
     FILTER_NAMES,
@@ -47,14 +48,15 @@ from mtkit.utils import progress
 
 logger = logging.getLogger("mtkit.preprocess")
 
-DATA_FORMAT = 1  # version of the binarized layout; dataset.py refuses newer ones
 SPM_TRAIN_SENTENCES = 1_000_000  # at most this many sentences (per model) train sentencepiece
 CHUNK_PAIRS = 5_000  # pairs per unit of work sent to an encoding process
 UINT16_LIMIT = 1 << 16
 
 
 @dataclass
-class Split:
+class SplitFiles:
+    """The source and target files of one split (train, valid, test...) to binarize."""
+
     name: str
     src: Path
     tgt: Path
@@ -226,12 +228,12 @@ def _resolve_splits(
     train_prefix: str | Path,
     valid_prefix: str | Path | None,
     test_prefixes: Sequence[str | Path],
-) -> list[Split]:
+) -> list[SplitFiles]:
     named: list[tuple[str, str | Path]] = [("train", train_prefix)]
     if valid_prefix:
         named.append(("valid", valid_prefix))
     named += [(Path(p).name, p) for p in test_prefixes]
-    splits: list[Split] = []
+    splits: list[SplitFiles] = []
     for name, prefix in named:
         if not name or name.startswith(".") or name in {s.name for s in splits}:
             raise MtkitError(
@@ -239,7 +241,7 @@ def _resolve_splits(
                 "(split names: train, valid, and each test prefix's basename)"
             )
         splits.append(
-            Split(
+            SplitFiles(
                 name, resolve_corpus_file(prefix, src_lang), resolve_corpus_file(prefix, tgt_lang)
             )
         )
@@ -310,7 +312,7 @@ class Reservoir:
 
 
 def _train_models(
-    train: Split,
+    train: SplitFiles,
     vocab_size: int,
     model_type: str,
     joint: bool,
@@ -455,7 +457,7 @@ class _encoder_pool:
             yield pending.popleft().get()
 
 
-def _chunks(split: Split, hashed: bool) -> Iterator[Chunk]:
+def _chunks(split: SplitFiles, hashed: bool) -> Iterator[Chunk]:
     it = iter_parallel(split.src, split.tgt)
     while True:
         block = list(itertools.islice(it, CHUNK_PAIRS))
@@ -489,7 +491,7 @@ class _ShardWriter:
 
 
 def _binarize(
-    split: Split,
+    split: SplitFiles,
     tmp: Path,
     src_lang: str,
     tgt_lang: str,

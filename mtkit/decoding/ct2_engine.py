@@ -40,11 +40,11 @@ from typing import Any
 import torch
 
 from mtkit.config import DecodeConfig
+from mtkit.ct2_dir import META, SRC_SPM, TGT_SPM, import_ctranslate2
 from mtkit.data.subword import SubwordModel
 from mtkit.decoding.search import Hypothesis, check_config
 from mtkit.devices import check_device_name
 from mtkit.errors import MtkitError
-from mtkit.export import META, SRC_SPM, TGT_SPM, import_ctranslate2
 
 logger = logging.getLogger("mtkit.ct2")
 _warned: set[str] = set()
