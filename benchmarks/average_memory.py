@@ -22,8 +22,8 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 import torch
-from mtkit.training.average import average_checkpoints
-from mtkit.training.checkpoint import load_checkpoint
+from mtkit.average import average_checkpoints
+from mtkit.checkpoint import load_checkpoint
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -53,8 +53,8 @@ def measure(mode: str, *args: str) -> dict:
 def make_checkpoints(directory: Path, num: int, mb: float, optimizer: bool) -> list[Path]:
     import torch
 
+    from mtkit.checkpoint import build_payload, save_checkpoint
     from mtkit.config import Config
-    from mtkit.training.checkpoint import save_checkpoint
 
     per_tensor = 1 << 20  # 4 MB float32 tensors
     n_tensors = max(1, round(mb * (1 << 20) / (4 * per_tensor)))
@@ -63,13 +63,13 @@ def make_checkpoints(directory: Path, num: int, mb: float, optimizer: bool) -> l
         g = torch.Generator().manual_seed(i)
         state = {f"layer{j}.weight": torch.randn(1024, per_tensor // 1024, generator=g) for j in range(n_tensors)}
         state["steps"] = torch.tensor(i)
-        payload = {
-            "config": Config().to_dict(),
-            "spm": {"src": b"spm", "tgt": b"spm"},
-            "vocab": {"src_size": 8, "tgt_size": 8, "pad": 0, "bos": 2, "eos": 3, "unk": 1, "joint": True},
-            "model": state,
-            "update": (i + 1) * 1000,
-        }
+        payload = build_payload(
+            Config().to_dict(),
+            state,
+            spm={"src": b"spm", "tgt": b"spm"},
+            vocab={"src_size": 8, "tgt_size": 8, "pad": 0, "bos": 2, "eos": 3, "unk": 1, "joint": True},
+            update=(i + 1) * 1000,
+        )
         if optimizer:  # Adam keeps two moments per weight: a training checkpoint is ~3x the weights
             payload["optimizer"] = {"state": {j: {"exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)} for j, v in enumerate(state.values()) if v.is_floating_point()}}
         path = directory / f"checkpoint_{(i + 1) * 1000}.pt"

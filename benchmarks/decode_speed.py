@@ -45,11 +45,11 @@ def random_checkpoint(path: Path) -> None:
 
     import torch
 
+    from mtkit.checkpoint import build_payload, save_checkpoint, subword_entries
     from mtkit.config import load_config
     from mtkit.data.subword import train_sentencepiece
     from mtkit.data.text import iter_lines
     from mtkit.models import build_model
-    from mtkit.training.checkpoint import save_checkpoint
 
     train = DATA
     text = itertools.chain(iter_lines(train / "train.en.gz"), iter_lines(train / "train.de.gz"))
@@ -61,10 +61,7 @@ def random_checkpoint(path: Path) -> None:
     cfg = load_config("transformer_small", overrides)
     torch.manual_seed(1)
     model = build_model(cfg.model, spm.size, spm.size, spm.pad)
-    vocab = {"src_size": spm.size, "tgt_size": spm.size, "pad": spm.pad, "bos": spm.bos, "eos": spm.eos,
-             "unk": spm.unk, "joint": True}
-    save_checkpoint(path, {"config": cfg.to_dict(), "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes},
-                           "vocab": vocab, "model": model.state_dict()})
+    save_checkpoint(path, build_payload(cfg.to_dict(), model.state_dict(), **subword_entries(spm, spm)))
 
 
 def run_one(ckpt: str, beam: int, batching: str, threads: int, max_tokens: int, lines: int, device: str,

@@ -390,7 +390,7 @@ def train_losses(save_dir: Path) -> list[tuple[int, float]]:
 
 def compare_runs(a: Path, b: Path) -> dict[str, Any]:
     """How far two training runs' last checkpoints and logged losses are apart."""
-    from mtkit.training.checkpoint import load_checkpoint
+    from mtkit.checkpoint import load_checkpoint
 
     ca, cb = load_checkpoint(a / "checkpoint_last.pt"), load_checkpoint(b / "checkpoint_last.pt")
     max_abs = diff2 = norm2 = 0.0

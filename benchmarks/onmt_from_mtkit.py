@@ -35,7 +35,7 @@ SPECIALS = {"<unk>": "unk", "<blank>": "pad", "<s>": "bos", "</s>": "eos"}  # Op
 
 def load_mtkit(path: str) -> dict:
     sys.path.insert(0, str(REPO))
-    from mtkit.training.checkpoint import load_checkpoint
+    from mtkit.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 
@@ -208,7 +208,7 @@ def check(path: Path, ck: dict, onmt_tokens: list[str], rows: torch.Tensor, sp, 
     from onmt.opts import translate_opts
     from onmt.utils.parse import ArgumentParser
 
-    from mtkit.training.checkpoint import build_from_checkpoint
+    from mtkit.checkpoint import build_from_checkpoint
 
     parser = ArgumentParser()
     translate_opts(parser)

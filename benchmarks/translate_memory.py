@@ -31,10 +31,10 @@ WORDS = ("a man woman dog is are riding walking on the in bike street park red b
 def make_checkpoint(directory: Path) -> Path:
     import torch
 
+    from mtkit.checkpoint import build_payload, save_checkpoint, subword_entries
     from mtkit.config import load_config
     from mtkit.data.subword import train_sentencepiece
     from mtkit.models import build_model
-    from mtkit.training.checkpoint import save_checkpoint
 
     rng = random.Random(0)
     spm = train_sentencepiece((" ".join(rng.choices(WORDS, k=8)) for _ in range(2000)), vocab_size=120)
@@ -43,12 +43,7 @@ def make_checkpoint(directory: Path) -> Path:
     torch.manual_seed(0)
     model = build_model(cfg.model, spm.size, spm.size, spm.pad)
     path = directory / "tiny.pt"
-    save_checkpoint(path, {
-        "config": cfg.to_dict(), "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes},
-        "vocab": {"src_size": spm.size, "tgt_size": spm.size, "pad": spm.pad, "bos": spm.bos, "eos": spm.eos,
-                  "unk": spm.unk, "joint": True},
-        "model": model.state_dict(),
-    })
+    save_checkpoint(path, build_payload(cfg.to_dict(), model.state_dict(), **subword_entries(spm, spm)))
     return path
 
 

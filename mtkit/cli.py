@@ -350,7 +350,7 @@ def score(refs: tuple[str, ...], test_set: str | None, langpair: str | None, dat
 @handle_errors
 def average(inputs: tuple[str, ...], last: int | None, best: int | None, out_path: str) -> None:
     """Average the weights of several checkpoints."""
-    from mtkit.training.average import average_checkpoints, select_checkpoints
+    from mtkit.average import average_checkpoints, select_checkpoints
 
     if (last is not None or best is not None) and len(inputs) != 1:
         raise MtkitError("--last/--best take exactly one checkpoint directory")

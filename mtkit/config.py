@@ -5,9 +5,9 @@ The YAML sections mirror the dataclasses (``data``, ``model``, ``train``, ``deco
 (each ``models/<family>.py`` defines its own ``Config`` subclass of :class:`ModelConfig`).
 An unknown key anywhere is an error that names the closest valid key.
 
-Every field states what it accepts in its ``metadata["rule"]`` (:func:`choice`, :func:`number`,
-:func:`any_value`; a ``bool`` field's type says it all), and a section's ``check()`` adds the
-rules that join several fields. :func:`build_section` applies both when a section is loaded, so a
+Every field states what it accepts in its ``metadata["rule"]`` (:mod:`mtkit.config_fields`:
+``choice``, ``number``, ``any_value``; a ``bool`` field's type says it all), and a section's
+``check()`` adds the rules that join several fields. :func:`build_section` applies both when a section is loaded, so a
 bad value is one ``error:`` line naming the key, the value and what is allowed, before any work.
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,103 +23,19 @@ from typing import Any
 
 import yaml
 
-from mtkit.errors import MtkitError
+from mtkit.config_fields import (
+    ModelConfig,
+    Section,
+    any_value,
+    check_rule,
+    choice,
+    choices_list,
+    field_rule,
+    number,
+)
+from mtkit.errors import MtkitError, unknown_name
 
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-# --- what a field accepts ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Rule:
-    """The values a config field accepts beyond its type (``any`` marks a deliberately free field)."""
-
-    choices: tuple[str, ...] = ()
-    low: float | None = None  # smallest allowed value (``low_open``: strictly above it)
-    low_open: bool = False
-    high: float | None = None  # largest allowed value (``high_open``: strictly below it)
-    high_open: bool = False
-    length: int = 0  # lists: exactly this many items (0: any number)
-    any: bool = False
-
-    def allowed(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        parts = []
-        if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
-        if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
-        text = " and ".join(parts) if parts else "a finite number"
-        return f"{self.length} numbers, each {text}" if self.length else text
-
-
-def choice(default: str, *choices: str) -> Any:
-    """A field holding one of ``choices`` (the default first among them or not)."""
-    return field(default=default, metadata={"rule": Rule(choices=tuple(choices))})
-
-
-def choices_list(factory: Any, *choices: str) -> Any:
-    """A list field whose every item is one of ``choices``."""
-    return field(default_factory=factory, metadata={"rule": Rule(choices=tuple(choices))})
-
-
-def number(
-    default: Any = None, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-    high_open: bool = False, length: int = 0, factory: Any = None,
-) -> Any:
-    """A numeric field (or list of numbers) in ``[low, high]``; NaN and infinities never pass."""
-    rule = Rule(low=low, high=high, low_open=low_open, high_open=high_open, length=length)
-    if factory is not None:
-        return field(default_factory=factory, metadata={"rule": rule})
-    return field(default=default, metadata={"rule": rule})
-
-
-def any_value(default: Any) -> Any:
-    """A field whose every value of the right type is valid (e.g. ``seed``, a free-text name)."""
-    return field(default=default, metadata={"rule": Rule(any=True)})
-
-
-def field_rule(f: dataclasses.Field) -> Rule | None:
-    """The rule of a dataclass field; None only for ``bool`` fields, whose type is the whole check."""
-    return f.metadata.get("rule")
-
-
-def _bad(key: str, value: Any, rule: Rule) -> MtkitError:
-    text = f"config key '{key}': {value!r} is not allowed; must be {rule.allowed()}"
-    if rule.choices and isinstance(value, str):
-        close = difflib.get_close_matches(value, list(rule.choices), n=1, cutoff=0.5)
-        if close:
-            text += f"; did you mean '{close[0]}'?"
-    return MtkitError(text)
-
-
-def _check_rule(value: Any, rule: Rule, key: str) -> None:
-    if rule.any or value is None:  # None passed the type check: the field is Optional
-        return
-    if rule.choices:
-        for item in value if isinstance(value, list) else [value]:
-            if item not in rule.choices:
-                raise _bad(key, item, rule)
-        return
-    items = value if isinstance(value, list) else [value]
-    if rule.length and len(items) != rule.length:
-        raise _bad(key, value, rule)
-    for x in items:
-        if not isinstance(x, (int, float)):
-            continue
-        if (
-            not math.isfinite(x)
-            or (rule.low is not None and (x <= rule.low if rule.low_open else x < rule.low))
-            or (rule.high is not None and (x >= rule.high if rule.high_open else x > rule.high))
-        ):
-            raise _bad(key, value, rule)
-
-
-class Section:
-    """Mixin of every config section: ``check()`` holds the rules that join several fields."""
-
-    def check(self, section: str) -> None:
-        """Raise :class:`MtkitError` naming ``section.key`` when fields disagree with each other."""
 
 
 @dataclass
@@ -129,18 +43,6 @@ class DataConfig(Section):
     # subword tokens; longer training pairs are skipped, longer inputs truncated
     max_src_len: int = number(256, low=1)
     max_tgt_len: int = number(256, low=1)
-
-
-@dataclass
-class ModelConfig(Section):
-    """Base of every family's model config; ``arch`` selects the family in ``MODELS``."""
-
-    arch: str = any_value("transformer")  # checked against MODELS (with a did-you-mean) on load
-
-    @property
-    def width(self) -> int:
-        """The model's width (d_model of the noam schedule): each family names its own."""
-        raise NotImplementedError
 
 
 OPTIMIZERS = ("adam", "adamw")
@@ -293,19 +195,13 @@ SECTIONS = {"data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
 
 
 def model_config_class(arch: str) -> type[ModelConfig]:
-    from mtkit.models import MODELS  # local import: models import this module
+    from mtkit.models import MODELS  # imported when a model section is read: it loads torch
 
     if not isinstance(arch, str):
         raise MtkitError(f"config key 'model.arch': expected a family name, got {arch!r}")
     if arch not in MODELS:
-        raise MtkitError(_unknown("model.arch value", arch, list(MODELS)))
+        raise MtkitError(unknown_name("model.arch value", arch, sorted(MODELS)))
     return MODELS[arch].Config
-
-
-def _unknown(what: str, name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(sorted(valid))}"
-    return f"unknown {what} '{name}'{hint}"
 
 
 def _type_check(value: Any, tp: Any, key: str) -> Any:
@@ -355,7 +251,7 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise MtkitError(_unknown("config key", f"{section}.{key}", [f"{section}.{k}" for k in fields]))
+            raise MtkitError(unknown_name("config key", f"{section}.{key}", sorted(f"{section}.{k}" for k in fields)))
         kwargs[key] = _type_check(value, hints[key], f"{section}.{key}")
     return check_section(cls(**kwargs), section)
 
@@ -371,11 +267,11 @@ def check_values(cls: type, values: dict[str, Any], section: str) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if key not in fields:
-            raise MtkitError(_unknown("config key", f"{section}.{key}", [f"{section}.{k}" for k in fields]))
+            raise MtkitError(unknown_name("config key", f"{section}.{key}", sorted(f"{section}.{k}" for k in fields)))
         value = _type_check(value, hints[key], f"{section}.{key}")
         rule = field_rule(fields[key])
         if rule is not None:
-            _check_rule(value, rule, f"{section}.{key}")
+            check_rule(value, rule, f"{section}.{key}")
 
 
 def check_section(obj: Any, section: str) -> Any:
@@ -386,7 +282,7 @@ def check_section(obj: Any, section: str) -> Any:
         _type_check(value, hints[f.name], key)
         rule = field_rule(f)
         if rule is not None:
-            _check_rule(value, rule, key)
+            check_rule(value, rule, key)
     if isinstance(obj, Section):
         obj.check(section)
     return obj
@@ -399,7 +295,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise MtkitError("a config must be a mapping of sections (data, model, train, decode)")
     for section in raw:
         if section not in ("data", "model", "train", "decode"):
-            raise MtkitError(_unknown("config section", section, ["data", "model", "train", "decode"]))
+            raise MtkitError(unknown_name("config section", section, sorted(["data", "model", "train", "decode"])))
     model_raw = dict(raw.get("model") or {})
     arch = model_raw.get("arch", ModelConfig.arch)
     cfg = Config(
@@ -474,7 +370,7 @@ def load_raw_config(name_or_path: str | Path | None) -> dict[str, Any]:
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return read_yaml(preset)
-    raise MtkitError(_unknown("config file or preset", str(name_or_path), preset_names()))
+    raise MtkitError(unknown_name("config file or preset", str(name_or_path), sorted(preset_names())))
 
 
 def dump_config(cfg: Config) -> str:

@@ -33,23 +33,14 @@ from typing import Any
 
 import torch
 
+from mtkit.ct2_dir import META, SRC_SPM, TGT_SPM, import_ctranslate2
 from mtkit.errors import MtkitError
 
 logger = logging.getLogger("mtkit.export")
 
 FORMATS = ("ctranslate2",)
-SRC_SPM, TGT_SPM, META = "source.spm", "target.spm", "mtkit_export.json"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every mtkit Transformer
 ACTIVATIONS = {"relu": "RELU", "gelu": "GELU", "silu": "SWISH"}
-
-
-def import_ctranslate2() -> Any:
-    """``import ctranslate2`` with a one-line error naming the optional extra when missing."""
-    try:
-        import ctranslate2
-    except ImportError:
-        raise MtkitError("the ctranslate2 engine is not installed: pip install 'mtkit[ct2]'") from None
-    return ctranslate2
 
 
 def vocabulary(spm) -> list[str]:
@@ -187,7 +178,7 @@ def export_ctranslate2(
     ct2 = import_ctranslate2()
     from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES
 
-    from mtkit.training.checkpoint import build_from_checkpoint, load_checkpoint
+    from mtkit.checkpoint import build_from_checkpoint, load_checkpoint
 
     if quantization is not None and quantization not in ACCEPTED_MODEL_TYPES:
         raise MtkitError(f"unknown quantization '{quantization}'; valid: {', '.join(ACCEPTED_MODEL_TYPES)}")

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from mtkit import __version__
+from mtkit.utils import SPEED_FLAGS, cpu_info
 
 logger = logging.getLogger("mtkit")
 
 PACKAGES = ("torch", "sentencepiece", "sacrebleu")
 OPTIONAL_PACKAGES = ("ctranslate2",)
-# the CPU features that decide training and decoding speed (bf16 matmuls, AVX width)
-SPEED_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 
 
@@ -43,24 +42,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "unknown"
     return out
-
-
-def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
-    """The CPU's model name and which of :data:`SPEED_FLAGS` it has."""
-    model, flags = "", set()
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not model:
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model or platform.processor() or platform.machine(),
-            "flags": [f for f in SPEED_FLAGS if f in flags]}
 
 
 def gpu_names() -> list[str]:
@@ -153,8 +134,8 @@ def run_log(path: str | Path, prov: dict[str, Any], title: str) -> Iterator[None
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's model size, languages, vocabularies and provenance (what ``mtkit info`` prints)."""
+    from mtkit.checkpoint import build_from_checkpoint, load_checkpoint
     from mtkit.models.base import num_parameters
-    from mtkit.training.checkpoint import build_from_checkpoint, load_checkpoint
 
     payload = load_checkpoint(path)
     model, cfg, _, _ = build_from_checkpoint(payload, path)

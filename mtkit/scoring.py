@@ -57,8 +57,8 @@ from mtkit.scoring_significance import PAIRED_TESTS, paired_scores
 
 def load_piece_model(path: str | Path):
     """A sentencepiece model from a ``.model`` file or from an mtkit checkpoint (its target model)."""
+    from mtkit.checkpoint import MAGIC, load_checkpoint
     from mtkit.data.subword import SubwordModel
-    from mtkit.training.checkpoint import MAGIC, load_checkpoint
 
     path = Path(path)
     try:

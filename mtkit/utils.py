@@ -1,17 +1,22 @@
-"""Logging and progress reporting: tqdm on a terminal, plain log lines otherwise."""
+"""Small shared mechanisms: logging and progress reporting (tqdm on a terminal, plain log lines
+otherwise), atomic file writes, memory figures."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import platform
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+# the CPU features that decide training and decoding speed (bf16 matmuls, AVX width)
+SPEED_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 logger = logging.getLogger("mtkit")
 
 
@@ -43,6 +48,24 @@ def limit_onednn_caches(entries: int = 64) -> None:
         os.environ.setdefault(name, str(entries))
 
 
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU's model name and which of :data:`SPEED_FLAGS` it has."""
+    model, flags = "", set()
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine(),
+            "flags": [f for f in SPEED_FLAGS if f in flags]}
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Elsewhere
     (AVX2-only CPUs such as many AMD EPYCs) torch emulates them: a bf16 matmul there takes
@@ -53,8 +76,7 @@ def cpu_has_native_bf16() -> bool:
     probes = [p for p in probes if p is not None]
     if probes:
         return any(p() for p in probes)
-    from mtkit.provenance import cpu_info  # an older torch: read the CPU flags
-
+    # an older torch: read the CPU flags
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
 
 
@@ -108,16 +130,28 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty() and console_level() <= logging.INFO
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same directory and a rename."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The one way mtkit replaces a file: yields a temp path beside ``path``
+    (``<name>.tmp-<pid>``, same directory so the rename stays on one file system) for the
+    caller to write; when the block ends normally the temp file is renamed over ``path``,
+    when it raises the temp file is removed. Readers see the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # left by an earlier writer of this process (os.link needs it gone)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

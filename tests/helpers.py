@@ -16,11 +16,11 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from mtkit.checkpoint import build_payload, save_checkpoint, subword_entries
 from mtkit.cli import main
 from mtkit.config import load_config
 from mtkit.data.preprocess import preprocess
 from mtkit.models import build_model
-from mtkit.training.checkpoint import save_checkpoint
 
 WORDS = "a man woman dog is are riding walking on the in bike street park red blue small big".split()
 
@@ -106,10 +106,7 @@ def random_checkpoint(path: Path, spm, arch: str = "transformer", overrides: lis
     cfg = load_config(preset, list(overrides))
     torch.manual_seed(seed)
     model = build_model(cfg.model, spm.size, spm.size, spm.pad)
-    vocab = {"src_size": spm.size, "tgt_size": spm.size, "pad": spm.pad, "bos": spm.bos, "eos": spm.eos,
-             "unk": spm.unk, "joint": True}
-    save_checkpoint(path, {"config": cfg.to_dict(), "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes},
-                           "vocab": vocab, "model": model.state_dict()})
+    save_checkpoint(path, build_payload(cfg.to_dict(), model.state_dict(), **subword_entries(spm, spm)))
     return path
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from mtkit.average import average_checkpoints, select_checkpoints
+from mtkit.checkpoint import build_payload, load_checkpoint, save_checkpoint, subword_entries
 from mtkit.cli import main
 from mtkit.config import Config
 from mtkit.errors import MtkitError
-from mtkit.training.average import average_checkpoints, select_checkpoints
-from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 SPM = b"fake sentencepiece model bytes"
 VOCAB = {"src_size": 11, "tgt_size": 11, "pad": 0, "bos": 2, "eos": 3, "unk": 1, "joint": True}
@@ -35,16 +35,16 @@ def make_payload(seed: int, update: int, bleu: float | None = None, loss: float 
     cfg = Config().to_dict()
     cfg["train"]["lr"] = 1e-3 + update * 1e-6  # non-model keys may differ between checkpoints
     metrics = {"valid_loss": loss, "valid_ppl": None, "valid_bleu": bleu}
-    return {
-        "config": cfg,
-        "spm": {"src": SPM, "tgt": SPM},
-        "vocab": dict(VOCAB),
-        "model": state,
-        "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []},
-        "update": update,
-        "epoch": 1,
-        "metrics": metrics,
-    }
+    return build_payload(
+        cfg,
+        state,
+        spm={"src": SPM, "tgt": SPM},
+        vocab=dict(VOCAB),
+        optimizer={"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []},
+        update=update,
+        epoch=1,
+        metrics=metrics,
+    )
 
 
 def write(path: Path, payload: dict) -> Path:
@@ -244,10 +244,10 @@ def test_averaged_transformer_loads_and_translates(tmp_path):
     """End to end: average tiny random Transformers, load the result, get logits, translate."""
     pytest.importorskip("mtkit.models.transformer")
     translate = pytest.importorskip("mtkit.decoding.translate")
+    from mtkit.checkpoint import load_model
     from mtkit.config import load_config
     from mtkit.data.subword import train_sentencepiece
     from mtkit.models import build_model
-    from mtkit.training.checkpoint import load_model
 
     torch.set_num_threads(1)
     try:
@@ -256,14 +256,13 @@ def test_averaged_transformer_loads_and_translates(tmp_path):
         pytest.skip("preset transformer_tiny not available")
     lines = [f"ein {w} sieht {v} an ." for w in ("Hund", "Mann", "Kind", "Vogel") for v in ("den Ball", "die Katze", "das Haus")]
     spm = train_sentencepiece(lines * 4, vocab_size=40, num_threads=1)
-    vocab = {"src_size": spm.size, "tgt_size": spm.size, "pad": spm.pad, "bos": spm.bos, "eos": spm.eos, "unk": spm.unk, "joint": True}
     paths, states = [], []
     for i in range(3):
         torch.manual_seed(i)
         model = build_model(cfg.model, spm.size, spm.size, spm.pad)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
-        payload = {"config": cfg.to_dict(), "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes}, "vocab": vocab,
-                   "model": model.state_dict(), "update": 100 * (i + 1), "metrics": {"loss": 5.0 - i, "bleu": None}}
+        payload = build_payload(cfg.to_dict(), model.state_dict(), **subword_entries(spm, spm), update=100 * (i + 1),
+                                metrics={"loss": 5.0 - i, "bleu": None})
         paths.append(write(tmp_path / f"checkpoint_{100 * (i + 1)}.pt", payload))
 
     out = tmp_path / "avg.pt"

@@ -25,8 +25,8 @@ from helpers import (
     write_pair,
 )
 
+from mtkit.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.data.dataset import ParallelDataset, load_manifest, load_spm
-from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 FAST_DECODE = ["--beam", "1", "--max-len-a", "0", "--max-len-b", "3", "--device", "cpu"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from mtkit.data import catalog as cat
 from mtkit.data import download as dl
-from mtkit.data.catalog import Split, load_catalog, resolution_plan, resolve_file
+from mtkit.data.catalog import SplitSource, load_catalog, resolution_plan, resolve_file
 from mtkit.errors import MtkitError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,10 +41,10 @@ def _gz(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def _split(**kw) -> Split:
+def _split(**kw) -> SplitSource:
     base = dict(dataset="toy", name="train", langs=("en", "de"), url="https://example.org/train.{lang}.gz")
     base.update(kw)
-    return Split(**base)
+    return SplitSource(**base)
 
 
 def test_shipped_catalog_is_valid_and_the_top_level_copy_matches():
@@ -276,7 +276,7 @@ def test_a_real_download_lands_in_the_cache_checked(server):
     split = _split(url=server.url + "/train.{lang}.gz", sha256={"de": hashlib.sha256(body).hexdigest()})
     path = resolve_file(split, "de")
     assert path == cat.cache_dir() / "toy" / "train.de.gz" and path.read_bytes() == body
-    assert not list(path.parent.glob("*.part")) and not list((cat.cache_dir() / "downloads").glob("*.part"))
+    assert not list(path.parent.glob("*.tmp-*")) and not list((cat.cache_dir() / "downloads").glob("*.tmp-*"))
     assert resolve_file(split, "de") == path and len(server.requests) == 1  # cached: not fetched again
 
 

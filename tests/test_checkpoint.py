@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
+from mtkit import checkpoint as ck
 from mtkit.errors import MtkitError
-from mtkit.training import checkpoint as ck
 
 
 def _payload(value: float = 1.0) -> dict:
@@ -98,3 +98,43 @@ def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
     ck.save_checkpoint(path, _payload())
     assert not stale.exists() and live.exists() and other.exists()
     assert torch.equal(ck.load_checkpoint(path)["model"]["w"], torch.ones(4, 3))
+
+
+def test_build_payload_names_the_entries_and_drops_missing_ones():
+    state = {"w": torch.ones(2)}
+    payload = ck.build_payload({"model": {}}, state, spm=None, vocab={"src_size": 5}, update=3, epoch=None)
+    assert payload == {"config": {"model": {}}, "vocab": {"src_size": 5}, "model": state, "update": 3}
+    with pytest.raises(ValueError, match="unknown checkpoint payload entries: updates"):
+        ck.build_payload({}, state, updates=3)
+
+
+def test_subword_entries_take_special_ids_from_the_target_model():
+    from mtkit.data.subword import train_sentencepiece
+
+    src = train_sentencepiece([f"a b c {i}" for i in range(50)], vocab_size=20, num_threads=1)
+    tgt = train_sentencepiece([f"x y z w {i}" for i in range(50)], vocab_size=24, num_threads=1)
+    entries = ck.subword_entries(src, tgt)
+    assert entries["spm"] == {"src": src.model_bytes, "tgt": tgt.model_bytes}
+    assert entries["vocab"] == {"src_size": src.size, "tgt_size": tgt.size, "pad": tgt.pad, "bos": tgt.bos,
+                                "eos": tgt.eos, "unk": tgt.unk, "joint": False}
+    assert ck.subword_entries(src, src)["vocab"]["joint"] is True
+
+
+def test_load_model_names_weights_that_do_not_fit_the_config(tmp_path):
+    from mtkit.config import load_config
+    from mtkit.data.subword import train_sentencepiece
+    from mtkit.models import build_model
+
+    spm = train_sentencepiece([f"a b c {i}" for i in range(50)], vocab_size=20, num_threads=1)
+    cfg = load_config("transformer_tiny", ["model.d_model=16", "model.ffn_dim=32", "model.heads=2"])
+    model = build_model(cfg.model, spm.size, spm.size, spm.pad)
+    state = model.state_dict()
+    name = next(k for k, v in state.items() if v.dim() == 2)
+    state[name] = torch.zeros(3, 3)
+    path = tmp_path / "c.pt"
+    ck.save_checkpoint(path, ck.build_payload(cfg.to_dict(), state, **ck.subword_entries(spm, spm)))
+    with pytest.raises(MtkitError, match="does not match its model config"):
+        ck.load_model(path)
+    ck.save_checkpoint(path, ck.build_payload(cfg.to_dict(), model.state_dict(), **ck.subword_entries(spm, spm)))
+    rebuilt, cfg2, _, _ = ck.load_model(path)
+    assert cfg2.to_dict() == cfg.to_dict() and not rebuilt.training

@@ -123,12 +123,12 @@ def test_missing_required_options_are_usage_errors(args, option):
     (["average", "a_dir", "b_dir", "--best", "2", "-o", "avg.pt"], ["--last/--best"]),
 ])
 def test_option_conflicts_are_one_line_errors(monkeypatch, args, needles):
+    import mtkit.average
     import mtkit.scoring
-    import mtkit.training.average
 
     work = Recorder()
     monkeypatch.setattr(mtkit.scoring, "score_files", work)
-    monkeypatch.setattr(mtkit.training.average, "average_checkpoints", work)
+    monkeypatch.setattr(mtkit.average, "average_checkpoints", work)
     res = cli(["-q", *args])
     error_line(res.stderr, res.exit_code, *needles)
     assert res.exit_code == 1

@@ -22,11 +22,11 @@ from mtkit.config import (
     SECTIONS,
     STOPPING,
     TIME_DECAYS,
-    field_rule,
     load_raw_config,
     model_config_class,
     preset_names,
 )
+from mtkit.config_fields import field_rule
 from mtkit.models import MODELS
 from mtkit.recipes.load import recipe_paths
 from mtkit.recipes.schema import config_raw

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtkit.checkpoint import build_from_checkpoint, build_payload, load_checkpoint, save_checkpoint
 from mtkit.config import PRESET_DIR, load_config
 from mtkit.data.subword import train_sentencepiece
 from mtkit.models import MODELS, build_model
 from mtkit.models.base import expand_state, reorder_state
-from mtkit.training.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 
 TINY = sorted(PRESET_DIR.glob("*_tiny.yaml"))
 V, PAD = 40, 0
@@ -121,12 +121,12 @@ def test_padding_invariance(preset):
 @torch.no_grad()
 def test_checkpoint_round_trip(preset, spm, tmp_path):
     model, cfg = make_model(preset, seed=3)
-    payload = {
-        "config": cfg.to_dict(),
-        "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes},
-        "vocab": {"src_size": V, "tgt_size": V, "pad": PAD, "bos": 2, "eos": 3, "unk": 1, "joint": True},
-        "model": model.state_dict(),
-    }
+    payload = build_payload(
+        cfg.to_dict(),
+        model.state_dict(),
+        spm={"src": spm.model_bytes, "tgt": spm.model_bytes},
+        vocab={"src_size": V, "tgt_size": V, "pad": PAD, "bos": 2, "eos": 3, "unk": 1, "joint": True},
+    )
     save_checkpoint(tmp_path / "c.pt", payload)
     rebuilt, cfg2, src_spm, _ = build_from_checkpoint(load_checkpoint(tmp_path / "c.pt"))
     assert cfg2.to_dict() == cfg.to_dict()

@@ -22,12 +22,12 @@ import pytest
 import torch
 from helpers import TINY, Workspace, cli, get_workspace, line_count, sentences, sets, write_lines
 
+from mtkit.checkpoint import load_checkpoint
 from mtkit.config import load_config
 from mtkit.data.batching import collate_source, collate_target
 from mtkit.decoding import search, search_base
 from mtkit.decoding.translate import DTYPES, Translator, translate_file
 from mtkit.training import trainer as T
-from mtkit.training.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

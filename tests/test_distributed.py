@@ -25,10 +25,10 @@ import pytest
 import torch
 from helpers import sentences, sets, subprocess_env, write_pair
 
+from mtkit.checkpoint import load_checkpoint
 from mtkit.config import load_config
 from mtkit.data.preprocess import preprocess
 from mtkit.training import trainer as T
-from mtkit.training.checkpoint import load_checkpoint
 
 UPDATES = 8
 BASE = [

@@ -13,16 +13,17 @@ from click.testing import CliRunner
 
 ct2 = pytest.importorskip("ctranslate2")
 
+from mtkit.checkpoint import build_payload, load_model, save_checkpoint, subword_entries  # noqa: E402
 from mtkit.cli import main  # noqa: E402
 from mtkit.config import load_config  # noqa: E402
+from mtkit.ct2_dir import META, SRC_SPM, TGT_SPM  # noqa: E402
 from mtkit.data.batching import collate_source, collate_target  # noqa: E402
 from mtkit.data.subword import train_sentencepiece  # noqa: E402
 from mtkit.decoding.ct2_engine import CT2Engine, translate_lines_ct2  # noqa: E402
 from mtkit.decoding.search import generate  # noqa: E402
 from mtkit.errors import MtkitError  # noqa: E402
-from mtkit.export import META, SRC_SPM, TGT_SPM, export_ctranslate2  # noqa: E402
+from mtkit.export import export_ctranslate2  # noqa: E402
 from mtkit.models import build_model  # noqa: E402
-from mtkit.training.checkpoint import load_model, save_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 WORDS = "a man woman dog is are riding walking on the in bike street park red blue small big".split()
@@ -35,11 +36,7 @@ def sentences(n: int, seed: int, words: list[str] = WORDS) -> list[str]:
 
 
 def save(path, model, cfg, src_spm, tgt_spm) -> None:
-    vocab = {"src_size": src_spm.size, "tgt_size": tgt_spm.size, "pad": tgt_spm.pad, "bos": tgt_spm.bos,
-             "eos": tgt_spm.eos, "unk": tgt_spm.unk, "joint": src_spm is tgt_spm}
-    payload = {"config": cfg.to_dict(), "spm": {"src": src_spm.model_bytes, "tgt": tgt_spm.model_bytes},
-               "vocab": vocab, "model": model.state_dict()}
-    save_checkpoint(path, payload)
+    save_checkpoint(path, build_payload(cfg.to_dict(), model.state_dict(), **subword_entries(src_spm, tgt_spm)))
 
 
 def make_checkpoint(path, src_spm, tgt_spm=None, overrides=(), preset="transformer_tiny", train_steps=0):

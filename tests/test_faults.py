@@ -27,9 +27,9 @@ from helpers import (
     write_pair,
 )
 
-from mtkit.training import checkpoint as C
+from mtkit import checkpoint as C
+from mtkit.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.training import trainer as T
-from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 DECODE = ["--beam", "2", "--max-len-a", "0", "--max-len-b", "3", "--device", "cpu"]
@@ -93,8 +93,8 @@ def copies_of_checkpoint_8_fill_the_disk(monkeypatch) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         return copy(src, dst, *a, **k)
 
-    monkeypatch.setattr(T.os, "link", no_link)
-    monkeypatch.setattr(T.shutil, "copyfile", full_copy)
+    monkeypatch.setattr(C.os, "link", no_link)
+    monkeypatch.setattr(C.shutil, "copyfile", full_copy)
 
 
 def test_disk_full_while_copying_last_checkpoint(workspace, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from helpers import (
     write_lines,
 )
 
-from mtkit.training.checkpoint import load_checkpoint
+from mtkit.checkpoint import load_checkpoint
 
 UPDATES = 40
 TRAIN_SETS = TINY + [f"train.max_updates={UPDATES}", "train.save_interval_updates=4",
@@ -135,7 +135,7 @@ def test_train_killed_before_first_checkpoint_resumes_cleanly(workspace, straigh
 # --- an interrupted checkpoint write ------------------------------------------------------------
 WRITER = textwrap.dedent("""
     import os, sys, time, torch
-    from mtkit.training import checkpoint as C
+    from mtkit import checkpoint as C
     path, where = sys.argv[1], sys.argv[2]
     def payload(v):
         return {"config": {}, "model": {"w": torch.full((256, 1024), float(v))}, "update": v}

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtkit.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.config import PRESET_DIR, config_from_dict, load_config
 from mtkit.errors import MtkitError
 from mtkit.models import MODELS, build_model
 from mtkit.models.base import expand_state, reorder_state
 from mtkit.models.lstm import layers_state, reverse_padded, rnn_step, state_layers
-from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 torch.set_num_threads(1)
 

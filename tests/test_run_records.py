@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from mtkit.checkpoint import load_checkpoint
 from mtkit.cli import main
 from mtkit.config import dump_config, load_config
 from mtkit.data.dataset import load_spm
-from mtkit.training.checkpoint import load_checkpoint
 from tests.helpers import (
     TINY,
     cli,

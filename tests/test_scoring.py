@@ -207,8 +207,8 @@ def test_cli_matches_sacrebleu_text(files):
 
 
 def test_detok_pieces(files, tmp_path):
+    from mtkit.checkpoint import build_payload, save_checkpoint
     from mtkit.data.subword import train_sentencepiece
-    from mtkit.training.checkpoint import save_checkpoint
 
     ref_lines = files["ref"].read_text(encoding="utf-8").splitlines()
     hyp_lines = files["hyp"].read_text(encoding="utf-8").splitlines()
@@ -225,7 +225,7 @@ def test_detok_pieces(files, tmp_path):
     assert scored_pieces[0]["score"] < plain[0]["score"] - 10  # scoring pieces is the mistake
 
     ckpt = tmp_path / "model.pt"
-    save_checkpoint(ckpt, {"config": {}, "model": {}, "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes}})
+    save_checkpoint(ckpt, build_payload({}, {}, spm={"src": spm.model_bytes, "tgt": spm.model_bytes}))
     res = CliRunner().invoke(main, ["score", "-r", str(files["ref"]), "-i", str(pieces), "--detok-pieces", str(ckpt), "-f", "json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)[0]["score"] == plain[0]["score"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from mtkit.config import DecodeConfig, ModelConfig
+from mtkit.config import DecodeConfig
+from mtkit.config_fields import ModelConfig
 from mtkit.decoding.beam import beam_search
 from mtkit.decoding.search import SamplingOptions, generate
 from mtkit.decoding.search_base import Ensemble

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from mtkit.checkpoint import load_checkpoint, load_model
 from mtkit.cli import main
 from mtkit.config import load_config
 from mtkit.data.batching import BatchIterator
@@ -21,7 +22,6 @@ from mtkit.data.dataset import ListDataset
 from mtkit.data.subword import train_sentencepiece
 from mtkit.errors import MtkitError
 from mtkit.training import trainer as T
-from mtkit.training.checkpoint import load_checkpoint, load_model
 from mtkit.training.loss import projected_nll
 
 V = 32
@@ -438,7 +438,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_float32(spm, tmp_path
 
 
 def test_cpu_has_native_bf16_reads_torch_or_the_cpu_flags(monkeypatch, tmp_path):
-    from mtkit import provenance, utils
+    from mtkit import utils
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
@@ -447,8 +447,8 @@ def test_cpu_has_native_bf16_reads_torch_or_the_cpu_flags(monkeypatch, tmp_path)
     assert not utils.cpu_has_native_bf16()
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older torch: the CPU flags decide
-    real_cpu_info, info = provenance.cpu_info, tmp_path / "cpuinfo"
-    monkeypatch.setattr(provenance, "cpu_info", lambda: real_cpu_info(info))
+    real_cpu_info, info = utils.cpu_info, tmp_path / "cpuinfo"
+    monkeypatch.setattr(utils, "cpu_info", lambda: real_cpu_info(info))
     for flags, native in (("fpu avx2 avx512f", False), ("fpu avx2 avx512f avx512_bf16", True), ("amx_bf16", True)):
         info.write_text(f"model name\t: Some CPU\nflags\t\t: {flags}\n")
         assert utils.cpu_has_native_bf16() == native, flags

@@ -136,7 +136,7 @@ def test_tiny_transformer_learns_to_copy(tmp_path):
     data = T.TrainData(ListDataset(*pairs(6000)), None, spm, spm)
     summary = T.Trainer(data, cfg, tmp_path, device="cpu").fit()
     assert summary["updates"] == 300
-    from mtkit.training.checkpoint import load_model
+    from mtkit.checkpoint import load_model
 
     model, _, _, _ = load_model(tmp_path / T.LAST)
     src, ref = pairs(300)

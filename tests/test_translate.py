@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from mtkit.checkpoint import build_payload, load_model, save_checkpoint, subword_entries
 from mtkit.cli import main
 from mtkit.config import load_config
 from mtkit.data.batching import collate_source, length_sorted_batches
@@ -21,7 +22,6 @@ from mtkit.decoding.output import prepare_resume
 from mtkit.decoding.translate import translate_file
 from mtkit.errors import MtkitError
 from mtkit.models import build_model
-from mtkit.training.checkpoint import load_model, save_checkpoint
 
 torch.set_num_threads(1)
 WORDS = "a man woman dog is are riding walking on the in bike street park red blue small big".split()
@@ -36,11 +36,7 @@ def make_checkpoint(path, spm, seed: int = 0, decode: dict | None = None) -> Non
     cfg = load_config("transformer_tiny", [f"decode.{k}={v}" for k, v in (decode or {}).items()])
     torch.manual_seed(seed)
     model = build_model(cfg.model, spm.size, spm.size, spm.pad)
-    vocab = {"src_size": spm.size, "tgt_size": spm.size, "pad": spm.pad, "bos": spm.bos, "eos": spm.eos,
-             "unk": spm.unk, "joint": True}
-    payload = {"config": cfg.to_dict(), "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes},
-               "vocab": vocab, "model": model.state_dict()}
-    save_checkpoint(path, payload)
+    save_checkpoint(path, build_payload(cfg.to_dict(), model.state_dict(), **subword_entries(spm, spm)))
 
 
 @pytest.fixture(scope="module")
@@ -315,11 +311,8 @@ def test_bfloat16_decoding_tracks_float32(preset, spm, tmp_path):
     cfg = load_config(preset, ["decode.beam=3", "decode.max_len_a=1.0", "decode.max_len_b=4"])
     torch.manual_seed(0)
     model = build_model(cfg.model, spm.size, spm.size, spm.pad)
-    vocab = {"src_size": spm.size, "tgt_size": spm.size, "pad": spm.pad, "bos": spm.bos, "eos": spm.eos,
-             "unk": spm.unk, "joint": True}
     path = tmp_path / "model.pt"
-    save_checkpoint(path, {"config": cfg.to_dict(), "spm": {"src": spm.model_bytes, "tgt": spm.model_bytes},
-                           "vocab": vocab, "model": model.state_dict()})
+    save_checkpoint(path, build_payload(cfg.to_dict(), model.state_dict(), **subword_entries(spm, spm)))
     cpu = torch.device("cpu")
     full, half = (translate.Translator.load([path], cpu, dtype) for dtype in ("float32", "bfloat16"))
     assert all(p.dtype == torch.bfloat16 for p in half.models[0].parameters())

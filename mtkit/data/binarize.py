@@ -34,7 +34,7 @@ UINT16_LIMIT = 1 << 16
 
 
 @dataclass
-class Split:
+class SplitFiles:
     """One split of the corpus being preprocessed: its name and its source and target files."""
 
     name: str
@@ -118,7 +118,7 @@ class EncoderPool:
             yield pending.popleft().get()
 
 
-def _chunks(split: Split, hashed: bool) -> Iterator[Chunk]:
+def _chunks(split: SplitFiles, hashed: bool) -> Iterator[Chunk]:
     it = iter_parallel(split.src, split.tgt)
     while True:
         block = list(itertools.islice(it, CHUNK_PAIRS))
@@ -152,7 +152,7 @@ class _ShardWriter:
 
 
 def binarize_split(
-    split: Split,
+    split: SplitFiles,
     tmp: Path,
     src_lang: str,
     tgt_lang: str,

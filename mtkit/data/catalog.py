@@ -35,7 +35,7 @@ from mtkit.data.download import (
     sacrebleu_file,
     write_gz,
 )
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, did_you_mean
 
 logger = logging.getLogger("mtkit.data.catalog")
 
@@ -44,7 +44,7 @@ FORMATS = ("text", "iwslt_tags", "iwslt_xml")
 
 
 @dataclass(frozen=True)
-class Split:
+class SplitSource:
     """One split of a catalog dataset: its languages and how to fetch its files."""
 
     dataset: str
@@ -80,29 +80,25 @@ class Split:
 
 @dataclass
 class Catalog:
-    datasets: dict[str, dict[str, Split]] = field(default_factory=dict)
+    datasets: dict[str, dict[str, SplitSource]] = field(default_factory=dict)
     descriptions: dict[str, str] = field(default_factory=dict)
 
-    def split(self, ref: str) -> Split:
+    def split(self, ref: str) -> SplitSource:
         """Look up ``"<dataset>/<split>"``; an unknown name is an error with a suggestion."""
-        import difflib
-
         if not isinstance(ref, str) or ref.count("/") != 1:
             raise MtkitError(f"data reference {ref!r} must look like <dataset>/<split>, e.g. multi30k/train")
         dataset, name = ref.split("/")
         if dataset not in self.datasets:
-            close = difflib.get_close_matches(dataset, list(self.datasets), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(self.datasets))}"
+            hint = did_you_mean(dataset, sorted(self.datasets), listing="known")
             raise MtkitError(f"unknown dataset '{dataset}' in '{ref}'{hint}")
         splits = self.datasets[dataset]
         if name not in splits:
-            close = difflib.get_close_matches(name, list(splits), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(splits))}"
+            hint = did_you_mean(name, sorted(splits), listing="known")
             raise MtkitError(f"unknown split '{name}' of dataset '{dataset}'{hint}")
         return splits[name]
 
 
-def _check_split(dataset: str, name: str, raw: Any, where: str) -> Split:
+def _check_split(dataset: str, name: str, raw: Any, where: str) -> SplitSource:
     ctx = f"{where}: datasets.{dataset}.splits.{name}"
     if not isinstance(raw, dict):
         raise MtkitError(f"{ctx} must be a mapping")
@@ -129,7 +125,7 @@ def _check_split(dataset: str, name: str, raw: Any, where: str) -> Split:
     for s in shas:
         if s is not None and not (isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s)):
             raise MtkitError(f"{ctx}.sha256 {s!r} is not a sha256 hex digest")
-    return Split(
+    return SplitSource(
         dataset=dataset,
         name=name,
         langs=tuple(langs),
@@ -201,7 +197,7 @@ def downloads_allowed() -> bool:
     return os.environ.get("MTKIT_OFFLINE", "").strip().lower() not in ("1", "true", "yes")
 
 
-def find_local(split: Split, lang: str, dirs: Sequence[Path]) -> tuple[Path, str] | None:
+def find_local(split: SplitSource, lang: str, dirs: Sequence[Path]) -> tuple[Path, str] | None:
     """The first local copy of ``split``'s ``lang`` file: (path, "data-dir" | "cache")."""
     names = [split.filename(lang), f"{split.name}.{lang}"]
     for d in dirs:
@@ -216,7 +212,7 @@ def find_local(split: Split, lang: str, dirs: Sequence[Path]) -> tuple[Path, str
     return None
 
 
-def where_to_place(splits_langs: Sequence[tuple[Split, str]], dirs: Sequence[Path]) -> str:
+def where_to_place(splits_langs: Sequence[tuple[SplitSource, str]], dirs: Sequence[Path]) -> str:
     files = ", ".join(s.filename(lang) for s, lang in splits_langs)
     datasets = sorted({s.dataset for s, _ in splits_langs})
     target = str(dirs[0]) if dirs else "a directory passed as --data-dir or MTKIT_DATA"
@@ -225,7 +221,7 @@ def where_to_place(splits_langs: Sequence[tuple[Split, str]], dirs: Sequence[Pat
 
 
 def resolve_file(
-    split: Split,
+    split: SplitSource,
     lang: str,
     data_dir: str | Path | Sequence[str | Path] | None = None,
     allow_download: bool = True,
@@ -299,17 +295,17 @@ def resolution_plan(
 # Fetching
 
 
-def _archive_path(split: Split) -> Path:
+def _archive_path(split: SplitSource) -> Path:
     return cache_dir() / "downloads" / Path(split.archive.split("?")[0]).name
 
 
-def _cached_archive(split: Split) -> Path | None:
+def _cached_archive(split: SplitSource) -> Path | None:
     if split.archive and _archive_path(split).is_file():
         return _archive_path(split)
     return None
 
 
-def _fetch(split: Split, lang: str, dest: Path) -> None:
+def _fetch(split: SplitSource, lang: str, dest: Path) -> None:
     if split.url:
         url = split.url.format(lang=lang)
         raw = cache_dir() / "downloads" / f"{split.dataset}.{Path(url).name}"
@@ -331,7 +327,7 @@ def _fetch(split: Split, lang: str, dest: Path) -> None:
     _fetch_sacrebleu(split, lang, dest)
 
 
-def _fetch_sacrebleu(split: Split, lang: str, dest: Path) -> None:
+def _fetch_sacrebleu(split: SplitSource, lang: str, dest: Path) -> None:
     test_set, langpair = split.sacrebleu["test_set"], split.sacrebleu["langpair"]
     src_lang, tgt_lang = langpair.split("-")
     if lang not in (src_lang, tgt_lang):

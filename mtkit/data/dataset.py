@@ -17,7 +17,7 @@ import numpy as np
 from mtkit.data.subword import SubwordModel
 from mtkit.errors import MtkitError
 
-DATA_FORMAT = 1
+DATA_FORMAT = 1  # version of the binarized layout written by preprocess; newer ones are refused
 REQUIRED_KEYS = ("src_lang", "tgt_lang", "spm", "vocab", "splits", "dtype")
 
 

@@ -9,7 +9,6 @@ import hashlib
 import http.client
 import io
 import logging
-import os
 import re
 import tarfile
 import urllib.request
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mtkit.errors import MtkitError
-from mtkit.utils import progress
+from mtkit.utils import atomic_path, progress
 
 logger = logging.getLogger("mtkit.data.catalog")
 
@@ -58,9 +57,8 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 6
     mid-file; verify ``sha256`` when given. Nothing is left at ``dest`` (or beside it) unless
     the whole file arrived and matched."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     logger.info("downloading %s", url)
-    try:
+    with atomic_path(dest) as tmp:
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
                 _download_once(url, tmp, dest.name, timeout)
@@ -70,9 +68,6 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 6
                     raise MtkitError(f"download of {url} failed {attempt} times: {exc}") from None
                 logger.warning("download of %s interrupted (%s); trying again", url, exc)
         verify(tmp, sha256, url)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -89,11 +84,9 @@ def verify(path: Path, sha256: str | None, what: str) -> None:
 
 def write_gz(lines: Iterator[str], dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with gzip.open(tmp, "wt", encoding="utf-8", newline="\n") as out:
+    with atomic_path(dest) as tmp, gzip.open(tmp, "wt", encoding="utf-8", newline="\n") as out:
         for line in lines:
             out.write(line + "\n")
-    os.replace(tmp, dest)
 
 
 def sacrebleu_file(test_set: str, langpair: str, side: str) -> str:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mtkit import __version__
-from mtkit.data.binarize import EncoderPool, Split, binarize_split, shard_dtype
+from mtkit.data.binarize import EncoderPool, SplitFiles, binarize_split, shard_dtype
+from mtkit.data.dataset import DATA_FORMAT
 from mtkit.data.spm_models import load_models, train_models, write_models
 from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_parallel, resolve_corpus_file
@@ -31,7 +32,6 @@ from mtkit.errors import MtkitError
 
 logger = logging.getLogger("mtkit.preprocess")
 
-DATA_FORMAT = 1  # version of the binarized layout; dataset.py refuses newer ones
 
 
 def preprocess(
@@ -93,7 +93,7 @@ def preprocess(
 
 
 def _write_data(
-    tmp: Path, splits: list[Split], src_lang: str, tgt_lang: str, options: dict[str, Any], t0: float
+    tmp: Path, splits: list[SplitFiles], src_lang: str, tgt_lang: str, options: dict[str, Any], t0: float
 ) -> tuple[dict[str, Any], float]:
     """Write the sentencepiece models, the shards and ``manifest.json`` into ``tmp``; returns
     the manifest and the time the encoding ended."""
@@ -222,12 +222,12 @@ def _resolve_splits(
     train_prefix: str | Path,
     valid_prefix: str | Path | None,
     test_prefixes: Sequence[str | Path],
-) -> list[Split]:
+) -> list[SplitFiles]:
     named: list[tuple[str, str | Path]] = [("train", train_prefix)]
     if valid_prefix:
         named.append(("valid", valid_prefix))
     named += [(Path(p).name, p) for p in test_prefixes]
-    splits: list[Split] = []
+    splits: list[SplitFiles] = []
     for name, prefix in named:
         if not name or name.startswith(".") or name in {s.name for s in splits}:
             raise MtkitError(
@@ -235,7 +235,7 @@ def _resolve_splits(
                 "(split names: train, valid, and each test prefix's basename)"
             )
         splits.append(
-            Split(
+            SplitFiles(
                 name, resolve_corpus_file(prefix, src_lang), resolve_corpus_file(prefix, tgt_lang)
             )
         )

@@ -8,7 +8,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from mtkit.data.binarize import Split
+from mtkit.data.binarize import SplitFiles
 from mtkit.data.subword import SubwordModel, train_sentencepiece
 from mtkit.data.text import display_name, iter_parallel
 from mtkit.errors import MtkitError
@@ -50,7 +50,7 @@ class Reservoir:
 
 
 def train_models(
-    train: Split,
+    train: SplitFiles,
     vocab_size: int,
     model_type: str,
     joint: bool,

@@ -40,11 +40,12 @@ from typing import Any
 import torch
 
 from mtkit.config import DecodeConfig
+from mtkit.ct2_dir import META, SRC_SPM, TGT_SPM, import_ctranslate2
 from mtkit.data.batching import length_sorted_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.decoding.search_base import Hypothesis
+from mtkit.devices import check_device_name
 from mtkit.errors import MtkitError
-from mtkit.export import META, SRC_SPM, TGT_SPM, import_ctranslate2
 
 logger = logging.getLogger("mtkit.ct2")
 _warned: set[str] = set()
@@ -59,15 +60,8 @@ def _warn_once(key: str, message: str) -> None:
 def pick_device(device: str) -> str:
     """mtkit's device names -> CTranslate2's (``auto``: CUDA when CTranslate2 sees a GPU)."""
     ct2 = import_ctranslate2()
-    if device == "auto":
-        return "cuda" if ct2.get_cuda_device_count() > 0 else "cpu"
-    if device.startswith("cuda"):
-        if ct2.get_cuda_device_count() == 0:
-            raise MtkitError(f"device '{device}' requested but CTranslate2 sees no CUDA device")
-        return "cuda"
-    if device != "cpu":
-        raise MtkitError(f"unknown device '{device}' (auto, cpu or cuda)")
-    return "cpu"
+    name = check_device_name(device, ct2.get_cuda_device_count, "device '{device}' requested but CTranslate2 sees no CUDA device")
+    return "cuda" if name.startswith("cuda") else "cpu"
 
 
 def length_penalty_value(cfg: DecodeConfig) -> float:

@@ -40,6 +40,7 @@ from mtkit.decoding.options import Options, make_options, resolve_decode_config,
 from mtkit.decoding.output import OUTPUT_FORMATS, Formatter, Record, prepare_resume
 from mtkit.decoding.search import SamplingOptions
 from mtkit.decoding.search_base import Hypothesis
+from mtkit.devices import torch_device
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq
 from mtkit.signals import term_as_interrupt
@@ -48,16 +49,6 @@ from mtkit.utils import progress
 logger = logging.getLogger("mtkit.translate")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MtkitError(f"device '{device}' requested but CUDA is not available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise MtkitError(f"unknown device '{device}' (auto, cpu or cuda)")
-    return torch.device(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,13 +69,13 @@ class Translator:
     ) -> Translator:
         """Load checkpoints (several: an ensemble) onto ``device`` (auto, cpu, cuda), weights
         cast to ``dtype`` (float32, bfloat16, float16 on CUDA)."""
-        from mtkit.training.checkpoint import load_model
+        from mtkit.checkpoint import load_model
 
         if isinstance(model_paths, (str, Path)):
             model_paths = [model_paths]
         if not model_paths:
             raise MtkitError("no checkpoint given (-m CKPT)")
-        device = pick_device(device) if isinstance(device, str) else device
+        device = torch_device(device)
         if dtype not in DTYPES:  # before loading the checkpoints
             raise MtkitError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
         if dtype == "float16" and device.type == "cpu":

@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mtkit.config import ModelConfig
+from mtkit.config_fields import ModelConfig
 
 State = dict[str, torch.Tensor]
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mtkit.config import ModelConfig, any_value, choice, number
+from mtkit.config_fields import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mtkit.config import ModelConfig, any_value, choice, number
+from mtkit.config_fields import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.models.base import Seq2Seq, State
 from mtkit.models.dropout import Dropout, dropout

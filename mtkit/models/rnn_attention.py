@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtkit.config import ModelConfig, any_value, choice, number
+from mtkit.config_fields import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State

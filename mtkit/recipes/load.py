@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mtkit.config import ModelConfig, read_yaml
+from mtkit.config import read_yaml
+from mtkit.config_fields import ModelConfig
 from mtkit.data.catalog import Catalog, load_catalog
-from mtkit.errors import MtkitError
-from mtkit.recipes.schema import Recipe, _did_you_mean, apply_recipe_overrides, config_raw, validate
+from mtkit.errors import MtkitError, unknown_name
+from mtkit.recipes.schema import Recipe, apply_recipe_overrides, config_raw, validate
 from mtkit.recipes.smoke import smoke_variant
 
 RECIPE_DIR = Path(__file__).parent.parent / "recipes_data"  # the recipes shipped inside the package
@@ -33,7 +34,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
         return shipped
     if path.parent.name not in ("", "recipes") or path.exists():
         raise MtkitError(f"recipe file not found: {path}")
-    raise MtkitError(_did_you_mean("recipe", name, [p.stem for p in recipe_paths()]))
+    raise MtkitError(unknown_name("recipe", name, [p.stem for p in recipe_paths()]))
 
 
 def load_recipe(

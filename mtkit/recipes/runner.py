@@ -23,10 +23,10 @@ import yaml
 
 from mtkit import provenance
 from mtkit.data.catalog import load_catalog
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, unknown_name
 from mtkit.recipes.context import STAGES, Markers, RunContext, short_hash
 from mtkit.recipes.load import load_recipe
-from mtkit.recipes.schema import Recipe, _did_you_mean
+from mtkit.recipes.schema import Recipe
 from mtkit.recipes.stages import STAGE_FUNCS
 
 logger = logging.getLogger("mtkit.recipes")
@@ -66,7 +66,7 @@ def parse_stages(stages: Sequence[str] | None) -> list[str]:
             ends = part.split("-") if "-" in part else [part, part]
             for end in ends:
                 if end not in STAGES:
-                    raise MtkitError(_did_you_mean("stage", end, list(STAGES)))
+                    raise MtkitError(unknown_name("stage", end, list(STAGES)))
             a, b = STAGES.index(ends[0]), STAGES.index(ends[-1])
             chosen.update(STAGES[min(a, b) : max(a, b) + 1])
     return [s for s in STAGES if s in chosen]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from mtkit.config import (
     parse_override,
 )
 from mtkit.data.catalog import Catalog, load_catalog
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, unknown_name
 
 CONFIG_SECTIONS = ("data", "model", "train", "decode")
 # The metric a published number was computed with, as options of `mtkit score`: the report scores
@@ -59,12 +58,6 @@ REQUIRED = ("reproduces", "src_lang", "tgt_lang", "corpora")
 REPRODUCES_KEYS = ("paper", "table", "metric", "value", "test_set", "note", "url")
 CORPORA_KEYS = ("train", "valid", "test")
 SMOKE_KEYS = ("preset", "model", "train", "decode", "preprocess", "train_lines", "eval_lines")
-
-
-def _did_you_mean(what: str, name: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(valid)}"
-    return f"unknown {what} '{name}'{hint}"
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +162,7 @@ def _check_keys(section: str, mapping: Any, keys: Sequence[str], where: str) -> 
         raise MtkitError(f"{where}: '{section}' must be a mapping")
     for key in mapping:
         if key not in keys:
-            raise MtkitError(f"{where}: " + _did_you_mean("recipe key", f"{section}.{key}", [f"{section}.{k}" for k in keys]))
+            raise MtkitError(f"{where}: " + unknown_name("recipe key", f"{section}.{key}", [f"{section}.{k}" for k in keys]))
     return mapping
 
 
@@ -201,7 +194,7 @@ def _check_top(raw: Any, where: str) -> list[Any]:
         raise MtkitError(f"{where}: a recipe must be a mapping")
     for key in raw:
         if key not in TOP_KEYS:
-            raise MtkitError(f"{where}: " + _did_you_mean("recipe key", key, list(TOP_KEYS)))
+            raise MtkitError(f"{where}: " + unknown_name("recipe key", key, list(TOP_KEYS)))
     for key in REQUIRED:
         if raw.get(key) in (None, "", {}):
             raise MtkitError(f"{where}: recipe key '{key}' is required")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtkit.data.catalog import Split, resolve_file
+from mtkit.data.catalog import SplitSource, resolve_file
 from mtkit.errors import MtkitError
 from mtkit.recipes.context import Markers, RunContext, short_hash
 from mtkit.recipes.schema import METRICS
@@ -38,7 +38,7 @@ def _read_side(path: Path, limit: int | None) -> list[str]:
 
 def _read_pairs(ctx: RunContext, ref: str, limit: int | None) -> tuple[list[str], list[str], dict[str, str]]:
     """One catalog split's (src lines, tgt lines, where they came from), first ``limit`` lines."""
-    split: Split = ctx.catalog.split(ref)
+    split: SplitSource = ctx.catalog.split(ref)
     r = ctx.recipe
     sides, origin = {}, {}
     try:
@@ -157,7 +157,7 @@ def stage_train(ctx: RunContext, resume: bool) -> dict[str, Any]:
 
 
 def stage_average(ctx: RunContext, resume: bool) -> dict[str, Any]:
-    from mtkit.training.average import average_checkpoints, select_checkpoints
+    from mtkit.average import average_checkpoints, select_checkpoints
 
     avg = ctx.recipe.section("average")
     last, best = avg.get("last") or None, avg.get("best") or None
@@ -235,8 +235,8 @@ def stage_score(ctx: RunContext, resume: bool) -> dict[str, Any]:
 
 def count_parameters(checkpoint: str | Path) -> int | None:
     """Number of model parameters in a checkpoint (``None`` if it cannot be read)."""
+    from mtkit.checkpoint import load_model
     from mtkit.models.base import num_parameters
-    from mtkit.training.checkpoint import load_model
 
     try:
         model = load_model(checkpoint)[0]

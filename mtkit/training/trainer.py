@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -46,15 +45,22 @@ import torch
 import torch.distributed as dist
 
 from mtkit import provenance
+from mtkit.checkpoint import (
+    build_payload,
+    link_or_copy,
+    load_checkpoint,
+    save_checkpoint,
+    subword_entries,
+)
 from mtkit.config import Config, check_section, dump_config
 from mtkit.data.batching import BatchIterator, collate_source, collate_target, fixed_batches
 from mtkit.data.subword import SubwordModel
+from mtkit.devices import training_device
 from mtkit.errors import MtkitError
 from mtkit.models import build_model
 from mtkit.models.base import num_parameters
 from mtkit.models.linear import release_packed
 from mtkit.signals import Interrupted, stop_requests
-from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtkit.training.loss import projected_nll
 from mtkit.training.schedule import Scheduler
 from mtkit.utils import (
@@ -104,7 +110,7 @@ def train(
     rank, world_size, local_rank = distributed_env()
     if world_size == 1:
         return Trainer(load_data(data_dir), cfg, save_dir, device=device).fit(resume=resume)
-    dev = resolve_device(device, local_rank=local_rank)
+    dev = training_device(device, local_rank=local_rank)
     started = init_distributed(dev, rank, world_size)
     restore_logging = _rank_logging(rank)
     try:
@@ -191,25 +197,6 @@ def _rank_logging(rank: int):
     return restore
 
 
-def resolve_device(device: str | torch.device, local_rank: int | None = None) -> torch.device:
-    """``auto`` / ``cpu`` / ``cuda`` -> a device; a data-parallel rank (``local_rank`` given)
-    uses ``cuda:LOCAL_RANK``."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MtkitError("--device cuda requested but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise MtkitError(f"unknown device '{device}' (auto, cpu or cuda)")
-    if device == "cuda" and local_rank is not None:
-        if local_rank >= torch.cuda.device_count():
-            raise MtkitError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
 def tensorboard_writer_class() -> type:
     """torch's TensorBoard ``SummaryWriter``; a one-line error when the package is missing."""
     try:
@@ -218,23 +205,6 @@ def tensorboard_writer_class() -> type:
         raise MtkitError("train.tensorboard_dir is set but the tensorboard package is not installed "
                          "(pip install tensorboard)") from None
     return SummaryWriter
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Atomically make ``dst`` hold the bytes of ``src`` (a hard link where possible)."""
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 class Trainer:
@@ -249,7 +219,7 @@ class Trainer:
         if cfg.train.tensorboard_dir:
             tensorboard_writer_class()  # a missing package fails before any work
         self.save_dir = Path(save_dir)
-        self.device = resolve_device(device)
+        self.device = training_device(device)
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.distributed = world_size > 1
         if self.distributed and not (dist.is_available() and dist.is_initialized()):
@@ -554,31 +524,26 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def payload(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         """The checkpoint payload; ``rng`` from :meth:`_rng_states` (this process's if None)."""
-        spm_src, spm_tgt = self.data.src_spm, self.data.tgt_spm
         if rng is None:
             rng = self._rng_states()
-        return {
-            "config": self.cfg.to_dict(),
-            "spm": {"src": spm_src.model_bytes, "tgt": spm_tgt.model_bytes},
-            "vocab": {
-                "src_size": spm_src.size, "tgt_size": spm_tgt.size, "pad": self.tgt_pad, "bos": self.bos,
-                "eos": self.eos, "unk": spm_tgt.unk, "joint": spm_src.model_bytes == spm_tgt.model_bytes,
-            },
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else {},
-            "update": self.update,
-            "epoch": self.batches.epoch,
-            "data_state": self.batches.state_dict(),
-            "rng": rng,
-            "metrics": dict(self.last_valid),
-            "provenance": self.provenance,
-            "train_state": {
+        return build_payload(
+            self.cfg.to_dict(),
+            self.model.state_dict(),
+            **subword_entries(self.data.src_spm, self.data.tgt_spm),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else {},
+            update=self.update,
+            epoch=self.batches.epoch,
+            data_state=self.batches.state_dict(),
+            rng=rng,
+            metrics=dict(self.last_valid),
+            provenance=self.provenance,
+            train_state={
                 "best": self.best, "best_metric": self.best_metric_name, "stale": self.stale,
                 "bad_total": self.bad_total, "elapsed": self.elapsed,
             },
-        }
+        )
 
     def save(self, numbered: bool, best: bool = False) -> None:
         """Write a checkpoint (rank 0); on several ranks every rank must call it (RNG gather)."""
@@ -592,11 +557,11 @@ class Trainer:
         if numbered:
             path = self.save_dir / f"checkpoint_{self.update}.pt"
             save_checkpoint(path, payload)
-            _link_or_copy(path, last)
+            link_or_copy(path, last)
         else:
             save_checkpoint(last, payload)
         if best:
-            _link_or_copy(last, self.save_dir / BEST)
+            link_or_copy(last, self.save_dir / BEST)
         self.rotate()
 
     def rotate(self) -> None:
@@ -792,7 +757,7 @@ class Trainer:
             # numbered too, so that `average --last N` includes the weights training ended with
             self.save(numbered=tc.save_interval_updates > 0 and self.update > 0, best=best)
         if self.is_main and not (self.save_dir / BEST).exists():
-            _link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
+            link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
         logger.info("stopped at update %d: %s", self.update, stop_reason)
         return {
             "updates": self.update,

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from mtkit.checkpoint import build_payload, load_checkpoint, save_checkpoint
 from mtkit.errors import MtkitError
-from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger("mtkit.average")
 
@@ -274,18 +274,19 @@ def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> No
         model[k] = model[target]
     model = {k: model[k] for k in newest["keys"]}  # the original key order
 
-    payload_out: dict[str, Any] = {
-        "config": newest["config"],
-        "model": model,
-        "metrics": {
+    payload_out = build_payload(
+        newest["config"],
+        model,
+        spm=newest["spm"],
+        vocab=newest["vocab"],
+        update=newest["update"],
+        epoch=newest["epoch"],
+        metrics={
             "averaged": True,
             "averaged_updates": updates,
             "averaged_checkpoints": [str(p) for p in paths],
         },
-    }
-    for key in ("spm", "vocab", "update", "epoch"):
-        if newest[key] is not None:
-            payload_out[key] = newest[key]
+    )
     save_checkpoint(out_path, payload_out)
     shown = ", ".join(str(u) for u in updates) if all(u is not None for u in updates) else f"{n} checkpoints"
     logger.info("averaged %d checkpoints (updates %s) into %s", n, shown, out_path)

@@ -17,6 +17,10 @@ File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, the
 - ``provenance`` (optional; absent in checkpoints of mtkit before it was recorded): versions,
   command line, machine, seed and data manifest hash of the run (:mod:`mtkit.provenance`)
 
+Every payload is assembled by :func:`build_payload` (with :func:`subword_entries` for the
+sentencepiece models and vocabulary), and :func:`load_model` is the one way from a checkpoint
+file to a model: training, averaging, decoding, scoring and export all go through this module.
+
 Writes go to ``<name>.tmp-<pid>`` in the same directory, are fsynced and renamed over the
 target, so an interrupted write never replaces the previous good checkpoint. The temp file of a
 writer that was killed outright is removed by the next write of that checkpoint.
@@ -28,17 +32,59 @@ import glob
 import hashlib
 import io
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mtkit import __version__
 from mtkit.errors import MtkitError
+from mtkit.utils import atomic_path
+
+if TYPE_CHECKING:
+    from mtkit.config import Config
+    from mtkit.data.subword import SubwordModel
+    from mtkit.models.base import Seq2Seq
 
 MAGIC = b"MTKITCK1"
 HEADER = len(MAGIC) + 32
 FORMAT_VERSION = 1
+# What a payload may hold besides config, model, spm and vocab (see the module doc).
+OPTIONAL_KEYS = frozenset({
+    "format_version", "mtkit_version", "optimizer", "scheduler", "scaler", "update", "epoch", "data_state",
+    "rng", "metrics", "provenance", "train_state",
+})
+
+
+def subword_entries(src_spm: SubwordModel, tgt_spm: SubwordModel) -> dict[str, dict[str, Any]]:
+    """The ``spm`` and ``vocab`` entries of a payload for a model's source and target
+    sentencepiece models (special ids from the target side; ``joint`` when the bytes agree)."""
+    joint = src_spm.model_bytes == tgt_spm.model_bytes
+    return {
+        "spm": {"src": src_spm.model_bytes, "tgt": tgt_spm.model_bytes},
+        "vocab": {
+            "src_size": src_spm.size, "tgt_size": tgt_spm.size, "pad": tgt_spm.pad, "bos": tgt_spm.bos,
+            "eos": tgt_spm.eos, "unk": tgt_spm.unk, "joint": joint,
+        },
+    }
+
+
+def build_payload(
+    config: dict[str, Any],
+    model_state: dict[str, Any],
+    spm: dict[str, bytes] | None = None,
+    vocab: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A checkpoint payload: the resolved config (``Config.to_dict()``), the model's state dict,
+    the sentencepiece models and vocabulary (see :func:`subword_entries`), and any of
+    :data:`OPTIONAL_KEYS`. Entries given as None are left out."""
+    unknown = sorted(set(extra) - OPTIONAL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown checkpoint payload entries: {', '.join(unknown)}")
+    payload = {"config": config, "spm": spm, "vocab": vocab, "model": model_state, **extra}
+    return {key: value for key, value in payload.items() if value is not None}
 
 
 class _OffsetReader(io.RawIOBase):
@@ -86,9 +132,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     payload.setdefault("format_version", FORMAT_VERSION)
     payload.setdefault("mtkit_version", __version__)
     _remove_stale_temps(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(MAGIC + b"\0" * 32)
             writer = _HashingWriter(f)
             torch.save(payload, writer)
@@ -96,16 +141,18 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             f.write(writer.h.digest())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise MtkitError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
-        raise
+    except OSError as exc:
+        raise MtkitError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
     _fsync_dir(path.parent)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` hold the bytes of ``src`` (a hard link where possible)."""
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -166,10 +213,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def build_from_checkpoint(payload: dict[str, Any], path: str | Path = "<checkpoint>"):
+def build_from_checkpoint(
+    payload: dict[str, Any], path: str | Path = "<checkpoint>"
+) -> tuple[Seq2Seq, Config, SubwordModel, SubwordModel]:
     """Rebuild (model, config, src SubwordModel, tgt SubwordModel) from a loaded payload.
 
     The model is in eval mode on the payload's device; nothing besides the payload is needed.
+    Weights that do not fit the model config are a one-line :class:`MtkitError`.
     """
     from mtkit.config import config_from_dict
     from mtkit.data.subword import SubwordModel
@@ -180,7 +230,10 @@ def build_from_checkpoint(payload: dict[str, Any], path: str | Path = "<checkpoi
     tgt_spm = SubwordModel(payload["spm"]["tgt"], f"{path}:spm.tgt")
     vocab = payload["vocab"]
     model = build_model(cfg.model, vocab["src_size"], vocab["tgt_size"], vocab["pad"])
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise MtkitError(f"checkpoint {path} does not match its model config: {str(exc).splitlines()[0]}") from None
     if missing or unexpected:
         names = (missing or unexpected)[:3]
         raise MtkitError(
@@ -191,11 +244,13 @@ def build_from_checkpoint(payload: dict[str, Any], path: str | Path = "<checkpoi
     return model, cfg, src_spm, tgt_spm
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a checkpoint file for inference: (model on device, config, src spm, tgt spm)."""
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Seq2Seq, Config, SubwordModel, SubwordModel]:
+    """Load a checkpoint file for inference: (model on device, config, src spm, tgt spm).
+
+    The one way from a checkpoint file to a model; code that also needs the payload's other
+    entries loads it with :func:`load_checkpoint` and calls :func:`build_from_checkpoint`."""
     payload = load_checkpoint(path, map_location="cpu")
-    try:
-        model, cfg, src_spm, tgt_spm = build_from_checkpoint(payload, path)
-    except RuntimeError as exc:  # shape mismatch from load_state_dict
-        raise MtkitError(f"checkpoint {path} does not match its model config: {str(exc).splitlines()[0]}") from None
+    model, cfg, src_spm, tgt_spm = build_from_checkpoint(payload, path)
     return model.to(device), cfg, src_spm, tgt_spm
