@@ -28,6 +28,8 @@ from helpers import (
 )
 
 from mtkit.training import checkpoint as C
+from mtkit.training import saving
+from mtkit.training import step as update_step
 from mtkit.training import trainer as T
 from mtkit.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -93,8 +95,8 @@ def copies_of_checkpoint_8_fill_the_disk(monkeypatch) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         return copy(src, dst, *a, **k)
 
-    monkeypatch.setattr(T.os, "link", no_link)
-    monkeypatch.setattr(T.shutil, "copyfile", full_copy)
+    monkeypatch.setattr(saving.os, "link", no_link)
+    monkeypatch.setattr(saving.shutil, "copyfile", full_copy)
 
 
 def test_disk_full_while_copying_last_checkpoint(workspace, tmp_path, monkeypatch):
@@ -182,7 +184,7 @@ def test_interrupt_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch)
 # --- NaN / inf -----------------------------------------------------------------------------------
 def poison_loss(monkeypatch, bad_calls) -> list[int]:
     """Make the training loss of the listed training forward passes (1-based) NaN or inf."""
-    loss_fn, calls = T.projected_nll, [0]
+    loss_fn, calls = update_step.projected_nll, [0]
 
     def poisoned(*args):
         loss, nll, n = loss_fn(*args)
@@ -192,7 +194,7 @@ def poison_loss(monkeypatch, bad_calls) -> list[int]:
                 loss = loss * (float("nan") if calls[0] % 2 else float("inf"))
         return loss, nll, n
 
-    monkeypatch.setattr(T, "projected_nll", poisoned)
+    monkeypatch.setattr(update_step, "projected_nll", poisoned)
     return calls
 
 
