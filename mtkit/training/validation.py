@@ -104,7 +104,9 @@ class EarlyStopping:
     best: float | None = None
     stale: int = 0  # validations without improvement
 
-    def _metric_for(self, metrics: dict[str, Any]) -> str:
+    def _metric_value(self, metrics: dict[str, Any]) -> tuple[str, float]:
+        """The metric in use and its value in ``metrics``; the first call fixes the metric: valid
+        loss when BLEU is asked for but missing."""
         if self.metric is None:
             name = self.configured_metric
             if name == "bleu" and metrics.get("bleu") is None:
@@ -112,12 +114,12 @@ class EarlyStopping:
                 log("no validation BLEU: early stopping and the best checkpoint use valid loss")
                 name = "loss"
             self.metric = name
-        return self.metric
+        name = self.metric
+        return name, metrics[name] if metrics.get(name) is not None else metrics["loss"]
 
     def is_better(self, metrics: dict[str, Any]) -> bool:
         """Whether ``metrics`` beat the best result so far (the first result always does)."""
-        name = self._metric_for(metrics)
-        value = metrics[name] if metrics.get(name) is not None else metrics["loss"]
+        name, value = self._metric_value(metrics)
         return self.best is None or (value > self.best if name == "bleu" else value < self.best)
 
     def record(self, metrics: dict[str, Any]) -> bool:
@@ -125,9 +127,7 @@ class EarlyStopping:
         Returns whether it is the new best."""
         better = self.is_better(metrics)
         if better:
-            name = self._metric_for(metrics)
-            self.best = metrics[name] if metrics.get(name) is not None else metrics["loss"]
-            self.stale = 0
+            self.best, self.stale = self._metric_value(metrics)[1], 0
         else:
             self.stale += 1
         return better
