@@ -340,7 +340,7 @@ def endless_batches(trainer: Any):
     """The trainer's batches, epoch after epoch, ``update_freq`` at a time."""
     while True:
         chunk = []
-        while len(chunk) < trainer.tc.update_freq:
+        while len(chunk) < trainer.train_cfg.update_freq:
             b = trainer.batches.next_batch()
             if b is None:
                 trainer.batches.next_epoch()

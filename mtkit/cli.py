@@ -178,34 +178,15 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
     shows, starting with the run's provenance: versions, command, machine, data hash) and the
     resolved config.yaml, which -c takes back to repeat the run exactly.
     Several GPUs or machines: `torchrun --nproc-per-node N -m mtkit train ...` (or --nproc N)."""
-    from mtkit.utils import limit_onednn_caches
+    from mtkit.training.command import train_command
 
-    limit_onednn_caches()  # before the first matmul (see there)
-    from mtkit.config import dump_config as to_yaml
-    from mtkit.config import load_config
-    from mtkit.training.trainer import distributed_env, launch_local
-    from mtkit.training.trainer import train as run
-
-    cfg = load_config(config, overrides)
-    if dump_config:
-        click.echo(to_yaml(cfg), nl=False)
-        return
-    if nproc > 1:
-        root = click.get_current_context().find_root().obj
-        verbosity = {1: ["-v"], -1: ["-q"], 0: []}[root["verbosity"]]
-        flags = verbosity + (["--debug"] if root["debug"] else [])
-        args = ["train", data_dir, "-c", config, "--save-dir", save_dir, "--device", device]
-        for item in overrides:
-            args += ["--set", item]
-        code = launch_local(nproc, [*flags, *args, *(["--resume"] if resume else [])], device=device)
-        if code:
-            sys.exit(code)
-        return
-    if nproc < 0:
-        raise MtkitError(f"--nproc must be positive, got {nproc}")
-    summary = run(data_dir, cfg, save_dir, resume=resume, device=device)
-    if distributed_env()[0] == 0:
-        click.echo(json.dumps(summary))
+    root = click.get_current_context().find_root().obj
+    code, text = train_command(data_dir, config, save_dir, overrides, resume, device, nproc, dump_config,
+                               verbosity=root["verbosity"], debug=root["debug"])
+    if text:
+        click.echo(text, nl=False)
+    if code:
+        sys.exit(code)
 
 
 # ---------------------------------------------------------------------------------------------

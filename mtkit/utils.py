@@ -37,12 +37,11 @@ def limit_onednn_caches(entries: int = 64) -> None:
     the environment sets them; training does this, decoding keeps oneDNN's 1024.
 
     oneDNN runs mtkit's float32 CPU matmuls (see :mod:`mtkit.models.linear`) and keeps every
-    matmul shape it has met, ~300 KiB per entry in each cache. Training batches come in hundreds
-    of shapes: the caches fill up, and their long-lived entries, allocated between a step's
-    activations, fragment the heap (float32 training on the reference setup peaked at 2.6 GiB
-    instead of 1.4). 64 entries hold the shapes one training step reuses. Decoding, whose row
-    count changes from step to step and recurs across batches, is 6-20% faster with the default.
-    The sizes are read at the process's first oneDNN matmul: call this before that.
+    matmul shape it has met. Training batches come in hundreds of shapes: the caches fill up, and
+    their long-lived entries, allocated between a step's activations, fragment the heap; 64
+    entries hold the shapes one training step reuses. Decoding, whose row count changes from step
+    to step and recurs across batches, gains from the larger default. The sizes are read at the
+    process's first oneDNN matmul: call this before that.
     """
     for name in ONEDNN_CACHES:
         os.environ.setdefault(name, str(entries))
@@ -68,8 +67,8 @@ def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Elsewhere
-    (AVX2-only CPUs such as many AMD EPYCs) torch emulates them: a bf16 matmul there takes
-    about 9x as long as a float32 one, so bf16 autocast slows training down instead of up."""
+    (AVX2-only CPUs such as many AMD EPYCs) torch emulates them, slower than float32, so bf16
+    autocast would slow training down instead of up."""
     import torch
 
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

@@ -55,7 +55,7 @@ def test_choice_lists_match_the_code_that_uses_them():
     from mtkit import scoring_metrics
     from mtkit.decoding import penalties
     from mtkit.models.lstm import RNN_CLASSES
-    from mtkit.training.trainer import OPTIMIZER_CLASSES
+    from mtkit.training.builders import OPTIMIZER_CLASSES
 
     assert set(BLEU_TOKENIZERS) == set(BLEU.TOKENIZERS)
     score_tokenize = {f.name: f for f in dataclasses.fields(RECIPE_SECTIONS["score"])}["tokenize"]

@@ -27,6 +27,7 @@ from mtkit.config import load_config
 from mtkit.data.batching import collate_source, collate_target
 from mtkit.decoding import search, search_base
 from mtkit.decoding.translate import DTYPES, Translator, translate_file
+from mtkit.training import step as update_step
 from mtkit.training import trainer as T
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -85,13 +86,13 @@ def test_training_steps_run_under_autocast_with_float32_weights(workspace, tmp_p
     t.model.register_forward_pre_hook(
         lambda module, args: forward_autocast.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
     )
-    loss_fn = T.projected_nll
+    loss_fn = update_step.projected_nll
 
     def spy(hidden, layer, target, pad, eps, dtype=None, chunk=None):
         loss_dtypes.append(dtype)
         return loss_fn(hidden, layer, target, pad, eps, dtype, chunk)
 
-    monkeypatch.setattr(T, "projected_nll", spy)
+    monkeypatch.setattr(update_step, "projected_nll", spy)
     before = float_weights(t)
     results = [t.train_step(next_batches(t)) for _ in range(3)]
     applied = [r for r in results if r is not None]

@@ -309,8 +309,8 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_via_nproc(data_dir, two_ranks,
 # --- NaN on one rank ----------------------------------------------------------------------------------
 POISON = textwrap.dedent("""
     import os, sys, torch
-    from mtkit.training import trainer as T
-    loss_fn, calls = T.projected_nll, [0]
+    from mtkit.training import step
+    loss_fn, calls = step.projected_nll, [0]
     def poisoned(*args):
         loss, nll, n = loss_fn(*args)
         if torch.is_grad_enabled() and os.environ["RANK"] == "1":
@@ -318,7 +318,7 @@ POISON = textwrap.dedent("""
             if calls[0] == int(sys.argv[1]):  # a NaN value with finite gradients: only this rank sees it
                 loss = loss + torch.full_like(loss, float("nan")).detach()
         return loss, nll, n
-    T.projected_nll = poisoned
+    step.projected_nll = poisoned
     from mtkit.cli import main
     main(sys.argv[2:], prog_name="mtkit")
 """)

@@ -29,6 +29,7 @@ from helpers import (
 
 from mtkit import checkpoint as C
 from mtkit.checkpoint import load_checkpoint, save_checkpoint
+from mtkit.training import step as update_step
 from mtkit.training import trainer as T
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -182,7 +183,7 @@ def test_interrupt_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch)
 # --- NaN / inf -----------------------------------------------------------------------------------
 def poison_loss(monkeypatch, bad_calls) -> list[int]:
     """Make the training loss of the listed training forward passes (1-based) NaN or inf."""
-    loss_fn, calls = T.projected_nll, [0]
+    loss_fn, calls = update_step.projected_nll, [0]
 
     def poisoned(*args):
         loss, nll, n = loss_fn(*args)
@@ -192,7 +193,7 @@ def poison_loss(monkeypatch, bad_calls) -> list[int]:
                 loss = loss * (float("nan") if calls[0] % 2 else float("inf"))
         return loss, nll, n
 
-    monkeypatch.setattr(T, "projected_nll", poisoned)
+    monkeypatch.setattr(update_step, "projected_nll", poisoned)
     return calls
 
 

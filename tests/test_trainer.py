@@ -21,6 +21,8 @@ from mtkit.data.batching import BatchIterator
 from mtkit.data.dataset import ListDataset
 from mtkit.data.subword import train_sentencepiece
 from mtkit.errors import MtkitError
+from mtkit.training import builders
+from mtkit.training import step as update_step
 from mtkit.training import trainer as T
 from mtkit.training.loss import projected_nll
 
@@ -233,7 +235,7 @@ def test_nan_updates_skipped_then_training_goes_on(spm, tmp_path, monkeypatch):
         loss, nll, n = projected_nll(*args)
         return (loss * float("nan") if calls["n"] in (3, 4, 5) else loss), nll, n
 
-    monkeypatch.setattr(T, "projected_nll", flaky)
+    monkeypatch.setattr(update_step, "projected_nll", flaky)
     s = T.Trainer(data(spm), tiny_cfg("train.max_updates=6", "train.max_bad_updates=3"), tmp_path, device="cpu").fit()
     assert s["updates"] == 6 and s["skipped_updates"] == 2  # calls 3-4 = update 2, call 5 = update 3
     for t in weights(tmp_path / T.LAST).values():
@@ -248,7 +250,7 @@ def test_nan_in_a_row_stops_and_keeps_last_good(spm, tmp_path, monkeypatch):
         loss, nll, n = projected_nll(*args)
         return loss + float("inf"), nll, n
 
-    monkeypatch.setattr(T, "projected_nll", broken)
+    monkeypatch.setattr(update_step, "projected_nll", broken)
     with pytest.raises(MtkitError, match="3 updates in a row"):
         T.Trainer(data(spm), tiny_cfg("train.max_updates=8", "train.max_bad_updates=3"), tmp_path, device="cpu").fit(resume=True)
     assert load_checkpoint(tmp_path / T.LAST)["update"] == 4
@@ -418,7 +420,7 @@ def test_cli_train_on_preprocessed_dir(tmp_path, monkeypatch):
 
 
 def test_bf16_autocast_on_cpu_and_fp16_refused(spm, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(builders, "cpu_has_native_bf16", lambda: True)
     t = T.Trainer(data(spm), tiny_cfg("train.max_updates=2", "train.amp=bf16"), tmp_path / "a", device="cpu")
     assert t.autocast_dtype == torch.bfloat16
     s = t.fit()
@@ -430,7 +432,7 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(spm, tmp_path, monkeypatch):
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_float32(spm, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: several times slower
+    monkeypatch.setattr(builders, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: several times slower
     with caplog.at_level(logging.WARNING, logger="mtkit.train"):
         t = T.Trainer(data(spm), tiny_cfg("train.max_updates=1", "train.amp=bf16"), tmp_path, device="cpu")
     assert t.autocast_dtype is None
@@ -485,12 +487,12 @@ def test_passes_give_the_same_update_as_whole_batches(spm, tmp_path):
     whole = trained(tmp_path / "a")
     split = trained(tmp_path / "b", "train.pass_tokens=16")
     batch = split.batches.next_batch()
-    passes = split.passes(split.data.train, batch)
+    passes = update_step.split_batch(split.data.train, batch, split.train_cfg.pass_tokens)
     assert len(passes) > 1 and np.array_equal(np.concatenate(passes), batch)
     for p in passes:
         width = max(split.data.train.src_lens[p].max(), split.data.train.tgt_lens[p].max()) + 1
         assert len(p) == 1 or len(p) * width <= 16 + width  # within one sentence of the budget
-    assert whole.passes(whole.data.train, batch) == [batch]
+    assert update_step.split_batch(whole.data.train, batch, whole.train_cfg.pass_tokens) == [batch]
     # the gradients of the update (the step's gradients stay in .grad until the next update)
     for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
         assert a.grad is not None and a.grad.abs().max() > 0, name

@@ -1,0 +1,118 @@
+"""One optimizer update: forward/backward over the update's batches (accumulated, each batch
+in runs of at most ``train.pass_tokens`` padded tokens), the gradient norm and clipping, the
+finite check agreed over the ranks, and the optimizer step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtkit.config import TrainConfig
+from mtkit.training import builders
+from mtkit.training.distributed import RankGroup
+from mtkit.training.loss import projected_nll
+from mtkit.training.schedule import Scheduler
+
+
+def split_batch(dataset: Any, batch: np.ndarray, pass_tokens: int) -> list[np.ndarray]:
+    """``batch`` cut into runs of its (length-sorted) sentences of at most ``pass_tokens`` padded
+    tokens each (0: the whole batch): forward/backward one run at a time, the gradients adding up
+    to the batch's. The same update with a fraction of the activation memory."""
+    if pass_tokens == 0 or len(batch) < 2:
+        return [batch]
+    width = int(max(dataset.src_lens[batch].max() + 1, dataset.tgt_lens[batch].max() + 1))
+    n = min(len(batch), -(-len(batch) * width // pass_tokens))
+    return np.array_split(batch, n)  # n <= len(batch): no empty run
+
+
+class UpdateStep:
+    """The optimizer update of a training run over its model, optimizer and mixed precision."""
+
+    def __init__(
+        self, model: torch.nn.Module, ddp: torch.nn.parallel.DistributedDataParallel | None,
+        optimizer: torch.optim.Optimizer, scheduler: Scheduler, autocast_dtype: torch.dtype | None,
+        collate: builders.Collator, train_cfg: TrainConfig, ranks: RankGroup,
+    ):
+        self.model, self.ddp, self.optimizer, self.scheduler = model, ddp, optimizer, scheduler
+        # the module the forward runs through: the DDP wrapper on several ranks
+        self.step_model: torch.nn.Module = ddp if ddp is not None else model
+        self.autocast_dtype = autocast_dtype
+        self.scaler = builders.grad_scaler(autocast_dtype)
+        self.collate, self.train_cfg, self.ranks = collate, train_cfg, ranks
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to the training dtype (nothing in float32)."""
+        return builders.autocast(self.ranks.device, self.autocast_dtype)
+
+    def loss(self, hidden: torch.Tensor, tgt_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(label-smoothed loss sum, nll sum, target tokens) of the features, output projection fused in."""
+        layer = self.model.output_projection()
+        return projected_nll(hidden, layer, tgt_out, self.collate.tgt_pad, self.train_cfg.label_smoothing,
+                             self.autocast_dtype)
+
+    def _backward_runs(self, dataset: Any, batches: list[np.ndarray], ntok: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over every run of ``batches``; returns the (loss, nll) sums."""
+        device = self.ranks.device
+        loss_sum = torch.zeros((), device=device)
+        nll_sum = torch.zeros((), device=device)
+        runs = [run for b in batches for run in split_batch(dataset, b, self.train_cfg.pass_tokens)]
+        for i, run in enumerate(runs):
+            src, src_len, tgt_in, tgt_out = self.collate(dataset, run)
+            # DDP all-reduces gradients on the update's last run only
+            sync = self.ddp is None or i == len(runs) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self.autocast():
+                    hidden = self.step_model(src, src_len, tgt_in, features_only=True)
+                loss, nll, _ = self.loss(hidden, tgt_out)
+                # token-level mean over the whole update; x world_size undoes DDP's average over ranks
+                scaled = loss * self.ranks.world_size / ntok
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach()
+            nll_sum += nll
+        return loss_sum, nll_sum
+
+    def _gradient_norm(self) -> float:
+        """The gradients' total norm, clipped to ``train.clip_norm`` when that is set."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.train_cfg.clip_norm > 0 or not hasattr(torch.nn.utils, "get_total_norm"):
+            return float(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.clip_norm or float("inf")))
+        # measure only: the norm is logged so vanishing/exploding gradients show
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+    def gradients(self, dataset: Any, batches: list[np.ndarray], max_tgt: int) -> dict[str, Any]:
+        """Zero the gradients, then accumulate the update's over ``batches``. Returns its loss and
+        nll sums, target tokens and gradient norm (summed over the ranks), and ``finite``: False
+        when any rank saw a NaN/inf loss or gradient."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        ntok = sum(int(np.minimum(dataset.tgt_lens[b] + 1, max_tgt).sum()) for b in batches)
+        ntok = int(self.ranks.sum([ntok])[0])  # target tokens of the whole update, over all ranks
+        loss_sum, nll_sum = self._backward_runs(dataset, batches, ntok)
+        gnorm = self._gradient_norm()
+        # one all-reduce on several ranks: the update's loss sums, and whether any rank saw NaN/inf
+        local_bad = not math.isfinite(float(loss_sum)) or (not math.isfinite(gnorm) and self.scaler is None)
+        loss_value, nll_value, bad = self.ranks.sum([float(loss_sum), float(nll_sum), float(local_bad)])
+        finite = bad == 0 and math.isfinite(loss_value)
+        return {"loss": loss_value, "nll": nll_value, "ntok": ntok, "gnorm": gnorm, "finite": finite}
+
+    def apply(self, update: int, elapsed: float) -> float:
+        """The optimizer step of update number ``update``, at the scheduled lr; returns the lr."""
+        lr = self.scheduler.step(update, elapsed)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips the step itself on fp16 overflow
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return lr
+
+    def discard(self) -> None:
+        """Drop the accumulated gradients of a non-finite update."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.update()
