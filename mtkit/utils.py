@@ -36,7 +36,7 @@ def limit_onednn_caches(entries: int = 64) -> None:
     """Cap oneDNN's two per-shape caches (PyTorch's and oneDNN's own) at ``entries`` each, unless
     the environment sets them; training does this, decoding keeps oneDNN's 1024.
 
-    oneDNN runs mtkit's float32 CPU matmuls (see :mod:`mtkit.models.linear`) and keeps every
+    oneDNN runs mtkit's float32 CPU matmuls (see :mod:`mtkit.kernels.linear`) and keeps every
     matmul shape it has met. Training batches come in hundreds of shapes: the caches fill up, and
     their long-lived entries, allocated between a step's activations, fragment the heap; 64
     entries hold the shapes one training step reuses. Decoding, whose row count changes from step

@@ -1,11 +1,11 @@
-"""`mtkit.models.dropout`: the cheaper CPU mask drops with probability p and keeps the expectation."""
+"""`mtkit.kernels.dropout`: the cheaper CPU mask drops with probability p and keeps the expectation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mtkit.models.dropout import Dropout, add_dropout, dropout
+from mtkit.kernels.dropout import Dropout, add_dropout, dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])

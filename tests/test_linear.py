@@ -1,4 +1,4 @@
-"""`mtkit.models.linear`: the oneDNN float32 path computes what `F.linear` does, gradients too."""
+"""`mtkit.kernels.linear`: the oneDNN float32 path computes what `F.linear` does, gradients too."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkit.models import linear as L
+from mtkit.kernels import linear as L
 
 
 @pytest.mark.parametrize("shape", [(37, 64), (3, 11, 64), (0, 64)])
@@ -145,7 +145,7 @@ from mtkit.utils import limit_onednn_caches
 if sys.argv[1] == "limit":
     limit_onednn_caches()  # before oneDNN's first matmul, as `mtkit train` does
 import torch
-from mtkit.models.linear import Linear
+from mtkit.kernels.linear import Linear
 
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
@@ -208,3 +208,11 @@ def test_step_linear_packs_each_recurrent_weight_when_decoding_only():
                                    F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0), rtol=1e-5, atol=1e-5)
     L.release_packed(rnn)
     assert rnn not in L._PACKED
+
+
+@pytest.mark.parametrize("activation", [F.relu, F.gelu])
+def test_activated_applies_the_activation(activation):
+    torch.manual_seed(0)
+    layer, x = L.Linear(8, 16), torch.randn(5, 8)
+    torch.testing.assert_close(layer.activated(x, activation), activation(F.linear(x, layer.weight, layer.bias)),
+                               rtol=1e-5, atol=1e-5)

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from mtkit.errors import MtkitError
+from mtkit.kernels.linear import Linear
 from mtkit.models.base import Seq2Seq, State
-from mtkit.models.linear import Linear
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

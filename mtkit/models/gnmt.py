@@ -34,10 +34,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mtkit.config_fields import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
+from mtkit.kernels.dropout import Dropout
+from mtkit.kernels.linear import Linear
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
-from mtkit.models.dropout import Dropout
-from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     CELL_CLASSES,
     RNN_CLASSES,

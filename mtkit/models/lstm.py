@@ -17,9 +17,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mtkit.config_fields import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
+from mtkit.kernels.dropout import Dropout, dropout
+from mtkit.kernels.linear import Linear, linear, step_linear
 from mtkit.models.base import Seq2Seq, State
-from mtkit.models.dropout import Dropout, dropout
-from mtkit.models.linear import Linear, linear, step_linear
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 CELL_CLASSES: dict[str, type[nn.RNNCellBase]] = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
@@ -111,7 +111,7 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
     sequence at once where the input does not depend on the recurrence). The recurrent weights are
     those of ``rnn``: an ``nn.LSTMCell``/``nn.GRUCell`` (``layer`` None) or layer ``layer`` of an
     ``nn.LSTM``/``nn.GRU``. The same maths as torch's cells, with the recurrent product through
-    :func:`mtkit.models.linear.step_linear` (a prepacked oneDNN weight when decoding on a CPU).
+    :func:`mtkit.kernels.linear.step_linear` (a prepacked oneDNN weight when decoding on a CPU).
     """
     sfx = _suffix(layer)
     h = output_of(state)

@@ -31,10 +31,10 @@ from torch import nn
 
 from mtkit.config_fields import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
+from mtkit.kernels.dropout import Dropout
+from mtkit.kernels.linear import Linear
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
-from mtkit.models.dropout import Dropout
-from mtkit.models.linear import Linear
 from mtkit.models.lstm import (
     RNN_CLASSES,
     Embedding,

@@ -18,9 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from mtkit.config_fields import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
+from mtkit.kernels.dropout import add_dropout, dropout
+from mtkit.kernels.linear import Linear
 from mtkit.models.base import Seq2Seq, State
-from mtkit.models.dropout import add_dropout, dropout
-from mtkit.models.linear import Linear
 
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
 ACTIVATION_NAMES = ("relu", "gelu", "silu")
@@ -143,7 +143,7 @@ class FeedForward(nn.Module):
         self.act, self.p_drop = ACTIVATIONS[cfg.activation], cfg.activation_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1.relu(x) if self.act is F.relu else self.act(self.fc1(x))
+        h = self.fc1.activated(x, self.act)
         return self.fc2(dropout(h, self.p_drop, self.training))
 
 

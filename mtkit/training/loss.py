@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mtkit.models.linear import grad_weight, matmul_nt
+from mtkit.kernels.linear import grad_weight, matmul_nt
 
 
 class _ProjectedNLL(torch.autograd.Function):

@@ -19,7 +19,7 @@ from mtkit.config import Config, DecodeConfig, TrainConfig
 from mtkit.data.batching import fixed_batches, length_sorted_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.errors import MtkitError
-from mtkit.models.linear import release_packed
+from mtkit.kernels.linear import release_packed
 from mtkit.training.distributed import RankGroup
 from mtkit.training.metrics import MetricsLog
 

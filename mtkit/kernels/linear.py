@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -186,3 +187,7 @@ class Linear(nn.Linear):
         """``relu(self(x))``, in one oneDNN call on the prepacked path."""
         y = self._packed_forward(x, "relu")
         return linear(x, self.weight, self.bias, "relu") if y is None else y
+
+    def activated(self, x: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``activation(self(x))``; a ReLU is fused into the matmul (:meth:`relu`)."""
+        return self.relu(x) if activation is F.relu else activation(self(x))
