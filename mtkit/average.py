@@ -215,6 +215,53 @@ class _Reference:
             raise MtkitError(f"cannot average: {path} ties weights differently from {self.path}")
 
 
+def _is_float(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def _accumulate(sums: dict[str, torch.Tensor], state: dict[str, Any], aliases: dict[str, str]) -> None:
+    """Add a state dict's floating-point tensors (tied aliases skipped) to the float32 ``sums``."""
+    for k, v in state.items():
+        if k in aliases or not _is_float(v):
+            continue
+        if k in sums:
+            sums[k].add_(v.to(torch.float32))
+        else:
+            sums[k] = v.to(torch.float32, copy=True)
+
+
+def _newest_entries(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """What the averaged checkpoint takes from the newest input: its entries, the tensors that are
+    not averaged, the dtypes of those that are, and the key order."""
+    state = payload["model"]
+    return {
+        "path": path,
+        "config": payload["config"],
+        "spm": payload.get("spm"),
+        "vocab": payload.get("vocab"),
+        "update": payload.get("update"),
+        "epoch": payload.get("epoch"),
+        "keep": {k: v for k, v in state.items() if not _is_float(v)},
+        "dtypes": {k: v.dtype for k, v in state.items() if _is_float(v)},
+        "keys": list(state),
+    }
+
+
+def _averaged_state(sums: dict[str, torch.Tensor], n: int, newest: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    """The averaged state dict in the newest input's key order and dtypes, tied aliases restored."""
+    model: dict[str, Any] = {}
+    for k in newest["keys"]:
+        if k in aliases:
+            continue
+        if k in sums:
+            model[k] = sums.pop(k).div_(n).to(newest["dtypes"][k])
+        else:
+            model[k] = newest["keep"][k]
+    for k, target in aliases.items():
+        model[k] = model[target]
+    return {k: model[k] for k in newest["keys"]}  # the original key order
+
+
 def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> None:
     """Average the weights of ``paths`` into a new checkpoint ``out_path`` (see the module doc)."""
     paths = [Path(p) for p in paths]
@@ -234,46 +281,16 @@ def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> No
         state = payload["model"]
         update = payload.get("update")
         updates.append(update if isinstance(update, int) else None)
-        for k, v in state.items():
-            if k in ref.aliases or not isinstance(v, torch.Tensor) or not v.is_floating_point():
-                continue
-            if k in sums:
-                sums[k].add_(v.to(torch.float32))
-            else:
-                sums[k] = v.to(torch.float32, copy=True)
+        _accumulate(sums, state, ref.aliases)
         order = (update if isinstance(update, int) else -1, i)
         if order > newest_key:
-            newest_key = order
-            keep = {k: v for k, v in state.items() if not (isinstance(v, torch.Tensor) and v.is_floating_point())}
-            dtypes = {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-            newest = {
-                "path": path,
-                "config": payload["config"],
-                "spm": payload.get("spm"),
-                "vocab": payload.get("vocab"),
-                "update": update,
-                "epoch": payload.get("epoch"),
-                "keep": keep,
-                "dtypes": dtypes,
-                "keys": list(state),
-            }
+            newest_key, newest = order, _newest_entries(path, payload)
         del payload, state  # only the running sum outlives this iteration
         logger.info("read %s (%d/%d)", path, i + 1, len(paths))
 
     assert ref is not None
     n = len(paths)
-    model: dict[str, Any] = {}
-    for k in newest["keys"]:
-        if k in ref.aliases:
-            continue
-        if k in sums:
-            model[k] = sums.pop(k).div_(n).to(newest["dtypes"][k])
-        else:
-            model[k] = newest["keep"][k]
-    for k, target in ref.aliases.items():
-        model[k] = model[target]
-    model = {k: model[k] for k in newest["keys"]}  # the original key order
-
+    model = _averaged_state(sums, n, newest, ref.aliases)
     payload_out = build_payload(
         newest["config"],
         model,

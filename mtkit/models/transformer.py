@@ -119,7 +119,7 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
         p = self.p_drop if self.training else 0.0
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # CPU bf16 SDPA backward is ~6x slower than fp32: attention stays fp32, the matmuls around it bf16
+            # CPU bf16 SDPA backward is slower than fp32: attention stays fp32, the matmuls around it bf16
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p, is_causal=causal)
         else:
