@@ -307,13 +307,14 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], yaml-typed value)."""
+def parse_override(item: str, depth: int | None = 2) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], yaml-typed value); ``depth``: how many dotted
+    parts the key must have (None: any number, e.g. a recipe's ``average.last=3``)."""
     if "=" not in item:
         raise MtkitError(f"override '{item}' must look like section.key=value")
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if not all(parts) or (depth is not None and len(parts) != depth):
         raise MtkitError(f"override key '{key}' must look like section.key (e.g. train.lr)")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
@@ -322,14 +323,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_override(raw: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
+    """Set ``raw[parts[0]][parts[1]]... = value``, making missing (or null) sections."""
+    node = raw
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise MtkitError(f"override '{item}': '{part}' is not a section")
+        node = node[part]
+    node[parts[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     raw = copy.deepcopy(raw or {})
     for item in overrides:
-        (section, key), value = parse_override(item)
-        raw.setdefault(section, {})
-        if raw[section] is None:
-            raw[section] = {}
-        raw[section][key] = value
+        set_override(raw, *parse_override(item), item)
     return raw
 
 

@@ -58,3 +58,22 @@ def test_missing_config_file(tmp_path):
 def test_unknown_preset_is_error():
     with pytest.raises(MtkitError, match="unknown config file or preset"):
         load_config("no_such_preset_name")
+
+
+def test_one_override_parser_serves_configs_and_recipes():
+    from mtkit.config import parse_override, set_override
+    from mtkit.errors import MtkitError
+    from mtkit.recipes.schema import apply_recipe_overrides
+
+    assert parse_override("train.lr=0.0005") == (["train", "lr"], 0.0005)
+    assert parse_override("average.select.last=3", depth=None) == (["average", "select", "last"], 3)
+    for bad, depth in (("train.lr", 2), ("lr=1", 2), ("a.b.c=1", 2), ("train..lr=1", None), ("train.lr=[1,", 2)):
+        with pytest.raises(MtkitError, match="override"):
+            parse_override(bad, depth=depth)
+    raw = {"train": None, "name": "x"}
+    set_override(raw, ["train", "lr"], 1, "train.lr=1")
+    assert raw["train"] == {"lr": 1}
+    with pytest.raises(MtkitError, match="'name' is not a section"):
+        set_override(raw, ["name", "sub"], 1, "name.sub=1")
+    assert apply_recipe_overrides({"average": {"last": 5}}, ["average.last=3", "train.lr=0.001"]) == {
+        "average": {"last": 3}, "train": {"lr": 0.001}}

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mtkit.config import (
     RECIPE_SECTIONS,
     Config,
@@ -21,6 +19,7 @@ from mtkit.config import (
     config_from_dict,
     load_raw_config,
     parse_override,
+    set_override,
 )
 from mtkit.data.catalog import Catalog, load_catalog
 from mtkit.errors import MtkitError, unknown_name
@@ -122,27 +121,7 @@ def apply_recipe_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dic
     """``key.sub=value`` items set keys of the recipe (``train.lr=5e-4``, ``average.last=3``)."""
     raw = copy.deepcopy(raw)
     for item in overrides:
-        if "=" not in item:
-            raise MtkitError(f"override '{item}' must look like key.sub=value")
-        key, _, text = item.partition("=")
-        parts = [p for p in key.strip().split(".")]
-        if not all(parts):
-            raise MtkitError(f"override key '{key}' must look like section.key (e.g. train.lr)")
-        if len(parts) == 2 and parts[0] in CONFIG_SECTIONS:
-            _, value = parse_override(item)  # the config's own typing rules
-        else:
-            try:
-                value = yaml.safe_load(text) if text.strip() else ""
-            except yaml.YAMLError:
-                raise MtkitError(f"override '{item}': value is not valid YAML") from None
-        node = raw
-        for p in parts[:-1]:
-            if node.get(p) is None:
-                node[p] = {}
-            if not isinstance(node[p], dict):
-                raise MtkitError(f"override '{item}': '{p}' is not a section")
-            node = node[p]
-        node[parts[-1]] = value
+        set_override(raw, *parse_override(item, depth=None), item)
     return raw
 
 
