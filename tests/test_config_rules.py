@@ -14,11 +14,9 @@ import typing
 import pytest
 
 from mtkit.config import (
-    BLEU_TOKENIZERS,
     LENGTH_PENALTIES,
     LR_SCHEDULERS,
     OPTIMIZERS,
-    RECIPE_SECTIONS,
     SECTIONS,
     STOPPING,
     TIME_DECAYS,
@@ -30,6 +28,7 @@ from mtkit.config_fields import field_rule
 from mtkit.models import MODELS
 from mtkit.recipes.load import recipe_paths
 from mtkit.recipes.schema import config_raw
+from mtkit.recipes.sections import BLEU_TOKENIZERS, RECIPE_SECTIONS
 from tests.helpers import cli, error_line
 
 RECIPES = recipe_paths()

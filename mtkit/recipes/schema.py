@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from mtkit.config import (
-    RECIPE_SECTIONS,
     Config,
     build_section,
     config_from_dict,
@@ -23,6 +22,7 @@ from mtkit.config import (
 )
 from mtkit.data.catalog import Catalog, load_catalog
 from mtkit.errors import MtkitError, unknown_name
+from mtkit.recipes.sections import RECIPE_SECTIONS
 
 CONFIG_SECTIONS = ("data", "model", "train", "decode")
 # The metric a published number was computed with, as options of `mtkit score`: the report scores
