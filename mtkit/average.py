@@ -19,36 +19,19 @@ normal self-contained checkpoint without optimizer state.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mtkit.checkpoint import build_payload, load_checkpoint, save_checkpoint
+from mtkit.checkpoint import build_payload, load_checkpoint, numbered_checkpoints, save_checkpoint
 from mtkit.errors import MtkitError
 
 logger = logging.getLogger("mtkit.average")
 
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 BLEU_KEYS = ("valid_bleu", "bleu")
 LOSS_KEYS = ("valid_loss", "loss")
-
-
-def numbered_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """``[(update, path), ...]`` of the ``checkpoint_<update>.pt`` files in a directory, oldest first."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.exists():
-        raise MtkitError(f"checkpoint directory not found: {ckpt_dir}")
-    if not ckpt_dir.is_dir():
-        raise MtkitError(f"expected a checkpoint directory but {ckpt_dir} is a file")
-    found = []
-    for p in ckpt_dir.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def _metric(metrics: Any, keys: Sequence[str]) -> float | None:

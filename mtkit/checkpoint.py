@@ -32,6 +32,7 @@ import glob
 import hashlib
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from mtkit.data.subword import SubwordModel
     from mtkit.models.base import Seq2Seq
 
+LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"  # a save dir's latest and best checkpoints
+NUMBERED = re.compile(r"^checkpoint_(\d+)\.pt$")  # and its checkpoint_<update>.pt files
 MAGIC = b"MTKITCK1"
 HEADER = len(MAGIC) + 32
 FORMAT_VERSION = 1
@@ -144,6 +147,21 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     except OSError as exc:
         raise MtkitError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
     _fsync_dir(path.parent)
+
+
+def numbered_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """``[(update, path), ...]`` of the ``checkpoint_<update>.pt`` files in a directory, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.exists():
+        raise MtkitError(f"checkpoint directory not found: {ckpt_dir}")
+    if not ckpt_dir.is_dir():
+        raise MtkitError(f"expected a checkpoint directory but {ckpt_dir} is a file")
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = NUMBERED.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mtkit.checkpoint import link_or_copy
+from mtkit.checkpoint import LAST, link_or_copy
 from mtkit.cli import main
 from mtkit.config import DecodeConfig, TrainConfig
 from mtkit.errors import MtkitError
@@ -152,11 +152,11 @@ def test_split_batch_keeps_order_and_budget():
 def test_rotation_keeps_the_newest_numbered_checkpoints(tmp_path):
     for update in (4, 8, 12, 16):
         (tmp_path / f"checkpoint_{update}.pt").write_bytes(b"x")
-    (tmp_path / saving.LAST).write_bytes(b"x")
+    (tmp_path / LAST).write_bytes(b"x")
     saving.rotate(tmp_path, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_12.pt", "checkpoint_16.pt", saving.LAST]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_12.pt", "checkpoint_16.pt", LAST]
     saving.rotate(tmp_path, 0)
-    assert [p.name for p in tmp_path.iterdir()] == [saving.LAST]
+    assert [p.name for p in tmp_path.iterdir()] == [LAST]
 
 
 def test_link_or_copy_replaces_the_target(tmp_path):

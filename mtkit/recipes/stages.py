@@ -149,9 +149,10 @@ def stage_preprocess(ctx: RunContext, resume: bool) -> dict[str, Any]:
 
 
 def stage_train(ctx: RunContext, resume: bool) -> dict[str, Any]:
+    from mtkit.checkpoint import LAST
     from mtkit.training.trainer import train
 
-    last = ctx.save_dir / "checkpoint_last.pt"
+    last = ctx.save_dir / LAST
     summary = train(ctx.data_path, ctx.recipe.config, ctx.save_dir, resume=last.exists(), device=ctx.device)
     return json.loads(json.dumps(summary, default=str))
 
@@ -176,7 +177,9 @@ def translation_checkpoint(ctx: RunContext) -> Path:
     averaged = (ctx.outputs.get("average") or {}).get("checkpoint")
     if averaged and Path(averaged).exists():
         return Path(averaged)
-    for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+    from mtkit.checkpoint import BEST, LAST
+
+    for name in (BEST, LAST):
         if (ctx.save_dir / name).exists():
             return ctx.save_dir / name
     raise MtkitError(f"no checkpoint to translate with in {ctx.save_dir}; run the train stage")

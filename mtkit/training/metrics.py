@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mtkit.errors import MtkitError
-from mtkit.utils import progress_enabled
+from mtkit.utils import atomic_write_text, progress_enabled
 
 logger = logging.getLogger("mtkit.train")
 
@@ -43,7 +43,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
-                if key not in ("kind", "update") and isinstance(value, (int, float)) and value is not None:
+                if key not in ("kind", "update") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["update"])
 
     def truncate(self, update: int) -> None:
@@ -58,7 +58,7 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue
-        self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        atomic_write_text(self.path, "".join(x + "\n" for x in kept))
 
     def discard(self) -> None:
         """Delete the events of an earlier run that never saved a checkpoint."""

@@ -3,14 +3,10 @@ numbered ``checkpoint_<update>.pt`` kept by rotation."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from mtkit.checkpoint import link_or_copy, save_checkpoint
-
-LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
-NUMBERED = re.compile(r"checkpoint_(\d+)\.pt$")
+from mtkit.checkpoint import BEST, LAST, link_or_copy, numbered_checkpoints, save_checkpoint
 
 
 def write_checkpoints(save_dir: Path, payload: dict[str, Any], update: int, numbered: bool, best: bool,
@@ -33,8 +29,6 @@ def write_checkpoints(save_dir: Path, payload: dict[str, Any], update: int, numb
 
 def rotate(save_dir: Path, keep_last: int) -> None:
     """Delete all but the ``keep_last`` newest numbered checkpoints."""
-    numbered = sorted(
-        (int(m.group(1)), p) for p in save_dir.iterdir() if (m := NUMBERED.match(p.name))
-    )
+    numbered = numbered_checkpoints(save_dir)
     for _, p in numbered[: max(len(numbered) - keep_last, 0)]:
         p.unlink()

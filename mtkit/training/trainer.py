@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 from mtkit import provenance
-from mtkit.checkpoint import build_payload, link_or_copy, load_checkpoint, subword_entries
+from mtkit.checkpoint import (
+    BEST,
+    LAST,
+    build_payload,
+    link_or_copy,
+    load_checkpoint,
+    subword_entries,
+)
 from mtkit.config import Config, dump_config
 from mtkit.devices import training_device
 from mtkit.errors import MtkitError
@@ -35,7 +42,7 @@ from mtkit.training import builders, resume
 from mtkit.training.builders import TrainData, load_data
 from mtkit.training.distributed import RankGroup, distributed_env, joined_process_group
 from mtkit.training.metrics import MetricsLog, UpdateProgress, tensorboard_writer_class
-from mtkit.training.saving import BEST, LAST, write_checkpoints
+from mtkit.training.saving import write_checkpoints
 from mtkit.training.schedule import Scheduler
 from mtkit.training.step import UpdateStep
 from mtkit.training.validation import Validator, stop_reason

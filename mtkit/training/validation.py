@@ -113,17 +113,20 @@ class EarlyStopping:
         name = self.metric
         return name, metrics[name] if metrics.get(name) is not None else metrics["loss"]
 
+    def _beats_best(self, name: str, value: float) -> bool:
+        return self.best is None or (value > self.best if name == "bleu" else value < self.best)
+
     def is_better(self, metrics: dict[str, Any]) -> bool:
         """Whether ``metrics`` beat the best result so far (the first result always does)."""
-        name, value = self._metric_value(metrics)
-        return self.best is None or (value > self.best if name == "bleu" else value < self.best)
+        return self._beats_best(*self._metric_value(metrics))
 
     def record(self, metrics: dict[str, Any]) -> bool:
         """Record one validation's ``metrics``: the new best, or one more stale validation.
         Returns whether it is the new best."""
-        better = self.is_better(metrics)
+        name, value = self._metric_value(metrics)
+        better = self._beats_best(name, value)
         if better:
-            self.best, self.stale = self._metric_value(metrics)[1], 0
+            self.best, self.stale = value, 0
         else:
             self.stale += 1
         return better
