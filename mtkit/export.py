@@ -79,6 +79,12 @@ def _norm(spec, module: torch.nn.LayerNorm) -> None:
     spec.gamma, spec.beta = _np(module.weight), _np(module.bias)
 
 
+def _attention(spec, norm: torch.nn.LayerNorm, *linears: torch.nn.Linear) -> None:
+    _norm(spec.layer_norm, norm)
+    for linear_spec, module in zip(spec.linear, linears):
+        _linear(linear_spec, module)
+
+
 def _ffn(spec, sub, ffn) -> None:
     _norm(spec.layer_norm, sub.norm)
     _linear(spec.linear_0, ffn.fc1)
@@ -123,10 +129,7 @@ def build_spec(model, src_tokens: list[str], tgt_tokens: list[str], specials: di
     if cfg.pre_norm:
         _norm(encoder.layer_norm, model.enc_norm)
     for layer_spec, layer in zip(encoder.layer, model.encoder):
-        att = layer_spec.self_attention
-        _norm(att.layer_norm, layer.sub1.norm)
-        _linear(att.linear[0], layer.attn.qkv)
-        _linear(att.linear[1], layer.attn.out)
+        _attention(layer_spec.self_attention, layer.sub1.norm, layer.attn.qkv, layer.attn.out)
         _ffn(layer_spec.ffn, layer.sub2, layer.ffn)
 
     # decoder
@@ -136,15 +139,9 @@ def build_spec(model, src_tokens: list[str], tgt_tokens: list[str], specials: di
     if cfg.pre_norm:
         _norm(decoder.layer_norm, model.dec_norm)
     for layer_spec, layer in zip(decoder.layer, model.decoder):
-        att = layer_spec.self_attention
-        _norm(att.layer_norm, layer.sub1.norm)
-        _linear(att.linear[0], layer.self_attn.qkv)
-        _linear(att.linear[1], layer.self_attn.out)
-        cross = layer_spec.attention
-        _norm(cross.layer_norm, layer.sub2.norm)
-        _linear(cross.linear[0], layer.cross_attn.q)
-        _linear(cross.linear[1], layer.cross_attn.kv)
-        _linear(cross.linear[2], layer.cross_attn.out)
+        _attention(layer_spec.self_attention, layer.sub1.norm, layer.self_attn.qkv, layer.self_attn.out)
+        cross = layer.cross_attn
+        _attention(layer_spec.attention, layer.sub2.norm, cross.q, cross.kv, cross.out)
         _ffn(layer_spec.ffn, layer.sub3, layer.ffn)
     decoder.projection.weight = _np(model.output.weight)
 
@@ -213,6 +210,7 @@ def export_ctranslate2(
     from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES
 
     from mtkit.checkpoint import build_from_checkpoint, load_checkpoint
+    from mtkit.config import config_from_dict
 
     if quantization is not None and quantization not in ACCEPTED_MODEL_TYPES:
         raise MtkitError(f"unknown quantization '{quantization}'; valid: {', '.join(ACCEPTED_MODEL_TYPES)}")
@@ -223,8 +221,6 @@ def export_ctranslate2(
         raise MtkitError(f"export output directory {out} is not empty (use --force to overwrite)")
 
     payload = load_checkpoint(ckpt_path)
-    from mtkit.config import config_from_dict
-
     check_exportable(config_from_dict(payload["config"]), ckpt_path)
     model, cfg, src_spm, tgt_spm = build_from_checkpoint(payload, ckpt_path)
     src_tokens, tgt_tokens = vocabulary(src_spm), vocabulary(tgt_spm)

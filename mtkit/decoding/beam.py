@@ -55,12 +55,9 @@ class FinishedStore:
 
     @classmethod
     def empty(cls, sentences: int, k: int, device: torch.device) -> FinishedStore:
-        return cls(
-            torch.full((sentences, k), NEG_INF, device=device),
-            torch.full((sentences, k), NEG_INF, device=device),
-            torch.zeros(sentences, k, dtype=torch.long, device=device),
-            torch.zeros(sentences, k, dtype=torch.long, device=device),
-        )
+        score = torch.full((sentences, k), NEG_INF, device=device)
+        length = torch.zeros(sentences, k, dtype=torch.long, device=device)
+        return cls(score, score.clone(), length, length.clone())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.score, self.log_prob, self.length, self.parent
@@ -203,11 +200,10 @@ def drop_sentences(
     )
     beams.finished = beams.finished.select(keep)
     beams.src_mask = beams.src_mask[keep]
-    rows = rows[keep]
     keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=keep.device)).view(-1)
     beams.max_len = beams.max_len[keep_rows]
     beams.encs = ens.keep_sentences(beams.encs, keep, keep_rows)
-    return rows
+    return rows[keep]
 
 
 def reorder(beams: LiveBeams, rows: torch.Tensor, follow_coverage: bool, track_history: bool) -> None:
@@ -273,8 +269,7 @@ def backtrack(store: FinishedStore, trace: Backpointers, pad: int) -> tuple[torc
     """Follow backpointers from each finished hypothesis: -> (tokens (B, k, steps), attention
     (B, k, steps, S) or None)."""
     b, k = store.score.shape
-    steps = len(trace.tokens)
-    device = store.score.device
+    steps, device = len(trace.tokens), store.score.device
     tokens = torch.full((b, k, max(steps, 1)), pad, dtype=torch.long, device=device)
     attn = torch.zeros(b, k, steps, trace.attn[0].size(2), device=device) if trace.attn else None
     beam = store.parent  # the beam fed at step store.length (the EOS step)

@@ -119,6 +119,7 @@ class CT2Engine:
     # -- options -----------------------------------------------------------------------------
     def options(self, cfg: DecodeConfig) -> dict[str, Any]:
         """CTranslate2 ``translate_batch`` keyword arguments for a checked decode config (no max length)."""
+        spm = self.tgt_spm
         if cfg.beta:
             _warn_once("beta", "ctranslate2 applies its own coverage penalty formula for decode.beta")
         return {
@@ -128,15 +129,11 @@ class CT2Engine:
             "coverage_penalty": float(cfg.beta),
             "no_repeat_ngram_size": cfg.no_repeat_ngram,
             "min_decoding_length": cfg.min_len,
-            "suppress_sequences": [[p] for p in self.banned_pieces()],
+            "suppress_sequences": [[p] for p in spm.id_to_piece(sorted({spm.pad, spm.bos} - {spm.eos}))],
             "max_input_length": 0,  # sources are truncated before they get here
             "return_scores": True,
             "return_end_token": True,
         }
-
-    def banned_pieces(self) -> list[str]:
-        ids = sorted({self.tgt_spm.pad, self.tgt_spm.bos} - {self.tgt_spm.eos})
-        return self.tgt_spm.id_to_piece(ids)
 
     def max_decoding_length(self, longest_src: int, cfg: DecodeConfig) -> int:
         """mtkit's ``a * src_len + b`` (src_len counts EOS) within the model's position limit."""
@@ -146,9 +143,8 @@ class CT2Engine:
         return n
 
     def truncate(self, pieces: list[str]) -> list[str]:
-        if self.max_src_len is not None and len(pieces) + 1 > self.max_src_len:
-            return pieces[: self.max_src_len - 1]
-        return pieces
+        """At most ``max_src_len`` source tokens with EOS."""
+        return pieces if self.max_src_len is None else pieces[: self.max_src_len - 1]
 
     # -- decoding ----------------------------------------------------------------------------
     def translate_batch(self, pieces: Sequence[Sequence[str]], cfg: DecodeConfig, attention: bool = False) -> list:
@@ -167,9 +163,7 @@ class CT2Engine:
         ended = bool(toks) and toks[-1] == eos_piece
         body = list(toks[:-1] if ended else toks)
         limit = self.max_decoding_length(src_len, cfg)
-        if len(body) > limit:
-            return body[:limit], False
-        return body, ended
+        return body[:limit], ended and len(body) <= limit  # a cut hypothesis did not end
 
     def hypotheses(self, result: Any, cfg: DecodeConfig, src_len: int) -> list[Hypothesis]:
         """A CTranslate2 result -> mtkit hypotheses (ids without EOS, score, log-prob, attention).
@@ -229,20 +223,11 @@ class CT2Decoder:
 
 
 def translate_lines_ct2(
-    model_dir: str | Path | CT2Engine,
-    lines: Sequence[str],
-    beam: int | None = None,
-    max_batch_size: int = 32,
-    length_penalty: str | None = None,
-    alpha: float | None = None,
-    min_len: int | None = None,
-    max_len_a: float | None = None,
-    max_len_b: int | None = None,
-    no_repeat_ngram: int | None = None,
-    device: str = "cpu",
-    compute_type: str = "default",
-    intra_threads: int = 0,
-    decode_cfg: DecodeConfig | None = None,
+    model_dir: str | Path | CT2Engine, lines: Sequence[str], beam: int | None = None,
+    max_batch_size: int = 32, length_penalty: str | None = None, alpha: float | None = None,
+    min_len: int | None = None, max_len_a: float | None = None, max_len_b: int | None = None,
+    no_repeat_ngram: int | None = None, device: str = "cpu", compute_type: str = "default",
+    intra_threads: int = 0, decode_cfg: DecodeConfig | None = None,
 ) -> list[str]:
     """Translate text lines with an exported model (or a loaded :class:`CT2Engine`).
 

@@ -36,8 +36,7 @@ from mtkit.models.base import Seq2Seq, reorder_state
 
 @dataclass
 class SamplingOptions:
-    """Random sampling for back-translation (``beam`` is ignored; ``nbest`` samples each);
-    checked when made."""
+    """Random sampling for back-translation (``beam`` ignored, ``nbest`` samples each); checked when made."""
 
     temperature: float = 1.0
     topk: int = 0  # 0 = whole vocabulary
@@ -55,15 +54,8 @@ class SamplingOptions:
 
 @torch.inference_mode()
 def generate(
-    models: Sequence[Seq2Seq],
-    src: torch.Tensor,
-    src_len: torch.Tensor,
-    cfg: DecodeConfig,
-    bos: int,
-    eos: int,
-    *,
-    attention: bool = False,
-    sampling: SamplingOptions | None = None,
+    models: Sequence[Seq2Seq], src: torch.Tensor, src_len: torch.Tensor, cfg: DecodeConfig, bos: int, eos: int,
+    *, attention: bool = False, sampling: SamplingOptions | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode a batch; per sentence up to ``cfg.nbest`` hypotheses, best first.
 
@@ -99,9 +91,8 @@ def greedy(
         src, src_len = src.repeat_interleave(samples, 0), src_len.repeat_interleave(samples, 0)
     n, device = src.size(0), src.device
     setup = set_up(ens, src, src_len, cfg, bos, eos, attention)
-    encs, states = setup.encs, setup.states
+    encs, states, max_len = setup.encs, setup.states, setup.max_len
     live = torch.arange(n, device=device)  # batch rows still decoded, in model-row order
-    max_len = setup.max_len
     prev = torch.full((n,), bos, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)  # per live row
     log_prob = torch.zeros(n, device=device)  # per batch row, from here on
@@ -152,5 +143,4 @@ def greedy_hypotheses(
         m = int(length[i])
         a = attn_host[i, :m, : int(src_len_h[i])].clone() if attn_host is not None else None
         hyps.append(Hypothesis(tok_host[i, : max(m - 1, 0)].tolist(), float(score[i]), float(log_prob[i]), a))
-    out = [hyps[i * samples : (i + 1) * samples] for i in range(n // samples)]
-    return [sorted(h, key=lambda x: -x.score) for h in out]
+    return [sorted(hyps[i : i + samples], key=lambda x: -x.score) for i in range(0, n, samples)]

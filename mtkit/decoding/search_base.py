@@ -44,8 +44,7 @@ class Ensemble:
         self.log_m = math.log(len(self.models))
 
     def max_positions(self) -> int | None:
-        limits = [m.max_positions() for m in self.models if m.max_positions() is not None]
-        return min(limits) if limits else None
+        return min((m.max_positions() for m in self.models if m.max_positions() is not None), default=None)
 
     def start(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[list[State], list[State]]:
         """Encode: one enc and state row per sentence."""
