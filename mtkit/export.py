@@ -201,7 +201,6 @@ def export_ctranslate2(
     ckpt_path: str | Path, out_dir: str | Path, quantization: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Convert an mtkit Transformer checkpoint into a CTranslate2 model directory.
-
     ``quantization``: None (float32 weights) or any CTranslate2 weight type (int8, int8_float32,
     int8_float16, int8_bfloat16, int16, float16, bfloat16, float32). Returns the metadata that
     is also written to ``out_dir/mtkit_export.json``.

@@ -125,10 +125,8 @@ def score_update(
     log_probs: torch.Tensor, beams: LiveBeams, ens: Ensemble, attn: torch.Tensor | None, k: int, first_step: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
     """1. A row's best ``c = 2k`` tokens are all its sentence's top 2k can use; they extend the
-    row's cumulative log-prob. -> (extension scores (L, k * c), their tokens (L * k, c), c, attn).
-
-    After step 0 (one row per sentence) the rows, the attention and the models fan out to k beams.
-    """
+    row's cumulative log-prob. After step 0 (one row per sentence) the rows, the attention and the
+    models fan out to k beams. -> (extension scores (L, k * c), their tokens (L * k, c), c, attn)."""
     c = min(2 * k, log_probs.size(1))
     row_top, row_tok = row_topk(log_probs, c)  # (rows, c)
     if first_step:

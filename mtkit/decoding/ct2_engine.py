@@ -116,7 +116,6 @@ class CT2Engine:
             raise MtkitError(f"CTranslate2 could not load {model_dir}: {str(exc).splitlines()[0]}") from None
         return cls(translator, src_spm, tgt_spm, cfg, meta.get("max_src_len"), meta.get("max_positions"), model_dir)
 
-    # -- options -----------------------------------------------------------------------------
     def options(self, cfg: DecodeConfig) -> dict[str, Any]:
         """CTranslate2 ``translate_batch`` keyword arguments for a checked decode config (no max length)."""
         spm = self.tgt_spm
@@ -146,7 +145,6 @@ class CT2Engine:
         """At most ``max_src_len`` source tokens with EOS."""
         return pieces if self.max_src_len is None else pieces[: self.max_src_len - 1]
 
-    # -- decoding ----------------------------------------------------------------------------
     def translate_batch(self, pieces: Sequence[Sequence[str]], cfg: DecodeConfig, attention: bool = False) -> list:
         """One batch of source pieces (no EOS) -> CTranslate2 results (end token included)."""
         if not pieces:
@@ -157,22 +155,18 @@ class CT2Engine:
             src, max_decoding_length=limit, return_attention=attention, **self.options(cfg)
         )
 
-    def split_eos(self, toks: Sequence[str], src_len: int, cfg: DecodeConfig) -> tuple[list[str], bool]:
-        """(pieces without EOS, whether EOS ended them), cut to the sentence's own length limit."""
+    def strip_eos(self, toks: Sequence[str], src_len: int, cfg: DecodeConfig) -> list[str]:
+        """Pieces without EOS, cut to the sentence's own length limit."""
         eos_piece = self.tgt_spm.id_to_piece([self.tgt_spm.eos])[0]
-        ended = bool(toks) and toks[-1] == eos_piece
-        body = list(toks[:-1] if ended else toks)
-        limit = self.max_decoding_length(src_len, cfg)
-        return body[:limit], ended and len(body) <= limit  # a cut hypothesis did not end
+        body = list(toks[:-1] if toks and toks[-1] == eos_piece else toks)
+        return body[: self.max_decoding_length(src_len, cfg)]
 
     def hypotheses(self, result: Any, cfg: DecodeConfig, src_len: int) -> list[Hypothesis]:
-        """A CTranslate2 result -> mtkit hypotheses (ids without EOS, score, log-prob, attention).
-
-        ``src_len`` counts the source pieces without EOS."""
+        """A CTranslate2 result -> mtkit hypotheses; ``src_len`` counts the source pieces without EOS."""
         lp = length_penalty_value(cfg)
         out = []
         for j, toks in enumerate(result.hypotheses):
-            body, _ = self.split_eos(toks, src_len, cfg)
+            body = self.strip_eos(toks, src_len, cfg)
             score = float(result.scores[j]) if result.scores else float("nan")
             log_prob = score * max(len(toks), 1) ** lp
             attn = None
@@ -189,8 +183,7 @@ class CT2Engine:
         return [self.hypotheses(r, cfg, len(self.truncate(p))) for r, p in zip(results, pieces)]
 
     def decoder(self, cfg: DecodeConfig, attention: bool = False) -> CT2Decoder:
-        """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (``cfg`` checked):
-        list of id sequences -> hypotheses."""
+        """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (``cfg`` checked)."""
         return CT2Decoder(self, cfg, attention)
 
     def translate_pieces(
@@ -202,7 +195,7 @@ class CT2Engine:
         for batch in length_sorted_batches([len(pieces[i]) for i in todo], batch_size=max(batch_size, 1)):
             rows = [todo[j] for j in batch]
             for i, res in zip(rows, self.translate_batch([pieces[i] for i in rows], cfg)):
-                out[i] = self.split_eos(res.hypotheses[0], len(self.truncate(list(pieces[i]))), cfg)[0]
+                out[i] = self.strip_eos(res.hypotheses[0], len(self.truncate(list(pieces[i]))), cfg)
         return out
 
 
@@ -229,11 +222,9 @@ def translate_lines_ct2(
     no_repeat_ngram: int | None = None, device: str = "cpu", compute_type: str = "default",
     intra_threads: int = 0, decode_cfg: DecodeConfig | None = None,
 ) -> list[str]:
-    """Translate text lines with an exported model (or a loaded :class:`CT2Engine`).
-
-    Settings left ``None`` come from ``decode_cfg`` or else the checkpoint's decode section.
-    One output line per input line, in order; blank lines stay blank.
-    """
+    """Translate text lines with an exported model (or a loaded :class:`CT2Engine`): one output line
+    per input line, in order, blank lines staying blank. Settings left ``None`` come from
+    ``decode_cfg`` or else the checkpoint's decode section."""
     engine = model_dir if isinstance(model_dir, CT2Engine) else CT2Engine.load(
         model_dir, device=device, compute_type=compute_type, intra_threads=intra_threads
     )

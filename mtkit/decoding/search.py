@@ -58,7 +58,6 @@ def generate(
     *, attention: bool = False, sampling: SamplingOptions | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode a batch; per sentence up to ``cfg.nbest`` hypotheses, best first.
-
     ``cfg.beam == 1`` is greedy search; ``sampling`` draws ``cfg.nbest`` random samples per
     sentence instead. ``attention=True`` fills ``Hypothesis.attn``. ``cfg`` must have passed
     :meth:`~mtkit.config.DecodeConfig.check_for_search`.
@@ -81,11 +80,8 @@ def greedy(
     ens: Ensemble, src: torch.Tensor, src_len: torch.Tensor, cfg: DecodeConfig, bos: int, eos: int,
     attention: bool, sampling: SamplingOptions | None,
 ) -> list[list[Hypothesis]]:
-    """Greedy search, or random sampling with ``cfg.nbest`` samples per sentence.
-
-    Rows that reached EOS leave the batch at the next "all done?" check, so the model only ever
-    steps the rows still being decoded; ``live`` maps them to batch rows.
-    """
+    """Greedy search, or random sampling with ``cfg.nbest`` samples per sentence. Rows that reached EOS
+    leave the batch at the next "all done?" check; ``live`` maps the rows still decoded to batch rows."""
     samples = cfg.nbest if sampling is not None else 1
     if samples > 1:
         src, src_len = src.repeat_interleave(samples, 0), src_len.repeat_interleave(samples, 0)

@@ -157,14 +157,9 @@ class OomSplittingBatchDecoder:
 
 
 def translate_file(
-    model_paths: Sequence[str | Path],
-    input_path: str | Path,
-    output_path: str | Path,
-    decode_cfg: DecodeConfig | None = None,
-    device: str = "auto",
-    output_format: str = "text",
-    resume: bool = False,
-    **options: Any,
+    model_paths: Sequence[str | Path], input_path: str | Path, output_path: str | Path,
+    decode_cfg: DecodeConfig | None = None, device: str = "auto", output_format: str = "text",
+    resume: bool = False, **options: Any,
 ) -> dict[str, Any]:
     """Translate ``input_path`` into ``output_path`` (``-``: stdin / stdout); returns stats.
     ``options`` are the fields of :class:`Options`."""
