@@ -91,14 +91,19 @@ def _ffn(spec, sub, ffn) -> None:
     _linear(spec.linear_1, ffn.fc2)
 
 
-def _positions(spec, model, table_rows: int) -> None:
-    """Write the absolute position table (sinusoidal or learned), or drop it for RoPE."""
+def _inputs(spec, embeddings, model, embed: torch.nn.Embedding, final_norm: torch.nn.Module) -> None:
+    """A stack's embeddings, scaled as in Transformer.embed (x * sqrt(d_model)), its absolute position
+    table (sinusoidal or learned; none for RoPE) and, when pre-norm, its final norm."""
+    embeddings.weight = _np(embed.weight)
+    spec.scale_embeddings = True
     if model.cfg.positions == "sinusoidal":
-        spec.position_encodings.encodings = _np(model.pos_table[:table_rows])
+        spec.position_encodings.encodings = _np(model.pos_table[: model.cfg.max_positions])
     elif model.cfg.positions == "learned":
         spec.position_encodings.encodings = _np(model.pos_embed.weight)
     elif hasattr(spec, "position_encodings"):  # rope: no absolute positions at all
         del spec.position_encodings
+    if model.cfg.pre_norm:
+        _norm(spec.layer_norm, final_norm)
 
 
 def build_spec(model, src_tokens: list[str], tgt_tokens: list[str], specials: dict[str, str]):
@@ -122,22 +127,12 @@ def build_spec(model, src_tokens: list[str], tgt_tokens: list[str], specials: di
     for key, value in specials.items():
         setattr(spec.config, key, value)
 
-    # encoder
-    encoder.embeddings[0].weight = _np(model.src_embed.weight)
-    encoder.scale_embeddings = True  # x * sqrt(d_model), as Transformer.embed
-    _positions(encoder, model, cfg.max_positions)
-    if cfg.pre_norm:
-        _norm(encoder.layer_norm, model.enc_norm)
+    _inputs(encoder, encoder.embeddings[0], model, model.src_embed, model.enc_norm)
     for layer_spec, layer in zip(encoder.layer, model.encoder):
         _attention(layer_spec.self_attention, layer.sub1.norm, layer.attn.qkv, layer.attn.out)
         _ffn(layer_spec.ffn, layer.sub2, layer.ffn)
 
-    # decoder
-    decoder.embeddings.weight = _np(model.tgt_embed.weight)
-    decoder.scale_embeddings = True
-    _positions(decoder, model, cfg.max_positions)
-    if cfg.pre_norm:
-        _norm(decoder.layer_norm, model.dec_norm)
+    _inputs(decoder, decoder.embeddings, model, model.tgt_embed, model.dec_norm)
     for layer_spec, layer in zip(decoder.layer, model.decoder):
         _attention(layer_spec.self_attention, layer.sub1.norm, layer.self_attn.qkv, layer.self_attn.out)
         cross = layer.cross_attn

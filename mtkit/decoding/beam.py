@@ -62,9 +62,6 @@ class FinishedStore:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.score, self.log_prob, self.length, self.parent
 
-    def copy(self) -> FinishedStore:
-        return FinishedStore(*(x.clone() for x in self.tensors()))
-
     def select(self, sentences: torch.Tensor) -> FinishedStore:
         return FinishedStore(*(x[sentences] for x in self.tensors()))
 
@@ -232,7 +229,7 @@ def beam_search(
     b, k = src.size(0), cfg.beam
     setup = set_up(ens, src, src_len, cfg, bos, eos, attention)
     beams = start_beams(setup, src, k, bos)
-    whole_store = beams.finished.copy()  # indexed by batch sentence; beams.finished by live one
+    whole_store = FinishedStore.empty(b, k, src.device)  # by batch sentence; beams.finished by live one
     trace = Backpointers([], [], [])
     done_check = DoneCheck(src.device)
     for t in range(setup.steps):

@@ -59,11 +59,8 @@ def coverage_penalty(coverage: torch.Tensor, src_mask: torch.Tensor, beta: float
 
 
 def final_score(
-    log_prob: torch.Tensor,
-    length: torch.Tensor,
-    lp_fn: Callable[[torch.Tensor, float], torch.Tensor],
-    alpha: float,
-    coverage_term: torch.Tensor | None = None,
+    log_prob: torch.Tensor, length: torch.Tensor, lp_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    alpha: float, coverage_term: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score after penalties; ``length`` counts tokens including EOS."""
     score = log_prob / lp_fn(length, alpha)
