@@ -3,16 +3,12 @@
 All sentences of a batch and all their beams are decoded together as tensors of shape
 ``(batch * beam, ...)`` on the model's device. Per step:
 
-1. score update  -- cumulative log-prob of each beam's best ``2k`` extensions (no sentence
-                    can use more of one beam's): :func:`score_update`;
-2. top-k         -- the top ``2k`` extensions per sentence, so a beam never starves when
-                    up to ``k`` of them end in EOS: :func:`top_candidates`;
-3. finish        -- EOS extensions among the top ``k`` are scored with the length/coverage
-                    penalties and merged into a fixed-size store of finished hypotheses:
-                    :func:`finish`;
-4. reorder       -- the best ``k`` non-EOS extensions become the next beam; the models' states
-                    follow through :func:`mtkit.models.base.reorder_state`: :func:`next_beams`,
-                    :func:`reorder`.
+1. score update  -- cumulative log-prob of each beam's best ``2k`` extensions: :func:`score_update`;
+2. top-k         -- the top ``2k`` per sentence, so a beam never starves when up to ``k`` of them
+                    end in EOS: :func:`top_candidates`;
+3. finish        -- penalised EOS extensions join a fixed-size finished store: :func:`finish`;
+4. reorder       -- the best ``k`` non-EOS extensions become the next beam, the models' states
+                    follow: :func:`next_beams`, :func:`reorder`.
 
 Tokens and attention are recovered at the end from per-step backpointers. A sentence is done
 when its store holds ``k`` hypotheses (``decode.stopping: full``, as fairseq), or once its
