@@ -1,10 +1,6 @@
-"""The CTranslate2 model directory that ``mtkit export`` writes and the CTranslate2 engine reads.
-
-Beside CTranslate2's own ``model.bin``, ``config.json`` and vocabulary files it holds mtkit's
-sentencepiece models (:data:`SRC_SPM`, :data:`TGT_SPM`) and :data:`META` (where the export came
-from, the decode defaults and the length limits). ctranslate2 is an optional package:
-:func:`import_ctranslate2` names the extra to install when it is missing.
-"""
+"""The CTranslate2 model directory that ``mtkit export`` writes and the CTranslate2 engine reads:
+CTranslate2's own files, mtkit's sentencepiece models (:data:`SRC_SPM`, :data:`TGT_SPM`) and
+:data:`META` (where the export came from, the decode defaults and the length limits)."""
 
 from __future__ import annotations
 

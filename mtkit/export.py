@@ -79,20 +79,31 @@ def _norm(spec, module: torch.nn.LayerNorm) -> None:
     spec.gamma, spec.beta = _np(module.weight), _np(module.bias)
 
 
+def _attention(spec, norm: torch.nn.LayerNorm, *linears: torch.nn.Linear) -> None:
+    _norm(spec.layer_norm, norm)
+    for linear_spec, module in zip(spec.linear, linears):
+        _linear(linear_spec, module)
+
+
 def _ffn(spec, sub, ffn) -> None:
     _norm(spec.layer_norm, sub.norm)
     _linear(spec.linear_0, ffn.fc1)
     _linear(spec.linear_1, ffn.fc2)
 
 
-def _positions(spec, model, table_rows: int) -> None:
-    """Write the absolute position table (sinusoidal or learned), or drop it for RoPE."""
+def _inputs(spec, embeddings, model, embed: torch.nn.Embedding, final_norm: torch.nn.Module) -> None:
+    """A stack's embeddings, scaled as in Transformer.embed (x * sqrt(d_model)), its absolute position
+    table (sinusoidal or learned; none for RoPE) and, when pre-norm, its final norm."""
+    embeddings.weight = _np(embed.weight)
+    spec.scale_embeddings = True
     if model.cfg.positions == "sinusoidal":
-        spec.position_encodings.encodings = _np(model.pos_table[:table_rows])
+        spec.position_encodings.encodings = _np(model.pos_table[: model.cfg.max_positions])
     elif model.cfg.positions == "learned":
         spec.position_encodings.encodings = _np(model.pos_embed.weight)
     elif hasattr(spec, "position_encodings"):  # rope: no absolute positions at all
         del spec.position_encodings
+    if model.cfg.pre_norm:
+        _norm(spec.layer_norm, final_norm)
 
 
 def build_spec(model, src_tokens: list[str], tgt_tokens: list[str], specials: dict[str, str]):
@@ -116,35 +127,16 @@ def build_spec(model, src_tokens: list[str], tgt_tokens: list[str], specials: di
     for key, value in specials.items():
         setattr(spec.config, key, value)
 
-    # encoder
-    encoder.embeddings[0].weight = _np(model.src_embed.weight)
-    encoder.scale_embeddings = True  # x * sqrt(d_model), as Transformer.embed
-    _positions(encoder, model, cfg.max_positions)
-    if cfg.pre_norm:
-        _norm(encoder.layer_norm, model.enc_norm)
+    _inputs(encoder, encoder.embeddings[0], model, model.src_embed, model.enc_norm)
     for layer_spec, layer in zip(encoder.layer, model.encoder):
-        att = layer_spec.self_attention
-        _norm(att.layer_norm, layer.sub1.norm)
-        _linear(att.linear[0], layer.attn.qkv)
-        _linear(att.linear[1], layer.attn.out)
+        _attention(layer_spec.self_attention, layer.sub1.norm, layer.attn.qkv, layer.attn.out)
         _ffn(layer_spec.ffn, layer.sub2, layer.ffn)
 
-    # decoder
-    decoder.embeddings.weight = _np(model.tgt_embed.weight)
-    decoder.scale_embeddings = True
-    _positions(decoder, model, cfg.max_positions)
-    if cfg.pre_norm:
-        _norm(decoder.layer_norm, model.dec_norm)
+    _inputs(decoder, decoder.embeddings, model, model.tgt_embed, model.dec_norm)
     for layer_spec, layer in zip(decoder.layer, model.decoder):
-        att = layer_spec.self_attention
-        _norm(att.layer_norm, layer.sub1.norm)
-        _linear(att.linear[0], layer.self_attn.qkv)
-        _linear(att.linear[1], layer.self_attn.out)
-        cross = layer_spec.attention
-        _norm(cross.layer_norm, layer.sub2.norm)
-        _linear(cross.linear[0], layer.cross_attn.q)
-        _linear(cross.linear[1], layer.cross_attn.kv)
-        _linear(cross.linear[2], layer.cross_attn.out)
+        _attention(layer_spec.self_attention, layer.sub1.norm, layer.self_attn.qkv, layer.self_attn.out)
+        cross = layer.cross_attn
+        _attention(layer_spec.attention, layer.sub2.norm, cross.q, cross.kv, cross.out)
         _ffn(layer_spec.ffn, layer.sub3, layer.ffn)
     decoder.projection.weight = _np(model.output.weight)
 
@@ -204,7 +196,6 @@ def export_ctranslate2(
     ckpt_path: str | Path, out_dir: str | Path, quantization: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Convert an mtkit Transformer checkpoint into a CTranslate2 model directory.
-
     ``quantization``: None (float32 weights) or any CTranslate2 weight type (int8, int8_float32,
     int8_float16, int8_bfloat16, int16, float16, bfloat16, float32). Returns the metadata that
     is also written to ``out_dir/mtkit_export.json``.
@@ -213,6 +204,7 @@ def export_ctranslate2(
     from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES
 
     from mtkit.checkpoint import build_from_checkpoint, load_checkpoint
+    from mtkit.config import config_from_dict
 
     if quantization is not None and quantization not in ACCEPTED_MODEL_TYPES:
         raise MtkitError(f"unknown quantization '{quantization}'; valid: {', '.join(ACCEPTED_MODEL_TYPES)}")
@@ -223,8 +215,6 @@ def export_ctranslate2(
         raise MtkitError(f"export output directory {out} is not empty (use --force to overwrite)")
 
     payload = load_checkpoint(ckpt_path)
-    from mtkit.config import config_from_dict
-
     check_exportable(config_from_dict(payload["config"]), ckpt_path)
     model, cfg, src_spm, tgt_spm = build_from_checkpoint(payload, ckpt_path)
     src_tokens, tgt_tokens = vocabulary(src_spm), vocabulary(tgt_spm)

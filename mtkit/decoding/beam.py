@@ -3,16 +3,12 @@
 All sentences of a batch and all their beams are decoded together as tensors of shape
 ``(batch * beam, ...)`` on the model's device. Per step:
 
-1. score update  -- cumulative log-prob of each beam's best ``2k`` extensions (no sentence
-                    can use more of one beam's): :func:`score_update`;
-2. top-k         -- the top ``2k`` extensions per sentence, so a beam never starves when
-                    up to ``k`` of them end in EOS: :func:`top_candidates`;
-3. finish        -- EOS extensions among the top ``k`` are scored with the length/coverage
-                    penalties and merged into a fixed-size store of finished hypotheses:
-                    :func:`finish`;
-4. reorder       -- the best ``k`` non-EOS extensions become the next beam; the models' states
-                    follow through :func:`mtkit.models.base.reorder_state`: :func:`next_beams`,
-                    :func:`reorder`.
+1. score update  -- cumulative log-prob of each beam's best ``2k`` extensions: :func:`score_update`;
+2. top-k         -- the top ``2k`` per sentence, so a beam never starves when up to ``k`` of them
+                    end in EOS: :func:`top_candidates`;
+3. finish        -- penalised EOS extensions join a fixed-size finished store: :func:`finish`;
+4. reorder       -- the best ``k`` non-EOS extensions become the next beam, the models' states
+                    follow: :func:`next_beams`, :func:`reorder`.
 
 Tokens and attention are recovered at the end from per-step backpointers. A sentence is done
 when its store holds ``k`` hypotheses (``decode.stopping: full``, as fairseq), or once its
@@ -55,18 +51,12 @@ class FinishedStore:
 
     @classmethod
     def empty(cls, sentences: int, k: int, device: torch.device) -> FinishedStore:
-        return cls(
-            torch.full((sentences, k), NEG_INF, device=device),
-            torch.full((sentences, k), NEG_INF, device=device),
-            torch.zeros(sentences, k, dtype=torch.long, device=device),
-            torch.zeros(sentences, k, dtype=torch.long, device=device),
-        )
+        score = torch.full((sentences, k), NEG_INF, device=device)
+        length = torch.zeros(sentences, k, dtype=torch.long, device=device)
+        return cls(score, score.clone(), length, length.clone())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.score, self.log_prob, self.length, self.parent
-
-    def copy(self) -> FinishedStore:
-        return FinishedStore(*(x.clone() for x in self.tensors()))
 
     def select(self, sentences: torch.Tensor) -> FinishedStore:
         return FinishedStore(*(x[sentences] for x in self.tensors()))
@@ -128,10 +118,8 @@ def score_update(
     log_probs: torch.Tensor, beams: LiveBeams, ens: Ensemble, attn: torch.Tensor | None, k: int, first_step: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
     """1. A row's best ``c = 2k`` tokens are all its sentence's top 2k can use; they extend the
-    row's cumulative log-prob. -> (extension scores (L, k * c), their tokens (L * k, c), c, attn).
-
-    After step 0 (one row per sentence) the rows, the attention and the models fan out to k beams.
-    """
+    row's cumulative log-prob. After step 0 (one row per sentence) the rows, the attention and the
+    models fan out to k beams. -> (extension scores (L, k * c), their tokens (L * k, c), c, attn)."""
     c = min(2 * k, log_probs.size(1))
     row_top, row_tok = row_topk(log_probs, c)  # (rows, c)
     if first_step:
@@ -203,11 +191,10 @@ def drop_sentences(
     )
     beams.finished = beams.finished.select(keep)
     beams.src_mask = beams.src_mask[keep]
-    rows = rows[keep]
     keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=keep.device)).view(-1)
     beams.max_len = beams.max_len[keep_rows]
     beams.encs = ens.keep_sentences(beams.encs, keep, keep_rows)
-    return rows
+    return rows[keep]
 
 
 def reorder(beams: LiveBeams, rows: torch.Tensor, follow_coverage: bool, track_history: bool) -> None:
@@ -238,7 +225,7 @@ def beam_search(
     b, k = src.size(0), cfg.beam
     setup = set_up(ens, src, src_len, cfg, bos, eos, attention)
     beams = start_beams(setup, src, k, bos)
-    whole_store = beams.finished.copy()  # indexed by batch sentence; beams.finished by live one
+    whole_store = FinishedStore.empty(b, k, src.device)  # by batch sentence; beams.finished by live one
     trace = Backpointers([], [], [])
     done_check = DoneCheck(src.device)
     for t in range(setup.steps):
@@ -273,8 +260,7 @@ def backtrack(store: FinishedStore, trace: Backpointers, pad: int) -> tuple[torc
     """Follow backpointers from each finished hypothesis: -> (tokens (B, k, steps), attention
     (B, k, steps, S) or None)."""
     b, k = store.score.shape
-    steps = len(trace.tokens)
-    device = store.score.device
+    steps, device = len(trace.tokens), store.score.device
     tokens = torch.full((b, k, max(steps, 1)), pad, dtype=torch.long, device=device)
     attn = torch.zeros(b, k, steps, trace.attn[0].size(2), device=device) if trace.attn else None
     beam = store.parent  # the beam fed at step store.length (the EOS step)

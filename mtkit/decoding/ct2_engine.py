@@ -116,9 +116,9 @@ class CT2Engine:
             raise MtkitError(f"CTranslate2 could not load {model_dir}: {str(exc).splitlines()[0]}") from None
         return cls(translator, src_spm, tgt_spm, cfg, meta.get("max_src_len"), meta.get("max_positions"), model_dir)
 
-    # -- options -----------------------------------------------------------------------------
     def options(self, cfg: DecodeConfig) -> dict[str, Any]:
         """CTranslate2 ``translate_batch`` keyword arguments for a checked decode config (no max length)."""
+        spm = self.tgt_spm
         if cfg.beta:
             _warn_once("beta", "ctranslate2 applies its own coverage penalty formula for decode.beta")
         return {
@@ -128,15 +128,11 @@ class CT2Engine:
             "coverage_penalty": float(cfg.beta),
             "no_repeat_ngram_size": cfg.no_repeat_ngram,
             "min_decoding_length": cfg.min_len,
-            "suppress_sequences": [[p] for p in self.banned_pieces()],
+            "suppress_sequences": [[p] for p in spm.id_to_piece(sorted({spm.pad, spm.bos} - {spm.eos}))],
             "max_input_length": 0,  # sources are truncated before they get here
             "return_scores": True,
             "return_end_token": True,
         }
-
-    def banned_pieces(self) -> list[str]:
-        ids = sorted({self.tgt_spm.pad, self.tgt_spm.bos} - {self.tgt_spm.eos})
-        return self.tgt_spm.id_to_piece(ids)
 
     def max_decoding_length(self, longest_src: int, cfg: DecodeConfig) -> int:
         """mtkit's ``a * src_len + b`` (src_len counts EOS) within the model's position limit."""
@@ -146,11 +142,9 @@ class CT2Engine:
         return n
 
     def truncate(self, pieces: list[str]) -> list[str]:
-        if self.max_src_len is not None and len(pieces) + 1 > self.max_src_len:
-            return pieces[: self.max_src_len - 1]
-        return pieces
+        """At most ``max_src_len`` source tokens with EOS."""
+        return pieces if self.max_src_len is None else pieces[: self.max_src_len - 1]
 
-    # -- decoding ----------------------------------------------------------------------------
     def translate_batch(self, pieces: Sequence[Sequence[str]], cfg: DecodeConfig, attention: bool = False) -> list:
         """One batch of source pieces (no EOS) -> CTranslate2 results (end token included)."""
         if not pieces:
@@ -161,24 +155,18 @@ class CT2Engine:
             src, max_decoding_length=limit, return_attention=attention, **self.options(cfg)
         )
 
-    def split_eos(self, toks: Sequence[str], src_len: int, cfg: DecodeConfig) -> tuple[list[str], bool]:
-        """(pieces without EOS, whether EOS ended them), cut to the sentence's own length limit."""
+    def strip_eos(self, toks: Sequence[str], src_len: int, cfg: DecodeConfig) -> list[str]:
+        """Pieces without EOS, cut to the sentence's own length limit."""
         eos_piece = self.tgt_spm.id_to_piece([self.tgt_spm.eos])[0]
-        ended = bool(toks) and toks[-1] == eos_piece
-        body = list(toks[:-1] if ended else toks)
-        limit = self.max_decoding_length(src_len, cfg)
-        if len(body) > limit:
-            return body[:limit], False
-        return body, ended
+        body = list(toks[:-1] if toks and toks[-1] == eos_piece else toks)
+        return body[: self.max_decoding_length(src_len, cfg)]
 
     def hypotheses(self, result: Any, cfg: DecodeConfig, src_len: int) -> list[Hypothesis]:
-        """A CTranslate2 result -> mtkit hypotheses (ids without EOS, score, log-prob, attention).
-
-        ``src_len`` counts the source pieces without EOS."""
+        """A CTranslate2 result -> mtkit hypotheses; ``src_len`` counts the source pieces without EOS."""
         lp = length_penalty_value(cfg)
         out = []
         for j, toks in enumerate(result.hypotheses):
-            body, _ = self.split_eos(toks, src_len, cfg)
+            body = self.strip_eos(toks, src_len, cfg)
             score = float(result.scores[j]) if result.scores else float("nan")
             log_prob = score * max(len(toks), 1) ** lp
             attn = None
@@ -195,8 +183,7 @@ class CT2Engine:
         return [self.hypotheses(r, cfg, len(self.truncate(p))) for r, p in zip(results, pieces)]
 
     def decoder(self, cfg: DecodeConfig, attention: bool = False) -> CT2Decoder:
-        """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (``cfg`` checked):
-        list of id sequences -> hypotheses."""
+        """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (``cfg`` checked)."""
         return CT2Decoder(self, cfg, attention)
 
     def translate_pieces(
@@ -208,7 +195,7 @@ class CT2Engine:
         for batch in length_sorted_batches([len(pieces[i]) for i in todo], batch_size=max(batch_size, 1)):
             rows = [todo[j] for j in batch]
             for i, res in zip(rows, self.translate_batch([pieces[i] for i in rows], cfg)):
-                out[i] = self.split_eos(res.hypotheses[0], len(self.truncate(list(pieces[i]))), cfg)[0]
+                out[i] = self.strip_eos(res.hypotheses[0], len(self.truncate(list(pieces[i]))), cfg)
         return out
 
 
@@ -229,26 +216,15 @@ class CT2Decoder:
 
 
 def translate_lines_ct2(
-    model_dir: str | Path | CT2Engine,
-    lines: Sequence[str],
-    beam: int | None = None,
-    max_batch_size: int = 32,
-    length_penalty: str | None = None,
-    alpha: float | None = None,
-    min_len: int | None = None,
-    max_len_a: float | None = None,
-    max_len_b: int | None = None,
-    no_repeat_ngram: int | None = None,
-    device: str = "cpu",
-    compute_type: str = "default",
-    intra_threads: int = 0,
-    decode_cfg: DecodeConfig | None = None,
+    model_dir: str | Path | CT2Engine, lines: Sequence[str], beam: int | None = None,
+    max_batch_size: int = 32, length_penalty: str | None = None, alpha: float | None = None,
+    min_len: int | None = None, max_len_a: float | None = None, max_len_b: int | None = None,
+    no_repeat_ngram: int | None = None, device: str = "cpu", compute_type: str = "default",
+    intra_threads: int = 0, decode_cfg: DecodeConfig | None = None,
 ) -> list[str]:
-    """Translate text lines with an exported model (or a loaded :class:`CT2Engine`).
-
-    Settings left ``None`` come from ``decode_cfg`` or else the checkpoint's decode section.
-    One output line per input line, in order; blank lines stay blank.
-    """
+    """Translate text lines with an exported model (or a loaded :class:`CT2Engine`): one output line
+    per input line, in order, blank lines staying blank. Settings left ``None`` come from
+    ``decode_cfg`` or else the checkpoint's decode section."""
     engine = model_dir if isinstance(model_dir, CT2Engine) else CT2Engine.load(
         model_dir, device=device, compute_type=compute_type, intra_threads=intra_threads
     )

@@ -75,21 +75,17 @@ def sampling_options(opts: Options, device: torch.device) -> SamplingOptions | N
     """The options' sampling settings (None: search), their generator seeded on ``device``."""
     if not opts.sampling:
         return None
-    gen = None
-    if opts.seed is not None:
-        gen = torch.Generator(device=device).manual_seed(opts.seed)
+    gen = None if opts.seed is None else torch.Generator(device=device).manual_seed(opts.seed)
     return SamplingOptions(opts.temperature, opts.topk, opts.topp, gen)
 
 
 def resolve_decode_config(base: DecodeConfig, decode_cfg: DecodeConfig | None, opts: Options) -> DecodeConfig:
     """The run's decode config: ``decode_cfg`` (else the checkpoint's) with the options applied,
     checked once, here."""
-    cfg = decode_cfg if decode_cfg is not None else base
-    cfg = dataclasses.replace(cfg, **opts.decode_overrides)
-    if opts.batch_size is not None:
-        cfg = dataclasses.replace(cfg, batch_size=opts.batch_size)
-    elif opts.max_tokens is not None:
-        cfg = dataclasses.replace(cfg, batch_size=0)
+    overrides = dict(opts.decode_overrides)
+    if opts.batch_size is not None or opts.max_tokens is not None:  # a token budget alone: no sentence count
+        overrides["batch_size"] = opts.batch_size if opts.batch_size is not None else 0
     if opts.max_tokens is not None:
-        cfg = dataclasses.replace(cfg, max_tokens=opts.max_tokens)
-    return cfg.check_for_search(sampling=opts.sampling)
+        overrides["max_tokens"] = opts.max_tokens
+    cfg = decode_cfg if decode_cfg is not None else base
+    return dataclasses.replace(cfg, **overrides).check_for_search(sampling=opts.sampling)

@@ -52,20 +52,15 @@ def length_penalty_fn(name: str) -> Callable[[torch.Tensor, float], torch.Tensor
 
 
 def coverage_penalty(coverage: torch.Tensor, src_mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """GNMT coverage penalty: (..., S) accumulated attention -> (...) ``beta * sum log min(c, 1)``.
-
-    ``src_mask`` (broadcastable to ``coverage``) is True on real source positions.
-    """
+    """GNMT coverage penalty: (..., S) accumulated attention -> (...) ``beta * sum log min(c, 1)``;
+    ``src_mask`` (broadcastable to ``coverage``) is True on real source positions."""
     capped = coverage.clamp(min=COVERAGE_FLOOR, max=1.0).log()
     return beta * capped.masked_fill(~src_mask, 0.0).sum(-1)
 
 
 def final_score(
-    log_prob: torch.Tensor,
-    length: torch.Tensor,
-    lp_fn: Callable[[torch.Tensor, float], torch.Tensor],
-    alpha: float,
-    coverage_term: torch.Tensor | None = None,
+    log_prob: torch.Tensor, length: torch.Tensor, lp_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    alpha: float, coverage_term: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score after penalties; ``length`` counts tokens including EOS."""
     score = log_prob / lp_fn(length, alpha)
@@ -83,10 +78,7 @@ def enforce_length_(
     log_probs: torch.Tensor, step: int, eos: int, min_len: int, max_len: torch.Tensor, shortest_max: int = 0
 ) -> torch.Tensor:
     """Before ``min_len`` tokens EOS is banned; at ``max_len`` (per row) only EOS is allowed. In place.
-
-    ``shortest_max``, a known lower bound of ``max_len``, skips the (N, V) pass while no row can
-    be at its maximum.
-    """
+    ``shortest_max``, a known lower bound of ``max_len``, skips the (N, V) pass while no row can be at it."""
     if step < min_len:  # ... unless the row is already at its maximum length
         log_probs[:, eos].masked_fill_(max_len > step, NEG_INF)
     if step >= shortest_max:

@@ -36,8 +36,7 @@ from mtkit.models.base import Seq2Seq, reorder_state
 
 @dataclass
 class SamplingOptions:
-    """Random sampling for back-translation (``beam`` is ignored; ``nbest`` samples each);
-    checked when made."""
+    """Random sampling for back-translation (``beam`` ignored, ``nbest`` samples each); checked when made."""
 
     temperature: float = 1.0
     topk: int = 0  # 0 = whole vocabulary
@@ -55,18 +54,10 @@ class SamplingOptions:
 
 @torch.inference_mode()
 def generate(
-    models: Sequence[Seq2Seq],
-    src: torch.Tensor,
-    src_len: torch.Tensor,
-    cfg: DecodeConfig,
-    bos: int,
-    eos: int,
-    *,
-    attention: bool = False,
-    sampling: SamplingOptions | None = None,
+    models: Sequence[Seq2Seq], src: torch.Tensor, src_len: torch.Tensor, cfg: DecodeConfig, bos: int, eos: int,
+    *, attention: bool = False, sampling: SamplingOptions | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode a batch; per sentence up to ``cfg.nbest`` hypotheses, best first.
-
     ``cfg.beam == 1`` is greedy search; ``sampling`` draws ``cfg.nbest`` random samples per
     sentence instead. ``attention=True`` fills ``Hypothesis.attn``. ``cfg`` must have passed
     :meth:`~mtkit.config.DecodeConfig.check_for_search`.
@@ -89,19 +80,15 @@ def greedy(
     ens: Ensemble, src: torch.Tensor, src_len: torch.Tensor, cfg: DecodeConfig, bos: int, eos: int,
     attention: bool, sampling: SamplingOptions | None,
 ) -> list[list[Hypothesis]]:
-    """Greedy search, or random sampling with ``cfg.nbest`` samples per sentence.
-
-    Rows that reached EOS leave the batch at the next "all done?" check, so the model only ever
-    steps the rows still being decoded; ``live`` maps them to batch rows.
-    """
+    """Greedy search, or random sampling with ``cfg.nbest`` samples per sentence. Rows that reached EOS
+    leave the batch at the next "all done?" check; ``live`` maps the rows still decoded to batch rows."""
     samples = cfg.nbest if sampling is not None else 1
     if samples > 1:
         src, src_len = src.repeat_interleave(samples, 0), src_len.repeat_interleave(samples, 0)
     n, device = src.size(0), src.device
     setup = set_up(ens, src, src_len, cfg, bos, eos, attention)
-    encs, states = setup.encs, setup.states
+    encs, states, max_len = setup.encs, setup.states, setup.max_len
     live = torch.arange(n, device=device)  # batch rows still decoded, in model-row order
-    max_len = setup.max_len
     prev = torch.full((n,), bos, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)  # per live row
     log_prob = torch.zeros(n, device=device)  # per batch row, from here on
@@ -152,5 +139,4 @@ def greedy_hypotheses(
         m = int(length[i])
         a = attn_host[i, :m, : int(src_len_h[i])].clone() if attn_host is not None else None
         hyps.append(Hypothesis(tok_host[i, : max(m - 1, 0)].tolist(), float(score[i]), float(log_prob[i]), a))
-    out = [hyps[i * samples : (i + 1) * samples] for i in range(n // samples)]
-    return [sorted(h, key=lambda x: -x.score) for h in out]
+    return [sorted(hyps[i : i + samples], key=lambda x: -x.score) for i in range(0, n, samples)]

@@ -44,8 +44,7 @@ class Ensemble:
         self.log_m = math.log(len(self.models))
 
     def max_positions(self) -> int | None:
-        limits = [m.max_positions() for m in self.models if m.max_positions() is not None]
-        return min(limits) if limits else None
+        return min((m.max_positions() for m in self.models if m.max_positions() is not None), default=None)
 
     def start(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[list[State], list[State]]:
         """Encode: one enc and state row per sentence."""
@@ -86,11 +85,9 @@ def max_lengths(src_len: torch.Tensor, cfg: DecodeConfig, limit: int | None) -> 
 
 def row_topk(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x.topk(c, dim=1)`` of a wide (N, V) CPU array in two cheap passes (ties may come in another order).
-
-    The c largest of a row lie in the c blocks of ``TOPK_BLOCK`` columns with the largest maxima;
-    a vectorised block maximum plus a top-c of c blocks reads each row once instead of
-    sorting it. Other devices use ``topk``.
-    """
+    The c largest of a row lie in the c blocks of ``TOPK_BLOCK`` columns with the largest maxima; a
+    vectorised block maximum plus a top-c of c blocks reads each row once instead of sorting it.
+    Other devices use ``topk``."""
     n, v = x.shape
     blocks = v // TOPK_BLOCK
     if x.device.type != "cpu" or blocks < 2 * c:

@@ -20,6 +20,7 @@ are skipped, and the rest is appended.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -51,7 +52,6 @@ logger = logging.getLogger("mtkit.translate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class Translator:
     """Loaded models (an ensemble shares its vocabularies) and how to feed them."""
@@ -80,8 +80,7 @@ class Translator:
             raise MtkitError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
         if dtype == "float16" and device.type == "cpu":
             raise MtkitError("--dtype float16 needs a CUDA device; on a CPU use bfloat16")
-        models, first = [], None
-        limits: list[int] = []
+        models, first, limits = [], None, []
         for path in model_paths:
             model, cfg, src_spm, tgt_spm = load_model(path, device)
             model.to(DTYPES[dtype])  # log-probs and search scores stay float32
@@ -126,19 +125,13 @@ class Translator:
         return out
 
 
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` says the device ran out of memory."""
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
-
-
 class OomSplittingBatchDecoder:
     """Decodes batches (lists of source id sequences) with the translator's models; a batch that
     runs out of memory is retried in halves, down to single sentences."""
 
     def __init__(self, tr: Translator, cfg: DecodeConfig, sampling: SamplingOptions | None, attention: bool):
         self.tr, self.cfg, self.sampling, self.attention = tr, cfg, sampling, attention
-        self.oom_splits = 0
-        self.batches = 0
+        self.oom_splits = self.batches = 0
 
     def __call__(self, seqs: list[list[int]]) -> list[list[Hypothesis]]:
         tr = self.tr
@@ -149,8 +142,8 @@ class OomSplittingBatchDecoder:
                 tr.models, src.to(tr.device), src_len.to(tr.device), self.cfg, tr.tgt_spm.bos, tr.tgt_spm.eos,
                 attention=self.attention, sampling=self.sampling,
             )
-        except (RuntimeError, torch.OutOfMemoryError) as exc:
-            if not is_oom(exc):
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not (isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)):
                 raise
             if len(seqs) == 1:
                 raise MtkitError(f"out of memory decoding a single sentence of {len(seqs[0])} tokens on {tr.device}") from None
@@ -164,21 +157,12 @@ class OomSplittingBatchDecoder:
 
 
 def translate_file(
-    model_paths: Sequence[str | Path],
-    input_path: str | Path,
-    output_path: str | Path,
-    decode_cfg: DecodeConfig | None = None,
-    device: str = "auto",
-    output_format: str = "text",
-    resume: bool = False,
-    **options: Any,
+    model_paths: Sequence[str | Path], input_path: str | Path, output_path: str | Path,
+    decode_cfg: DecodeConfig | None = None, device: str = "auto", output_format: str = "text",
+    resume: bool = False, **options: Any,
 ) -> dict[str, Any]:
     """Translate ``input_path`` into ``output_path`` (``-``: stdin / stdout); returns stats.
-
-    ``options`` are the fields of :class:`Options` (batch_size, max_tokens, input_format,
-    output_units, alignment, errors, plot_attention, sampling, temperature, topk, topp, seed,
-    decode_overrides, buffer_lines, engine).
-    """
+    ``options`` are the fields of :class:`Options`."""
     opts = make_options(options)  # checked before loading any model
     if output_format not in OUTPUT_FORMATS:
         raise MtkitError(f"unknown output format '{output_format}'; valid: {', '.join(OUTPUT_FORMATS)}")
@@ -191,10 +175,8 @@ def translate_file(
     tr, engine = _load_translator(model_paths, device, opts)
     cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
-    if engine is not None:
-        decoder = engine.decoder(cfg, attention)
-    else:
-        decoder = OomSplittingBatchDecoder(tr, cfg, sampling_options(opts, tr.device), attention)
+    decoder = (engine.decoder(cfg, attention) if engine is not None
+               else OomSplittingBatchDecoder(tr, cfg, sampling_options(opts, tr.device), attention))
     fmt = Formatter(tr.tgt_spm, output_format, opts.output_units, opts.alignment)
 
     if str(input_path) != "-":
@@ -256,7 +238,8 @@ def _write_records(
             out.close()  # inside the try: a full disk often shows only when the buffer is flushed
     except BaseException as exc:
         if not to_stdout:
-            _close_quietly(out)
+            with contextlib.suppress(OSError):  # a second error (e.g. the disk is still full) is dropped
+                out.close()
             if created and written == 0:
                 Path(output_path).unlink(missing_ok=True)
             elif written > skip:
@@ -282,26 +265,13 @@ def _plot_attention(tr: Translator, folder: str, rec: Record) -> None:
     from mtkit.decoding.plot import plot_attention
 
     h = rec.hyps[0]
-    plot_attention(
-        h.attn, tr.src_spm.id_to_piece(rec.src_ids) + ["</s>"], tr.tgt_spm.id_to_piece(h.tokens) + ["</s>"],
-        Path(folder) / f"{rec.index:06d}.png", title=attention_title(tr, rec.index),
-    )
-
-
-def attention_title(tr: Translator, index: int) -> str:
-    """An attention plot's title: the line, which attention is drawn, and the ensemble mean."""
-    label = tr.models[0].attention_label() if tr.models else "attention weights"
+    label = tr.models[0].attention_label() if tr.models else "attention weights"  # which attention is drawn
     if len(tr.models) > 1:
         label += f", mean over {len(tr.models)} models"
-    return f"line {index + 1}: {label}"
-
-
-def _close_quietly(out: Any) -> None:
-    """Flush and close after a failure; a second error (e.g. the disk is still full) is dropped."""
-    try:
-        out.close()
-    except OSError:
-        pass
+    plot_attention(
+        h.attn, tr.src_spm.id_to_piece(rec.src_ids) + ["</s>"], tr.tgt_spm.id_to_piece(h.tokens) + ["</s>"],
+        Path(folder) / f"{rec.index:06d}.png", title=f"line {rec.index + 1}: {label}",
+    )
 
 
 def new_stats() -> dict[str, Any]:
@@ -381,8 +351,6 @@ def _translate_buffer(
     yield from ready()
     for batch in length_sorted_batches([len(buffer[i][1]) for i in todo], cfg.batch_size, cfg.max_tokens):
         rows = [todo[j] for j in batch]
-        hyps = decoder([buffer[r][1] for r in rows])
-        for r, h in zip(rows, hyps):
-            results[r] = h
+        results.update(zip(rows, decoder([buffer[r][1] for r in rows])))
         yield from ready()
     yield from ready()
