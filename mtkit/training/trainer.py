@@ -24,15 +24,8 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from mtkit import provenance
-from mtkit.checkpoint import (
-    BEST,
-    LAST,
-    build_payload,
-    link_or_copy,
-    load_checkpoint,
-    subword_entries,
-)
+from mtkit import checkpoint, provenance
+from mtkit.checkpoint import BEST, LAST
 from mtkit.config import Config, dump_config
 from mtkit.devices import training_device
 from mtkit.errors import MtkitError
@@ -42,14 +35,12 @@ from mtkit.training import builders, resume
 from mtkit.training.builders import TrainData, load_data
 from mtkit.training.distributed import RankGroup, distributed_env, joined_process_group
 from mtkit.training.metrics import MetricsLog, UpdateProgress, tensorboard_writer_class
-from mtkit.training.saving import write_checkpoints
 from mtkit.training.schedule import Scheduler
 from mtkit.training.step import UpdateStep
 from mtkit.training.validation import Validator, stop_reason
 from mtkit.utils import atomic_write_text, release_free_memory, rss_gib
 
 logger = logging.getLogger("mtkit.train")
-
 
 
 def train(
@@ -83,7 +74,6 @@ class Trainer:
         self.device = training_device(device)
         self.ranks = RankGroup(rank, world_size, self.device)  # world_size > 1: the process group is joined
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
-        self.distributed = world_size > 1
         if self.train_cfg.num_threads > 0:
             torch.set_num_threads(self.train_cfg.num_threads)
         self._build()
@@ -168,15 +158,12 @@ class Trainer:
 
     def _log_start(self) -> None:
         """The run's first log line: model size, data, device and dtype."""
-        train_cfg = self.train_cfg
-        ranks = ""
-        if self.distributed:
-            ranks = (f"; {self.world_size} ranks, an update takes up to {self.world_size} x {train_cfg.update_freq} x "
-                     f"{train_cfg.max_tokens} tokens")
+        train_cfg, n = self.train_cfg, self.world_size
+        ranks = (f" per rank; {n} ranks, an update takes up to {n} x {train_cfg.update_freq} x {train_cfg.max_tokens} "
+                 "tokens" if self.ranks.distributed else "")
         logger.info(
             "model %s: %d parameters; %d training pairs, %d batches per epoch%s; device %s%s",
-            self.cfg.model.arch, num_parameters(self.model), len(self.data.train), len(self.batches),
-            " per rank" + ranks if self.distributed else "",
+            self.cfg.model.arch, num_parameters(self.model), len(self.data.train), len(self.batches), ranks,
             self.device, f" ({self.autocast_dtype})" if self.autocast_dtype else "",
         )
 
@@ -265,7 +252,7 @@ class Trainer:
             # numbered too, so that `average --last N` includes the weights training ended with
             self.save(numbered=self.train_cfg.save_interval_updates > 0 and self.update > 0, best=best)
         if self.is_main and not (self.save_dir / BEST).exists():
-            link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
+            checkpoint.link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
 
     def _summary(self, reason: str) -> dict[str, Any]:
         """What :meth:`fit` returns: counts, why it stopped, the checkpoints and the last validation."""
@@ -318,7 +305,6 @@ class Trainer:
                 f"{self.bad_in_row} updates in a row had a non-finite loss or gradient (after update {self.update}); "
                 f"lower train.lr or check the data; the last good checkpoint is in {self.save_dir}"
             )
-        return None
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
@@ -338,19 +324,13 @@ class Trainer:
         """The checkpoint payload; ``rng`` from :func:`resume.rng_states` (this process's if None)."""
         if rng is None:
             rng = resume.rng_states(self.ranks)
-        return build_payload(
-            self.cfg.to_dict(),
-            self.model.state_dict(),
-            **subword_entries(self.data.src_spm, self.data.tgt_spm),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
+        return checkpoint.build_payload(
+            self.cfg.to_dict(), self.model.state_dict(),
+            **checkpoint.subword_entries(self.data.src_spm, self.data.tgt_spm),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler else {},
-            update=self.update,
-            epoch=self.batches.epoch,
-            data_state=self.batches.state_dict(),
-            rng=rng,
-            metrics=dict(self.last_valid),
-            provenance=self.provenance,
+            update=self.update, epoch=self.batches.epoch, data_state=self.batches.state_dict(), rng=rng,
+            metrics=dict(self.last_valid), provenance=self.provenance,
             train_state={**self.early_stopping.state_dict(), "bad_total": self.bad_total, "elapsed": self.elapsed},
         )
 
@@ -359,12 +339,13 @@ class Trainer:
         rng = resume.rng_states(self.ranks)
         self.saved_at = self.update
         if self.is_main:
-            write_checkpoints(self.save_dir, self.payload(rng), self.update, numbered, best, self.train_cfg.keep_last)
+            checkpoint.write_checkpoints(self.save_dir, self.payload(rng), self.update, numbered, best,
+                                         self.train_cfg.keep_last)
 
     def restore(self, path: Path) -> None:
         """Continue from the checkpoint at ``path``: weights, optimizer, scheduler, scaler, data
         position, the run's counters and every rank's RNG state."""
-        payload = load_checkpoint(path)
+        payload = checkpoint.load_checkpoint(path)
         resume.check_resumable(payload, self.cfg, self.data.src_spm, self.data.tgt_spm, path)
         try:
             self.model.load_state_dict(payload["model"])
