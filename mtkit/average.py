@@ -171,8 +171,7 @@ class _Reference:
         if not isinstance(state, dict):
             raise MtkitError(f"checkpoint {path} has no weights dict")
         if set(state) != self.keys:
-            extra = sorted(set(state) - self.keys)
-            missing = sorted(self.keys - set(state))
+            extra, missing = sorted(set(state) - self.keys), sorted(self.keys - set(state))
             what = f"extra weight '{extra[0]}'" if extra else f"missing weight '{missing[0]}'"
             raise MtkitError(f"cannot average: {path} has {what} compared with {self.path}")
         for k, v in state.items():

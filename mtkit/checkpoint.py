@@ -103,9 +103,7 @@ class _OffsetReader(io.RawIOBase):
         return self.f.readinto(b)
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        if whence == 0:
-            return self.f.seek(pos + self.offset) - self.offset
-        return self.f.seek(pos, whence) - self.offset
+        return self.f.seek(pos + self.offset if whence == 0 else pos, whence) - self.offset
 
     def tell(self) -> int:
         return self.f.tell() - self.offset
@@ -248,18 +246,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def build_from_checkpoint(
     payload: dict[str, Any], path: str | Path = "<checkpoint>"
 ) -> tuple[Seq2Seq, Config, SubwordModel, SubwordModel]:
-    """Rebuild (model, config, src SubwordModel, tgt SubwordModel) from a loaded payload.
-
-    The model is in eval mode on the payload's device; nothing besides the payload is needed.
-    Weights that do not fit the model config are a one-line :class:`MtkitError`.
-    """
+    """(model, config, src SubwordModel, tgt SubwordModel) rebuilt from a loaded payload alone, the
+    model in eval mode on the payload's device; weights that do not fit the model config are a
+    one-line :class:`MtkitError`."""
     from mtkit.config import config_from_dict
     from mtkit.data.subword import SubwordModel
     from mtkit.models import build_model
 
     cfg = config_from_dict(payload["config"])
-    src_spm = SubwordModel(payload["spm"]["src"], f"{path}:spm.src")
-    tgt_spm = SubwordModel(payload["spm"]["tgt"], f"{path}:spm.tgt")
+    src_spm, tgt_spm = (SubwordModel(payload["spm"][side], f"{path}:spm.{side}") for side in ("src", "tgt"))
     vocab = payload["vocab"]
     model = build_model(cfg.model, vocab["src_size"], vocab["tgt_size"], vocab["pad"])
     try:

@@ -220,14 +220,12 @@ class Trainer:
 
     def _after_update(self, epoch_end: bool) -> None:
         """Validation and checkpoints due at this boundary (an update, or the end of an epoch)."""
-        train_cfg = self.train_cfg
-        if epoch_end:
-            due_valid, due_save = train_cfg.validate_interval_updates == 0, train_cfg.save_interval_updates == 0
-        else:
-            due_valid = train_cfg.validate_interval_updates > 0 and self.update % train_cfg.validate_interval_updates == 0
-            due_save = train_cfg.save_interval_updates > 0 and self.update % train_cfg.save_interval_updates == 0
+        def due(every: int) -> bool:  # every 0: at the end of each epoch
+            return every == 0 if epoch_end else every > 0 and self.update % every == 0
+
+        due_save = due(self.train_cfg.save_interval_updates)
         best = False
-        if due_valid and self.data.valid is not None:
+        if due(self.train_cfg.validate_interval_updates) and self.data.valid is not None:
             best = self._validate_and_track()
         if due_save or best:
             self.save(numbered=due_save, best=best)
@@ -272,10 +270,8 @@ class Trainer:
 
     # -- one update ----------------------------------------------------------------------------
     def train_step(self, batches: list[np.ndarray]) -> dict[str, float] | None:
-        """Forward/backward over ``batches`` (accumulated), then one optimizer step.
-
-        Returns the step's statistics, or ``None`` when the loss or gradient was not finite and
-        the update was skipped."""
+        """Forward/backward over ``batches`` (accumulated), then one optimizer step; returns the
+        step's statistics, or ``None`` when the loss or gradient was not finite and it was skipped."""
         stats = self.step.gradients(self.data.train, batches, self.max_tgt)
         if not stats.pop("finite"):
             return self._skip_bad_update(stats["loss"], stats["gnorm"])
