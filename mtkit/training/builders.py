@@ -41,9 +41,8 @@ def load_data(data_dir: str | Path) -> TrainData:
     """The train split (required), the valid split (if any) and the subword models of a data dir."""
     from mtkit.data.dataset import ParallelDataset, load_manifest, load_spm
 
-    manifest = load_manifest(data_dir)
+    splits = load_manifest(data_dir)["splits"]
     src_spm, tgt_spm = load_spm(data_dir)
-    splits = manifest["splits"]
     if "train" not in splits:
         raise MtkitError(f"{data_dir} has no train split (has: {', '.join(splits)})")
     valid = ParallelDataset(data_dir, "valid") if "valid" in splits else None

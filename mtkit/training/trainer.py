@@ -47,7 +47,6 @@ def train(
     data_dir: str | Path, cfg: Config, save_dir: str | Path, resume: bool = False, device: str = "auto"
 ) -> dict[str, Any]:
     """Train on a preprocessed data dir; returns a summary (updates, epochs, checkpoints, ...).
-
     Launched by ``torchrun`` with WORLD_SIZE > 1, this process becomes one data-parallel rank."""
     rank, world_size, local_rank = distributed_env()
     if world_size == 1:
