@@ -47,11 +47,8 @@ def _metric(metrics: Any, keys: Sequence[str]) -> float | None:
 def select_checkpoints(
     ckpt_dir: str | Path | Sequence[str | Path], last: int | None = None, best: int | None = None
 ) -> list[Path]:
-    """The checkpoints to average, oldest first.
-
-    ``ckpt_dir`` is a directory (with exactly one of ``last`` / ``best``) or an explicit list
-    of checkpoint files (with neither).
-    """
+    """The checkpoints to average, oldest first: from a directory ``ckpt_dir`` (with exactly one of
+    ``last`` / ``best``) or an explicit list of checkpoint files (with neither)."""
     if last is not None and best is not None:
         raise MtkitError("give one of --last and --best, not both")
     for name, n in (("--last", last), ("--best", best)):
@@ -72,30 +69,27 @@ def select_checkpoints(
         raise MtkitError(f"no checkpoint_<update>.pt files in {path}")
     if last is not None:
         chosen = found[-last:]
-        if len(chosen) < last:
-            logger.warning("only %d checkpoints in %s, averaging all of them", len(chosen), path)
-        return [p for _, p in chosen]
-
-    assert best is not None
-    scored = []  # (update, path, bleu, loss)
-    for update, p in found:
-        metrics = load_checkpoint(p).get("metrics")
-        scored.append((update, p, _metric(metrics, BLEU_KEYS), _metric(metrics, LOSS_KEYS)))
-    if all(s[2] is not None for s in scored):
-        what, ranked = "valid BLEU", sorted(scored, key=lambda s: (s[2], s[0]), reverse=True)
-    elif all(s[3] is not None for s in scored):
-        what, ranked = "valid loss", sorted(scored, key=lambda s: (-s[3], s[0]), reverse=True)
     else:
-        missing = next(s[1] for s in scored if s[2] is None and s[3] is None)
-        raise MtkitError(f"checkpoint {missing} records no validation BLEU or loss; use --last or a list")
-    chosen = sorted(ranked[:best])
-    if len(chosen) < best:
+        scored = []  # (update, path, bleu, loss)
+        for update, p in found:
+            metrics = load_checkpoint(p).get("metrics")
+            scored.append((update, p, _metric(metrics, BLEU_KEYS), _metric(metrics, LOSS_KEYS)))
+        if all(s[2] is not None for s in scored):
+            what, ranked = "valid BLEU", sorted(scored, key=lambda s: (s[2], s[0]), reverse=True)
+        elif all(s[3] is not None for s in scored):
+            what, ranked = "valid loss", sorted(scored, key=lambda s: (-s[3], s[0]), reverse=True)
+        else:
+            missing = next(s[1] for s in scored if s[2] is None and s[3] is None)
+            raise MtkitError(f"checkpoint {missing} records no validation BLEU or loss; use --last or a list")
+        chosen = sorted(ranked[:best])
+    if len(chosen) < (last or best):
         logger.warning("only %d checkpoints in %s, averaging all of them", len(chosen), path)
-    logger.info(
-        "best %d by %s: %s", len(chosen), what,
-        ", ".join(f"{s[1].name} ({s[2] if what == 'valid BLEU' else s[3]:.4g})" for s in chosen),
-    )
-    return [s[1] for s in chosen]
+    if best is not None:
+        logger.info(
+            "best %d by %s: %s", len(chosen), what,
+            ", ".join(f"{s[1].name} ({s[2] if what == 'valid BLEU' else s[3]:.4g})" for s in chosen),
+        )
+    return [c[1] for c in chosen]
 
 
 def _explicit(paths: list[Path]) -> list[Path]:
@@ -112,9 +106,6 @@ def _explicit(paths: list[Path]) -> list[Path]:
             raise MtkitError(f"checkpoint {p} is given twice")
         seen.add(key)
     return paths
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
@@ -180,8 +171,7 @@ class _Reference:
         if not isinstance(state, dict):
             raise MtkitError(f"checkpoint {path} has no weights dict")
         if set(state) != self.keys:
-            extra = sorted(set(state) - self.keys)
-            missing = sorted(self.keys - set(state))
+            extra, missing = sorted(set(state) - self.keys), sorted(self.keys - set(state))
             what = f"extra weight '{extra[0]}'" if extra else f"missing weight '{missing[0]}'"
             raise MtkitError(f"cannot average: {path} has {what} compared with {self.path}")
         for k, v in state.items():
@@ -213,36 +203,18 @@ def _accumulate(sums: dict[str, torch.Tensor], state: dict[str, Any], aliases: d
             sums[k] = v.to(torch.float32, copy=True)
 
 
-def _newest_entries(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
-    """What the averaged checkpoint takes from the newest input: its entries, the tensors that are
-    not averaged, the dtypes of those that are, and the key order."""
-    state = payload["model"]
-    return {
-        "path": path,
-        "config": payload["config"],
-        "spm": payload.get("spm"),
-        "vocab": payload.get("vocab"),
-        "update": payload.get("update"),
-        "epoch": payload.get("epoch"),
-        "keep": {k: v for k, v in state.items() if not _is_float(v)},
-        "dtypes": {k: v.dtype for k, v in state.items() if _is_float(v)},
-        "keys": list(state),
-    }
+def _newest_entries(payload: dict[str, Any]) -> dict[str, Any]:
+    """What the averaged checkpoint takes from the newest input: its entries, and its weights in
+    their order, each a tensor that is not averaged or the dtype of one that is."""
+    entries = {key: payload.get(key) for key in ("config", "spm", "vocab", "update", "epoch")}
+    entries["model"] = {k: v.dtype if _is_float(v) else v for k, v in payload["model"].items()}
+    return entries
 
 
 def _averaged_state(sums: dict[str, torch.Tensor], n: int, newest: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
     """The averaged state dict in the newest input's key order and dtypes, tied aliases restored."""
-    model: dict[str, Any] = {}
-    for k in newest["keys"]:
-        if k in aliases:
-            continue
-        if k in sums:
-            model[k] = sums.pop(k).div_(n).to(newest["dtypes"][k])
-        else:
-            model[k] = newest["keep"][k]
-    for k, target in aliases.items():
-        model[k] = model[target]
-    return {k: model[k] for k in newest["keys"]}  # the original key order
+    model = {k: sums.pop(k).div_(n).to(v) if k in sums else v for k, v in newest.items() if k not in aliases}
+    return {k: model[aliases.get(k, k)] for k in newest}
 
 
 def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> None:
@@ -261,32 +233,20 @@ def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> No
             ref = _Reference(path, payload)
         else:
             ref.check(path, payload)
-        state = payload["model"]
         update = payload.get("update")
         updates.append(update if isinstance(update, int) else None)
-        _accumulate(sums, state, ref.aliases)
+        _accumulate(sums, payload["model"], ref.aliases)
         order = (update if isinstance(update, int) else -1, i)
         if order > newest_key:
-            newest_key, newest = order, _newest_entries(path, payload)
-        del payload, state  # only the running sum outlives this iteration
+            newest_key, newest = order, _newest_entries(payload)
+        del payload  # only the running sum outlives this iteration
         logger.info("read %s (%d/%d)", path, i + 1, len(paths))
 
     assert ref is not None
     n = len(paths)
-    model = _averaged_state(sums, n, newest, ref.aliases)
-    payload_out = build_payload(
-        newest["config"],
-        model,
-        spm=newest["spm"],
-        vocab=newest["vocab"],
-        update=newest["update"],
-        epoch=newest["epoch"],
-        metrics={
-            "averaged": True,
-            "averaged_updates": updates,
-            "averaged_checkpoints": [str(p) for p in paths],
-        },
-    )
-    save_checkpoint(out_path, payload_out)
+    model = _averaged_state(sums, n, newest["model"], ref.aliases)
+    metrics = {"averaged": True, "averaged_updates": updates, "averaged_checkpoints": [str(p) for p in paths]}
+    save_checkpoint(out_path, build_payload(newest["config"], model, spm=newest["spm"], vocab=newest["vocab"],
+                                            update=newest["update"], epoch=newest["epoch"], metrics=metrics))
     shown = ", ".join(str(u) for u in updates) if all(u is not None for u in updates) else f"{n} checkpoints"
     logger.info("averaged %d checkpoints (updates %s) into %s", n, shown, out_path)

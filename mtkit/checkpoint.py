@@ -28,6 +28,7 @@ writer that was killed outright is removed by the next write of that checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -54,10 +55,8 @@ MAGIC = b"MTKITCK1"
 HEADER = len(MAGIC) + 32
 FORMAT_VERSION = 1
 # What a payload may hold besides config, model, spm and vocab (see the module doc).
-OPTIONAL_KEYS = frozenset({
-    "format_version", "mtkit_version", "optimizer", "scheduler", "scaler", "update", "epoch", "data_state",
-    "rng", "metrics", "provenance", "train_state",
-})
+OPTIONAL_KEYS = frozenset({"format_version", "mtkit_version", "optimizer", "scheduler", "scaler", "update",
+                           "epoch", "data_state", "rng", "metrics", "provenance", "train_state"})
 
 
 def subword_entries(src_spm: SubwordModel, tgt_spm: SubwordModel) -> dict[str, dict[str, Any]]:
@@ -74,11 +73,8 @@ def subword_entries(src_spm: SubwordModel, tgt_spm: SubwordModel) -> dict[str, d
 
 
 def build_payload(
-    config: dict[str, Any],
-    model_state: dict[str, Any],
-    spm: dict[str, bytes] | None = None,
-    vocab: dict[str, Any] | None = None,
-    **extra: Any,
+    config: dict[str, Any], model_state: dict[str, Any], spm: dict[str, bytes] | None = None,
+    vocab: dict[str, Any] | None = None, **extra: Any,
 ) -> dict[str, Any]:
     """A checkpoint payload: the resolved config (``Config.to_dict()``), the model's state dict,
     the sentencepiece models and vocabulary (see :func:`subword_entries`), and any of
@@ -107,9 +103,7 @@ class _OffsetReader(io.RawIOBase):
         return self.f.readinto(b)
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        if whence == 0:
-            return self.f.seek(pos + self.offset) - self.offset
-        return self.f.seek(pos, whence) - self.offset
+        return self.f.seek(pos + self.offset if whence == 0 else pos, whence) - self.offset
 
     def tell(self) -> int:
         return self.f.tell() - self.offset
@@ -156,12 +150,8 @@ def numbered_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
         raise MtkitError(f"checkpoint directory not found: {ckpt_dir}")
     if not ckpt_dir.is_dir():
         raise MtkitError(f"expected a checkpoint directory but {ckpt_dir} is a file")
-    found = []
-    for p in ckpt_dir.iterdir():
-        m = NUMBERED.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    found = ((NUMBERED.match(p.name), p) for p in ckpt_dir.iterdir())
+    return sorted((int(m.group(1)), p) for m, p in found if m and p.is_file())
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -171,6 +161,31 @@ def link_or_copy(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+
+
+def write_checkpoints(save_dir: Path, payload: dict[str, Any], update: int, numbered: bool, best: bool,
+                      keep_last: int) -> None:
+    """Write ``payload`` as ``checkpoint_last.pt`` (and first as ``checkpoint_<update>.pt`` when
+    ``numbered``), as ``checkpoint_best.pt`` too when ``best``; then keep the ``keep_last`` newest
+    numbered checkpoints."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    last = save_dir / LAST
+    if numbered:
+        path = save_dir / f"checkpoint_{update}.pt"
+        save_checkpoint(path, payload)
+        link_or_copy(path, last)
+    else:
+        save_checkpoint(last, payload)
+    if best:
+        link_or_copy(last, save_dir / BEST)
+    rotate(save_dir, keep_last)
+
+
+def rotate(save_dir: Path, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest numbered checkpoints."""
+    numbered = numbered_checkpoints(save_dir)
+    for _, p in numbered[: max(len(numbered) - keep_last, 0)]:
+        p.unlink()
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -187,21 +202,18 @@ def _process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # somebody else's process
-        return True
+        pass
     return True
 
 
 def _fsync_dir(directory: Path) -> None:
-    try:
+    """Make a rename in ``directory`` durable, where the platform allows it."""
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -234,18 +246,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def build_from_checkpoint(
     payload: dict[str, Any], path: str | Path = "<checkpoint>"
 ) -> tuple[Seq2Seq, Config, SubwordModel, SubwordModel]:
-    """Rebuild (model, config, src SubwordModel, tgt SubwordModel) from a loaded payload.
-
-    The model is in eval mode on the payload's device; nothing besides the payload is needed.
-    Weights that do not fit the model config are a one-line :class:`MtkitError`.
-    """
+    """(model, config, src SubwordModel, tgt SubwordModel) rebuilt from a loaded payload alone, the
+    model in eval mode on the payload's device; weights that do not fit the model config are a
+    one-line :class:`MtkitError`."""
     from mtkit.config import config_from_dict
     from mtkit.data.subword import SubwordModel
     from mtkit.models import build_model
 
     cfg = config_from_dict(payload["config"])
-    src_spm = SubwordModel(payload["spm"]["src"], f"{path}:spm.src")
-    tgt_spm = SubwordModel(payload["spm"]["tgt"], f"{path}:spm.tgt")
+    src_spm, tgt_spm = (SubwordModel(payload["spm"][side], f"{path}:spm.{side}") for side in ("src", "tgt"))
     vocab = payload["vocab"]
     model = build_model(cfg.model, vocab["src_size"], vocab["tgt_size"], vocab["pad"])
     try:

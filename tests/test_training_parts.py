@@ -11,11 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mtkit.checkpoint import LAST, link_or_copy
+from mtkit.checkpoint import LAST, link_or_copy, rotate
 from mtkit.cli import main
 from mtkit.config import DecodeConfig, TrainConfig
 from mtkit.errors import MtkitError
-from mtkit.training import distributed, saving
+from mtkit.training import distributed
 from mtkit.training.distributed import RankGroup, rank_seed, rank_train_args, torchrun_argv
 from mtkit.training.metrics import MetricsLog, TrainWindow, UpdateProgress
 from mtkit.training.step import split_batch
@@ -153,9 +153,9 @@ def test_rotation_keeps_the_newest_numbered_checkpoints(tmp_path):
     for update in (4, 8, 12, 16):
         (tmp_path / f"checkpoint_{update}.pt").write_bytes(b"x")
     (tmp_path / LAST).write_bytes(b"x")
-    saving.rotate(tmp_path, 2)
+    rotate(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_12.pt", "checkpoint_16.pt", LAST]
-    saving.rotate(tmp_path, 0)
+    rotate(tmp_path, 0)
     assert [p.name for p in tmp_path.iterdir()] == [LAST]
 
 

@@ -1,10 +1,9 @@
 """What the training loop is built from: the data of a data dir, the model on its device, the
-optimizer, mixed precision (autocast dtype and grad scaler), the length limits, the training
-batches and the collation of a batch into tensors."""
+optimizer, the autocast dtype, the length limits, the training batches and the collation of a
+batch into tensors."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,14 +41,12 @@ def load_data(data_dir: str | Path) -> TrainData:
     """The train split (required), the valid split (if any) and the subword models of a data dir."""
     from mtkit.data.dataset import ParallelDataset, load_manifest, load_spm
 
-    manifest = load_manifest(data_dir)
+    splits = load_manifest(data_dir)["splits"]
     src_spm, tgt_spm = load_spm(data_dir)
-    splits = manifest["splits"]
     if "train" not in splits:
         raise MtkitError(f"{data_dir} has no train split (has: {', '.join(splits)})")
     valid = ParallelDataset(data_dir, "valid") if "valid" in splits else None
     return TrainData(ParallelDataset(data_dir, "train"), valid, src_spm, tgt_spm, Path(data_dir))
-
 
 
 def build_seeded_model(
@@ -95,24 +92,10 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def grad_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
-    """The gradient scaler fp16 training needs; ``None`` for every other dtype."""
-    return torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast to ``dtype`` on ``device``, or nothing for float32 (``dtype`` None)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def length_limits(model: torch.nn.Module, data_cfg: DataConfig) -> tuple[int, int]:
     """(max source, max target) tokens: the data config's, capped by the model's positions."""
     limit = model.max_positions()
-    max_src = min(data_cfg.max_src_len, limit) if limit else data_cfg.max_src_len
-    max_tgt = min(data_cfg.max_tgt_len, limit) if limit else data_cfg.max_tgt_len
-    return max_src, max_tgt
+    return tuple(min(n, limit) if limit else n for n in (data_cfg.max_src_len, data_cfg.max_tgt_len))
 
 
 def build_batches(

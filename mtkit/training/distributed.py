@@ -22,7 +22,7 @@ import datetime
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,14 +33,14 @@ from mtkit.errors import MtkitError
 
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the variables torchrun sets; (0, 1, 0) without them."""
-    values = {}
+    values = []
     for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
         text = os.environ.get(name, "")
         try:
-            values[name] = int(text) if text.strip() else default
+            values.append(int(text) if text.strip() else default)
         except ValueError:
             raise MtkitError(f"environment variable {name}={text!r} is not an integer") from None
-    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    rank, world_size, local_rank = values
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
         raise MtkitError(f"bad torch.distributed environment: RANK={rank} WORLD_SIZE={world_size} LOCAL_RANK={local_rank}")
     return rank, world_size, local_rank
@@ -65,9 +65,8 @@ def rank_train_args(
     """The ``mtkit`` arguments each rank of ``mtkit train --nproc`` runs: the same training
     command (global flags, options and ``--set`` overrides) without ``--nproc``."""
     flags = {1: ["-v"], -1: ["-q"], 0: []}[verbosity] + (["--debug"] if debug else [])
-    args = ["train", data_dir, "-c", config, "--save-dir", save_dir, "--device", device]
-    for item in overrides:
-        args += ["--set", item]
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    args = ["train", data_dir, "-c", config, "--save-dir", save_dir, "--device", device, *sets]
     return [*flags, *args, *(["--resume"] if resume else [])]
 
 
@@ -99,40 +98,30 @@ def launch_local(nproc: int, mtkit_args: list[str], device: str = "auto") -> int
     return 0
 
 
-def rank_logging(rank: int) -> Callable[[], None]:
-    """Ranks other than 0 log warnings and errors only, tagged with their rank; returns the
-    function that restores the logging as it was."""
+@contextlib.contextmanager
+def joined_process_group(device: torch.device, rank: int, world_size: int) -> Iterator[None]:
+    """While active, this process is rank ``rank`` of the default process group (joined here
+    unless it already was, and then left again); ranks other than 0 log warnings and errors
+    only, tagged with their rank."""
+    started = init_distributed(device, rank, world_size)
     root = logging.getLogger("mtkit")
     level = root.level
-    if rank == 0:
-        return lambda: None
 
     def tag(record: logging.LogRecord) -> bool:
         record.msg = f"[rank {rank}] {record.msg}"
         return True
 
-    root.setLevel(max(level, logging.WARNING))
-    for handler in root.handlers:
-        handler.addFilter(tag)
-
-    def restore() -> None:
-        root.setLevel(level)
+    if rank > 0:
+        root.setLevel(max(level, logging.WARNING))
         for handler in root.handlers:
-            handler.removeFilter(tag)
-
-    return restore
-
-
-@contextlib.contextmanager
-def joined_process_group(device: torch.device, rank: int, world_size: int) -> Iterator[None]:
-    """While active, this process is rank ``rank`` of the default process group (joined here
-    unless it already was, and then left again) and logs as that rank (see :func:`rank_logging`)."""
-    started = init_distributed(device, rank, world_size)
-    restore_logging = rank_logging(rank)
+            handler.addFilter(tag)
     try:
         yield
     finally:
-        restore_logging()
+        if rank > 0:
+            root.setLevel(level)
+            for handler in root.handlers:
+                handler.removeFilter(tag)
         if started:
             dist.destroy_process_group()
 
@@ -160,7 +149,6 @@ class RankGroup:
     def __init__(self, rank: int, world_size: int, device: torch.device):
         """``world_size`` > 1 needs the default process group joined (see :func:`joined_process_group`)."""
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.is_main = rank == 0
         self.distributed = world_size > 1
         if self.distributed and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("Trainer(world_size > 1) needs torch.distributed.init_process_group first")

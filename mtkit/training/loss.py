@@ -36,8 +36,7 @@ class _ProjectedNLL(torch.autograd.Function):
         N, V = hidden.size(0), weight.size(0)
         h, w = hidden.to(dtype), weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        nll = hidden.new_zeros((), dtype=torch.float32)
+        loss, nll = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
         grad_h = torch.empty(N, hidden.size(1), dtype=torch.float32, device=hidden.device) if need_grad else None
         grad_w = torch.zeros(V, weight.size(1), dtype=torch.float32, device=weight.device) if need_grad else None
         grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_grad and bias is not None else None
@@ -87,12 +86,9 @@ def projected_nll(
     and gradients as projecting and then taking the loss, in less time and without the (..., V)
     logits, the largest tensors of a training step. ``chunk``: rows per pass (default: about 4M logits on a CPU, more on a GPU).
     """
-    H = hidden.size(-1)
-    flat = hidden.reshape(-1, H)
-    target = target.reshape(-1)
+    flat, target = hidden.reshape(-1, hidden.size(-1)), target.reshape(-1)
     keep = target != pad
-    V = layer.weight.size(0)
-    chunk = chunk or max(1, (2**22 if flat.device.type == "cpu" else 2**27) // V)
+    chunk = chunk or max(1, (2**22 if flat.device.type == "cpu" else 2**27) // layer.weight.size(0))
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or layer.weight.requires_grad)
     loss, nll = _ProjectedNLL.apply(
         flat, layer.weight, layer.bias, target, keep.float(), float(eps), dtype or layer.weight.dtype, chunk, need_grad

@@ -4,6 +4,7 @@ progress bar."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -50,14 +51,11 @@ class MetricsLog:
         """After a resume, drop events the interrupted run logged past ``update``."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
         kept = []
-        for line in lines:
-            try:
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a torn last line
                 if json.loads(line).get("update", 0) <= update:
                     kept.append(line)
-            except json.JSONDecodeError:
-                continue
         atomic_write_text(self.path, "".join(x + "\n" for x in kept))
 
     def discard(self) -> None:

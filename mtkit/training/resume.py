@@ -24,9 +24,8 @@ def check_resumable(payload: dict[str, Any], cfg: Config, src_spm: SubwordModel,
     theirs = payload["config"].get("model", {})
     if theirs.get("arch") != mine["arch"]:
         raise MtkitError(f"cannot resume from {path}: it holds model.arch '{theirs.get('arch')}', the config says '{mine['arch']}'")
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if diff:
-        k = diff[0]
+    k = min((k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)), default=None)
+    if k is not None:
         raise MtkitError(f"cannot resume from {path}: model.{k} is {theirs.get(k)!r} there, {mine.get(k)!r} in the config")
     vocab = payload["vocab"]
     if (vocab["src_size"], vocab["tgt_size"]) != (src_spm.size, tgt_spm.size) or (

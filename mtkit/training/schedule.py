@@ -21,13 +21,9 @@ import torch
 from mtkit.config import TrainConfig, check_section
 
 
-def _warmup(t: int, warmup: int, init_lr: float, lr: float) -> float:
-    return init_lr + (lr - init_lr) * t / warmup
-
-
 def inverse_sqrt(t: int, lr: float, warmup: int, init_lr: float = 0.0) -> float:
     if warmup > 0 and t < warmup:
-        return _warmup(t, warmup, init_lr, lr)
+        return constant(t, lr, warmup, init_lr)
     return lr * math.sqrt(max(warmup, 1) / max(t, 1))
 
 
@@ -37,9 +33,7 @@ def noam(t: int, d_model: int, warmup: int, factor: float = 2.0) -> float:
 
 
 def constant(t: int, lr: float, warmup: int = 0, init_lr: float = 0.0) -> float:
-    if warmup > 0 and t < warmup:
-        return _warmup(t, warmup, init_lr, lr)
-    return lr
+    return init_lr + (lr - init_lr) * t / warmup if warmup > 0 and t < warmup else lr
 
 
 def time_factor(kind: str, used: float) -> float:

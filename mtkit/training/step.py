@@ -41,24 +41,23 @@ class UpdateStep:
         # the module the forward runs through: the DDP wrapper on several ranks
         self.step_model: torch.nn.Module = ddp if ddp is not None else model
         self.autocast_dtype = autocast_dtype
-        self.scaler = builders.grad_scaler(autocast_dtype)
+        self.scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None  # fp16 only
         self.collate, self.train_cfg, self.ranks = collate, train_cfg, ranks
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to the training dtype (nothing in float32)."""
-        return builders.autocast(self.ranks.device, self.autocast_dtype)
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ranks.device.type, dtype=self.autocast_dtype)
 
     def loss(self, hidden: torch.Tensor, tgt_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(label-smoothed loss sum, nll sum, target tokens) of the features, output projection fused in."""
-        layer = self.model.output_projection()
-        return projected_nll(hidden, layer, tgt_out, self.collate.tgt_pad, self.train_cfg.label_smoothing,
-                             self.autocast_dtype)
+        return projected_nll(hidden, self.model.output_projection(), tgt_out, self.collate.tgt_pad,
+                             self.train_cfg.label_smoothing, self.autocast_dtype)
 
     def _backward_runs(self, dataset: Any, batches: list[np.ndarray], ntok: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over every run of ``batches``; returns the (loss, nll) sums."""
-        device = self.ranks.device
-        loss_sum = torch.zeros((), device=device)
-        nll_sum = torch.zeros((), device=device)
+        loss_sum, nll_sum = torch.zeros((), device=self.ranks.device), torch.zeros((), device=self.ranks.device)
         runs = [run for b in batches for run in split_batch(dataset, b, self.train_cfg.pass_tokens)]
         for i, run in enumerate(runs):
             src, src_len, tgt_in, tgt_out = self.collate(dataset, run)

@@ -24,15 +24,8 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from mtkit import provenance
-from mtkit.checkpoint import (
-    BEST,
-    LAST,
-    build_payload,
-    link_or_copy,
-    load_checkpoint,
-    subword_entries,
-)
+from mtkit import checkpoint, provenance
+from mtkit.checkpoint import BEST, LAST
 from mtkit.config import Config, dump_config
 from mtkit.devices import training_device
 from mtkit.errors import MtkitError
@@ -42,7 +35,6 @@ from mtkit.training import builders, resume
 from mtkit.training.builders import TrainData, load_data
 from mtkit.training.distributed import RankGroup, distributed_env, joined_process_group
 from mtkit.training.metrics import MetricsLog, UpdateProgress, tensorboard_writer_class
-from mtkit.training.saving import write_checkpoints
 from mtkit.training.schedule import Scheduler
 from mtkit.training.step import UpdateStep
 from mtkit.training.validation import Validator, stop_reason
@@ -51,12 +43,10 @@ from mtkit.utils import atomic_write_text, release_free_memory, rss_gib
 logger = logging.getLogger("mtkit.train")
 
 
-
 def train(
     data_dir: str | Path, cfg: Config, save_dir: str | Path, resume: bool = False, device: str = "auto"
 ) -> dict[str, Any]:
     """Train on a preprocessed data dir; returns a summary (updates, epochs, checkpoints, ...).
-
     Launched by ``torchrun`` with WORLD_SIZE > 1, this process becomes one data-parallel rank."""
     rank, world_size, local_rank = distributed_env()
     if world_size == 1:
@@ -83,7 +73,6 @@ class Trainer:
         self.device = training_device(device)
         self.ranks = RankGroup(rank, world_size, self.device)  # world_size > 1: the process group is joined
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
-        self.distributed = world_size > 1
         if self.train_cfg.num_threads > 0:
             torch.set_num_threads(self.train_cfg.num_threads)
         self._build()
@@ -168,15 +157,12 @@ class Trainer:
 
     def _log_start(self) -> None:
         """The run's first log line: model size, data, device and dtype."""
-        train_cfg = self.train_cfg
-        ranks = ""
-        if self.distributed:
-            ranks = (f"; {self.world_size} ranks, an update takes up to {self.world_size} x {train_cfg.update_freq} x "
-                     f"{train_cfg.max_tokens} tokens")
+        train_cfg, n = self.train_cfg, self.world_size
+        ranks = (f" per rank; {n} ranks, an update takes up to {n} x {train_cfg.update_freq} x {train_cfg.max_tokens} "
+                 "tokens" if self.ranks.distributed else "")
         logger.info(
             "model %s: %d parameters; %d training pairs, %d batches per epoch%s; device %s%s",
-            self.cfg.model.arch, num_parameters(self.model), len(self.data.train), len(self.batches),
-            " per rank" + ranks if self.distributed else "",
+            self.cfg.model.arch, num_parameters(self.model), len(self.data.train), len(self.batches), ranks,
             self.device, f" ({self.autocast_dtype})" if self.autocast_dtype else "",
         )
 
@@ -233,14 +219,12 @@ class Trainer:
 
     def _after_update(self, epoch_end: bool) -> None:
         """Validation and checkpoints due at this boundary (an update, or the end of an epoch)."""
-        train_cfg = self.train_cfg
-        if epoch_end:
-            due_valid, due_save = train_cfg.validate_interval_updates == 0, train_cfg.save_interval_updates == 0
-        else:
-            due_valid = train_cfg.validate_interval_updates > 0 and self.update % train_cfg.validate_interval_updates == 0
-            due_save = train_cfg.save_interval_updates > 0 and self.update % train_cfg.save_interval_updates == 0
+        def due(every: int) -> bool:  # every 0: at the end of each epoch
+            return every == 0 if epoch_end else every > 0 and self.update % every == 0
+
+        due_save = due(self.train_cfg.save_interval_updates)
         best = False
-        if due_valid and self.data.valid is not None:
+        if due(self.train_cfg.validate_interval_updates) and self.data.valid is not None:
             best = self._validate_and_track()
         if due_save or best:
             self.save(numbered=due_save, best=best)
@@ -265,7 +249,7 @@ class Trainer:
             # numbered too, so that `average --last N` includes the weights training ended with
             self.save(numbered=self.train_cfg.save_interval_updates > 0 and self.update > 0, best=best)
         if self.is_main and not (self.save_dir / BEST).exists():
-            link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
+            checkpoint.link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
 
     def _summary(self, reason: str) -> dict[str, Any]:
         """What :meth:`fit` returns: counts, why it stopped, the checkpoints and the last validation."""
@@ -285,10 +269,8 @@ class Trainer:
 
     # -- one update ----------------------------------------------------------------------------
     def train_step(self, batches: list[np.ndarray]) -> dict[str, float] | None:
-        """Forward/backward over ``batches`` (accumulated), then one optimizer step.
-
-        Returns the step's statistics, or ``None`` when the loss or gradient was not finite and
-        the update was skipped."""
+        """Forward/backward over ``batches`` (accumulated), then one optimizer step; returns the
+        step's statistics, or ``None`` when the loss or gradient was not finite and it was skipped."""
         stats = self.step.gradients(self.data.train, batches, self.max_tgt)
         if not stats.pop("finite"):
             return self._skip_bad_update(stats["loss"], stats["gnorm"])
@@ -318,7 +300,6 @@ class Trainer:
                 f"{self.bad_in_row} updates in a row had a non-finite loss or gradient (after update {self.update}); "
                 f"lower train.lr or check the data; the last good checkpoint is in {self.save_dir}"
             )
-        return None
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
@@ -338,19 +319,13 @@ class Trainer:
         """The checkpoint payload; ``rng`` from :func:`resume.rng_states` (this process's if None)."""
         if rng is None:
             rng = resume.rng_states(self.ranks)
-        return build_payload(
-            self.cfg.to_dict(),
-            self.model.state_dict(),
-            **subword_entries(self.data.src_spm, self.data.tgt_spm),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
+        return checkpoint.build_payload(
+            self.cfg.to_dict(), self.model.state_dict(),
+            **checkpoint.subword_entries(self.data.src_spm, self.data.tgt_spm),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler else {},
-            update=self.update,
-            epoch=self.batches.epoch,
-            data_state=self.batches.state_dict(),
-            rng=rng,
-            metrics=dict(self.last_valid),
-            provenance=self.provenance,
+            update=self.update, epoch=self.batches.epoch, data_state=self.batches.state_dict(), rng=rng,
+            metrics=dict(self.last_valid), provenance=self.provenance,
             train_state={**self.early_stopping.state_dict(), "bad_total": self.bad_total, "elapsed": self.elapsed},
         )
 
@@ -359,12 +334,13 @@ class Trainer:
         rng = resume.rng_states(self.ranks)
         self.saved_at = self.update
         if self.is_main:
-            write_checkpoints(self.save_dir, self.payload(rng), self.update, numbered, best, self.train_cfg.keep_last)
+            checkpoint.write_checkpoints(self.save_dir, self.payload(rng), self.update, numbered, best,
+                                         self.train_cfg.keep_last)
 
     def restore(self, path: Path) -> None:
         """Continue from the checkpoint at ``path``: weights, optimizer, scheduler, scaler, data
         position, the run's counters and every rank's RNG state."""
-        payload = load_checkpoint(path)
+        payload = checkpoint.load_checkpoint(path)
         resume.check_resumable(payload, self.cfg, self.data.src_spm, self.data.tgt_spm, path)
         try:
             self.model.load_state_dict(payload["model"])

@@ -30,64 +30,11 @@ AutocastFactory = Callable[[], Any]
 LossFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, int]]
 
 
-@torch.no_grad()
-def validation_loss(
-    model: torch.nn.Module, dataset: Any, max_tokens: int, collate: Collate, autocast: AutocastFactory,
-    loss: LossFunction, ranks: RankGroup,
-) -> dict[str, float]:
-    """Token-level loss, nll and perplexity over ``dataset``, its batches sharded over the ranks
-    and the sums added up."""
-    loss_sum = nll_sum = 0.0
-    ntok = 0
-    batches = fixed_batches(dataset.src_lens, dataset.tgt_lens, max_tokens)
-    for b in batches[ranks.rank :: ranks.world_size]:
-        src, src_len, tgt_in, tgt_out = collate(dataset, b)
-        with autocast():
-            hidden = model(src, src_len, tgt_in, features_only=True)
-        batch_loss, batch_nll, n = loss(hidden, tgt_out)
-        loss_sum, nll_sum, ntok = loss_sum + float(batch_loss), nll_sum + float(batch_nll), ntok + n
-    if ranks.distributed:
-        loss_sum, nll_sum, ntok = ranks.sum([loss_sum, nll_sum, ntok])
-    return {
-        "loss": loss_sum / max(ntok, 1),
-        "nll": nll_sum / max(ntok, 1),
-        "ppl": math.exp(min(nll_sum / max(ntok, 1), 100.0)),
-    }
-
-
 def bleu_batches(src_lens: np.ndarray, decode_cfg: DecodeConfig) -> list[np.ndarray]:
     """Length-sorted batches of the sentences: ``decode.batch_size`` sentences each, or (0) up to
     ``decode.max_tokens`` source tokens per beam hypothesis (the batcher translate uses)."""
     budget = max(decode_cfg.max_tokens // max(decode_cfg.beam, 1), 1)
     return length_sorted_batches(src_lens, decode_cfg.batch_size, budget)
-
-
-@torch.no_grad()
-def validation_bleu(
-    model: torch.nn.Module, dataset: Any, tgt_spm: SubwordModel, decode_cfg: DecodeConfig, max_sentences: int,
-    collate: Collate, autocast: AutocastFactory, ranks: RankGroup,
-) -> float:
-    """Corpus BLEU of the model's 1-best translations of the first ``max_sentences`` (0: all)
-    valid sentences, decoded with ``decode_cfg`` in batches sharded over the ranks."""
-    import sacrebleu
-
-    from mtkit.decoding.search import generate
-
-    n = len(dataset) if max_sentences <= 0 else min(len(dataset), max_sentences)
-    one_best = dataclasses.replace(decode_cfg, nbest=1)
-    hyps: dict[int, list[int]] = {}
-    for b in bleu_batches(dataset.src_lens[:n], one_best)[ranks.rank :: ranks.world_size]:
-        src, src_len, _, _ = collate(dataset, b)
-        with autocast():
-            out = generate([model], src, src_len, one_best, tgt_spm.bos, tgt_spm.eos)
-        for i, nbest in zip(b.tolist(), out):
-            hyps[i] = nbest[0].tokens
-    release_packed(model)  # the weights change with the next update
-    if ranks.distributed:
-        hyps = {i: h for shard in ranks.gather(hyps) for i, h in shard.items()}
-    sys_out = tgt_spm.decode([hyps[i] for i in range(n)])
-    refs = tgt_spm.decode([dataset[i][1] for i in range(n)])
-    return float(sacrebleu.corpus_bleu(sys_out, [refs]).score)
 
 
 @dataclass
@@ -104,12 +51,11 @@ class EarlyStopping:
         """The metric in use and its value in ``metrics``; the first call fixes the metric: valid
         loss when BLEU is asked for but missing."""
         if self.metric is None:
-            name = self.configured_metric
-            if name == "bleu" and metrics.get("bleu") is None:
+            self.metric = self.configured_metric
+            if self.metric == "bleu" and metrics.get("bleu") is None:
                 log = logger.warning if self.bleu_enabled else logger.info
                 log("no validation BLEU: early stopping and the best checkpoint use valid loss")
-                name = "loss"
-            self.metric = name
+                self.metric = "loss"
         name = self.metric
         return name, metrics[name] if metrics.get(name) is not None else metrics["loss"]
 
@@ -160,19 +106,53 @@ class Validator:
     @torch.no_grad()
     def metrics(self) -> dict[str, Any]:
         """Valid loss, nll, perplexity and (with ``train.valid_bleu``) BLEU of the current weights."""
-        train_cfg = self.cfg.train
         self.model.eval()
-        metrics: dict[str, Any] = validation_loss(
-            self.model, self.dataset, train_cfg.max_tokens, self.collate, self.autocast, self.loss, self.ranks
-        )
-        metrics["bleu"] = None
-        if train_cfg.valid_bleu:
-            metrics["bleu"] = validation_bleu(
-                self.model, self.dataset, self.tgt_spm, self.cfg.decode, train_cfg.valid_bleu_max_sentences,
-                self.collate, self.autocast, self.ranks,
-            )
+        metrics: dict[str, Any] = self._loss()
+        metrics["bleu"] = self._bleu() if self.cfg.train.valid_bleu else None
         self.model.train()
         return metrics
+
+    def _loss(self) -> dict[str, float]:
+        """Token-level loss, nll and perplexity over the valid set, its batches sharded over the
+        ranks and the sums added up."""
+        model, dataset, ranks = self.model, self.dataset, self.ranks
+        loss_sum = nll_sum = 0.0
+        ntok = 0
+        batches = fixed_batches(dataset.src_lens, dataset.tgt_lens, self.cfg.train.max_tokens)
+        for b in batches[ranks.rank :: ranks.world_size]:
+            src, src_len, tgt_in, tgt_out = self.collate(dataset, b)
+            with self.autocast():
+                hidden = model(src, src_len, tgt_in, features_only=True)
+            batch_loss, batch_nll, n = self.loss(hidden, tgt_out)
+            loss_sum, nll_sum, ntok = loss_sum + float(batch_loss), nll_sum + float(batch_nll), ntok + n
+        loss_sum, nll_sum, ntok = ranks.sum([loss_sum, nll_sum, ntok])
+        ntok = max(ntok, 1)
+        return {"loss": loss_sum / ntok, "nll": nll_sum / ntok, "ppl": math.exp(min(nll_sum / ntok, 100.0))}
+
+    def _bleu(self) -> float:
+        """Corpus BLEU of the model's 1-best translations of the first
+        ``train.valid_bleu_max_sentences`` (0: all) valid sentences, decoded with the ``decode``
+        config in batches sharded over the ranks."""
+        import sacrebleu
+
+        from mtkit.decoding.search import generate
+
+        model, dataset, tgt_spm, ranks = self.model, self.dataset, self.tgt_spm, self.ranks
+        max_sentences = self.cfg.train.valid_bleu_max_sentences
+        n = len(dataset) if max_sentences <= 0 else min(len(dataset), max_sentences)
+        one_best = dataclasses.replace(self.cfg.decode, nbest=1)
+        hyps: dict[int, list[int]] = {}
+        for b in bleu_batches(dataset.src_lens[:n], one_best)[ranks.rank :: ranks.world_size]:
+            src, src_len, _, _ = self.collate(dataset, b)
+            with self.autocast():
+                out = generate([model], src, src_len, one_best, tgt_spm.bos, tgt_spm.eos)
+            for i, nbest in zip(b.tolist(), out):
+                hyps[i] = nbest[0].tokens
+        release_packed(model)  # the weights change with the next update
+        hyps = {i: h for shard in ranks.gather(hyps) for i, h in shard.items()}
+        sys_out = tgt_spm.decode([hyps[i] for i in range(n)])
+        refs = tgt_spm.decode([dataset[i][1] for i in range(n)])
+        return float(sacrebleu.corpus_bleu(sys_out, [refs]).score)
 
     def run(self, update: int, epoch: int, lr: float, elapsed: float) -> tuple[dict[str, Any], bool]:
         """Validate at update number ``update``, log it and record it for early stopping.
