@@ -65,9 +65,7 @@ class SplitSource:
         return f"{self.name}.{lang}.gz"
 
     def checksum(self, lang: str) -> str | None:
-        if isinstance(self.sha256, dict):
-            return self.sha256.get(lang)
-        return self.sha256
+        return self.sha256.get(lang) if isinstance(self.sha256, dict) else self.sha256
 
     def source(self, lang: str) -> str:
         """A one-line description of where ``lang``'s file is downloaded from."""
@@ -126,15 +124,8 @@ def _check_split(dataset: str, name: str, raw: Any, where: str) -> SplitSource:
         if s is not None and not (isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s)):
             raise MtkitError(f"{ctx}.sha256 {s!r} is not a sha256 hex digest")
     return SplitSource(
-        dataset=dataset,
-        name=name,
-        langs=tuple(langs),
-        url=raw.get("url"),
-        archive=raw.get("archive"),
-        member=raw.get("member"),
-        format=fmt,
-        sacrebleu=dict(sb) if sb else None,
-        sha256=sha,
+        dataset=dataset, name=name, langs=tuple(langs), url=raw.get("url"), archive=raw.get("archive"),
+        member=raw.get("member"), format=fmt, sacrebleu=dict(sb) if sb else None, sha256=sha,
     )
 
 
@@ -160,9 +151,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     return cat
 
 
-# ---------------------------------------------------------------------------------------------
-# Resolution
-
+# --- resolution ------------------------------------------------------------------------------
 
 _WARNED_MISSING: set[Path] = set()  # data directories already warned about in this process
 
@@ -173,11 +162,7 @@ def data_dirs(data_dir: str | Path | Sequence[str | Path] | None = None) -> list
         items = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
     else:
         items = [p for p in os.environ.get("MTKIT_DATA", "").split(os.pathsep) if p]
-    dirs = []
-    for item in items:
-        for part in str(item).split(os.pathsep):
-            if part:
-                dirs.append(Path(part).expanduser())
+    dirs = [Path(part).expanduser() for item in items for part in str(item).split(os.pathsep) if part]
     for d in dirs:
         if not d.is_dir() and d not in _WARNED_MISSING:
             _WARNED_MISSING.add(d)
@@ -199,16 +184,11 @@ def downloads_allowed() -> bool:
 
 def find_local(split: SplitSource, lang: str, dirs: Sequence[Path]) -> tuple[Path, str] | None:
     """The first local copy of ``split``'s ``lang`` file: (path, "data-dir" | "cache")."""
-    names = [split.filename(lang), f"{split.name}.{lang}"]
-    for d in dirs:
-        for sub in (d, d / split.dataset):
-            for n in names:
-                if (sub / n).is_file():
-                    return sub / n, "data-dir"
-    cache = cache_dir() / split.dataset
-    for n in names:
-        if (cache / n).is_file():
-            return cache / n, "cache"
+    places = [(sub, "data-dir") for d in dirs for sub in (d, d / split.dataset)]
+    for place, kind in [*places, (cache_dir() / split.dataset, "cache")]:
+        for name in (split.filename(lang), f"{split.name}.{lang}"):
+            if (place / name).is_file():
+                return place / name, kind
     return None
 
 
@@ -282,27 +262,21 @@ def resolution_plan(
     for ref, lang in refs_langs:
         split = cat.split(ref)
         found = find_local(split, lang, dirs)
-        if found is not None:
-            plan.append({"ref": ref, "lang": lang, "from": found[1], "path": str(found[0])})
-        elif _cached_archive(split) is not None:
-            plan.append({"ref": ref, "lang": lang, "from": "cached archive", "path": str(_cached_archive(split))})
-        else:
-            plan.append({"ref": ref, "lang": lang, "from": "download", "path": split.source(lang)})
+        if found is None:
+            archive = _cached_archive(split)
+            found = (archive, "cached archive") if archive is not None else (split.source(lang), "download")
+        plan.append({"ref": ref, "lang": lang, "from": found[1], "path": str(found[0])})
     return plan
 
 
-# ---------------------------------------------------------------------------------------------
-# Fetching
-
+# --- fetching --------------------------------------------------------------------------------
 
 def _archive_path(split: SplitSource) -> Path:
     return cache_dir() / "downloads" / Path(split.archive.split("?")[0]).name
 
 
 def _cached_archive(split: SplitSource) -> Path | None:
-    if split.archive and _archive_path(split).is_file():
-        return _archive_path(split)
-    return None
+    return _archive_path(split) if split.archive and _archive_path(split).is_file() else None
 
 
 def _fetch(split: SplitSource, lang: str, dest: Path) -> None:
@@ -317,9 +291,7 @@ def _fetch(split: SplitSource, lang: str, dest: Path) -> None:
             write_gz(decode_lines(raw.read_bytes(), url), dest)
         return
     if split.archive:
-        path = _cached_archive(split)
-        if path is None:
-            path = download(split.archive, _archive_path(split), split.checksum(lang))
+        path = _cached_archive(split) or download(split.archive, _archive_path(split), split.checksum(lang))
         member = split.member.format(lang=lang)
         data = read_member(path, member)
         write_gz(convert(decode_lines(data, f"{path}:{member}"), split.format), dest)
