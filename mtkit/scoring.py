@@ -84,7 +84,7 @@ def read_lines(path: str | Path, detok=None) -> list[str]:
     return lines
 
 
-def _check_lengths(systems: Sequence[tuple[str, list[str]]], refs: Sequence[tuple[str, list[str]]]) -> None:
+def _check_lengths(systems: Systems, refs: Systems) -> None:
     for name, hyps in systems:
         if not hyps:
             raise MtkitError(f"hypothesis file {name} is empty")
@@ -99,20 +99,10 @@ def _check_lengths(systems: Sequence[tuple[str, list[str]]], refs: Sequence[tupl
 # --- scoring --------------------------------------------------------------------------------
 
 def score_systems(
-    systems: Sequence[tuple[str, Sequence[str]]],
-    references: Sequence[Sequence[str]],
-    metrics: Iterable[str] = ("bleu",),
-    tokenize: str | None = None,
-    lowercase: bool = False,
-    force: bool = False,
-    chrf_word_order: int = 0,
-    sentence: bool = False,
-    paired: str | None = None,
-    paired_n: int = 0,
-    width: int = 1,
-    ter_case_sensitive: bool = False,
-    split_compounds: bool = False,
-    lang: str | None = None,
+    systems: Systems, references: Sequence[Sequence[str]], metrics: Iterable[str] = ("bleu",),
+    tokenize: str | None = None, lowercase: bool = False, force: bool = False, chrf_word_order: int = 0,
+    sentence: bool = False, paired: str | None = None, paired_n: int = 0, width: int = 1,
+    ter_case_sensitive: bool = False, split_compounds: bool = False, lang: str | None = None,
 ) -> list[dict[str, Any]]:
     """Score in-memory systems ``[(name, lines), ...]`` against ``references`` (one list per reference).
 
@@ -212,22 +202,11 @@ def _score_dict(score: Score, signature: str, width: int, system: str) -> dict[s
 
 
 def score_files(
-    hyp_path: str | Path | None,
-    ref_paths: Sequence[str | Path],
-    metrics: Iterable[str] = ("bleu",),
-    tokenize: str | None = None,
-    lowercase: bool = False,
-    force: bool = False,
-    chrf_word_order: int = 0,
-    sentence: bool = False,
-    detok_spm: str | Path | None = None,
-    systems: Sequence[str | Path] = (),
-    paired: str | None = None,
-    paired_n: int = 0,
-    width: int = 1,
-    ter_case_sensitive: bool = False,
-    split_compounds: bool = False,
-    lang: str | None = None,
+    hyp_path: str | Path | None, ref_paths: Sequence[str | Path], metrics: Iterable[str] = ("bleu",),
+    tokenize: str | None = None, lowercase: bool = False, force: bool = False, chrf_word_order: int = 0,
+    sentence: bool = False, detok_spm: str | Path | None = None, systems: Sequence[str | Path] = (),
+    paired: str | None = None, paired_n: int = 0, width: int = 1, ter_case_sensitive: bool = False,
+    split_compounds: bool = False, lang: str | None = None,
 ) -> list[dict[str, Any]]:
     """Score a hypothesis file (``-`` = stdin) and/or several ``systems`` against reference files.
 

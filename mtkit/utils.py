@@ -14,10 +14,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mtkit.errors import MtkitError
+
 T = TypeVar("T")
 # the CPU features that decide training and decoding speed (bf16 matmuls, AVX width)
 SPEED_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 logger = logging.getLogger("mtkit")
+LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 
 
 def rss_gib() -> float:
@@ -71,8 +74,8 @@ def cpu_has_native_bf16() -> bool:
     autocast would slow training down instead of up."""
     import torch
 
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    probes = [p for p in probes if p is not None]
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    probes = [getattr(torch.cpu, name) for name in names if hasattr(torch.cpu, name)]
     if probes:
         return any(p() for p in probes)
     # an older torch: read the CPU flags
@@ -105,14 +108,12 @@ def setup_logging(verbosity: int = 0) -> None:
     env = os.environ.get("MTKIT_LOG_LEVEL", "").strip().lower()
     if verbosity == 0 and env:
         if env not in LEVELS:
-            from mtkit.errors import MtkitError
-
             raise MtkitError(f"MTKIT_LOG_LEVEL={env!r} is not one of debug, info, warning")
         level = LEVELS[env]
     root = logging.getLogger("mtkit")
     root.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     handler.setLevel(level)  # a run's log file may lower the logger's level, never the console's
     root.addHandler(handler)
     root.setLevel(level)
@@ -164,8 +165,7 @@ def progress(
         yield from tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
         return
     start = last = time.monotonic()
-    n = 0
-    for n, item in enumerate(items, start=1):  # noqa: B007
+    for n, item in enumerate(items, start=1):
         yield item
         now = time.monotonic()
         if now - last >= log_every:

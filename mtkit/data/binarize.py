@@ -148,13 +148,8 @@ class _ShardWriter:
 
 
 def binarize_split(
-    split: SplitFiles,
-    tmp: Path,
-    src_lang: str,
-    tgt_lang: str,
-    dtypes: dict[str, str],
-    encode: Callable[[Iterable[Chunk]], Iterator[Encoded]],
-    cleaning: tuple[int, float, bool] | None,
+    split: SplitFiles, tmp: Path, src_lang: str, tgt_lang: str, dtypes: dict[str, str],
+    encode: Callable[[Iterable[Chunk]], Iterator[Encoded]], cleaning: tuple[int, float, bool] | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Encode one split into its shards; ``cleaning`` = (max_len, max_ratio, dedup) for train."""
     dedup = cleaning is not None and cleaning[2]

@@ -153,10 +153,11 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
 
 # --- resolution ------------------------------------------------------------------------------
 
+DataDirs = str | Path | Sequence[str | Path] | None  # one directory, os.pathsep-separated ones, or a list
 _WARNED_MISSING: set[Path] = set()  # data directories already warned about in this process
 
 
-def data_dirs(data_dir: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
+def data_dirs(data_dir: DataDirs = None) -> list[Path]:
     """The data directories to search: ``data_dir`` if given, else ``MTKIT_DATA``."""
     if data_dir:
         items = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
@@ -201,10 +202,7 @@ def where_to_place(splits_langs: Sequence[tuple[SplitSource, str]], dirs: Sequen
 
 
 def resolve_file(
-    split: SplitSource,
-    lang: str,
-    data_dir: str | Path | Sequence[str | Path] | None = None,
-    allow_download: bool = True,
+    split: SplitSource, lang: str, data_dir: DataDirs = None, allow_download: bool = True
 ) -> Path:
     """Find or fetch one file of a split; returns a local path (plain text or gzip)."""
     if lang not in split.langs:
@@ -233,8 +231,7 @@ SIDES = ("src", "ref")
 
 
 def test_set_file(
-    ref: str, langpair: str, side: str = "ref", data_dir: str | Path | Sequence[str | Path] | None = None,
-    catalog: Catalog | None = None,
+    ref: str, langpair: str, side: str = "ref", data_dir: DataDirs = None, catalog: Catalog | None = None
 ) -> Path:
     """One side of a catalog split for a language pair, found or fetched as a recipe's prepare
     stage does: ``src`` is the pair's first language, ``ref`` its second."""
@@ -251,9 +248,7 @@ def test_set_file(
 
 
 def resolution_plan(
-    refs_langs: Sequence[tuple[str, str]],
-    data_dir: str | Path | Sequence[str | Path] | None = None,
-    catalog: Catalog | None = None,
+    refs_langs: Sequence[tuple[str, str]], data_dir: DataDirs = None, catalog: Catalog | None = None
 ) -> list[dict[str, str]]:
     """Where each (ref, lang) file would come from, without fetching anything."""
     cat = catalog or load_catalog()

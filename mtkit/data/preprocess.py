@@ -33,23 +33,11 @@ logger = logging.getLogger("mtkit.preprocess")
 
 
 def preprocess(
-    src_lang: str,
-    tgt_lang: str,
-    train_prefix: str | Path,
-    out_dir: str | Path,
-    valid_prefix: str | Path | None = None,
-    test_prefixes: Sequence[str | Path] = (),
-    vocab_size: int = 8000,
-    model_type: str = "bpe",
-    joint: bool = True,
-    spm_models: Sequence[str | Path] = (),
-    character_coverage: float = 1.0,
-    user_defined_symbols: Sequence[str] = (),
-    max_len: int = 250,
-    max_ratio: float = 3.0,
-    dedup: bool = False,
-    workers: int = 2,
-    force: bool = False,
+    src_lang: str, tgt_lang: str, train_prefix: str | Path, out_dir: str | Path,
+    valid_prefix: str | Path | None = None, test_prefixes: Sequence[str | Path] = (),
+    vocab_size: int = 8000, model_type: str = "bpe", joint: bool = True, spm_models: Sequence[str | Path] = (),
+    character_coverage: float = 1.0, user_defined_symbols: Sequence[str] = (),
+    max_len: int = 250, max_ratio: float = 3.0, dedup: bool = False, workers: int = 2, force: bool = False,
 ) -> dict[str, Any]:
     """Preprocess a parallel corpus into ``out_dir``; returns the manifest (also in manifest.json)."""
     options = dict(  # recorded in the manifest, in this order
