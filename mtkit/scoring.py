@@ -118,10 +118,7 @@ def score_systems(
     prepare = bleu_text(tokenize, split_compounds, lang) if "bleu" in names else None
     bleu_texts = None
     if prepare is not None:  # BLEU reads its own copy of the text; chrF and TER the original
-        bleu_texts = (
-            [(n, [prepare(line) for line in h]) for n, h in systems],
-            [[prepare(line) for line in r] for r in refs],
-        )
+        bleu_texts = ([(n, list(map(prepare, h))) for n, h in systems], [list(map(prepare, r)) for r in refs])
 
     def texts(name: str) -> tuple[Systems, list[list[str]]]:
         return bleu_texts if name == "bleu" and bleu_texts else (systems, refs)

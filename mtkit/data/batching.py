@@ -150,12 +150,10 @@ class BatchIterator:
 
 
 def length_sorted_batches(lengths: Sequence[int] | np.ndarray, batch_size: int = 0, max_tokens: int = 0) -> list[np.ndarray]:
-    """Source batches for decoding: indices stably sorted by length, cut into batches of
-    ``batch_size`` sentences, or (``batch_size`` 0) of at most ``max_tokens`` padded source
-    tokens, each sentence counting its length + EOS (a longer single sentence gets its own batch).
-
-    ``lengths`` count source tokens without EOS; the batches index into it.
-    """
+    """Source batches for decoding, as indices into ``lengths`` (source tokens without EOS): stably
+    sorted by length, cut into batches of ``batch_size`` sentences, or (``batch_size`` 0) of at most
+    ``max_tokens`` padded source tokens, each sentence counting its length + EOS (a longer single
+    sentence gets its own batch)."""
     cost = np.asarray(lengths, dtype=np.int64) + 1  # + EOS
     order = np.argsort(cost, kind="stable")
     if batch_size:

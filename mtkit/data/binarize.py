@@ -77,11 +77,9 @@ def _encode_chunk(chunk: Chunk) -> Encoded:
 
 
 class EncoderPool:
-    """Context manager giving ``encode(chunks) -> iterator of results`` in input order.
-
-    With one worker it encodes in this process; otherwise a process pool, with at most two
-    chunks per worker in flight so that reading never runs ahead of encoding.
-    """
+    """Context manager giving ``encode(chunks) -> iterator of results`` in input order: encoded in
+    this process with one worker, else in a process pool with at most two chunks per worker in
+    flight, so that reading never runs ahead of encoding."""
 
     def __init__(self, src: SubwordModel, tgt: SubwordModel, workers: int):
         self.args = (src.model_bytes, tgt.model_bytes)
@@ -171,13 +169,9 @@ def binarize_split(
         src_w.close()
         tgt_w.close()
     stats = {
-        "pairs": src_w.n,
-        "src_tokens": src_w.offset,
-        "tgt_tokens": tgt_w.offset,
-        "src_max_len": src_w.max_len,
-        "tgt_max_len": tgt_w.max_len,
-        "src_files": [str(split.src)],
-        "tgt_files": [str(split.tgt)],
+        "pairs": src_w.n, "src_tokens": src_w.offset, "tgt_tokens": tgt_w.offset,
+        "src_max_len": src_w.max_len, "tgt_max_len": tgt_w.max_len,
+        "src_files": [str(split.src)], "tgt_files": [str(split.tgt)],
     }
     logger.info("%s: %d pairs, %d / %d tokens", split.name, src_w.n, src_w.offset, tgt_w.offset)
     if cleaning is None:

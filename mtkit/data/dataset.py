@@ -63,10 +63,8 @@ def load_spm(data_dir: str | Path) -> tuple[SubwordModel, SubwordModel]:
 
 class ParallelDataset:
     """One binarized split: ``ds[i] -> (src ids, tgt ids)`` as int64 arrays, plus length arrays.
-
     The ``.bin`` files are memory-mapped lazily (and again after unpickling, so the object can
-    be handed to DataLoader worker processes without copying the corpus).
-    """
+    be handed to DataLoader worker processes without copying the corpus)."""
 
     def __init__(self, data_dir: str | Path, split: str):
         self.data_dir = Path(data_dir)

@@ -44,10 +44,9 @@ def _download_once(url: str, tmp: Path, desc: str, timeout: float) -> None:
         size = int(resp.headers.get("Content-Length") or 0)
         chunks = iter(lambda: resp.read(CHUNK), b"")
         total = (size + CHUNK - 1) // CHUNK if size else None
-        got = 0
         for chunk in progress(chunks, total=total, desc=desc, unit="MiB"):
             out.write(chunk)
-            got += len(chunk)
+        got = out.tell()
     if size and got < size:  # urllib returns what came before the connection closed, without an error
         raise IncompleteDownload(f"the connection closed after {got} of {size} bytes")
 

@@ -44,10 +44,8 @@ def open_binary(path: str | Path) -> BinaryIO:
 
 def iter_lines(path: str | Path, errors: str = "strict") -> Iterator[str]:
     """Yield lines without their line ending (``\\n`` or ``\\r\\n``); a leading BOM is dropped.
-
-    ``errors="strict"`` turns invalid UTF-8 into an error naming the file and line number;
-    ``errors="replace"`` substitutes U+FFFD instead.
-    """
+    Invalid UTF-8 is an error naming the file and line number (``errors="strict"``) or becomes
+    U+FFFD (``errors="replace"``)."""
     name = display_name(path)
     f = open_binary(path)
     try:
