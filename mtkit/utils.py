@@ -53,17 +53,14 @@ def limit_onednn_caches(entries: int = 64) -> None:
 def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
     """The CPU's model name and which of :data:`SPEED_FLAGS` it has."""
     model, flags = "", set()
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not model:
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open(cpuinfo, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not model:
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
     return {"model": model or platform.processor() or platform.machine(),
             "flags": [f for f in SPEED_FLAGS if f in flags]}
 
@@ -102,7 +99,6 @@ LEVELS = {"quiet": logging.WARNING, "warning": logging.WARNING, "info": logging.
 
 def setup_logging(verbosity: int = 0) -> None:
     """verbosity: -1 quiet (warnings only), 0 info, 1 debug. Logs always go to stderr.
-
     Without -q/-v the ``MTKIT_LOG_LEVEL`` environment variable (debug, info, warning) decides."""
     level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
     env = os.environ.get("MTKIT_LOG_LEVEL", "").strip().lower()

@@ -143,10 +143,8 @@ class BatchIterator:
         """Restore a position; a state saved by another number of ranks resumes at the first
         batch not yet consumed (rounded up to a whole step of every rank: none is repeated)."""
         saved_world = int(state.get("world_size", 1))
-        self.epoch, position = int(state["epoch"]), int(state["position"])
-        if saved_world != self.world_size:
-            position = -(-position * saved_world // self.world_size)  # ceil
-        self.position = position
+        self.epoch = int(state["epoch"])
+        self.position = -(-int(state["position"]) * saved_world // self.world_size)  # ceil
 
 
 def length_sorted_batches(lengths: Sequence[int] | np.ndarray, batch_size: int = 0, max_tokens: int = 0) -> list[np.ndarray]:
