@@ -116,10 +116,7 @@ class EncoderPool:
 
 def _chunks(split: SplitFiles, hashed: bool) -> Iterator[Chunk]:
     it = iter_parallel(split.src, split.tgt)
-    while True:
-        block = list(itertools.islice(it, CHUNK_PAIRS))
-        if not block:
-            return
+    while block := list(itertools.islice(it, CHUNK_PAIRS)):
         yield [s for s, _ in block], [t for _, t in block], hashed
 
 

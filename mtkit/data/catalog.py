@@ -179,10 +179,6 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mtkit"
 
 
-def downloads_allowed() -> bool:
-    return os.environ.get("MTKIT_OFFLINE", "").strip().lower() not in ("1", "true", "yes")
-
-
 def find_local(split: SplitSource, lang: str, dirs: Sequence[Path]) -> tuple[Path, str] | None:
     """The first local copy of ``split``'s ``lang`` file: (path, "data-dir" | "cache")."""
     places = [(sub, "data-dir") for d in dirs for sub in (d, d / split.dataset)]
@@ -214,7 +210,8 @@ def resolve_file(
         return found[0]
     dest = cache_dir() / split.dataset / split.filename(lang)
     archive = _cached_archive(split)  # a hand-placed archive counts as local
-    if archive is None and not (allow_download and downloads_allowed()):
+    offline = os.environ.get("MTKIT_OFFLINE", "").strip().lower() in ("1", "true", "yes")
+    if archive is None and (offline or not allow_download):
         why = "downloads are off" if allow_download else "this run does not download"
         raise MtkitError(f"no local copy of {split.ref} ({lang}) and {why}: {where_to_place([(split, lang)], dirs)}")
     try:
