@@ -145,13 +145,11 @@ def convert(lines: Iterator[str], fmt: str) -> Iterator[str]:
         yield from lines
     elif fmt == "iwslt_tags":
         for line in lines:
-            if line.lstrip().startswith(_IWSLT_DROP):
-                continue
-            yield _IWSLT_TAGS.sub("", line).strip()
+            if not line.lstrip().startswith(_IWSLT_DROP):
+                yield _IWSLT_TAGS.sub("", line).strip()
     elif fmt == "iwslt_xml":
         for line in lines:
-            m = _SEG.search(line)
-            if m:
+            if m := _SEG.search(line):
                 yield m.group(1).replace("\u2019", "'")
     else:
         raise MtkitError(f"unknown catalog format '{fmt}'")
