@@ -84,7 +84,7 @@ def read_lines(path: str | Path, detok=None) -> list[str]:
     return lines
 
 
-def _check_lengths(systems: Systems, refs: Systems) -> None:
+def _check_lengths(systems: Systems, refs: Sequence[tuple[str, Sequence[str]]]) -> None:
     for name, hyps in systems:
         if not hyps:
             raise MtkitError(f"hypothesis file {name} is empty")
