@@ -24,9 +24,8 @@ def check_device_name(
     allow_index: bool = True,
 ) -> str:
     """Check ``device`` and resolve ``auto``: returns ``cpu``, ``cuda`` or (with ``allow_index``)
-    ``cuda:N`` as given. ``cuda_device_count`` (torch's by default) is asked only for ``auto``
-    and CUDA names;
-    ``no_cuda`` is the error (``{device}`` filled in) when CUDA is asked for but none is seen."""
+    ``cuda:N`` as given. ``cuda_device_count`` (torch's by default) is asked only for ``auto`` and
+    CUDA names; ``no_cuda`` is the error (``{device}`` filled in) when CUDA is asked for but none is seen."""
     count = cuda_device_count or torch.cuda.device_count
     if device == "auto":
         return "cuda" if count() > 0 else "cpu"

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from mtkit import __version__
-from mtkit.utils import SPEED_FLAGS, cpu_info
+from mtkit.utils import LOG_FORMAT, SPEED_FLAGS, cpu_info
 
 logger = logging.getLogger("mtkit")
 
 PACKAGES = ("torch", "sentencepiece", "sacrebleu")
 OPTIONAL_PACKAGES = ("ctranslate2",)
-LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 
 
 def versions() -> dict[str, str]:

@@ -51,9 +51,7 @@ from mtkit.scoring_metrics import (
 )
 from mtkit.scoring_significance import PAIRED_TESTS, paired_scores
 
-# --------------------------------------------------------------------------------------------
-# reading
-
+# --- reading --------------------------------------------------------------------------------
 
 def load_piece_model(path: str | Path):
     """A sentencepiece model from a ``.model`` file or from an mtkit checkpoint (its target model)."""
@@ -77,18 +75,16 @@ def load_piece_model(path: str | Path):
 
 
 def read_lines(path: str | Path, detok=None) -> list[str]:
-    """Lines of a text file (gz or ``-``), trailing whitespace stripped as sacrebleu's CLI does.
-
-    ``detok``: a :class:`~mtkit.data.subword.SubwordModel`; each line is read as
-    space-separated sentencepiece pieces and detokenised.
-    """
+    """Lines of a text file (gz or ``-``), trailing whitespace stripped as sacrebleu's CLI does;
+    with ``detok`` (a :class:`~mtkit.data.subword.SubwordModel`) each line is read as
+    space-separated sentencepiece pieces and detokenised."""
     lines = [line.rstrip() for line in iter_lines(path)]
     if detok is not None:
         lines = [detok.decode_pieces([line.split()])[0] for line in lines]
     return lines
 
 
-def _check_lengths(systems: Sequence[tuple[str, list[str]]], refs: Sequence[tuple[str, list[str]]]) -> None:
+def _check_lengths(systems: Systems, refs: Sequence[tuple[str, Sequence[str]]]) -> None:
     for name, hyps in systems:
         if not hyps:
             raise MtkitError(f"hypothesis file {name} is empty")
@@ -100,25 +96,13 @@ def _check_lengths(systems: Sequence[tuple[str, list[str]]], refs: Sequence[tupl
                 )
 
 
-# --------------------------------------------------------------------------------------------
-# scoring
-
+# --- scoring --------------------------------------------------------------------------------
 
 def score_systems(
-    systems: Sequence[tuple[str, Sequence[str]]],
-    references: Sequence[Sequence[str]],
-    metrics: Iterable[str] = ("bleu",),
-    tokenize: str | None = None,
-    lowercase: bool = False,
-    force: bool = False,
-    chrf_word_order: int = 0,
-    sentence: bool = False,
-    paired: str | None = None,
-    paired_n: int = 0,
-    width: int = 1,
-    ter_case_sensitive: bool = False,
-    split_compounds: bool = False,
-    lang: str | None = None,
+    systems: Systems, references: Sequence[Sequence[str]], metrics: Iterable[str] = ("bleu",),
+    tokenize: str | None = None, lowercase: bool = False, force: bool = False, chrf_word_order: int = 0,
+    sentence: bool = False, paired: str | None = None, paired_n: int = 0, width: int = 1,
+    ter_case_sensitive: bool = False, split_compounds: bool = False, lang: str | None = None,
 ) -> list[dict[str, Any]]:
     """Score in-memory systems ``[(name, lines), ...]`` against ``references`` (one list per reference).
 
@@ -134,12 +118,9 @@ def score_systems(
     prepare = bleu_text(tokenize, split_compounds, lang) if "bleu" in names else None
     bleu_texts = None
     if prepare is not None:  # BLEU reads its own copy of the text; chrF and TER the original
-        bleu_texts = (
-            [(n, [prepare(line) for line in h]) for n, h in systems],
-            [[prepare(line) for line in r] for r in refs],
-        )
+        bleu_texts = ([(n, list(map(prepare, h))) for n, h in systems], [list(map(prepare, r)) for r in refs])
 
-    def texts(name: str) -> tuple[Sequence[tuple[str, Sequence[str]]], list[list[str]]]:
+    def texts(name: str) -> tuple[Systems, list[list[str]]]:
         return bleu_texts if name == "bleu" and bleu_texts else (systems, refs)
 
     def build(name: str, with_refs: bool = True) -> Metric:
@@ -151,9 +132,8 @@ def score_systems(
 
     if sentence:
         results = _sentence_scores(names, texts, build, width)
-    elif paired:
-        per_metric = bleu_texts is not None
-        results = paired_scores(names, systems, texts, build, paired, paired_n, width, per_metric)
+    elif paired:  # one test per metric when BLEU reads other text than the rest
+        results = paired_scores(names, systems, texts, build, paired, paired_n, width, bleu_texts is not None)
     else:
         results = _corpus_scores(names, systems, texts, build, width)
     tok = bleu_tokenization(tokenize, split_compounds)
@@ -161,12 +141,8 @@ def score_systems(
 
 
 def _check_request(
-    systems: Sequence[tuple[str, Sequence[str]]],
-    references: Sequence[Sequence[str]],
-    paired: str | None,
-    sentence: bool,
-    tokenize: str | None,
-    split_compounds: bool,
+    systems: Systems, references: Sequence[Sequence[str]], paired: str | None, sentence: bool,
+    tokenize: str | None, split_compounds: bool,
 ) -> None:
     """Refuse option combinations sacrebleu would not score, before any scoring."""
     if not systems:
@@ -179,11 +155,10 @@ def _check_request(
         raise MtkitError("a paired test needs at least two systems (-s BASELINE -s SYSTEM ...)")
     if sentence and (len(systems) > 1 or paired):
         raise MtkitError("sentence-level scores take one system and no paired test")
-    seen = set()
-    for name, _ in systems:
-        if name in seen:
+    names = [name for name, _ in systems]
+    for i, name in enumerate(names):
+        if name in names[:i]:
             raise MtkitError(f"system {name} is given twice")
-        seen.add(name)
     if tokenize is not None and tokenize not in TOKENIZERS:
         raise MtkitError(f"unknown BLEU tokenizer '{tokenize}'; valid: {', '.join(TOKENIZERS)}")
     if split_compounds and tokenize not in ("moses", "none"):
@@ -224,22 +199,11 @@ def _score_dict(score: Score, signature: str, width: int, system: str) -> dict[s
 
 
 def score_files(
-    hyp_path: str | Path | None,
-    ref_paths: Sequence[str | Path],
-    metrics: Iterable[str] = ("bleu",),
-    tokenize: str | None = None,
-    lowercase: bool = False,
-    force: bool = False,
-    chrf_word_order: int = 0,
-    sentence: bool = False,
-    detok_spm: str | Path | None = None,
-    systems: Sequence[str | Path] = (),
-    paired: str | None = None,
-    paired_n: int = 0,
-    width: int = 1,
-    ter_case_sensitive: bool = False,
-    split_compounds: bool = False,
-    lang: str | None = None,
+    hyp_path: str | Path | None, ref_paths: Sequence[str | Path], metrics: Iterable[str] = ("bleu",),
+    tokenize: str | None = None, lowercase: bool = False, force: bool = False, chrf_word_order: int = 0,
+    sentence: bool = False, detok_spm: str | Path | None = None, systems: Sequence[str | Path] = (),
+    paired: str | None = None, paired_n: int = 0, width: int = 1, ter_case_sensitive: bool = False,
+    split_compounds: bool = False, lang: str | None = None,
 ) -> list[dict[str, Any]]:
     """Score a hypothesis file (``-`` = stdin) and/or several ``systems`` against reference files.
 
@@ -267,20 +231,9 @@ def score_files(
     refs = [(display_name(p), read_lines(p)) for p in ref_paths]
     _check_lengths(named, refs)
     return score_systems(
-        named,
-        [r for _, r in refs],
-        names,
-        tokenize=tokenize,
-        lowercase=lowercase,
-        force=force,
-        chrf_word_order=chrf_word_order,
-        sentence=sentence,
-        paired=paired,
-        paired_n=paired_n,
-        width=width,
-        ter_case_sensitive=ter_case_sensitive,
-        split_compounds=split_compounds,
-        lang=lang,
+        named, [r for _, r in refs], names, tokenize=tokenize, lowercase=lowercase, force=force,
+        chrf_word_order=chrf_word_order, sentence=sentence, paired=paired, paired_n=paired_n, width=width,
+        ter_case_sensitive=ter_case_sensitive, split_compounds=split_compounds, lang=lang,
     )
 
 
@@ -297,9 +250,7 @@ def score(
     return score_systems([system], references, metrics, **options)
 
 
-# --------------------------------------------------------------------------------------------
-# printing
-
+# --- printing -------------------------------------------------------------------------------
 
 def _score_line(d: dict[str, Any], width: int) -> tuple[str, str]:
     rest = f" = {d['score']:.{width}f}"
@@ -318,18 +269,13 @@ def _cell(d: dict[str, Any], width: int) -> str:
 
 
 def _table(results: list[dict[str, Any]], width: int) -> str:
-    systems: list[str] = []
-    metrics: list[str] = []
-    cells: dict[tuple[str, str], str] = {}
-    sigs: dict[str, str] = {}
+    cells: dict[tuple[str, str], str] = {}  # (system label, metric) -> cell
+    sigs: dict[str, str] = {}  # metric -> signature
     for d in results:
         label = f"Baseline: {d['system']}" if d.get("baseline") else d["system"]
-        if label not in systems:
-            systems.append(label)
-        if d["name"] not in metrics:
-            metrics.append(d["name"])
         cells[label, d["name"]] = _cell(d, width)
         sigs[d["name"]] = d["signature"]
+    systems, metrics = list(dict.fromkeys(label for label, _ in cells)), list(sigs)  # in first-seen order
     paired = results[0].get("test")
     heads = [f"{m} (μ ± 95% CI)" if results[0].get("mean") is not None else m for m in metrics]
     rows = [["System", *heads]] + [[s, *(cells.get((s, m), "") for m in metrics)] for s in systems]
@@ -366,6 +312,4 @@ def format_results(results: list[dict[str, Any]], fmt: str = "text", width: int 
         return _table(results, width)
     pairs = [_score_line(d, width) for d in results]
     w = max(len(left) for left, _ in pairs)
-    if len(pairs) == 1:
-        return "".join(pairs[0])
     return "\n".join(f"{left:>{w}}{right}" for left, right in pairs)

@@ -38,24 +38,15 @@ def parse_metrics(values: Iterable[str]) -> list[str]:
     return names or ["bleu"]
 
 
-# --------------------------------------------------------------------------------------------
-# metric objects and corpus scores
-
+# --- metric objects and corpus scores -------------------------------------------------------
 
 def make_metric(
-    name: str,
-    references: Sequence[Sequence[str]] | None = None,
-    tokenize: str | None = None,
-    lowercase: bool = False,
-    force: bool = False,
-    chrf_word_order: int = 0,
-    sentence: bool = False,
+    name: str, references: Sequence[Sequence[str]] | None = None, tokenize: str | None = None,
+    lowercase: bool = False, force: bool = False, chrf_word_order: int = 0, sentence: bool = False,
     ter_case_sensitive: bool = False,
 ) -> Metric:
-    """One sacrebleu metric object, configured as sacrebleu's CLI would for the same options.
-
-    ``references``: one list of lines per reference file (cached inside the metric).
-    """
+    """One sacrebleu metric object, configured as sacrebleu's CLI would for the same options;
+    ``references``: one list of lines per reference file (cached inside the metric)."""
     if name == "bleu":
         if tokenize is not None and tokenize not in SACREBLEU_TOKENIZERS:
             raise MtkitError(f"unknown BLEU tokenizer '{tokenize}'; valid: {', '.join(SACREBLEU_TOKENIZERS)}")
@@ -67,6 +58,7 @@ def make_metric(
     if name == "ter":
         return TER(case_sensitive=ter_case_sensitive, references=references)
     raise MtkitError(f"unknown metric '{name}'; valid: {', '.join(METRICS)}")
+
 
 CHUNK_LINES = 20_000
 
@@ -103,8 +95,8 @@ def corpus_score_chunked(
         )
     return metric._aggregate_and_compute(sums)
 
-# --------------------------------------------------------------------------------------------
-# tokenized BLEU: Moses tokenization and compound splitting before sacrebleu
+
+# --- tokenized BLEU: Moses tokenization and compound splitting before sacrebleu --------------
 
 _COMPOUND = re.compile(r"(\S)-(\S)")
 
@@ -139,8 +131,7 @@ def moses_languages() -> set[str]:
 
 def language_of(path: str | Path) -> str | None:
     """The language a file name ends in (``newstest2014.de``, ``test.de.gz`` -> ``de``), if Moses knows it."""
-    name = Path(str(path)).name
-    name = name[: -len(".gz")] if name.endswith(".gz") else name
+    name = Path(str(path)).name.removesuffix(".gz")
     suffix = Path(name).suffix.lstrip(".").lower()
     return suffix if suffix in moses_languages() else None
 

@@ -18,47 +18,31 @@ def _rounded(x: float | None, width: int) -> float | None:
 
 
 def paired_scores(
-    names: list[str],
-    systems: Systems,
-    texts: TextsFor,
-    build: MetricFor,
-    paired: str,
-    paired_n: int,
-    width: int,
+    names: list[str], systems: Systems, texts: TextsFor, build: MetricFor, paired: str, paired_n: int, width: int,
     per_metric: bool,
 ) -> list[dict[str, Any]]:
     """Test every system against the first (the baseline) on every metric in ``names``;
     ``per_metric``: one test per metric (BLEU reads other text than the rest), else one for all.
     The results come system by system, as the unpaired ones do."""
     results: list[dict[str, Any]] = []
-    # one test for all metrics, or one per metric when BLEU reads other text than the rest
     for group in [[name] for name in names] if per_metric else [names]:
         test = PairedTest(
-            [(n, list(h)) for n, h in texts(group[0])[0]],
-            {name: build(name) for name in group},
-            references=None,
-            test_type=paired,
-            n_samples=paired_n,
+            [(n, list(h)) for n, h in texts(group[0])[0]], {name: build(name) for name in group},
+            references=None, test_type=paired, n_samples=paired_n,
         )
         sigs, table = test()
         for metric_name, column in table.items():
             if metric_name == "System":
                 continue
             signature = sigs[metric_name].format()
+            fields = dict(kv.split(":", 1) for kv in signature.split("|"))
             for i, res in enumerate(column):
-                d: dict[str, Any] = {"name": metric_name, "score": _rounded(res.score, width), "signature": signature}
-                d.update(dict(kv.split(":", 1) for kv in signature.split("|")))
-                d.update(
-                    system=systems[i][0],
-                    baseline=i == 0,
-                    p_value=_rounded(res.p_value, 4),
-                    mean=_rounded(res.mean, width),
-                    ci=_rounded(res.ci, width),
-                    test=paired,
-                    n=test.n_samples,
-                )
-                results.append(d)
-    # order system by system, like the unpaired results
+                results.append({
+                    "name": metric_name, "score": _rounded(res.score, width), "signature": signature, **fields,
+                    "system": systems[i][0], "baseline": i == 0, "p_value": _rounded(res.p_value, 4),
+                    "mean": _rounded(res.mean, width), "ci": _rounded(res.ci, width), "test": paired,
+                    "n": test.n_samples,
+                })
     order = {name: i for i, (name, _) in enumerate(systems)}
     results.sort(key=lambda d: order[d["system"]])
     return results

@@ -14,10 +14,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mtkit.errors import MtkitError
+
 T = TypeVar("T")
 # the CPU features that decide training and decoding speed (bf16 matmuls, AVX width)
 SPEED_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 logger = logging.getLogger("mtkit")
+LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 
 
 def rss_gib() -> float:
@@ -50,17 +53,14 @@ def limit_onednn_caches(entries: int = 64) -> None:
 def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
     """The CPU's model name and which of :data:`SPEED_FLAGS` it has."""
     model, flags = "", set()
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not model:
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open(cpuinfo, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not model:
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
     return {"model": model or platform.processor() or platform.machine(),
             "flags": [f for f in SPEED_FLAGS if f in flags]}
 
@@ -71,8 +71,8 @@ def cpu_has_native_bf16() -> bool:
     autocast would slow training down instead of up."""
     import torch
 
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    probes = [p for p in probes if p is not None]
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    probes = [getattr(torch.cpu, name) for name in names if hasattr(torch.cpu, name)]
     if probes:
         return any(p() for p in probes)
     # an older torch: read the CPU flags
@@ -99,20 +99,17 @@ LEVELS = {"quiet": logging.WARNING, "warning": logging.WARNING, "info": logging.
 
 def setup_logging(verbosity: int = 0) -> None:
     """verbosity: -1 quiet (warnings only), 0 info, 1 debug. Logs always go to stderr.
-
     Without -q/-v the ``MTKIT_LOG_LEVEL`` environment variable (debug, info, warning) decides."""
     level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
     env = os.environ.get("MTKIT_LOG_LEVEL", "").strip().lower()
     if verbosity == 0 and env:
         if env not in LEVELS:
-            from mtkit.errors import MtkitError
-
             raise MtkitError(f"MTKIT_LOG_LEVEL={env!r} is not one of debug, info, warning")
         level = LEVELS[env]
     root = logging.getLogger("mtkit")
     root.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     handler.setLevel(level)  # a run's log file may lower the logger's level, never the console's
     root.addHandler(handler)
     root.setLevel(level)
@@ -164,8 +161,7 @@ def progress(
         yield from tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
         return
     start = last = time.monotonic()
-    n = 0
-    for n, item in enumerate(items, start=1):  # noqa: B007
+    for n, item in enumerate(items, start=1):
         yield item
         now = time.monotonic()
         if now - last >= log_every:

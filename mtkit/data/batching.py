@@ -11,8 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+Seqs = Sequence[Sequence[int] | np.ndarray]  # 1-D token-id sequences
 
-def pad_batch(seqs: Sequence[Sequence[int] | np.ndarray], pad: int) -> torch.Tensor:
+
+def pad_batch(seqs: Seqs, pad: int) -> torch.Tensor:
     """Right-pad 1-D id sequences into a (B, max_len) int64 tensor."""
     width = max((len(s) for s in seqs), default=0)
     out = np.full((len(seqs), width), pad, dtype=np.int64)
@@ -22,7 +24,7 @@ def pad_batch(seqs: Sequence[Sequence[int] | np.ndarray], pad: int) -> torch.Ten
 
 
 def collate_source(
-    seqs: Sequence[Sequence[int] | np.ndarray], pad: int, eos: int, max_len: int | None = None
+    seqs: Seqs, pad: int, eos: int, max_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Source ids -> (src (B, S) ending in EOS, src_len (B,)); truncates to ``max_len`` tokens."""
     cut = None if max_len is None else max_len - 1
@@ -30,9 +32,7 @@ def collate_source(
     return pad_batch(rows, pad), torch.tensor([len(r) for r in rows], dtype=torch.long)
 
 
-def collate_target(
-    seqs: Sequence[Sequence[int] | np.ndarray], pad: int, bos: int, eos: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_target(seqs: Seqs, pad: int, bos: int, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Target ids -> (tgt_in (B, T) = BOS + ids, tgt_out (B, T) = ids + EOS)."""
     arrs = [np.asarray(s, dtype=np.int64) for s in seqs]
     tgt_in = pad_batch([np.concatenate(([bos], a)) for a in arrs], pad)
@@ -76,17 +76,9 @@ class BatchIterator:
     """
 
     def __init__(
-        self,
-        src_lens: np.ndarray,
-        tgt_lens: np.ndarray,
-        max_tokens: int,
-        max_sentences: int = 0,
-        seed: int = 1,
-        shuffle: bool = True,
-        max_src_len: int | None = None,
-        max_tgt_len: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        self, src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, max_sentences: int = 0,
+        seed: int = 1, shuffle: bool = True, max_src_len: int | None = None, max_tgt_len: int | None = None,
+        rank: int = 0, world_size: int = 1,
     ):
         src_cost = np.asarray(src_lens, dtype=np.int64) + 1  # + EOS
         tgt_cost = np.asarray(tgt_lens, dtype=np.int64) + 1  # + BOS/EOS
@@ -151,19 +143,15 @@ class BatchIterator:
         """Restore a position; a state saved by another number of ranks resumes at the first
         batch not yet consumed (rounded up to a whole step of every rank: none is repeated)."""
         saved_world = int(state.get("world_size", 1))
-        self.epoch, position = int(state["epoch"]), int(state["position"])
-        if saved_world != self.world_size:
-            position = -(-position * saved_world // self.world_size)  # ceil
-        self.position = position
+        self.epoch = int(state["epoch"])
+        self.position = -(-int(state["position"]) * saved_world // self.world_size)  # ceil
 
 
 def length_sorted_batches(lengths: Sequence[int] | np.ndarray, batch_size: int = 0, max_tokens: int = 0) -> list[np.ndarray]:
-    """Source batches for decoding: indices stably sorted by length, cut into batches of
-    ``batch_size`` sentences, or (``batch_size`` 0) of at most ``max_tokens`` padded source
-    tokens, each sentence counting its length + EOS (a longer single sentence gets its own batch).
-
-    ``lengths`` count source tokens without EOS; the batches index into it.
-    """
+    """Source batches for decoding, as indices into ``lengths`` (source tokens without EOS): stably
+    sorted by length, cut into batches of ``batch_size`` sentences, or (``batch_size`` 0) of at most
+    ``max_tokens`` padded source tokens, each sentence counting its length + EOS (a longer single
+    sentence gets its own batch)."""
     cost = np.asarray(lengths, dtype=np.int64) + 1  # + EOS
     order = np.argsort(cost, kind="stable")
     if batch_size:

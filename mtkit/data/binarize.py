@@ -58,9 +58,7 @@ _worker: dict[str, Any] = {}
 
 def _init_worker(src_bytes: bytes, tgt_bytes: bytes) -> None:
     _worker["src"] = SubwordModel(src_bytes, "source model")
-    _worker["tgt"] = (
-        _worker["src"] if tgt_bytes == src_bytes else SubwordModel(tgt_bytes, "target model")
-    )
+    _worker["tgt"] = _worker["src"] if tgt_bytes == src_bytes else SubwordModel(tgt_bytes, "target model")
 
 
 def _flatten(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,11 +77,9 @@ def _encode_chunk(chunk: Chunk) -> Encoded:
 
 
 class EncoderPool:
-    """Context manager giving ``encode(chunks) -> iterator of results`` in input order.
-
-    With one worker it encodes in this process; otherwise a process pool, with at most two
-    chunks per worker in flight so that reading never runs ahead of encoding.
-    """
+    """Context manager giving ``encode(chunks) -> iterator of results`` in input order: encoded in
+    this process with one worker, else in a process pool with at most two chunks per worker in
+    flight, so that reading never runs ahead of encoding."""
 
     def __init__(self, src: SubwordModel, tgt: SubwordModel, workers: int):
         self.args = (src.model_bytes, tgt.model_bytes)
@@ -120,10 +116,7 @@ class EncoderPool:
 
 def _chunks(split: SplitFiles, hashed: bool) -> Iterator[Chunk]:
     it = iter_parallel(split.src, split.tgt)
-    while True:
-        block = list(itertools.islice(it, CHUNK_PAIRS))
-        if not block:
-            return
+    while block := list(itertools.islice(it, CHUNK_PAIRS)):
         yield [s for s, _ in block], [t for _, t in block], hashed
 
 
@@ -134,9 +127,7 @@ class _ShardWriter:
         self.bin = open(directory / f"{split}.{lang}.bin", "wb")
         self.idx = open(directory / f"{split}.{lang}.idx", "wb")
         self.dtype = np.dtype(dtype)
-        self.offset = 0
-        self.n = 0
-        self.max_len = 0
+        self.offset = self.n = self.max_len = 0  # ids written, sequences written, longest sequence
         self.idx.write(np.zeros(1, dtype=np.int64).tobytes())
 
     def add(self, flat: np.ndarray, lens: np.ndarray) -> None:
@@ -152,48 +143,32 @@ class _ShardWriter:
 
 
 def binarize_split(
-    split: SplitFiles,
-    tmp: Path,
-    src_lang: str,
-    tgt_lang: str,
-    dtypes: dict[str, str],
-    encode: Callable[[Iterable[Chunk]], Iterator[Encoded]],
-    cleaning: tuple[int, float, bool] | None,
+    split: SplitFiles, tmp: Path, src_lang: str, tgt_lang: str, dtypes: dict[str, str],
+    encode: Callable[[Iterable[Chunk]], Iterator[Encoded]], cleaning: tuple[int, float, bool] | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Encode one split into its shards; ``cleaning`` = (max_len, max_ratio, dedup) for train."""
     dedup = cleaning is not None and cleaning[2]
     seen = DuplicateFilter() if dedup else None
     dropped = {name: 0 for name in (*FILTER_NAMES.values(), "duplicate")}
     read = 0
-    writers = (
-        _ShardWriter(tmp, split.name, src_lang, dtypes["src"]),
-        _ShardWriter(tmp, split.name, tgt_lang, dtypes["tgt"]),
-    )
+    src_w = _ShardWriter(tmp, split.name, src_lang, dtypes["src"])
+    tgt_w = _ShardWriter(tmp, split.name, tgt_lang, dtypes["tgt"])
     total = None if split.pairs is None else -(-split.pairs // CHUNK_PAIRS)
     try:
-        results = encode(_chunks(split, dedup))
-        for src_ids, src_lens, tgt_ids, tgt_lens, hashes in progress(
-            results, total=total, desc=f"encode {split.name}", unit="chunks"
-        ):
-            read += len(src_lens)
+        chunks = encode(_chunks(split, dedup))
+        for encoded in progress(chunks, total=total, desc=f"encode {split.name}", unit="chunks"):
+            read += len(encoded[1])
             if cleaning is not None:
-                src_ids, src_lens, tgt_ids, tgt_lens = _clean(
-                    (src_ids, src_lens, tgt_ids, tgt_lens, hashes), cleaning, seen, dropped
-                )
-            writers[0].add(src_ids, src_lens)
-            writers[1].add(tgt_ids, tgt_lens)
+                encoded = _clean(encoded, cleaning, seen, dropped)
+            src_w.add(*encoded[:2])
+            tgt_w.add(*encoded[2:4])
     finally:
-        for w in writers:
-            w.close()
-    src_w, tgt_w = writers
+        src_w.close()
+        tgt_w.close()
     stats = {
-        "pairs": src_w.n,
-        "src_tokens": src_w.offset,
-        "tgt_tokens": tgt_w.offset,
-        "src_max_len": src_w.max_len,
-        "tgt_max_len": tgt_w.max_len,
-        "src_files": [str(split.src)],
-        "tgt_files": [str(split.tgt)],
+        "pairs": src_w.n, "src_tokens": src_w.offset, "tgt_tokens": tgt_w.offset,
+        "src_max_len": src_w.max_len, "tgt_max_len": tgt_w.max_len,
+        "src_files": [str(split.src)], "tgt_files": [str(split.tgt)],
     }
     logger.info("%s: %d pairs, %d / %d tokens", split.name, src_w.n, src_w.offset, tgt_w.offset)
     if cleaning is None:
@@ -202,17 +177,12 @@ def binarize_split(
         del dropped["duplicate"]
     report = {"input_pairs": read, "dropped": dropped, "kept": src_w.n}
     if any(dropped.values()):
-        logger.info(
-            "train filters dropped %s", ", ".join(f"{k}: {v}" for k, v in dropped.items() if v)
-        )
+        logger.info("train filters dropped %s", ", ".join(f"{k}: {v}" for k, v in dropped.items() if v))
     return stats, report
 
 
 def _clean(
-    encoded: Encoded,
-    cleaning: tuple[int, float, bool],
-    seen: DuplicateFilter | None,
-    dropped: dict[str, int],
+    encoded: Encoded, cleaning: tuple[int, float, bool], seen: DuplicateFilter | None, dropped: dict[str, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Drop the pairs the training filters reject, counting them by filter in ``dropped``."""
     src_ids, src_lens, tgt_ids, tgt_lens, hashes = encoded

@@ -65,9 +65,7 @@ class SplitSource:
         return f"{self.name}.{lang}.gz"
 
     def checksum(self, lang: str) -> str | None:
-        if isinstance(self.sha256, dict):
-            return self.sha256.get(lang)
-        return self.sha256
+        return self.sha256.get(lang) if isinstance(self.sha256, dict) else self.sha256
 
     def source(self, lang: str) -> str:
         """A one-line description of where ``lang``'s file is downloaded from."""
@@ -126,15 +124,8 @@ def _check_split(dataset: str, name: str, raw: Any, where: str) -> SplitSource:
         if s is not None and not (isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s)):
             raise MtkitError(f"{ctx}.sha256 {s!r} is not a sha256 hex digest")
     return SplitSource(
-        dataset=dataset,
-        name=name,
-        langs=tuple(langs),
-        url=raw.get("url"),
-        archive=raw.get("archive"),
-        member=raw.get("member"),
-        format=fmt,
-        sacrebleu=dict(sb) if sb else None,
-        sha256=sha,
+        dataset=dataset, name=name, langs=tuple(langs), url=raw.get("url"), archive=raw.get("archive"),
+        member=raw.get("member"), format=fmt, sacrebleu=dict(sb) if sb else None, sha256=sha,
     )
 
 
@@ -160,24 +151,19 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     return cat
 
 
-# ---------------------------------------------------------------------------------------------
-# Resolution
+# --- resolution ------------------------------------------------------------------------------
 
-
+DataDirs = str | Path | Sequence[str | Path] | None  # one directory, os.pathsep-separated ones, or a list
 _WARNED_MISSING: set[Path] = set()  # data directories already warned about in this process
 
 
-def data_dirs(data_dir: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
+def data_dirs(data_dir: DataDirs = None) -> list[Path]:
     """The data directories to search: ``data_dir`` if given, else ``MTKIT_DATA``."""
     if data_dir:
         items = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
     else:
         items = [p for p in os.environ.get("MTKIT_DATA", "").split(os.pathsep) if p]
-    dirs = []
-    for item in items:
-        for part in str(item).split(os.pathsep):
-            if part:
-                dirs.append(Path(part).expanduser())
+    dirs = [Path(part).expanduser() for item in items for part in str(item).split(os.pathsep) if part]
     for d in dirs:
         if not d.is_dir() and d not in _WARNED_MISSING:
             _WARNED_MISSING.add(d)
@@ -193,22 +179,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mtkit"
 
 
-def downloads_allowed() -> bool:
-    return os.environ.get("MTKIT_OFFLINE", "").strip().lower() not in ("1", "true", "yes")
-
-
 def find_local(split: SplitSource, lang: str, dirs: Sequence[Path]) -> tuple[Path, str] | None:
     """The first local copy of ``split``'s ``lang`` file: (path, "data-dir" | "cache")."""
-    names = [split.filename(lang), f"{split.name}.{lang}"]
-    for d in dirs:
-        for sub in (d, d / split.dataset):
-            for n in names:
-                if (sub / n).is_file():
-                    return sub / n, "data-dir"
-    cache = cache_dir() / split.dataset
-    for n in names:
-        if (cache / n).is_file():
-            return cache / n, "cache"
+    places = [(sub, "data-dir") for d in dirs for sub in (d, d / split.dataset)]
+    for place, kind in [*places, (cache_dir() / split.dataset, "cache")]:
+        for name in (split.filename(lang), f"{split.name}.{lang}"):
+            if (place / name).is_file():
+                return place / name, kind
     return None
 
 
@@ -221,10 +198,7 @@ def where_to_place(splits_langs: Sequence[tuple[SplitSource, str]], dirs: Sequen
 
 
 def resolve_file(
-    split: SplitSource,
-    lang: str,
-    data_dir: str | Path | Sequence[str | Path] | None = None,
-    allow_download: bool = True,
+    split: SplitSource, lang: str, data_dir: DataDirs = None, allow_download: bool = True
 ) -> Path:
     """Find or fetch one file of a split; returns a local path (plain text or gzip)."""
     if lang not in split.langs:
@@ -236,7 +210,8 @@ def resolve_file(
         return found[0]
     dest = cache_dir() / split.dataset / split.filename(lang)
     archive = _cached_archive(split)  # a hand-placed archive counts as local
-    if archive is None and not (allow_download and downloads_allowed()):
+    offline = os.environ.get("MTKIT_OFFLINE", "").strip().lower() in ("1", "true", "yes")
+    if archive is None and (offline or not allow_download):
         why = "downloads are off" if allow_download else "this run does not download"
         raise MtkitError(f"no local copy of {split.ref} ({lang}) and {why}: {where_to_place([(split, lang)], dirs)}")
     try:
@@ -253,8 +228,7 @@ SIDES = ("src", "ref")
 
 
 def test_set_file(
-    ref: str, langpair: str, side: str = "ref", data_dir: str | Path | Sequence[str | Path] | None = None,
-    catalog: Catalog | None = None,
+    ref: str, langpair: str, side: str = "ref", data_dir: DataDirs = None, catalog: Catalog | None = None
 ) -> Path:
     """One side of a catalog split for a language pair, found or fetched as a recipe's prepare
     stage does: ``src`` is the pair's first language, ``ref`` its second."""
@@ -271,9 +245,7 @@ def test_set_file(
 
 
 def resolution_plan(
-    refs_langs: Sequence[tuple[str, str]],
-    data_dir: str | Path | Sequence[str | Path] | None = None,
-    catalog: Catalog | None = None,
+    refs_langs: Sequence[tuple[str, str]], data_dir: DataDirs = None, catalog: Catalog | None = None
 ) -> list[dict[str, str]]:
     """Where each (ref, lang) file would come from, without fetching anything."""
     cat = catalog or load_catalog()
@@ -282,27 +254,21 @@ def resolution_plan(
     for ref, lang in refs_langs:
         split = cat.split(ref)
         found = find_local(split, lang, dirs)
-        if found is not None:
-            plan.append({"ref": ref, "lang": lang, "from": found[1], "path": str(found[0])})
-        elif _cached_archive(split) is not None:
-            plan.append({"ref": ref, "lang": lang, "from": "cached archive", "path": str(_cached_archive(split))})
-        else:
-            plan.append({"ref": ref, "lang": lang, "from": "download", "path": split.source(lang)})
+        if found is None:
+            archive = _cached_archive(split)
+            found = (archive, "cached archive") if archive is not None else (split.source(lang), "download")
+        plan.append({"ref": ref, "lang": lang, "from": found[1], "path": str(found[0])})
     return plan
 
 
-# ---------------------------------------------------------------------------------------------
-# Fetching
-
+# --- fetching --------------------------------------------------------------------------------
 
 def _archive_path(split: SplitSource) -> Path:
     return cache_dir() / "downloads" / Path(split.archive.split("?")[0]).name
 
 
 def _cached_archive(split: SplitSource) -> Path | None:
-    if split.archive and _archive_path(split).is_file():
-        return _archive_path(split)
-    return None
+    return _archive_path(split) if split.archive and _archive_path(split).is_file() else None
 
 
 def _fetch(split: SplitSource, lang: str, dest: Path) -> None:
@@ -317,9 +283,7 @@ def _fetch(split: SplitSource, lang: str, dest: Path) -> None:
             write_gz(decode_lines(raw.read_bytes(), url), dest)
         return
     if split.archive:
-        path = _cached_archive(split)
-        if path is None:
-            path = download(split.archive, _archive_path(split), split.checksum(lang))
+        path = _cached_archive(split) or download(split.archive, _archive_path(split), split.checksum(lang))
         member = split.member.format(lang=lang)
         data = read_member(path, member)
         write_gz(convert(decode_lines(data, f"{path}:{member}"), split.format), dest)

@@ -30,9 +30,8 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
         raise MtkitError(f"data directory {data_dir} is not a directory")
     path = data_dir / "manifest.json"
     if not path.exists():
-        raise MtkitError(
-            f"{data_dir} is not a preprocessed data directory (no manifest.json); run mtkit preprocess"
-        )
+        raise MtkitError(f"{data_dir} is not a preprocessed data directory (no manifest.json); "
+                         "run mtkit preprocess")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -51,27 +50,21 @@ def load_spm(data_dir: str | Path) -> tuple[SubwordModel, SubwordModel]:
     """The (source, target) sentencepiece models of a data dir (one object twice when joint)."""
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
-    models: dict[str, SubwordModel] = {}
     loaded: dict[str, SubwordModel] = {}
     for side in ("src", "tgt"):
         entry = manifest["spm"][side]
         if entry["file"] not in loaded:
             model = SubwordModel.from_file(data_dir / entry["file"])
             if model.sha256 != entry["sha256"]:
-                raise MtkitError(
-                    f"{data_dir / entry['file']} does not match the sha256 in manifest.json"
-                )
+                raise MtkitError(f"{data_dir / entry['file']} does not match the sha256 in manifest.json")
             loaded[entry["file"]] = model
-        models[side] = loaded[entry["file"]]
-    return models["src"], models["tgt"]
+    return loaded[manifest["spm"]["src"]["file"]], loaded[manifest["spm"]["tgt"]["file"]]
 
 
 class ParallelDataset:
     """One binarized split: ``ds[i] -> (src ids, tgt ids)`` as int64 arrays, plus length arrays.
-
     The ``.bin`` files are memory-mapped lazily (and again after unpickling, so the object can
-    be handed to DataLoader worker processes without copying the corpus).
-    """
+    be handed to DataLoader worker processes without copying the corpus)."""
 
     def __init__(self, data_dir: str | Path, split: str):
         self.data_dir = Path(data_dir)
@@ -81,26 +74,16 @@ class ParallelDataset:
         if split not in splits:
             raise MtkitError(f"split '{split}' not in {self.data_dir} (has: {', '.join(splits)})")
         self.src_lang, self.tgt_lang = self.manifest["src_lang"], self.manifest["tgt_lang"]
-        self._files = {
-            "src": (
-                self._path(self.src_lang, "bin"),
-                self._path(self.src_lang, "idx"),
-                self.manifest["dtype"]["src"],
-            ),
-            "tgt": (
-                self._path(self.tgt_lang, "bin"),
-                self._path(self.tgt_lang, "idx"),
-                self.manifest["dtype"]["tgt"],
-            ),
+        self._files = {  # side -> (.bin path, .idx path, dtype)
+            side: (self._path(lang, "bin"), self._path(lang, "idx"), self.manifest["dtype"][side])
+            for side, lang in (("src", self.src_lang), ("tgt", self.tgt_lang))
         }
         self._offsets = {side: self._read_index(side) for side in ("src", "tgt")}
         n = splits[split]["pairs"]
         for side in ("src", "tgt"):
             if len(self._offsets[side]) != n + 1:
-                raise MtkitError(
-                    f"{self._files[side][1]} holds {len(self._offsets[side]) - 1} sentences, "
-                    f"manifest.json says {n}"
-                )
+                got = len(self._offsets[side]) - 1
+                raise MtkitError(f"{self._files[side][1]} holds {got} sentences, manifest.json says {n}")
         self.src_lens = np.diff(self._offsets["src"])
         self.tgt_lens = np.diff(self._offsets["tgt"])
         self._data: dict[str, np.ndarray] | None = None
@@ -114,29 +97,18 @@ class ParallelDataset:
             offsets = np.fromfile(idx_path, dtype=np.int64)
             bin_size = bin_path.stat().st_size
         except FileNotFoundError as exc:
-            raise MtkitError(
-                f"missing data file {exc.filename} (re-run mtkit preprocess)"
-            ) from None
+            raise MtkitError(f"missing data file {exc.filename} (re-run mtkit preprocess)") from None
         itemsize = np.dtype(dtype).itemsize
-        if (
-            len(offsets) == 0
-            or offsets[0] != 0
-            or np.any(np.diff(offsets) < 0)
-            or offsets[-1] * itemsize != bin_size
-        ):
-            raise MtkitError(
-                f"{idx_path} does not match {bin_path.name} (corrupt or truncated data)"
-            )
+        bad_start = len(offsets) == 0 or offsets[0] != 0
+        if bad_start or np.any(np.diff(offsets) < 0) or offsets[-1] * itemsize != bin_size:
+            raise MtkitError(f"{idx_path} does not match {bin_path.name} (corrupt or truncated data)")
         return offsets
 
     def _open(self) -> dict[str, np.ndarray]:
-        data = {}
-        for side, (bin_path, _, dtype) in self._files.items():
-            if self._offsets[side][-1] == 0:  # an empty file cannot be memory-mapped
-                data[side] = np.zeros(0, dtype=dtype)
-            else:
-                data[side] = np.memmap(bin_path, dtype=dtype, mode="r")
-        return data
+        return {  # an empty file cannot be memory-mapped
+            side: np.memmap(path, dtype=dtype, mode="r") if self._offsets[side][-1] else np.zeros(0, dtype)
+            for side, (path, _, dtype) in self._files.items()
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

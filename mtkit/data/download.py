@@ -44,10 +44,9 @@ def _download_once(url: str, tmp: Path, desc: str, timeout: float) -> None:
         size = int(resp.headers.get("Content-Length") or 0)
         chunks = iter(lambda: resp.read(CHUNK), b"")
         total = (size + CHUNK - 1) // CHUNK if size else None
-        got = 0
         for chunk in progress(chunks, total=total, desc=desc, unit="MiB"):
             out.write(chunk)
-            got += len(chunk)
+        got = out.tell()
     if size and got < size:  # urllib returns what came before the connection closed, without an error
         raise IncompleteDownload(f"the connection closed after {got} of {size} bytes")
 
@@ -146,13 +145,11 @@ def convert(lines: Iterator[str], fmt: str) -> Iterator[str]:
         yield from lines
     elif fmt == "iwslt_tags":
         for line in lines:
-            if line.lstrip().startswith(_IWSLT_DROP):
-                continue
-            yield _IWSLT_TAGS.sub("", line).strip()
+            if not line.lstrip().startswith(_IWSLT_DROP):
+                yield _IWSLT_TAGS.sub("", line).strip()
     elif fmt == "iwslt_xml":
         for line in lines:
-            m = _SEG.search(line)
-            if m:
+            if m := _SEG.search(line):
                 yield m.group(1).replace("\u2019", "'")
     else:
         raise MtkitError(f"unknown catalog format '{fmt}'")

@@ -26,55 +26,30 @@ from mtkit import __version__
 from mtkit.data.binarize import EncoderPool, SplitFiles, binarize_split, shard_dtype
 from mtkit.data.dataset import DATA_FORMAT
 from mtkit.data.spm_models import load_models, train_models, write_models
-from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_parallel, resolve_corpus_file
 from mtkit.errors import MtkitError
 
 logger = logging.getLogger("mtkit.preprocess")
 
 
-
 def preprocess(
-    src_lang: str,
-    tgt_lang: str,
-    train_prefix: str | Path,
-    out_dir: str | Path,
-    valid_prefix: str | Path | None = None,
-    test_prefixes: Sequence[str | Path] = (),
-    vocab_size: int = 8000,
-    model_type: str = "bpe",
-    joint: bool = True,
-    spm_models: Sequence[str | Path] = (),
-    character_coverage: float = 1.0,
-    user_defined_symbols: Sequence[str] = (),
-    max_len: int = 250,
-    max_ratio: float = 3.0,
-    dedup: bool = False,
-    workers: int = 2,
-    force: bool = False,
+    src_lang: str, tgt_lang: str, train_prefix: str | Path, out_dir: str | Path,
+    valid_prefix: str | Path | None = None, test_prefixes: Sequence[str | Path] = (),
+    vocab_size: int = 8000, model_type: str = "bpe", joint: bool = True, spm_models: Sequence[str | Path] = (),
+    character_coverage: float = 1.0, user_defined_symbols: Sequence[str] = (),
+    max_len: int = 250, max_ratio: float = 3.0, dedup: bool = False, workers: int = 2, force: bool = False,
 ) -> dict[str, Any]:
     """Preprocess a parallel corpus into ``out_dir``; returns the manifest (also in manifest.json)."""
-    options = {
-        "vocab_size": vocab_size,
-        "model_type": model_type,
-        "joint": joint,
-        "spm_models": [str(p) for p in spm_models],
-        "character_coverage": character_coverage,
-        "user_defined_symbols": list(user_defined_symbols),
-        "max_len": max_len,
-        "max_ratio": max_ratio,
-        "dedup": dedup,
-        "workers": workers,
-    }
-    t0 = time.monotonic()
-    _check_options(
-        src_lang, tgt_lang, vocab_size, model_type, spm_models, character_coverage, workers
+    options = dict(  # recorded in the manifest, in this order
+        vocab_size=vocab_size, model_type=model_type, joint=joint, spm_models=[str(p) for p in spm_models],
+        character_coverage=character_coverage, user_defined_symbols=list(user_defined_symbols),
+        max_len=max_len, max_ratio=max_ratio, dedup=dedup, workers=workers,
     )
+    t0 = time.monotonic()
+    _check_options(src_lang, tgt_lang, vocab_size, model_type, spm_models, character_coverage, workers)
     splits = _resolve_splits(src_lang, tgt_lang, train_prefix, valid_prefix, test_prefixes)
     out = Path(os.path.abspath(out_dir))  # normalized, so that "." and ".." have a name to rename
-    _check_out_dir(
-        out, force, [p for s in splits for p in (s.src, s.tgt)] + [Path(m) for m in spm_models]
-    )
+    _check_out_dir(out, force, [p for s in splits for p in (s.src, s.tgt)] + [Path(m) for m in spm_models])
     for split in splits[1:]:  # cheap checks (line counts, UTF-8) before the expensive part
         split.pairs = sum(1 for _ in iter_parallel(split.src, split.tgt))
 
@@ -102,13 +77,8 @@ def _write_data(
         src_spm, tgt_spm = load_models(options["spm_models"])
     else:
         src_spm, tgt_spm = train_models(
-            splits[0],
-            options["vocab_size"],
-            options["model_type"],
-            options["joint"],
-            options["character_coverage"],
-            options["user_defined_symbols"],
-            options["workers"],
+            splits[0], options["vocab_size"], options["model_type"], options["joint"],
+            options["character_coverage"], options["user_defined_symbols"], options["workers"],
         )
     joint = src_spm.model_bytes == tgt_spm.model_bytes
     spm_info = write_models(tmp, src_spm, tgt_spm, joint, src_lang, tgt_lang)
@@ -116,15 +86,13 @@ def _write_data(
     dtypes = {side: shard_dtype(m.size) for side, m in (("src", src_spm), ("tgt", tgt_spm))}
     split_stats: dict[str, Any] = {}
     filters: dict[str, Any] = {}
+    limits = (options["max_len"], options["max_ratio"], options["dedup"])
     with EncoderPool(src_spm, tgt_spm, options["workers"]) as encode:
         for split in splits:
-            limits = (options["max_len"], options["max_ratio"], options["dedup"])
             cleaning = limits if split.name == "train" else None
-            split_stats[split.name], report = binarize_split(
-                split, tmp, src_lang, tgt_lang, dtypes, encode, cleaning
-            )
-            if report is not None:
-                filters = report
+            stats, report = binarize_split(split, tmp, src_lang, tgt_lang, dtypes, encode, cleaning)
+            split_stats[split.name] = stats
+            filters = report or filters
     if split_stats["train"]["pairs"] == 0:
         dropped = ", ".join(f"{k} {v}" for k, v in filters["dropped"].items())
         raise MtkitError(
@@ -132,33 +100,8 @@ def _write_data(
             f"{display_name(splits[0].tgt)} ({filters['input_pairs']} read; dropped: {dropped})"
         )
     t_end = time.monotonic()
-    seconds = {
-        "spm": round(t_encode - t_spm, 3),
-        "encode": round(t_end - t_encode, 3),
-        "total": round(t_end - t0, 3),
-    }
-    models = (src_spm, tgt_spm)
-    manifest = _manifest(
-        src_lang, tgt_lang, joint, spm_info, models, dtypes, split_stats, filters, options, seconds
-    )
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    return manifest, t_end
-
-
-def _manifest(
-    src_lang: str,
-    tgt_lang: str,
-    joint: bool,
-    spm_info: dict[str, dict[str, str]],
-    models: tuple[SubwordModel, SubwordModel],
-    dtypes: dict[str, str],
-    split_stats: dict[str, Any],
-    filters: dict[str, Any],
-    options: dict[str, Any],
-    seconds: dict[str, float],
-) -> dict[str, Any]:
-    """The data dir's ``manifest.json``: what the trainer and the dataset loader read back."""
-    src_spm, tgt_spm = models
+    seconds = {"spm": t_encode - t_spm, "encode": t_end - t_encode, "total": t_end - t0}
+    # what the trainer and the dataset loader read back
     manifest = {
         "mtkit_version": __version__,
         "format": DATA_FORMAT,
@@ -168,33 +111,25 @@ def _manifest(
         "joint": joint,
         "spm": spm_info,
         "vocab": {
-            "src_size": src_spm.size,
-            "tgt_size": tgt_spm.size,
-            "pad": src_spm.pad,
-            "bos": src_spm.bos,
-            "eos": src_spm.eos,
-            "unk": src_spm.unk,
+            "src_size": src_spm.size, "tgt_size": tgt_spm.size,
+            "pad": src_spm.pad, "bos": src_spm.bos, "eos": src_spm.eos, "unk": src_spm.unk,
         },
         "dtype": dtypes,
         "splits": split_stats,
         "filters": filters,
         "options": options,
-        "seconds": seconds,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
-    return manifest
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest, t_end
 
 
 # --- inputs and output dir -----------------------------------------------------------------------
 
 
 def _check_options(
-    src_lang: str,
-    tgt_lang: str,
-    vocab_size: int,
-    model_type: str,
-    spm_models: Sequence[str | Path],
-    character_coverage: float,
-    workers: int,
+    src_lang: str, tgt_lang: str, vocab_size: int, model_type: str, spm_models: Sequence[str | Path],
+    character_coverage: float, workers: int,
 ) -> None:
     for lang in (src_lang, tgt_lang):
         if not lang or "/" in lang or os.sep in lang or lang.startswith("."):
@@ -209,18 +144,13 @@ def _check_options(
         if not 0.0 < character_coverage <= 1.0:
             raise MtkitError(f"character coverage {character_coverage} must be in (0, 1]")
     if len(spm_models) > 2:
-        raise MtkitError(
-            f"--spm takes one model (joint) or two (source, target), got {len(spm_models)}"
-        )
+        raise MtkitError(f"--spm takes one model (joint) or two (source, target), got {len(spm_models)}")
     if workers < 1:
         raise MtkitError(f"workers must be at least 1, got {workers}")
 
 
 def _resolve_splits(
-    src_lang: str,
-    tgt_lang: str,
-    train_prefix: str | Path,
-    valid_prefix: str | Path | None,
+    src_lang: str, tgt_lang: str, train_prefix: str | Path, valid_prefix: str | Path | None,
     test_prefixes: Sequence[str | Path],
 ) -> list[SplitFiles]:
     named: list[tuple[str, str | Path]] = [("train", train_prefix)]
@@ -234,11 +164,8 @@ def _resolve_splits(
                 f"test prefix {prefix} gives the split name '{name}', which is empty or already used "
                 "(split names: train, valid, and each test prefix's basename)"
             )
-        splits.append(
-            SplitFiles(
-                name, resolve_corpus_file(prefix, src_lang), resolve_corpus_file(prefix, tgt_lang)
-            )
-        )
+        src, tgt = resolve_corpus_file(prefix, src_lang), resolve_corpus_file(prefix, tgt_lang)
+        splits.append(SplitFiles(name, src, tgt))
     return splits
 
 

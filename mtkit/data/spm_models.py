@@ -50,13 +50,8 @@ class Reservoir:
 
 
 def train_models(
-    train: SplitFiles,
-    vocab_size: int,
-    model_type: str,
-    joint: bool,
-    character_coverage: float,
-    user_defined_symbols: Sequence[str],
-    workers: int,
+    train: SplitFiles, vocab_size: int, model_type: str, joint: bool, character_coverage: float,
+    user_defined_symbols: Sequence[str], workers: int,
 ) -> tuple[SubwordModel, SubwordModel]:
     """Train sentencepiece on a sample of the non-empty training lines (both sides if joint)."""
     src_sample = Reservoir(SPM_TRAIN_SENTENCES, seed=1)
@@ -79,23 +74,12 @@ def train_models(
         raise MtkitError(f"training file {empty} has only empty lines")
 
     def fit(sample: Reservoir, side: str) -> SubwordModel:
-        logger.info(
-            "training %s %s sentencepiece model (vocab %d) on %d of %d sentences",
-            side,
-            model_type,
-            vocab_size,
-            len(sample.items),
-            sample.seen,
-        )
+        logger.info("training %s %s sentencepiece model (vocab %d) on %d of %d sentences",
+                    side, model_type, vocab_size, len(sample.items), sample.seen)
         try:
             return train_sentencepiece(
-                sample.items,
-                vocab_size,
-                model_type,
-                character_coverage,
-                user_defined_symbols,
-                input_sentence_size=0,  # 0: all (already sampled)
-                num_threads=workers,
+                sample.items, vocab_size, model_type, character_coverage, user_defined_symbols,
+                input_sentence_size=0, num_threads=workers,  # 0: all (already sampled)
             )
         except MtkitError as exc:
             raise MtkitError(f"{exc} ({side} model, trained on {where})") from None
@@ -111,13 +95,9 @@ def write_models(
 ) -> dict[str, dict[str, str]]:
     """Write the models into ``tmp`` (``spm.model``, or one per language); returns their file
     names and sha256 for the manifest."""
-    names = (
-        {"src": "spm.model", "tgt": "spm.model"}
-        if joint
-        else {"src": f"spm.{src_lang}.model", "tgt": f"spm.{tgt_lang}.model"}
-    )
     info = {}
-    for side, model in (("src", src), ("tgt", tgt)):
-        (tmp / names[side]).write_bytes(model.model_bytes)
-        info[side] = {"file": names[side], "sha256": model.sha256}
+    for side, model, lang in (("src", src, src_lang), ("tgt", tgt, tgt_lang)):
+        name = "spm.model" if joint else f"spm.{lang}.model"
+        (tmp / name).write_bytes(model.model_bytes)
+        info[side] = {"file": name, "sha256": model.sha256}
     return info

@@ -32,9 +32,7 @@ class SubwordModel:
         except Exception:  # sentencepiece raises RuntimeError/OSError with C++ text
             raise MtkitError(f"{name} is not a sentencepiece model") from None
         n = self.sp.get_piece_size()
-        self.unk = self.sp.unk_id()
-        self.bos = self.sp.bos_id()
-        self.eos = self.sp.eos_id()
+        self.unk, self.bos, self.eos = self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()
         if self.bos < 0 or self.eos < 0:
             raise MtkitError(f"sentencepiece model {name} needs bos and eos pieces")
         self.pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else n
@@ -77,32 +75,17 @@ class SubwordModel:
 
 
 def train_sentencepiece(
-    sentences: Iterable[str],
-    vocab_size: int,
-    model_type: str = "bpe",
-    character_coverage: float = 1.0,
-    user_defined_symbols: Sequence[str] = (),
-    input_sentence_size: int = 2_000_000,
-    num_threads: int = 2,
+    sentences: Iterable[str], vocab_size: int, model_type: str = "bpe", character_coverage: float = 1.0,
+    user_defined_symbols: Sequence[str] = (), input_sentence_size: int = 2_000_000, num_threads: int = 2,
     seed_sentencepieces: int | None = None,
 ) -> SubwordModel:
     """Train a model in memory from an iterator of sentences; returns it loaded."""
     proto = io.BytesIO()
     kwargs = dict(
-        sentence_iterator=iter(sentences),
-        model_writer=proto,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        num_threads=num_threads,
-        max_sentence_length=1 << 16,
-        minloglevel=2,
+        sentence_iterator=iter(sentences), model_writer=proto, vocab_size=vocab_size, model_type=model_type,
+        character_coverage=character_coverage, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        input_sentence_size=input_sentence_size, shuffle_input_sentence=True, num_threads=num_threads,
+        max_sentence_length=1 << 16, minloglevel=2,
     )
     if user_defined_symbols:
         kwargs["user_defined_symbols"] = list(user_defined_symbols)

@@ -44,10 +44,8 @@ def open_binary(path: str | Path) -> BinaryIO:
 
 def iter_lines(path: str | Path, errors: str = "strict") -> Iterator[str]:
     """Yield lines without their line ending (``\\n`` or ``\\r\\n``); a leading BOM is dropped.
-
-    ``errors="strict"`` turns invalid UTF-8 into an error naming the file and line number;
-    ``errors="replace"`` substitutes U+FFFD instead.
-    """
+    Invalid UTF-8 is an error naming the file and line number (``errors="strict"``) or becomes
+    U+FFFD (``errors="replace"``)."""
     name = display_name(path)
     f = open_binary(path)
     try:
@@ -60,7 +58,7 @@ def iter_lines(path: str | Path, errors: str = "strict") -> Iterator[str]:
                 raise MtkitError(f"{name} line {lineno}: invalid UTF-8 (byte {exc.start})") from None
             yield line.rstrip("\n").rstrip("\r")
     except (OSError, EOFError) as exc:
-        if isinstance(exc, gzip.BadGzipFile) or isinstance(exc, EOFError):
+        if isinstance(exc, (gzip.BadGzipFile, EOFError)):
             raise MtkitError(f"{name}: corrupt or truncated gzip file") from None
         raise
     finally:
@@ -114,9 +112,7 @@ KEEP, EMPTY, TOO_LONG, RATIO = 0, 1, 2, 3
 FILTER_NAMES = {EMPTY: "empty", TOO_LONG: "max_len", RATIO: "ratio"}
 
 
-def filter_codes(
-    src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float
-) -> np.ndarray:
+def filter_codes(src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float) -> np.ndarray:
     """Per pair: KEEP, or the code of the first filter that drops it.
 
     EMPTY: a side has no tokens. TOO_LONG: a side has more than ``max_len`` subword tokens
@@ -135,12 +131,11 @@ def filter_codes(
 
 
 def pair_hashes(src_lines: list[str], tgt_lines: list[str]) -> np.ndarray:
-    """An 8-byte hash (uint64) of each exact (source, target) pair of lines."""
-    out = np.empty(len(src_lines), dtype=np.uint64)
-    for i, (s, t) in enumerate(zip(src_lines, tgt_lines)):
-        digest = hashlib.blake2b(f"{s}\n{t}".encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(digest, "little")
-    return out
+    """An 8-byte hash (uint64) of each exact (source, target) pair of lines: its blake2b digest,
+    read little-endian."""
+    pairs = zip(src_lines, tgt_lines)
+    digests = b"".join(hashlib.blake2b(f"{s}\n{t}".encode(), digest_size=8).digest() for s, t in pairs)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 class DuplicateFilter:
