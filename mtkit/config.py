@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,10 +265,11 @@ def set_override(raw: dict[str, Any], parts: list[str], value: Any, item: str) -
     node[parts[-1]] = value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], depth: int | None = 2) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``section.key=value`` item set (``depth``: as in :func:`parse_override`)."""
     raw = copy.deepcopy(raw or {})
     for item in overrides:
-        set_override(raw, *parse_override(item), item)
+        set_override(raw, *parse_override(item, depth), item)
     return raw
 
 

@@ -88,10 +88,7 @@ def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") 
 
 
 def _bleu(scores: list[dict[str, Any]]) -> dict[str, Any] | None:
-    for s in scores:
-        if str(s.get("name", "")).lower().startswith("bleu"):
-            return s
-    return None
+    return next((s for s in scores if str(s.get("name", "")).lower().startswith("bleu")), None)
 
 
 def compare(reference: dict[str, Any], tests: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -216,12 +213,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         signatures.setdefault((c["metric"], c["test_set"]), c.get("our_signature"))
         signatures.setdefault((OUR_METRIC, c["test_set"]), c.get("sacrebleu_signature"))
     lines += [""] + [f"- {metric} on {test}: `{sig}`" for (metric, test), sig in signatures.items() if sig]
-    notes = [c for c in rows if c.get("note") or c.get("caveat")]
-    if notes:
-        lines += [""]
-        for c in notes:
-            text = " ".join(x for x in (c.get("note"), c.get("caveat")) if x)
-            lines.append(f"- {c['paper']}: {text.strip()}")
+    notes = [(c["paper"], " ".join(x for x in (c.get("note"), c.get("caveat")) if x)) for c in rows]
+    if any(text for _, text in notes):
+        lines += [""] + [f"- {paper}: {text.strip()}" for paper, text in notes if text]
     lines += ["", "## Stages", "", "| stage | seconds |", "| --- | --- |"]
     for stage, secs in res["stage_seconds"].items():
         lines.append(f"| {stage} | {_fmt(secs, 1)} |")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,11 @@ from mtkit.report import OUR_METRIC, RecipeRun, write_report
 logger = logging.getLogger("mtkit.recipes")
 
 
-def _open_text(path: Path) -> Iterator[str]:
+def _read_side(path: Path, limit: int | None) -> list[str]:
     from mtkit.data.text import iter_lines
 
-    yield from iter_lines(path)
-
-
-def _read_side(path: Path, limit: int | None) -> list[str]:
     lines = []
-    for i, line in enumerate(_open_text(path)):
+    for i, line in enumerate(iter_lines(path)):
         if limit is not None and i >= limit:
             break
         lines.append(line)
@@ -92,12 +88,9 @@ def _hold_out(
     src: list[str], tgt: list[str], every: int, limit: int | None
 ) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
     """Every ``every``-th pair as validation data (at most ``limit``): (train, valid)."""
-    valid_src = [x for i, x in enumerate(src, 1) if i % every == 0]
-    valid_tgt = [x for i, x in enumerate(tgt, 1) if i % every == 0]
-    train = ([x for i, x in enumerate(src, 1) if i % every], [x for i, x in enumerate(tgt, 1) if i % every])
-    if limit:
-        valid_src, valid_tgt = valid_src[:limit], valid_tgt[:limit]
-    return train, (valid_src, valid_tgt)
+    train = tuple([x for i, x in enumerate(side, 1) if i % every] for side in (src, tgt))
+    valid = tuple([x for i, x in enumerate(side, 1) if i % every == 0][: limit or None] for side in (src, tgt))
+    return train, valid
 
 
 def stage_prepare(ctx: RunContext, resume: bool) -> dict[str, Any]:
@@ -108,7 +101,7 @@ def stage_prepare(ctx: RunContext, resume: bool) -> dict[str, Any]:
     eval_limit = smoke.get("eval_lines") if r.smoke else None
     origin: dict[str, str] = {}
     lines: dict[str, int] = {}
-    train = _gather(ctx, r.train_refs, None if train_limit is None else train_limit, origin)
+    train = _gather(ctx, r.train_refs, train_limit, origin)
     if r.holdout_every:
         train, valid = _hold_out(*train, r.holdout_every, eval_limit)
     else:
