@@ -150,17 +150,17 @@ def _type_check(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        optional = type(None) in args
+        if value is None and optional:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        kinds = [arg for arg in args if arg is not type(None)]
+        for arg in kinds:
             try:
                 return _type_check(value, arg, key)
             except MtkitError:
                 pass
-        kinds = " or ".join(getattr(arg, "__name__", str(arg)) for arg in args if arg is not type(None))
-        raise MtkitError(f"config key '{key}': expected {kinds}{' or null' if type(None) in args else ''}, got {value!r}")
+        names = " or ".join(getattr(arg, "__name__", str(arg)) for arg in kinds)
+        raise MtkitError(f"config key '{key}': expected {names}{' or null' if optional else ''}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise MtkitError(f"config key '{key}': expected a list, got {value!r}")

@@ -1,10 +1,9 @@
 """What a config field accepts, and the base classes of config sections.
 
 Every field states what it accepts in its ``metadata["rule"]`` (:func:`choice`, :func:`number`,
-:func:`any_value`; a ``bool`` field's type says it all), and a section's ``check()`` adds the
-rules that join several fields. :mod:`mtkit.config` builds the sections and applies both;
-each ``models/<family>.py`` declares its own :class:`ModelConfig` subclass with these fields.
-Nothing here knows the model families, so both the config loader and the models import it.
+:func:`any_value`; a ``bool`` field's type says it all); a section's ``check()`` adds the rules
+that join several fields. Nothing here knows the model families, so both :mod:`mtkit.config`
+and the ``models/<family>.py`` (each with its own :class:`ModelConfig` subclass) import it.
 """
 
 from __future__ import annotations

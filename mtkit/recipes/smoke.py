@@ -85,8 +85,7 @@ def smoke_variant(raw: dict[str, Any]) -> dict[str, Any]:
     decode.update(smoke.get("decode") or {})
     raw.update(preset=preset, model=model, train=train, decode=decode)
     raw["preprocess"] = {**(raw.get("preprocess") or {}), **SMOKE_PREPROCESS, **(smoke.get("preprocess") or {})}
-    avg = dict(raw.get("average") or {})
-    raw["average"] = {k: min(int(v), 2) for k, v in avg.items() if v}
+    raw["average"] = {k: min(int(v), 2) for k, v in (raw.get("average") or {}).items() if v}
     raw["smoke"] = {
         "train_lines": int(smoke.get("train_lines", SMOKE_TRAIN_LINES)),
         "eval_lines": int(smoke.get("eval_lines", SMOKE_EVAL_LINES)),
