@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -18,9 +18,9 @@ from mtkit.utils import setup_logging
 logger = logging.getLogger("mtkit")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -31,28 +31,20 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         debug = bool((click.get_current_context().find_root().obj or {}).get("debug"))
         try:
             return fn(*args, **kwargs)
-        except MtkitError as exc:
-            if debug:
-                raise
-            _fail(str(exc))
-        except KeyboardInterrupt:
-            if debug:
-                raise
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        except Interrupted as exc:
-            if debug:
-                raise
-            click.echo(f"error: {exc.message}", err=True)
-            sys.exit(exc.exit_code)
         except BrokenPipeError:
             sys.stderr.close()  # downstream closed the pipe (e.g. `| head`): not an error
             sys.exit(0)
-        except OSError as exc:
+        except (MtkitError, KeyboardInterrupt, Interrupted, OSError) as exc:
             if debug:
                 raise
-            where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-            _fail(f"{exc.strerror or exc}{':' if where else ''}{where}")
+            if isinstance(exc, KeyboardInterrupt):
+                _fail("interrupted", 130)
+            if isinstance(exc, Interrupted):
+                _fail(exc.message, exc.exit_code)
+            if isinstance(exc, OSError):
+                where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+                _fail(f"{exc.strerror or exc}{':' if where else ''}{where}")
+            _fail(str(exc))
 
     return wrapper
 
@@ -93,6 +85,17 @@ class Commands(click.Group):
         super().add_command(cmd, name)
 
 
+# options several commands share, word for word
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                             show_default=True)
+format_option = click.option("-f", "--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+                             show_default=True)
+force_option = click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
+recipe_argument = click.argument("recipe_file", metavar="RECIPE")
+recipe_data_dir_option = click.option("--data-dir", default=None,
+                                      help="Directory holding the corpus files (default: $MTKIT_DATA).")
+
+
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -123,7 +126,6 @@ def main(ctx: click.Context, verbose: bool, quiet: bool, debug: bool) -> None:
         _fail(str(exc))
 
 
-# ---------------------------------------------------------------------------------------------
 @main.command(epilog=examples(
     "mtkit preprocess -s en -t de --train corpus/train --valid corpus/val -o data/m30k",
     "mtkit preprocess -s en -t de --train corpus/train --test corpus/test_2016_flickr -o data/m30k --vocab-size 8000 --separate",
@@ -144,7 +146,7 @@ def main(ctx: click.Context, verbose: bool, quiet: bool, debug: bool) -> None:
 @click.option("--max-ratio", default=3.0, show_default=True, type=float, help="Drop training pairs whose token-length ratio exceeds this (0: off).")
 @click.option("--dedup", is_flag=True, help="Drop exact duplicate training pairs.")
 @click.option("--workers", default=2, show_default=True, type=int, help="Encoding processes.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
+@force_option
 @handle_errors
 def preprocess(**kwargs: Any) -> None:
     """Train/apply sentencepiece, clean and binarize a parallel corpus."""
@@ -155,7 +157,6 @@ def preprocess(**kwargs: Any) -> None:
     click.echo(json.dumps({k: manifest[k] for k in ("splits", "filters") if k in manifest}, indent=1))
 
 
-# ---------------------------------------------------------------------------------------------
 @main.command(epilog=examples(
     "mtkit train data/m30k -c transformer_small --save-dir ckpt --set train.max_updates=3000",
     "mtkit train data/m30k -c transformer_small --save-dir ckpt --resume -q",
@@ -166,7 +167,7 @@ def preprocess(**kwargs: Any) -> None:
 @click.option("--save-dir", required=True, help="Checkpoint directory.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from SAVE_DIR/checkpoint_last.pt.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--nproc", type=int, default=0, help="Data-parallel: run N ranks on this machine through torchrun (one per GPU).")
 @click.option("--dump-config", is_flag=True, help="Print the resolved config (preset + file + --set, every key) as YAML and exit; writes nothing.")
 @handle_errors
@@ -189,7 +190,6 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
         sys.exit(code)
 
 
-# ---------------------------------------------------------------------------------------------
 @main.command(epilog=examples(
     'echo "A man is riding a bike." | mtkit translate -m ckpt/checkpoint_best.pt',
     "mtkit translate -m a.pt -m b.pt -i test.en -o test.hyp --beam 5 --resume",
@@ -215,7 +215,7 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
 @click.option("--topk", type=int, default=0, show_default=True, help="Sample among the k best tokens (0: all).")
 @click.option("--topp", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--input-format", type=click.Choice(["text", "pieces", "ids"]), default="text", show_default=True)
 @click.option("--output-format", type=click.Choice(["text", "nbest", "jsonl"]), default="text", show_default=True, help="nbest: Moses/Marian lines `id ||| hypothesis ||| F0= score ||| score` (0-based id, --nbest per sentence).")
 @click.option("--output-units", type=click.Choice(["text", "pieces", "ids"]), default="text", show_default=True, help="Hypotheses as detokenized text, pieces or ids.")
@@ -231,9 +231,7 @@ def translate(model_paths: tuple[str, ...], input_path: str, output_path: str, d
     from mtkit.decoding.translate import translate_file
 
     decode_keys = ("beam", "nbest", "length_penalty", "alpha", "beta", "min_len", "max_len_a", "max_len_b", "no_repeat_ngram", "stopping")
-    overrides = {k: kwargs.pop(k) for k in decode_keys if kwargs[k] is not None}
-    for k in decode_keys:
-        kwargs.pop(k, None)
+    overrides = {k: v for k in decode_keys if (v := kwargs.pop(k)) is not None}
     stats = translate_file(list(model_paths), input_path, output_path, device=device, output_format=output_format,
                            resume=resume, decode_overrides=overrides, **kwargs)
     logger.info("translated %d lines (%d skipped) in %.1f s: %.1f sentences/s, %.1f target pieces/s",
@@ -257,7 +255,7 @@ def translate(model_paths: tuple[str, ...], input_path: str, output_path: str, d
 @click.option("-lc", "--lowercase", is_flag=True, help="Case-insensitive BLEU and chrF.")
 @click.option("--ter-case-sensitive", is_flag=True, help="Case-sensitive TER (sacrebleu's TER lowercases by default).")
 @click.option("--force", is_flag=True, help="Do not warn about hypotheses that look tokenized.")
-@click.option("-f", "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@format_option
 @click.option("-sl", "--sentence", is_flag=True, help="Per-sentence scores (one system).")
 @click.option("-s", "--system", "systems", multiple=True, help="System output to compare (repeatable; the first system is the baseline).")
 @click.option("--paired-bs", is_flag=True, help="Paired bootstrap resampling test against the baseline.")
@@ -294,23 +292,11 @@ def score(refs: tuple[str, ...], test_set: str | None, langpair: str | None, dat
     if paired_bs and paired_ar:
         raise MtkitError("choose one of --paired-bs and --paired-ar")
     paired = "bs" if paired_bs else "ar" if paired_ar else None
-    results = score_files(
-        hyp if hyp is not None or systems else "-",
-        refs,
-        metrics + more_metrics,
-        tokenize=tokenize,
-        split_compounds=split_compounds,
-        lang=lang,
-        lowercase=lowercase,
-        force=force,
-        sentence=sentence,
-        detok_spm=detok,
-        systems=systems,
-        paired=paired,
-        paired_n=paired_bs_n if paired == "bs" else paired_ar_n,
-        width=width,
-        ter_case_sensitive=ter_case_sensitive,
-    )
+    results = score_files(hyp if hyp is not None or systems else "-", refs, metrics + more_metrics,
+                          tokenize=tokenize, split_compounds=split_compounds, lang=lang, lowercase=lowercase,
+                          force=force, sentence=sentence, detok_spm=detok, systems=systems, paired=paired,
+                          paired_n=paired_bs_n if paired == "bs" else paired_ar_n, width=width,
+                          ter_case_sensitive=ter_case_sensitive)
     try:
         click.echo(format_results(results, fmt, width))
     except BrokenPipeError:
@@ -363,16 +349,16 @@ def recipe_list() -> None:
     "mtkit recipe run multi30k_en_de_gnmt --workdir /tmp/smoke --smoke",
     "mtkit recipe run my_recipe.yaml --workdir runs/mine --stages train-score --set train.lr=5e-4",
 ))
-@click.argument("recipe_file", metavar="RECIPE")
+@recipe_argument
 @click.option("--workdir", required=True, help="Directory for every stage's outputs and markers (and run.log).")
 @click.option("--stages", multiple=True, metavar="STAGE[,STAGE|A-B]",
               help="Run only these stages (prepare, preprocess, train, average, translate, score).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE",
               help="Override a recipe key, e.g. train.lr=5e-4 or average.last=3 (repeatable).")
-@click.option("--data-dir", default=None, help="Directory holding the corpus files (default: $MTKIT_DATA).")
+@recipe_data_dir_option
 @click.option("--smoke", is_flag=True, help="Tiny model, a few updates, a few hundred lines: checks every stage.")
 @click.option("--force", is_flag=True, help="Redo the selected stages even if they are done.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @handle_errors
 def recipe_run(recipe_file: str, workdir: str, stages: tuple[str, ...], overrides: tuple[str, ...],
                data_dir: str | None, smoke: bool, force: bool, device: str) -> None:
@@ -395,9 +381,9 @@ def recipe_run(recipe_file: str, workdir: str, stages: tuple[str, ...], override
     "mtkit recipe check wmt14_en_de_transformer_base --data-dir /data/wmt14",
     "mtkit recipe check my_recipe.yaml --smoke",
 ))
-@click.argument("recipe_file", metavar="RECIPE")
+@recipe_argument
 @click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE", help="Override a recipe key (repeatable).")
-@click.option("--data-dir", default=None, help="Directory holding the corpus files (default: $MTKIT_DATA).")
+@recipe_data_dir_option
 @click.option("--smoke", is_flag=True, help="Check the --smoke variant.")
 @handle_errors
 def recipe_check(recipe_file: str, overrides: tuple[str, ...], data_dir: str | None, smoke: bool) -> None:
@@ -435,7 +421,7 @@ def data_get(test_set: str, langpair: str, side: str, data_dir: str | None) -> N
 
 @main.command(epilog=examples("mtkit info ckpt/checkpoint_best.pt", "mtkit info avg.pt --format json"))
 @click.argument("checkpoint")
-@click.option("-f", "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@format_option
 @handle_errors
 def info(checkpoint: str, fmt: str) -> None:
     """What a checkpoint holds and how it was made: model size, languages, vocabularies and the
@@ -480,7 +466,7 @@ def plot(metrics_file: str, out_png: str, title: str) -> None:
 @click.option("-m", "--model", "ckpt_path", required=True, help="Transformer checkpoint to export.")
 @click.option("-o", "--output", "out_dir", required=True, help="Output model directory.")
 @click.option("--quantization", default=None, help="Weight type: int8, int8_float32, int8_float16, int8_bfloat16, int16, float16, bfloat16, float32 (default: float32).")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
+@force_option
 @handle_errors
 def export(fmt: str, ckpt_path: str, out_dir: str, quantization: str | None, force: bool) -> None:
     """Export a Transformer checkpoint to another inference engine (pip install 'mtkit[ct2]').

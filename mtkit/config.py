@@ -5,10 +5,9 @@ The YAML sections mirror the dataclasses (``data``, ``model``, ``train``, ``deco
 (each ``models/<family>.py`` defines its own ``Config`` subclass of :class:`ModelConfig`).
 An unknown key anywhere is an error that names the closest valid key.
 
-Every field states what it accepts in its ``metadata["rule"]`` (:mod:`mtkit.config_fields`:
-``choice``, ``number``, ``any_value``; a ``bool`` field's type says it all), and a section's
-``check()`` adds the rules that join several fields. :func:`build_section` applies both when a section is loaded, so a
-bad value is one ``error:`` line naming the key, the value and what is allowed, before any work.
+Each field's rule (:mod:`mtkit.config_fields`) and each section's ``check()`` apply when a section is
+loaded (:func:`build_section`): a bad value is one ``error:`` line naming the key, the value and what
+is allowed, before any work.
 """
 
 from __future__ import annotations
@@ -17,21 +16,14 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mtkit.config_fields import (
-    ModelConfig,
-    Section,
-    any_value,
-    check_rule,
-    choice,
-    field_rule,
-    number,
-)
+from mtkit.config_fields import ModelConfig, Section, any_value, check_field, choice, number
 from mtkit.errors import MtkitError, unknown_name
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -140,6 +132,7 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
+CONFIG_SECTIONS = ("data", "model", "train", "decode")
 
 
 def model_config_class(arch: str) -> type[ModelConfig]:
@@ -157,17 +150,17 @@ def _type_check(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        optional = type(None) in args
+        if value is None and optional:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        kinds = [arg for arg in args if arg is not type(None)]
+        for arg in kinds:
             try:
                 return _type_check(value, arg, key)
             except MtkitError:
                 pass
-        kinds = " or ".join(getattr(arg, "__name__", str(arg)) for arg in args if arg is not type(None))
-        raise MtkitError(f"config key '{key}': expected {kinds}{' or null' if type(None) in args else ''}, got {value!r}")
+        names = " or ".join(getattr(arg, "__name__", str(arg)) for arg in kinds)
+        raise MtkitError(f"config key '{key}': expected {names}{' or null' if optional else ''}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise MtkitError(f"config key '{key}': expected a list, got {value!r}")
@@ -191,35 +184,28 @@ def _type_check(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], section: str) -> Any:
-    if not isinstance(values, dict):
-        raise MtkitError(f"config section '{section}' must be a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise MtkitError(unknown_name("config key", f"{section}.{key}", sorted(f"{section}.{k}" for k in fields)))
-        kwargs[key] = _type_check(value, hints[key], f"{section}.{key}")
-    return check_section(cls(**kwargs), section)
+def _checked_value(cls: type, key: str, value: Any, section: str) -> Any:
+    """``value`` type-checked (and lightly coerced) for field ``key`` of ``cls``; an unknown key is an error."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key not in names:
+        raise MtkitError(unknown_name("config key", f"{section}.{key}", sorted(f"{section}.{k}" for k in names)))
+    return _type_check(value, typing.get_type_hints(cls)[key], f"{section}.{key}")
 
 
 def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any:
     """A section dataclass from a YAML mapping: unknown keys, types, each field's rule, ``check()``."""
-    return _build(cls, values or {}, section)
+    values = values or {}
+    if not isinstance(values, dict):
+        raise MtkitError(f"config section '{section}' must be a mapping, got {values!r}")
+    return check_section(cls(**{k: _checked_value(cls, k, v, section) for k, v in values.items()}), section)
 
 
 def check_values(cls: type, values: dict[str, Any], section: str) -> None:
     """Check some keys of a section on their own (command-line options, before any loading)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
     for key, value in values.items():
-        if key not in fields:
-            raise MtkitError(unknown_name("config key", f"{section}.{key}", sorted(f"{section}.{k}" for k in fields)))
-        value = _type_check(value, hints[key], f"{section}.{key}")
-        rule = field_rule(fields[key])
-        if rule is not None:
-            check_rule(value, rule, f"{section}.{key}")
+        value = _checked_value(cls, key, value, section)
+        check_field(fields[key], value, f"{section}.{key}")
 
 
 def check_section(obj: Any, section: str) -> Any:
@@ -228,9 +214,7 @@ def check_section(obj: Any, section: str) -> Any:
     for f in dataclasses.fields(obj):
         key, value = f"{section}.{f.name}", getattr(obj, f.name)
         _type_check(value, hints[f.name], key)
-        rule = field_rule(f)
-        if rule is not None:
-            check_rule(value, rule, key)
+        check_field(f, value, key)
     if isinstance(obj, Section):
         obj.check(section)
     return obj
@@ -242,17 +226,15 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     if not isinstance(raw, dict):
         raise MtkitError("a config must be a mapping of sections (data, model, train, decode)")
     for section in raw:
-        if section not in ("data", "model", "train", "decode"):
-            raise MtkitError(unknown_name("config section", section, sorted(["data", "model", "train", "decode"])))
+        if section not in CONFIG_SECTIONS:
+            raise MtkitError(unknown_name("config section", section, sorted(CONFIG_SECTIONS)))
     model_raw = dict(raw.get("model") or {})
-    arch = model_raw.get("arch", ModelConfig.arch)
-    cfg = Config(
-        data=_build(DataConfig, raw.get("data") or {}, "data"),
-        model=_build(model_config_class(arch), model_raw, "model"),
-        train=_build(TrainConfig, raw.get("train") or {}, "train"),
-        decode=_build(DecodeConfig, raw.get("decode") or {}, "decode"),
+    return Config(
+        data=build_section(DataConfig, raw.get("data"), "data"),
+        model=build_section(model_config_class(model_raw.get("arch", ModelConfig.arch)), model_raw, "model"),
+        train=build_section(TrainConfig, raw.get("train"), "train"),
+        decode=build_section(DecodeConfig, raw.get("decode"), "decode"),
     )
-    return cfg
 
 
 def parse_override(item: str, depth: int | None = 2) -> tuple[list[str], Any]:
@@ -283,10 +265,11 @@ def set_override(raw: dict[str, Any], parts: list[str], value: Any, item: str) -
     node[parts[-1]] = value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], depth: int | None = 2) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``section.key=value`` item set (``depth``: as in :func:`parse_override`)."""
     raw = copy.deepcopy(raw or {})
     for item in overrides:
-        set_override(raw, *parse_override(item), item)
+        set_override(raw, *parse_override(item, depth), item)
     return raw
 
 

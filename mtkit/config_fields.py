@@ -1,10 +1,9 @@
 """What a config field accepts, and the base classes of config sections.
 
 Every field states what it accepts in its ``metadata["rule"]`` (:func:`choice`, :func:`number`,
-:func:`any_value`; a ``bool`` field's type says it all), and a section's ``check()`` adds the
-rules that join several fields. :mod:`mtkit.config` builds the sections and applies both;
-each ``models/<family>.py`` declares its own :class:`ModelConfig` subclass with these fields.
-Nothing here knows the model families, so both the config loader and the models import it.
+:func:`any_value`; a ``bool`` field's type says it all); a section's ``check()`` adds the rules
+that join several fields. Nothing here knows the model families, so both :mod:`mtkit.config`
+and the ``models/<family>.py`` (each with its own :class:`ModelConfig` subclass) import it.
 """
 
 from __future__ import annotations
@@ -57,9 +56,8 @@ def number(
 ) -> Any:
     """A numeric field (or list of numbers) in ``[low, high]``; NaN and infinities never pass."""
     rule = Rule(low=low, high=high, low_open=low_open, high_open=high_open, length=length)
-    if factory is not None:
-        return field(default_factory=factory, metadata={"rule": rule})
-    return field(default=default, metadata={"rule": rule})
+    default_kw = {"default": default} if factory is None else {"default_factory": factory}
+    return field(**default_kw, metadata={"rule": rule})
 
 
 def any_value(default: Any) -> Any:
@@ -80,22 +78,21 @@ def bad_value(key: str, value: Any, rule: Rule) -> MtkitError:
     return MtkitError(text)
 
 
-def check_rule(value: Any, rule: Rule, key: str) -> None:
-    """Raise :class:`MtkitError` naming ``key`` when ``value`` breaks ``rule``."""
-    if rule.any or value is None:  # None passed the type check: the field is Optional
+def check_field(f: dataclasses.Field, value: Any, key: str) -> None:
+    """Raise :class:`MtkitError` naming ``key`` when ``value`` breaks the rule of field ``f``."""
+    rule = field_rule(f)
+    if rule is None or rule.any or value is None:  # None passed the type check: the field is Optional
         return
+    items = value if isinstance(value, list) else [value]
     if rule.choices:
-        for item in value if isinstance(value, list) else [value]:
+        for item in items:
             if item not in rule.choices:
                 raise bad_value(key, item, rule)
         return
-    items = value if isinstance(value, list) else [value]
     if rule.length and len(items) != rule.length:
         raise bad_value(key, value, rule)
     for x in items:
-        if not isinstance(x, (int, float)):
-            continue
-        if (
+        if isinstance(x, (int, float)) and (
             not math.isfinite(x)
             or (rule.low is not None and (x <= rule.low if rule.low_open else x < rule.low))
             or (rule.high is not None and (x >= rule.high if rule.high_open else x > rule.high))

@@ -69,15 +69,12 @@ def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") 
         ax1.plot(*zip(*train), label="train loss", alpha=0.7)
     if valid:
         ax1.plot(*zip(*valid), "o-", label="valid loss")
-    ax1.set_xlabel("updates")
-    ax1.set_ylabel("loss (nats/token)")
     ax1.legend()
-    ax1.grid(alpha=0.3)
     if bleu:
         ax2.plot(*zip(*bleu), "o-", color="tab:green")
-    ax2.set_xlabel("updates")
-    ax2.set_ylabel("valid BLEU")
-    ax2.grid(alpha=0.3)
+    for ax, ylabel in ((ax1, "loss (nats/token)"), (ax2, "valid BLEU")):
+        ax.set(xlabel="updates", ylabel=ylabel)
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -88,10 +85,7 @@ def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") 
 
 
 def _bleu(scores: list[dict[str, Any]]) -> dict[str, Any] | None:
-    for s in scores:
-        if str(s.get("name", "")).lower().startswith("bleu"):
-            return s
-    return None
+    return next((s for s in scores if str(s.get("name", "")).lower().startswith("bleu")), None)
 
 
 def compare(reference: dict[str, Any], tests: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -144,8 +138,7 @@ TRAINING_KEYS = ("updates", "epochs", "train_seconds", "best_checkpoint", "last_
 
 
 def build_results(
-    run: RecipeRun,
-    scores: dict[str, list[dict[str, Any]]],
+    run: RecipeRun, scores: dict[str, list[dict[str, Any]]],
     metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """``results.json``'s content; ``metric_scores``: per test set, our BLEU by each published metric."""
@@ -156,11 +149,7 @@ def build_results(
                        "metrics": (metric_scores or {}).get(name, {}),
                        "lines": run.test_lines.get(name)}
     return {
-        "recipe": run.recipe,
-        "recipe_file": run.recipe_file,
-        "smoke": run.smoke,
-        "src_lang": run.src_lang,
-        "tgt_lang": run.tgt_lang,
+        **{k: getattr(run, k) for k in ("recipe", "recipe_file", "smoke", "src_lang", "tgt_lang")},
         "tests": tests,
         "reproduces": compare(run.reproduces, tests),
         "see_also": [compare(x, tests) for x in run.see_also],
@@ -216,12 +205,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         signatures.setdefault((c["metric"], c["test_set"]), c.get("our_signature"))
         signatures.setdefault((OUR_METRIC, c["test_set"]), c.get("sacrebleu_signature"))
     lines += [""] + [f"- {metric} on {test}: `{sig}`" for (metric, test), sig in signatures.items() if sig]
-    notes = [c for c in rows if c.get("note") or c.get("caveat")]
-    if notes:
-        lines += [""]
-        for c in notes:
-            text = " ".join(x for x in (c.get("note"), c.get("caveat")) if x)
-            lines.append(f"- {c['paper']}: {text.strip()}")
+    notes = [(c["paper"], " ".join(x for x in (c.get("note"), c.get("caveat")) if x)) for c in rows]
+    if any(text for _, text in notes):
+        lines += [""] + [f"- {paper}: {text.strip()}" for paper, text in notes if text]
     lines += ["", "## Stages", "", "| stage | seconds |", "| --- | --- |"]
     for stage, secs in res["stage_seconds"].items():
         lines.append(f"| {stage} | {_fmt(secs, 1)} |")
@@ -242,11 +228,8 @@ def _draw_curves(metrics_file: str | Path | None, workdir: Path, title: str) -> 
 
 
 def write_report(
-    run: RecipeRun,
-    workdir: str | Path,
-    scores: dict[str, list[dict[str, Any]]],
-    metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
-    metrics_file: str | Path | None = None,
+    run: RecipeRun, workdir: str | Path, scores: dict[str, list[dict[str, Any]]],
+    metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None, metrics_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write results.json, report.md and training_curves.png into ``workdir`` (see
     :func:`build_results`); the curves come from ``metrics_file``, by default the training summary's."""
@@ -257,9 +240,7 @@ def write_report(
     results = atomic_write_text(workdir / "results.json", json.dumps(res, indent=1, default=str) + "\n")
     report = atomic_write_text(workdir / "report.md", render_markdown(res))
     rep = res["reproduces"]
-    logger.info(
-        "%s: %s %s on %s (paper: %s), %s %s", run.recipe, rep["metric"], _fmt(rep["ours"]), rep["test_set"],
-        _fmt(rep.get("value")), OUR_METRIC, _fmt(rep.get("sacrebleu")),
-    )
+    logger.info("%s: %s %s on %s (paper: %s), %s %s", run.recipe, rep["metric"], _fmt(rep["ours"]),
+                rep["test_set"], _fmt(rep.get("value")), OUR_METRIC, _fmt(rep.get("sacrebleu")))
     return {"results": str(results), "report": str(report), "curves": res["curves"],
             "bleu": {k: v["bleu"] for k, v in res["tests"].items()}}

@@ -78,9 +78,5 @@ class Markers:
 
     def stage_seconds(self) -> dict[str, Any]:
         """The seconds each finished stage took, in stage order."""
-        seconds = {}
-        for stage in STAGES:
-            marker = self.read(stage)
-            if marker and marker.get("status") == "done":
-                seconds[stage] = marker.get("seconds")
-        return seconds
+        markers = {stage: self.read(stage) for stage in STAGES}
+        return {stage: m.get("seconds") for stage, m in markers.items() if m and m.get("status") == "done"}

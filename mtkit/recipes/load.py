@@ -45,15 +45,10 @@ def load_recipe(
     path = find_recipe(path)
     catalog = catalog or load_catalog()
     raw = apply_recipe_overrides(read_yaml(path), overrides)
-    parts = validate(raw, str(path), catalog)
+    recipe = validate(raw, path, catalog)
     if smoke:
-        raw = apply_recipe_overrides(smoke_variant(raw), overrides)
-        parts = validate(raw, f"{path} (--smoke)", catalog)
-    return Recipe(
-        name=path.stem, path=path, raw=raw, config=parts.config, smoke=smoke,
-        train_refs=parts.train_refs, valid_refs=parts.valid_refs,
-        holdout_every=parts.holdout, tests=parts.tests,
-    )
+        recipe = validate(apply_recipe_overrides(smoke_variant(raw), overrides), path, catalog, smoke=True)
+    return recipe
 
 
 def check_recipe(

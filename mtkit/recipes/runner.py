@@ -63,7 +63,7 @@ def parse_stages(stages: Sequence[str] | None) -> list[str]:
             part = part.strip()
             if not part:
                 continue
-            ends = part.split("-") if "-" in part else [part, part]
+            ends = part.split("-")  # "a-b", or one stage
             for end in ends:
                 if end not in STAGES:
                     raise MtkitError(unknown_name("stage", end, list(STAGES)))
@@ -73,14 +73,8 @@ def parse_stages(stages: Sequence[str] | None) -> list[str]:
 
 
 def run_recipe(
-    path: str | Path,
-    workdir: str | Path,
-    stages: Sequence[str] | None = None,
-    overrides: Sequence[str] = (),
-    data_dir: Any = None,
-    smoke: bool = False,
-    device: str = "auto",
-    force: bool = False,
+    path: str | Path, workdir: str | Path, stages: Sequence[str] | None = None, overrides: Sequence[str] = (),
+    data_dir: Any = None, smoke: bool = False, device: str = "auto", force: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a recipe's stages in ``workdir``; returns what each stage did."""
     catalog = load_catalog()

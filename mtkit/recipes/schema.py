@@ -1,7 +1,7 @@
 """The recipe schema: its YAML keys, the published metrics it may cite, and validation.
 
-:func:`validate` checks a recipe mapping (after ``--set`` overrides) and resolves its config;
-any problem is one :class:`~mtkit.errors.MtkitError` line that names the file.
+:func:`validate` checks a recipe mapping (after ``--set`` overrides) and resolves it into a
+:class:`Recipe`; any problem is one :class:`~mtkit.errors.MtkitError` line that names the file.
 """
 
 from __future__ import annotations
@@ -12,14 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mtkit.config import (
-    Config,
-    build_section,
-    config_from_dict,
-    load_raw_config,
-    parse_override,
-    set_override,
-)
+from mtkit.config import Config, apply_overrides, build_section, config_from_dict, load_raw_config
 from mtkit.data.catalog import Catalog, load_catalog
 from mtkit.errors import MtkitError, unknown_name
 from mtkit.recipes.sections import RECIPE_SECTIONS
@@ -106,23 +99,9 @@ class Recipe:
         return list(dict.fromkeys(refs))
 
 
-@dataclasses.dataclass
-class ValidRecipe:
-    """What :func:`validate` resolves from a recipe mapping."""
-
-    config: Config
-    train_refs: list[str]
-    valid_refs: list[str]
-    holdout: int
-    tests: list[TestSet]
-
-
 def apply_recipe_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``key.sub=value`` items set keys of the recipe (``train.lr=5e-4``, ``average.last=3``)."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        set_override(raw, *parse_override(item, depth=None), item)
-    return raw
+    return apply_overrides(raw, overrides, depth=None)
 
 
 def config_raw(raw: dict[str, Any]) -> dict[str, Any]:
@@ -263,10 +242,12 @@ def _check_sections(raw: dict[str, Any], where: str) -> Config:
         raise MtkitError(f"{where}: {exc}") from None
 
 
-def validate(raw: dict[str, Any], where: str, catalog: Catalog | None = None) -> ValidRecipe:
-    """Check a recipe mapping; returns the parts the runner needs. Any problem: one-line error."""
+def validate(raw: dict[str, Any], path: Path, catalog: Catalog | None = None, smoke: bool = False) -> Recipe:
+    """Check a recipe mapping (``smoke``: its smoke variant) read from ``path``; any problem is a
+    one-line error naming the file."""
     catalog = catalog or load_catalog()
+    where = f"{path} (--smoke)" if smoke else str(path)
     see_also = _check_top(raw, where)
     train_refs, valid_refs, holdout, tests = _check_corpora(raw, see_also, where, catalog)
-    config = _check_sections(raw, where)
-    return ValidRecipe(config, train_refs, valid_refs, holdout, tests)
+    return Recipe(name=path.stem, path=path, raw=raw, config=_check_sections(raw, where), smoke=smoke,
+                  train_refs=train_refs, valid_refs=valid_refs, holdout_every=holdout, tests=tests)

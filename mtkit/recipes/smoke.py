@@ -18,28 +18,16 @@ from mtkit.recipes.schema import config_raw, deep_merge
 
 # Every built-in preset -> the preset its recipes run as under --smoke (small presets: themselves).
 SMOKE_PRESETS: dict[str, str] = {
-    "transformer_small": "transformer_tiny",
-    "transformer_base": "transformer_tiny",
-    "transformer_big": "transformer_tiny",
-    "transformer_tiny": "transformer_tiny",
-    "lstm_small": "lstm_tiny",
-    "sutskever2014": "lstm_tiny",
-    "lstm_tiny": "lstm_tiny",
+    "transformer_small": "transformer_tiny", "transformer_base": "transformer_tiny",
+    "transformer_big": "transformer_tiny", "transformer_tiny": "transformer_tiny",
+    "lstm_small": "lstm_tiny", "sutskever2014": "lstm_tiny", "lstm_tiny": "lstm_tiny",
     "lstm_gru_tiny": "lstm_gru_tiny",
-    "bahdanau_small": "bahdanau_tiny",
-    "bahdanau2015": "bahdanau_tiny",
-    "bahdanau_tiny": "bahdanau_tiny",
+    "bahdanau_small": "bahdanau_tiny", "bahdanau2015": "bahdanau_tiny", "bahdanau_tiny": "bahdanau_tiny",
     "bahdanau_gru_tiny": "bahdanau_gru_tiny",
-    "luong_small": "luong_tiny",
-    "luong2015": "luong_tiny",
-    "luong_tiny": "luong_tiny",
-    "luong_concat_tiny": "luong_concat_tiny",
-    "luong_dot_tiny": "luong_dot_tiny",
-    "luong_local_m_tiny": "luong_local_m_tiny",
-    "luong_local_p_tiny": "luong_local_p_tiny",
-    "gnmt_small": "gnmt_tiny",
-    "gnmt_wu2016": "gnmt_tiny",
-    "gnmt_tiny": "gnmt_tiny",
+    "luong_small": "luong_tiny", "luong2015": "luong_tiny", "luong_tiny": "luong_tiny",
+    "luong_concat_tiny": "luong_concat_tiny", "luong_dot_tiny": "luong_dot_tiny",
+    "luong_local_m_tiny": "luong_local_m_tiny", "luong_local_p_tiny": "luong_local_p_tiny",
+    "gnmt_small": "gnmt_tiny", "gnmt_wu2016": "gnmt_tiny", "gnmt_tiny": "gnmt_tiny",
     "gnmt_gru_tiny": "gnmt_gru_tiny",
 }
 # A model family -> its small preset, for a recipe whose preset is not above (or that has none).
@@ -97,8 +85,7 @@ def smoke_variant(raw: dict[str, Any]) -> dict[str, Any]:
     decode.update(smoke.get("decode") or {})
     raw.update(preset=preset, model=model, train=train, decode=decode)
     raw["preprocess"] = {**(raw.get("preprocess") or {}), **SMOKE_PREPROCESS, **(smoke.get("preprocess") or {})}
-    avg = dict(raw.get("average") or {})
-    raw["average"] = {k: min(int(v), 2) for k, v in avg.items() if v}
+    raw["average"] = {k: min(int(v), 2) for k, v in (raw.get("average") or {}).items() if v}
     raw["smoke"] = {
         "train_lines": int(smoke.get("train_lines", SMOKE_TRAIN_LINES)),
         "eval_lines": int(smoke.get("eval_lines", SMOKE_EVAL_LINES)),

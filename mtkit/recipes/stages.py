@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,11 @@ from mtkit.report import OUR_METRIC, RecipeRun, write_report
 logger = logging.getLogger("mtkit.recipes")
 
 
-def _open_text(path: Path) -> Iterator[str]:
+def _read_side(path: Path, limit: int | None) -> list[str]:
     from mtkit.data.text import iter_lines
 
-    yield from iter_lines(path)
-
-
-def _read_side(path: Path, limit: int | None) -> list[str]:
     lines = []
-    for i, line in enumerate(_open_text(path)):
+    for i, line in enumerate(iter_lines(path)):
         if limit is not None and i >= limit:
             break
         lines.append(line)
@@ -66,8 +62,7 @@ def _write_lines(path: Path, lines: Sequence[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(tmp, "wt", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line + "\n")
+        f.writelines(line + "\n" for line in lines)
     tmp.replace(path)
 
 
@@ -92,12 +87,9 @@ def _hold_out(
     src: list[str], tgt: list[str], every: int, limit: int | None
 ) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
     """Every ``every``-th pair as validation data (at most ``limit``): (train, valid)."""
-    valid_src = [x for i, x in enumerate(src, 1) if i % every == 0]
-    valid_tgt = [x for i, x in enumerate(tgt, 1) if i % every == 0]
-    train = ([x for i, x in enumerate(src, 1) if i % every], [x for i, x in enumerate(tgt, 1) if i % every])
-    if limit:
-        valid_src, valid_tgt = valid_src[:limit], valid_tgt[:limit]
-    return train, (valid_src, valid_tgt)
+    train = tuple([x for i, x in enumerate(side, 1) if i % every] for side in (src, tgt))
+    valid = tuple([x for i, x in enumerate(side, 1) if not i % every][: limit or None] for side in (src, tgt))
+    return train, valid
 
 
 def stage_prepare(ctx: RunContext, resume: bool) -> dict[str, Any]:
@@ -107,15 +99,13 @@ def stage_prepare(ctx: RunContext, resume: bool) -> dict[str, Any]:
     train_limit = smoke.get("train_lines") if r.smoke else None
     eval_limit = smoke.get("eval_lines") if r.smoke else None
     origin: dict[str, str] = {}
-    lines: dict[str, int] = {}
-    train = _gather(ctx, r.train_refs, None if train_limit is None else train_limit, origin)
+    train = _gather(ctx, r.train_refs, train_limit, origin)
     if r.holdout_every:
         train, valid = _hold_out(*train, r.holdout_every, eval_limit)
     else:
         valid = _gather(ctx, r.valid_refs, eval_limit, origin)
     splits = {"train": train, "valid": valid}
-    for test in r.tests:
-        splits[test.name] = _gather(ctx, test.refs, eval_limit, origin)
+    splits.update((t.name, _gather(ctx, t.refs, eval_limit, origin)) for t in r.tests)
     files: dict[str, dict[str, str]] = {}
     for name, (src, tgt) in splits.items():
         if not src:
@@ -126,24 +116,17 @@ def stage_prepare(ctx: RunContext, resume: bool) -> dict[str, Any]:
             out = ctx.raw_dir / f"{name}.{lang}{suffix}"
             _write_lines(out, side)
             files[name][lang] = str(out)
-        lines[name] = len(src)
         logger.info("prepare: %s = %d pairs", name, len(src))
-    return {"files": files, "lines": lines, "sources": origin}
+    return {"files": files, "lines": {name: len(src) for name, (src, _) in splits.items()}, "sources": origin}
 
 
 def stage_preprocess(ctx: RunContext, resume: bool) -> dict[str, Any]:
     from mtkit.data.preprocess import preprocess
 
     r = ctx.recipe
-    manifest = preprocess(
-        r.src_lang, r.tgt_lang,
-        train_prefix=ctx.raw_dir / "train",
-        out_dir=ctx.data_path,
-        valid_prefix=ctx.raw_dir / "valid",
-        test_prefixes=[ctx.raw_dir / t.name for t in r.tests],
-        force=True,
-        **r.section("preprocess"),
-    )
+    manifest = preprocess(r.src_lang, r.tgt_lang, train_prefix=ctx.raw_dir / "train", out_dir=ctx.data_path,
+                          valid_prefix=ctx.raw_dir / "valid", force=True,
+                          test_prefixes=[ctx.raw_dir / t.name for t in r.tests], **r.section("preprocess"))
     keep = {k: manifest[k] for k in ("splits", "filters", "spm") if k in manifest}
     return {"data_dir": str(ctx.data_path), **json.loads(json.dumps(keep, default=str))}
 
@@ -194,10 +177,8 @@ def stage_translate(ctx: RunContext, resume: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"checkpoint": str(ckpt), "tests": {}}
     for test in r.tests:
         hyp = ctx.hyp_dir / f"{test.name}.{r.tgt_lang}"
-        stats = translate_file(
-            [str(ckpt)], str(ctx.raw_dir / f"{test.name}.{r.src_lang}"), str(hyp),
-            decode_cfg=r.config.decode, device=ctx.device, resume=resume and hyp.exists(),
-        )
+        stats = translate_file([str(ckpt)], str(ctx.raw_dir / f"{test.name}.{r.src_lang}"), str(hyp),
+                               decode_cfg=r.config.decode, device=ctx.device, resume=resume and hyp.exists())
         out["tests"][test.name] = {"hyp": str(hyp), "stats": json.loads(json.dumps(stats, default=str))}
     return out
 
@@ -224,11 +205,9 @@ def stage_score(ctx: RunContext, resume: bool) -> dict[str, Any]:
     for test in r.tests:
         hyp = ctx.hyp_dir / f"{test.name}.{r.tgt_lang}"
         ref = ctx.raw_dir / f"{test.name}.{r.tgt_lang}"
-        result = score_files(
-            str(hyp), [str(ref)], metrics=tuple(opts.get("metrics", ["bleu"])),
-            tokenize=opts.get("tokenize"), lowercase=bool(opts.get("lowercase", False)),
-            split_compounds=bool(opts.get("compound_split", False)), lang=r.tgt_lang,
-        )
+        result = score_files(str(hyp), [str(ref)], metrics=tuple(opts.get("metrics", ["bleu"])),
+                             tokenize=opts.get("tokenize"), lowercase=bool(opts.get("lowercase", False)),
+                             split_compounds=bool(opts.get("compound_split", False)), lang=r.tgt_lang)
         scores[test.name] = json.loads(json.dumps(result, default=str))
         # the published numbers' metrics on the same output and raw reference, sacreBLEU always
         names = dict.fromkeys([OUR_METRIC] + [p["metric"] for p in published if p["test_set"] == test.name])
@@ -260,13 +239,9 @@ def run_data(ctx: RunContext) -> RecipeRun:
         reproduces=r.raw["reproduces"], see_also=list(r.raw.get("see_also") or []),
         test_lines=(ctx.outputs.get("prepare") or {}).get("lines", {}),
         training=ctx.outputs.get("train") or {},
-        model={
-            "arch": r.config.model.arch,
-            "preset": r.raw.get("preset"),
-            "parameters": count_parameters(ckpt) if ckpt else None,
-            "checkpoint": ckpt,
-            "averaged_from": (ctx.outputs.get("average") or {}).get("from"),
-        },
+        model={"arch": r.config.model.arch, "preset": r.raw.get("preset"),
+               "parameters": count_parameters(ckpt) if ckpt else None, "checkpoint": ckpt,
+               "averaged_from": (ctx.outputs.get("average") or {}).get("from")},
         decode={k: getattr(r.config.decode, k) for k in ("beam", "length_penalty", "alpha")},
         stage_seconds=Markers(ctx.workdir).stage_seconds(),
         provenance={**ctx.provenance, "data": manifest_info(ctx.data_path)},
@@ -274,8 +249,7 @@ def run_data(ctx: RunContext) -> RecipeRun:
 
 
 def write_run_report(
-    ctx: RunContext,
-    scores: dict[str, list[dict[str, Any]]],
+    ctx: RunContext, scores: dict[str, list[dict[str, Any]]],
     metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Have :mod:`mtkit.report` write results.json, report.md and the curves of this run."""
@@ -285,10 +259,6 @@ def write_run_report(
 
 
 STAGE_FUNCS: dict[str, Callable[[RunContext, bool], dict[str, Any]]] = {
-    "prepare": stage_prepare,
-    "preprocess": stage_preprocess,
-    "train": stage_train,
-    "average": stage_average,
-    "translate": stage_translate,
-    "score": stage_score,
+    "prepare": stage_prepare, "preprocess": stage_preprocess, "train": stage_train,
+    "average": stage_average, "translate": stage_translate, "score": stage_score,
 }
