@@ -35,7 +35,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from mtkit.config_fields import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.kernels.dropout import Dropout
-from mtkit.kernels.linear import Linear
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
 from mtkit.models.lstm import (
@@ -45,13 +44,12 @@ from mtkit.models.lstm import (
     Hidden,
     cell_step,
     embedding_gates,
-    init_forget_bias,
-    init_uniform,
+    initial_state,
     input_gates,
+    layers_state,
     output_of,
-    padding_mask,
     run_cell,
-    tie_embeddings,
+    state_layers,
 )
 from mtkit.models.rnn_attention import Bridge
 
@@ -120,7 +118,7 @@ class GNMTDecoder(nn.Module):
     def __init__(self, cfg: Config, memory_dim: int):
         super().__init__()
         cell, h = CELL_CLASSES[cfg.cell], cfg.hidden_dim
-        self.hidden = h
+        self.out_dim = h
         self.has_cell_state = cfg.cell == "lstm"
         self.attention: Attention = build_attention("bahdanau", h, memory_dim, cfg.attn_dim or h)
         self.cells = nn.ModuleList(
@@ -132,59 +130,43 @@ class GNMTDecoder(nn.Module):
     def init_state(self, enc: State) -> State:
         memory = enc["memory"]
         if "init_h" in enc:  # from the bridge: (B, L, H)
-            state = {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+            state = initial_state(enc)
         else:
-            zeros = memory.new_zeros(memory.size(0), len(self.cells), self.hidden)  # (B, L, H)
+            zeros = memory.new_zeros(memory.size(0), len(self.cells), self.out_dim)  # (B, L, H)
             state = {"h": zeros, "c": zeros.clone()} if self.has_cell_state else {"h": zeros}
         state["ctx"] = memory.new_zeros(memory.size(0), memory.size(2))  # previous context (B, Hm)
         return state
 
-    def _cell(self, i: int, inp: torch.Tensor, state: State, hs: list, cs: list) -> torch.Tensor:
-        gx = input_gates(inp, self.cells[i])
-        if self.has_cell_state:
-            h, c = cell_step(gx, (state["h"][:, i], state["c"][:, i]), self.cells[i])
-            cs.append(c)
-        else:
-            h = cell_step(gx, state["h"][:, i], self.cells[i])
-        hs.append(h)
-        return h
+    def _cell(self, i: int, inp: torch.Tensor, state: Hidden) -> Hidden:
+        return cell_step(input_gates(inp, self.cells[i]), state, self.cells[i])
 
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One step: emb (B, E) -> output (B, H)."""
-        hs: list[torch.Tensor] = []
-        cs: list[torch.Tensor] = []
-        bottom = self._cell(0, torch.cat([emb, state["ctx"]], dim=-1), state, hs, cs)  # (B, H)
-        ctx, weights = self.attention(bottom, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
-        x = bottom
+        layers = state_layers(state)
+        new = [self._cell(0, torch.cat([emb, state["ctx"]], dim=-1), layers[0])]
+        x = output_of(new[0])  # the bottom layer's output (B, H)
+        ctx, weights = self.attention(x, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
         for i in range(1, len(self.cells)):
-            h = self._cell(i, torch.cat([self.dropout(x), ctx], dim=-1), state, hs, cs)  # context into every layer
+            new.append(self._cell(i, torch.cat([self.dropout(x), ctx], dim=-1), layers[i]))  # context into every layer
+            h = output_of(new[i])
             x = h + x if self.residual[i] else h
-        new_state = {"h": torch.stack(hs, dim=1), "ctx": ctx}  # h: (B, L, H)
-        if self.has_cell_state:
-            new_state["c"] = torch.stack(cs, dim=1)
-        return self.dropout(x), new_state, weights
+        return self.dropout(x), {**layers_state(new), "ctx": ctx}, weights
 
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
         """Teacher forcing: emb (B, T, E) -> outputs (B, T, H). Only the bottom layer and the
         attention loop over positions; each upper layer is one call over the whole target."""
-        h = state["h"].transpose(0, 1)  # (L, B, H): torch's layout inside the loop
-        c = state["c"].transpose(0, 1) if self.has_cell_state else None
-        ctx = state["ctx"]
-        bottom: Hidden = (h[0], c[0]) if c is not None else h[0]
-        bottom_cell = self.cells[0]
+        layers, ctx, bottom_cell = state_layers(state), state["ctx"], self.cells[0]
+        bottom = layers[0]
         gx_emb, w_ctx = embedding_gates(emb, bottom_cell.weight_ih, bottom_cell.bias_ih)
         bottoms, ctxs = [], []
         for gx in gx_emb.unbind(1):  # (B, 4H) per position
             bottom = cell_step(gx + F.linear(ctx, w_ctx), bottom, bottom_cell)
-            hb = output_of(bottom)
-            ctx, _ = self.attention(hb, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
-            bottoms.append(hb)
+            ctx, _ = self.attention(output_of(bottom), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+            bottoms.append(output_of(bottom))
             ctxs.append(ctx)
-        x = torch.stack(bottoms, dim=1)  # (B, T, H)
-        context = torch.stack(ctxs, dim=1)  # (B, T, Hm)
+        x, context = torch.stack(bottoms, dim=1), torch.stack(ctxs, dim=1)  # (B, T, H), (B, T, Hm)
         for i in range(1, len(self.cells)):
-            out = run_cell(self.cells[i], torch.cat([self.dropout(x), context], dim=-1), h[i],
-                           c[i] if c is not None else None)
+            out = run_cell(self.cells[i], torch.cat([self.dropout(x), context], dim=-1), layers[i])
             x = out + x if self.residual[i] else out
         return self.dropout(x)
 
@@ -200,26 +182,7 @@ class GNMT(AttentionalRNN):
         self.decoder = GNMTDecoder(cfg, self.encoder.out_dim)
         if cfg.bridge:
             self.bridge = Bridge(self.encoder.out_dim, cfg.hidden_dim, cfg.decoder_layers, has_cell=cfg.cell == "lstm")
-        self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
-        self.dropout = Dropout(cfg.dropout)
-        self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
-        init_uniform(self, cfg.init_scale)
-        init_forget_bias(self, cfg.forget_bias)
-        if cfg.tie_embeddings:
-            self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out, "model.hidden_dim")
+        self.add_output_layers(tgt_vocab_size, pad_id)
 
     def attention_label(self) -> str:
         return "additive attention, queried by the bottom decoder layer"
-
-    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
-        src_len = src_len.to(src.device)
-        memory, final = self.encoder(src, src_len)
-        enc = {
-            "memory": memory,  # (B, S, Hm)
-            "keys": self.decoder.attention.precompute(memory),  # (B, S, A)
-            "mask": padding_mask(src_len, src.size(1)),  # (B, S)
-            "src_len": src_len,
-        }
-        if self.cfg.bridge:
-            enc.update(self.bridge(final))  # init_h / init_c: (B, L, H)
-        return enc

@@ -62,14 +62,10 @@ class Embedding(nn.Embedding):
         return x if self.scale == 1.0 else x * self.scale
 
 
-def tie_embeddings(src_embed: nn.Embedding, tgt_embed: nn.Embedding, out: nn.Linear, key: str) -> nn.Embedding:
+def tie_embeddings(src_embed: nn.Embedding, tgt_embed: nn.Embedding, out: nn.Linear) -> nn.Embedding:
     """``out.weight = tgt_embed.weight``; the source embedding too when both vocabularies have the
-    same size (a joint vocabulary). Returns the target embedding to use (``src_embed`` if shared)."""
-    if out.in_features != tgt_embed.embedding_dim:
-        raise MtkitError(
-            f"model.tie_embeddings needs {key} ({out.in_features}), the output layer's input size, to equal "
-            f"model.embed_dim ({tgt_embed.embedding_dim})"
-        )
+    same size (a joint vocabulary). Returns the target embedding to use (``src_embed`` if shared).
+    The families' config checks guarantee that ``out`` reads vectors of the embedding's size."""
     if src_embed.num_embeddings == tgt_embed.num_embeddings and src_embed.embedding_dim == tgt_embed.embedding_dim:
         tgt_embed = src_embed
     # N(0, 1/d) rather than N(0, 1): the output layer's logits start at the scale of its input
@@ -85,15 +81,15 @@ def tie_embeddings(src_embed: nn.Embedding, tgt_embed: nn.Embedding, out: nn.Lin
     return tgt_embed
 
 
-def run_cell(cell: nn.RNNCellBase, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None = None) -> torch.Tensor:
+def run_cell(cell: nn.RNNCellBase, x: torch.Tensor, state: Hidden) -> torch.Tensor:
     """Run an ``nn.LSTMCell``/``nn.GRUCell`` over a whole sequence in one call (torch's fused
-    single-layer RNN on the cell's own weights): x (B, T, I), h0/c0 (B, H) -> outputs (B, T, H)."""
+    single-layer RNN on the cell's own weights): x (B, T, I), ``state`` (h, c) or h, each (B, H)
+    -> outputs (B, T, H)."""
     params = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
-    if c0 is not None:
-        out, _, _ = torch.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), params, True, 1, 0.0, False, False, True)
-    else:
-        out, _ = torch.gru(x, h0.unsqueeze(0), params, True, 1, 0.0, False, False, True)
-    return out
+    if isinstance(state, tuple):
+        h0, c0 = state
+        return torch.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), params, True, 1, 0.0, False, False, True)[0]
+    return torch.gru(x, state.unsqueeze(0), params, True, 1, 0.0, False, False, True)[0]
 
 
 def output_of(state: Hidden) -> torch.Tensor:
@@ -176,11 +172,6 @@ def layers_state(layers: list) -> State:
     return {"h": torch.stack(layers, 1)}
 
 
-def top_output(layers: list) -> torch.Tensor:
-    """The top layer's h (B, H) of a per-layer list."""
-    return output_of(layers[-1])
-
-
 def to_state(hidden: Hidden) -> State:
     """torch RNN state (layers, B, H) [+ cell] -> {"h": (B, layers, H)[, "c": ...]}."""
     if isinstance(hidden, tuple):
@@ -204,6 +195,18 @@ def reverse_padded(src: torch.Tensor, src_len: torch.Tensor) -> torch.Tensor:
     return src.gather(1, index)
 
 
+def initial_state(enc: State) -> State:
+    """The decoder's starting states kept in ``enc`` as "init_h"[/"init_c"] -> {"h"[, "c"]}."""
+    return {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+
+
+def stacked_rnn(cell: str, input_dim: int, hidden: int, layers: int, dropout: float,
+                bidirectional: bool = False) -> nn.RNNBase:
+    """A batch-first ``nn.LSTM``/``nn.GRU`` with ``dropout`` between its layers."""
+    return RNN_CLASSES[cell](input_dim, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0,
+                             bidirectional=bidirectional)
+
+
 def padding_mask(src_len: torch.Tensor, width: int) -> torch.Tensor:
     """(B, width) bool, True on real tokens."""
     return torch.arange(width, device=src_len.device).unsqueeze(0) < src_len.unsqueeze(1)
@@ -221,8 +224,7 @@ class RNNEncoder(nn.Module):
         super().__init__()
         self.embed = Embedding(vocab, embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(dropout)
-        self.rnn = RNN_CLASSES[cell](embed_dim, hidden, layers, batch_first=True,
-                                     dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
+        self.rnn = stacked_rnn(cell, embed_dim, hidden, layers, dropout, bidirectional)
         self.dirs = 2 if bidirectional else 1
         self.layers = layers
         self.out_dim = self.dirs * hidden
@@ -232,9 +234,8 @@ class RNNEncoder(nn.Module):
         packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
         out, hidden = self.rnn(packed)
         memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, dirs*H)
-        final = {}
-        for name, t in to_state(hidden).items():  # (B, layers*dirs, H) -> (B, layers, dirs*H)
-            final[name] = t.reshape(t.size(0), self.layers, self.out_dim)
+        # (B, layers*dirs, H) -> (B, layers, dirs*H)
+        final = {name: t.reshape(t.size(0), self.layers, self.out_dim) for name, t in to_state(hidden).items()}
         return self.dropout(memory), final
 
 
@@ -274,8 +275,7 @@ class LSTMSeq2Seq(Seq2Seq):
         self.encoder = RNNEncoder(cfg.cell, src_vocab_size, cfg.embed_dim, cfg.hidden_dim,
                                   cfg.layers, cfg.dropout, pad_id)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
-        self.decoder = RNN_CLASSES[cfg.cell](cfg.embed_dim, cfg.hidden_dim, cfg.layers, batch_first=True,
-                                             dropout=cfg.dropout if cfg.layers > 1 else 0.0)
+        self.decoder = stacked_rnn(cfg.cell, cfg.embed_dim, cfg.hidden_dim, cfg.layers, cfg.dropout)
         self.dropout = Dropout(cfg.dropout)
         self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
@@ -290,7 +290,7 @@ class LSTMSeq2Seq(Seq2Seq):
         return {f"init_{k}": v for k, v in final.items()}  # (B, layers, H) each
 
     def init_state(self, enc: State) -> State:
-        return {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+        return initial_state(enc)
 
     def _decode(self, tgt_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         x = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)

@@ -36,19 +36,15 @@ from mtkit.kernels.linear import Linear
 from mtkit.models.attention import Attention, AttentionalRNN, build_attention
 from mtkit.models.base import State
 from mtkit.models.lstm import (
-    RNN_CLASSES,
-    Embedding,
     RNNEncoder,
     embedding_gates,
     from_state,
-    init_forget_bias,
-    init_uniform,
+    initial_state,
     layers_state,
-    padding_mask,
+    output_of,
     rnn_step,
+    stacked_rnn,
     state_layers,
-    tie_embeddings,
-    top_output,
 )
 
 
@@ -125,25 +121,22 @@ class BahdanauDecoder(nn.Module):
 
     def __init__(self, cfg: Config, memory_dim: int):
         super().__init__()
-        if cfg.window != "global":
-            raise MtkitError("model.window must be 'global' with model.attention=bahdanau (local windows are Luong's)")
         hidden, attn_dim = cfg.hidden_dim, cfg.attn_dim or cfg.hidden_dim
         self.readout_dim = cfg.readout_dim or cfg.embed_dim
         self.attention: Attention = build_attention("bahdanau", hidden, memory_dim, attn_dim)
-        self.rnn = RNN_CLASSES[cfg.cell](cfg.embed_dim + memory_dim, hidden, cfg.decoder_layers, batch_first=True,
-                                         dropout=cfg.dropout if cfg.decoder_layers > 1 else 0.0)
+        self.rnn = stacked_rnn(cfg.cell, cfg.embed_dim + memory_dim, hidden, cfg.decoder_layers, cfg.dropout)
         self.readout = Linear(hidden + memory_dim + cfg.embed_dim, 2 * self.readout_dim)  # maxout, pool 2
         self.dropout = Dropout(cfg.dropout)
         self.out_dim = self.readout_dim
 
     def init_state(self, enc: State) -> State:
-        state = {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+        state = initial_state(enc)
         state["t"] = torch.zeros_like(enc["src_len"])
         return state
 
     def attend(self, hidden: list, enc: State) -> tuple[torch.Tensor, torch.Tensor]:
         """The context c_i (B, Hm) and weights from s_{i-1}, the top layer of ``hidden``."""
-        return self.attention(top_output(hidden), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+        return self.attention(output_of(hidden[-1]), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
 
     def maxout(self, s: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Maxout over [s_i; c_i; E y_{i-1}], for one step (B, ...) or all positions (B, T, ...)."""
@@ -154,9 +147,7 @@ class BahdanauDecoder(nn.Module):
         hidden = state_layers(state)
         ctx, weights = self.attend(hidden, enc)
         s, hidden = rnn_step(self.rnn, torch.cat([emb, ctx], dim=-1), hidden)  # (B, H)
-        new_state = layers_state(hidden)
-        new_state["t"] = state["t"] + 1
-        return self.maxout(s, ctx, emb), new_state, weights
+        return self.maxout(s, ctx, emb), {**layers_state(hidden), "t": state["t"] + 1}, weights
 
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
         hidden = state_layers(state)  # per-layer (B, H) states for the whole loop
@@ -175,24 +166,21 @@ class LuongDecoder(nn.Module):
 
     def __init__(self, cfg: Config, memory_dim: int):
         super().__init__()
-        hidden = cfg.hidden_dim
-        self.input_feed = cfg.input_feed
-        self.hidden = hidden
+        hidden, self.input_feed = cfg.hidden_dim, cfg.input_feed
         self.attention: Attention = build_attention(
             cfg.attention, hidden, memory_dim, cfg.attn_dim or hidden, cfg.window, cfg.window_size
         )
         feed = hidden if cfg.input_feed else 0
-        self.rnn = RNN_CLASSES[cfg.cell](cfg.embed_dim + feed, hidden, cfg.decoder_layers, batch_first=True,
-                                         dropout=cfg.dropout if cfg.decoder_layers > 1 else 0.0)
+        self.rnn = stacked_rnn(cfg.cell, cfg.embed_dim + feed, hidden, cfg.decoder_layers, cfg.dropout)
         self.combine = Linear(memory_dim + hidden, hidden, bias=False)  # W_c
         self.dropout = Dropout(cfg.dropout)
         self.out_dim = hidden
 
     def init_state(self, enc: State) -> State:
-        state = {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+        state = initial_state(enc)
         state["t"] = torch.zeros_like(enc["src_len"])
         if self.input_feed:
-            state["feed"] = enc["memory"].new_zeros(enc["memory"].size(0), self.hidden)
+            state["feed"] = enc["memory"].new_zeros(enc["memory"].size(0), self.out_dim)
         return state
 
     def attend(self, h: torch.Tensor, enc: State, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +192,7 @@ class LuongDecoder(nn.Module):
         x = torch.cat([emb, state["feed"]], dim=-1) if self.input_feed else emb
         out, hidden = rnn_step(self.rnn, x, state_layers(state))
         h_tilde, weights = self.attend(out, enc, state["t"])  # (B, H)
-        new_state = layers_state(hidden)
-        new_state["t"] = state["t"] + 1
+        new_state = {**layers_state(hidden), "t": state["t"] + 1}
         if self.input_feed:
             new_state["feed"] = h_tilde
         return h_tilde, new_state, weights
@@ -237,27 +224,9 @@ class RNNAttention(AttentionalRNN):
         self.bridge = Bridge(memory_dim, cfg.hidden_dim, cfg.decoder_layers, has_cell=cfg.cell == "lstm")
         decoder_class = BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder
         self.decoder = decoder_class(cfg, memory_dim)
-        self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
-        self.dropout = Dropout(cfg.dropout)
-        self.out = Linear(self.decoder.out_dim, tgt_vocab_size)
-        init_uniform(self, cfg.init_scale)
-        init_forget_bias(self, cfg.forget_bias)
-        if cfg.tie_embeddings:
-            size_key = "model.readout_dim" if cfg.attention == "bahdanau" else "model.hidden_dim"
-            self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out, size_key)
+        self.add_output_layers(tgt_vocab_size, pad_id)
 
     def attention_label(self) -> str:
         if self.cfg.attention == "bahdanau":
             return "Bahdanau additive attention"
         return f"Luong {self.cfg.attention} attention, {self.cfg.window} window"
-
-    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
-        memory, final = self.encoder(src, src_len)  # (B, S, Hm)
-        enc = {
-            "memory": memory,
-            "keys": self.decoder.attention.precompute(memory),  # (B, S, K)
-            "mask": padding_mask(src_len.to(src.device), src.size(1)),  # (B, S)
-            "src_len": src_len.to(src.device),
-        }
-        enc.update(self.bridge(final))  # init_h / init_c: (B, L, H)
-        return enc
