@@ -155,8 +155,9 @@ class GNMTDecoder(nn.Module):
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
         """Teacher forcing: emb (B, T, E) -> outputs (B, T, H). Only the bottom layer and the
         attention loop over positions; each upper layer is one call over the whole target."""
-        layers, ctx, bottom_cell = state_layers(state), state["ctx"], self.cells[0]
-        bottom = layers[0]
+        h = state["h"].transpose(0, 1)  # (L, B, H): torch's layout (which the gradients keep) inside the loop
+        layers = list(zip(h, state["c"].transpose(0, 1))) if self.has_cell_state else list(h)
+        bottom, ctx, bottom_cell = layers[0], state["ctx"], self.cells[0]
         gx_emb, w_ctx = embedding_gates(emb, bottom_cell.weight_ih, bottom_cell.bias_ih)
         bottoms, ctxs = [], []
         for gx in gx_emb.unbind(1):  # (B, 4H) per position
