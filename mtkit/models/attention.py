@@ -29,22 +29,12 @@ import torch
 from torch import nn
 
 from mtkit.errors import MtkitError
-from mtkit.kernels.dropout import Dropout
 from mtkit.kernels.linear import Linear
-from mtkit.models.base import Seq2Seq, State
-from mtkit.models.lstm import (
-    Embedding,
-    init_forget_bias,
-    init_uniform,
-    padding_mask,
-    tie_embeddings,
-)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis of (..., S) scores where ``mask`` (broadcast to them) is True."""
-    scores = scores.float().masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1)
 
 
 # --- scores: precompute(memory) -> keys; forward(query (B, T, Hq), keys (B, S, K)) -> (B, T, S)
@@ -167,8 +157,7 @@ class Attention(nn.Module):
 
     def __init__(self, score: nn.Module, window: nn.Module):
         super().__init__()
-        self.score = score
-        self.window = window
+        self.score, self.window = score, window
 
     def precompute(self, memory: torch.Tensor) -> torch.Tensor:
         return self.score.precompute(memory)
@@ -206,57 +195,3 @@ def build_attention(
     if window not in WINDOWS:
         raise MtkitError(f"config key 'model.window': unknown value '{window}' (valid: {', '.join(WINDOWS)})")
     return Attention(SCORES[score](query_dim, memory_dim, attn_dim), WINDOWS[window](window_size, query_dim))
-
-
-class AttentionalRNN(Seq2Seq):
-    """Shared set-up, encoding, teacher forcing and stepping of the attentional RNN families.
-
-    Subclasses build ``self.encoder`` (src, src_len -> memory (B, S, Hm), final states), an optional
-    ``self.bridge`` and ``self.decoder``, then call :meth:`add_output_layers`. The decoder maps (embedded token (B, E), enc, state) to (output (B, H), state,
-    attention (B, S)) in ``forward`` (one step, used by search) and (embedded target (B, T, E),
-    enc, state) to outputs (B, T, H) in ``sequence`` (teacher forcing), which runs over whole
-    sequences whatever does not depend on the recurrence; the contract test holds the two equal.
-    """
-
-    def add_output_layers(self, tgt_vocab_size: int, pad_id: int) -> None:
-        """The target embedding, dropout and output layer, then the initialisation of every weight
-        (in parameter order) and the optional tying."""
-        cfg = self.cfg
-        self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
-        self.dropout = Dropout(cfg.dropout)
-        self.out = Linear(self.decoder.out_dim, tgt_vocab_size)
-        init_uniform(self, cfg.init_scale)
-        init_forget_bias(self, cfg.forget_bias)
-        if cfg.tie_embeddings:
-            self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out)
-
-    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
-        src_len = src_len.to(src.device)
-        memory, final = self.encoder(src, src_len)
-        enc = {
-            "memory": memory,  # (B, S, Hm)
-            "keys": self.decoder.attention.precompute(memory),  # (B, S, K)
-            "mask": padding_mask(src_len, src.size(1)),  # (B, S)
-            "src_len": src_len,
-        }
-        if hasattr(self, "bridge"):
-            enc.update(self.bridge(final))  # init_h / init_c: (B, L, H)
-        return enc
-
-    def init_state(self, enc: State) -> State:
-        return self.decoder.init_state(enc)
-
-    def output_projection(self) -> nn.Linear:
-        return self.out
-
-    def features(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        enc = self.encode(src, src_len)
-        emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
-        return self.decoder.sequence(emb, enc, self.init_state(enc))  # (B, T, H)
-
-    def step(
-        self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
-    ) -> tuple[torch.Tensor, State, torch.Tensor]:
-        emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
-        o, state, weights = self.decoder(emb, enc, state)
-        return torch.log_softmax(self.out(o).float(), dim=-1), state, weights

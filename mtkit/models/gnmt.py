@@ -32,16 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mtkit.config_fields import ModelConfig, any_value, choice, number
-from mtkit.errors import MtkitError
+from mtkit.config_fields import any_value, choice, number
 from mtkit.kernels.dropout import Dropout
-from mtkit.models.attention import Attention, AttentionalRNN, build_attention
+from mtkit.models.attention import Attention, build_attention
 from mtkit.models.base import State
 from mtkit.models.lstm import (
     CELL_CLASSES,
     RNN_CLASSES,
     Embedding,
     Hidden,
+    RecurrentConfig,
     cell_step,
     embedding_gates,
     initial_state,
@@ -50,12 +50,13 @@ from mtkit.models.lstm import (
     output_of,
     run_cell,
     state_layers,
+    to_state,
 )
-from mtkit.models.rnn_attention import Bridge
+from mtkit.models.rnn_attention import AttentionalRNN, Bridge
 
 
 @dataclass
-class Config(ModelConfig):
+class Config(RecurrentConfig):
     arch: str = any_value("gnmt")
     cell: str = choice("lstm", "lstm", "gru")
     embed_dim: int = number(512, low=1)
@@ -72,15 +73,7 @@ class Config(ModelConfig):
     bridge: bool = False  # decoder states start from the top encoder layer's final state (else zero)
 
     def check(self, section: str) -> None:
-        if self.tie_embeddings and self.hidden_dim != self.embed_dim:
-            raise MtkitError(
-                f"config key '{section}.tie_embeddings': true needs {section}.hidden_dim ({self.hidden_dim}) "
-                f"== {section}.embed_dim ({self.embed_dim})"
-            )
-
-    @property
-    def width(self) -> int:
-        return self.hidden_dim
+        self.check_tied_sizes(section, "hidden_dim", self.hidden_dim, "embed_dim")
 
 
 def residual_layers(n: int, start: int) -> list[bool]:
@@ -109,8 +102,8 @@ class GNMTEncoder(nn.Module):
             out, final = layer(packed._replace(data=self.dropout(packed.data)))  # .data is (tokens, H)
             packed = out._replace(data=out.data + packed.data) if residual else out
         memory, _ = pad_packed_sequence(packed, batch_first=True, total_length=src.size(1))
-        finals = final if isinstance(final, tuple) else (final,)  # each (directions, B, H), batch order kept
-        last = {name: t.transpose(0, 1).reshape(t.size(1), 1, -1) for name, t in zip(("h", "c"), finals)}
+        # the top layer's final state: (B, directions, H) -> (B, 1, directions*H)
+        last = {name: t.reshape(t.size(0), 1, -1) for name, t in to_state(final).items()}
         return memory, last
 
 
@@ -146,8 +139,8 @@ class GNMTDecoder(nn.Module):
         new = [self._cell(0, torch.cat([emb, state["ctx"]], dim=-1), layers[0])]
         x = output_of(new[0])  # the bottom layer's output (B, H)
         ctx, weights = self.attention(x, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
-        for i in range(1, len(self.cells)):
-            new.append(self._cell(i, torch.cat([self.dropout(x), ctx], dim=-1), layers[i]))  # context into every layer
+        for i in range(1, len(self.cells)):  # the context enters every layer
+            new.append(self._cell(i, torch.cat([self.dropout(x), ctx], dim=-1), layers[i]))
             h = output_of(new[i])
             x = h + x if self.residual[i] else h
         return self.dropout(x), {**layers_state(new), "ctx": ctx}, weights
@@ -162,8 +155,9 @@ class GNMTDecoder(nn.Module):
         bottoms, ctxs = [], []
         for gx in gx_emb.unbind(1):  # (B, 4H) per position
             bottom = cell_step(gx + F.linear(ctx, w_ctx), bottom, bottom_cell)
-            ctx, _ = self.attention(output_of(bottom), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
-            bottoms.append(output_of(bottom))
+            hb = output_of(bottom)
+            ctx, _ = self.attention(hb, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+            bottoms.append(hb)
             ctxs.append(ctx)
         x, context = torch.stack(bottoms, dim=1), torch.stack(ctxs, dim=1)  # (B, T, H), (B, T, Hm)
         for i in range(1, len(self.cells)):

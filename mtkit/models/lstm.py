@@ -97,8 +97,10 @@ def output_of(state: Hidden) -> torch.Tensor:
     return state[0] if isinstance(state, tuple) else state
 
 
-def _suffix(layer: int | None) -> str:
-    return "" if layer is None else f"_l{layer}"
+def _gates(x: torch.Tensor, rnn: nn.Module, kind: str, layer: int | None) -> torch.Tensor:
+    """``x W^T + b`` with the weights ``kind`` ("ih" or "hh") of ``rnn`` (see :func:`cell_step`)."""
+    sfx = "" if layer is None else f"_l{layer}"
+    return step_linear(x, rnn, f"weight_{kind}{sfx}", getattr(rnn, f"bias_{kind}{sfx}"))
 
 
 def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None = None) -> Hidden:
@@ -109,9 +111,8 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
     ``nn.LSTM``/``nn.GRU``. The same maths as torch's cells, with the recurrent product through
     :func:`mtkit.kernels.linear.step_linear` (a prepacked oneDNN weight when decoding on a CPU).
     """
-    sfx = _suffix(layer)
     h = output_of(state)
-    gh = step_linear(h, rnn, f"weight_hh{sfx}", getattr(rnn, f"bias_hh{sfx}"))
+    gh = _gates(h, rnn, "hh", layer)
     n_hidden = h.size(1)
     if isinstance(state, tuple):
         gates = gx + gh
@@ -125,8 +126,7 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
 
 def input_gates(x: torch.Tensor, rnn: nn.Module, layer: int | None = None) -> torch.Tensor:
     """``x W_ih^T + b_ih``: the input's share of the gates of ``rnn`` (as in :func:`cell_step`)."""
-    sfx = _suffix(layer)
-    return step_linear(x, rnn, f"weight_ih{sfx}", getattr(rnn, f"bias_ih{sfx}"))
+    return _gates(x, rnn, "ih", layer)
 
 
 def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
@@ -174,9 +174,8 @@ def layers_state(layers: list) -> State:
 
 def to_state(hidden: Hidden) -> State:
     """torch RNN state (layers, B, H) [+ cell] -> {"h": (B, layers, H)[, "c": ...]}."""
-    if isinstance(hidden, tuple):
-        return {"h": hidden[0].transpose(0, 1), "c": hidden[1].transpose(0, 1)}
-    return {"h": hidden.transpose(0, 1)}
+    parts = hidden if isinstance(hidden, tuple) else (hidden,)
+    return {name: t.transpose(0, 1) for name, t in zip("hc", parts)}
 
 
 def from_state(state: State) -> Hidden:
@@ -203,8 +202,8 @@ def initial_state(enc: State) -> State:
 def stacked_rnn(cell: str, input_dim: int, hidden: int, layers: int, dropout: float,
                 bidirectional: bool = False) -> nn.RNNBase:
     """A batch-first ``nn.LSTM``/``nn.GRU`` with ``dropout`` between its layers."""
-    return RNN_CLASSES[cell](input_dim, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0,
-                             bidirectional=bidirectional)
+    return RNN_CLASSES[cell](input_dim, hidden, layers, batch_first=True,
+                             dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
 
 
 def padding_mask(src_len: torch.Tensor, width: int) -> torch.Tensor:
@@ -235,13 +234,31 @@ class RNNEncoder(nn.Module):
         out, hidden = self.rnn(packed)
         memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, dirs*H)
         # (B, layers*dirs, H) -> (B, layers, dirs*H)
-        final = {name: t.reshape(t.size(0), self.layers, self.out_dim) for name, t in to_state(hidden).items()}
+        final = {name: t.reshape(t.size(0), self.layers, -1) for name, t in to_state(hidden).items()}
         return self.dropout(memory), final
+
+
+class RecurrentConfig(ModelConfig):
+    """Base of the recurrent families' configs (their fields: ``hidden_dim``, ``embed_dim``,
+    ``tie_embeddings``...)."""
+
+    @property
+    def width(self) -> int:
+        return self.hidden_dim
+
+    def check_tied_sizes(self, section: str, key: str, size: int, other: str) -> None:
+        """With ``tie_embeddings``, refuse ``key`` (``size``) != ``other``: the output layer must read
+        vectors of the embedding's size."""
+        if self.tie_embeddings and size != getattr(self, other):
+            raise MtkitError(
+                f"config key '{section}.tie_embeddings': true needs {section}.{key} ({size}) "
+                f"== {section}.{other} ({getattr(self, other)})"
+            )
 
 
 # --- the Sutskever model ---------------------------------------------------------------------
 @dataclass
-class Config(ModelConfig):
+class Config(RecurrentConfig):
     arch: str = any_value("lstm")
     cell: str = choice("lstm", "lstm", "gru")
     embed_dim: int = number(256, low=1)
@@ -254,15 +271,7 @@ class Config(ModelConfig):
     forget_bias: float = number(1.0)  # initial LSTM forget-gate bias
 
     def check(self, section: str) -> None:
-        if self.tie_embeddings and self.embed_dim != self.hidden_dim:
-            raise MtkitError(
-                f"config key '{section}.tie_embeddings': true needs {section}.embed_dim ({self.embed_dim}) "
-                f"== {section}.hidden_dim ({self.hidden_dim})"
-            )
-
-    @property
-    def width(self) -> int:
-        return self.hidden_dim
+        self.check_tied_sizes(section, "embed_dim", self.embed_dim, "hidden_dim")
 
 
 class LSTMSeq2Seq(Seq2Seq):

@@ -19,6 +19,7 @@ without input feeding is one RNN call, one batched score and one combine layer o
 target; RNNsearch's maxout readout runs over all positions at once after its loop, and the
 embedding's share of the bottom layer's gates is one matrix product over all positions before it.
 Per step, the stacked RNN runs on the module's own weights through :func:`mtkit.models.lstm.rnn_step`.
+:class:`AttentionalRNN`, the model base shared with GNMT, lives here too.
 """
 
 from __future__ import annotations
@@ -29,27 +30,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtkit.config_fields import ModelConfig, any_value, choice, number
+from mtkit.config_fields import any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.kernels.dropout import Dropout
 from mtkit.kernels.linear import Linear
-from mtkit.models.attention import Attention, AttentionalRNN, build_attention
-from mtkit.models.base import State
+from mtkit.models.attention import Attention, build_attention
+from mtkit.models.base import Seq2Seq, State
 from mtkit.models.lstm import (
+    Embedding,
+    RecurrentConfig,
     RNNEncoder,
     embedding_gates,
     from_state,
+    init_forget_bias,
+    init_uniform,
     initial_state,
     layers_state,
     output_of,
+    padding_mask,
     rnn_step,
     stacked_rnn,
     state_layers,
+    tie_embeddings,
 )
 
 
 @dataclass
-class Config(ModelConfig):
+class Config(RecurrentConfig):
     arch: str = any_value("rnn_attention")
     cell: str = choice("lstm", "lstm", "gru")
     embed_dim: int = number(256, low=1)
@@ -78,20 +85,10 @@ class Config(ModelConfig):
                 f"config key '{section}.window': '{self.window}' needs a Luong score "
                 f"({section}.attention dot, general or concat), not bahdanau"
             )
-        if self.tie_embeddings:  # the output layer reads the readout (Bahdanau) or h~ (Luong)
-            key, size = (
-                ("readout_dim", self.readout_dim or self.embed_dim) if self.attention == "bahdanau"
-                else ("hidden_dim", self.hidden_dim)
-            )
-            if size != self.embed_dim:
-                raise MtkitError(
-                    f"config key '{section}.tie_embeddings': true needs {section}.{key} ({size}) "
-                    f"== {section}.embed_dim ({self.embed_dim})"
-                )
-
-    @property
-    def width(self) -> int:
-        return self.hidden_dim
+        if self.attention == "bahdanau":  # the output layer reads the readout (Bahdanau) or h~ (Luong)
+            self.check_tied_sizes(section, "readout_dim", self.readout_dim or self.embed_dim, "embed_dim")
+        else:
+            self.check_tied_sizes(section, "hidden_dim", self.hidden_dim, "embed_dim")
 
 
 class Bridge(nn.Module):
@@ -114,6 +111,61 @@ class Bridge(nn.Module):
                 t = t[:, -1:].expand(-1, self.dec_layers, -1)
             out[f"init_{name}"] = torch.tanh(self.h(t)) if name == "h" else self.c(t)  # (B, L, H)
         return out
+
+
+class AttentionalRNN(Seq2Seq):
+    """Shared set-up, encoding, teacher forcing and stepping of the attentional RNN families.
+
+    Subclasses build ``self.encoder`` (src, src_len -> memory (B, S, Hm), final states), an optional
+    ``self.bridge`` and ``self.decoder``, then call :meth:`add_output_layers`. The decoder maps
+    (embedded token (B, E), enc, state) to (output (B, H), state, attention (B, S)) in ``forward``
+    (one step, used by search) and (embedded target (B, T, E), enc, state) to outputs (B, T, H) in
+    ``sequence`` (teacher forcing), which runs over whole sequences whatever does not depend on
+    the recurrence; the contract test holds the two equal.
+    """
+
+    def add_output_layers(self, tgt_vocab_size: int, pad_id: int) -> None:
+        """The target embedding, dropout and output layer, then the initialisation of every weight
+        (in parameter order) and the optional tying."""
+        cfg = self.cfg
+        self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
+        self.dropout = Dropout(cfg.dropout)
+        self.out = Linear(self.decoder.out_dim, tgt_vocab_size)
+        init_uniform(self, cfg.init_scale)
+        init_forget_bias(self, cfg.forget_bias)
+        if cfg.tie_embeddings:
+            self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out)
+
+    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
+        src_len = src_len.to(src.device)
+        memory, final = self.encoder(src, src_len)
+        enc = {
+            "memory": memory,  # (B, S, Hm)
+            "keys": self.decoder.attention.precompute(memory),  # (B, S, K)
+            "mask": padding_mask(src_len, src.size(1)),  # (B, S)
+            "src_len": src_len,
+        }
+        if hasattr(self, "bridge"):
+            enc.update(self.bridge(final))  # init_h / init_c: (B, L, H)
+        return enc
+
+    def init_state(self, enc: State) -> State:
+        return self.decoder.init_state(enc)
+
+    def output_projection(self) -> nn.Linear:
+        return self.out
+
+    def features(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        enc = self.encode(src, src_len)
+        emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
+        return self.decoder.sequence(emb, enc, self.init_state(enc))  # (B, T, H)
+
+    def step(
+        self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
+        o, state, weights = self.decoder(emb, enc, state)
+        return torch.log_softmax(self.out(o).float(), dim=-1), state, weights
 
 
 class BahdanauDecoder(nn.Module):
