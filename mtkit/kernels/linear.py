@@ -54,10 +54,8 @@ def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, post
 
 def _onednn_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
     """oneDNN present, CPU tensors of one dtype among ``dtypes``, no autocast."""
-    return (
-        ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
-        and not torch.is_autocast_enabled("cpu")
-    )
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -139,15 +139,10 @@ class PredictiveWindow(MonotonicWindow):
 
 
 SCORES: dict[str, type[nn.Module]] = {
-    "bahdanau": AdditiveScore,
-    "dot": DotScore,
-    "general": GeneralScore,
-    "concat": ConcatScore,
+    "bahdanau": AdditiveScore, "dot": DotScore, "general": GeneralScore, "concat": ConcatScore,
 }
 WINDOWS: dict[str, type[nn.Module]] = {
-    "global": GlobalWindow,
-    "local-m": MonotonicWindow,
-    "local-p": PredictiveWindow,
+    "global": GlobalWindow, "local-m": MonotonicWindow, "local-p": PredictiveWindow,
 }
 
 

@@ -176,7 +176,7 @@ class GNMT(AttentionalRNN):
         self.encoder = GNMTEncoder(cfg, src_vocab_size, pad_id)
         self.decoder = GNMTDecoder(cfg, self.encoder.out_dim)
         if cfg.bridge:
-            self.bridge = Bridge(self.encoder.out_dim, cfg.hidden_dim, cfg.decoder_layers, has_cell=cfg.cell == "lstm")
+            self.bridge = Bridge(self.encoder.out_dim, cfg)
         self.add_output_layers(tgt_vocab_size, pad_id)
 
     def attention_label(self) -> str:

@@ -138,12 +138,9 @@ def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.T
     included, and cheaper per step on a CPU (no fused-layer setup per call)."""
     new = []
     for layer, state in enumerate(hidden):
-        if layer == 0 and gx0 is not None:
-            gx = gx0
-        else:
-            if layer and rnn.dropout and rnn.training:
-                x = dropout(x, rnn.dropout)
-            gx = input_gates(x, rnn, layer)
+        if layer and rnn.dropout and rnn.training:
+            x = dropout(x, rnn.dropout)
+        gx = gx0 if layer == 0 and gx0 is not None else input_gates(x, rnn, layer)
         state = cell_step(gx, state, rnn, layer)
         x = output_of(state)
         new.append(state)

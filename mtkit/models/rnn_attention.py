@@ -98,11 +98,11 @@ class Bridge(nn.Module):
     layer seeds every decoder layer.
     """
 
-    def __init__(self, enc_dim: int, hidden: int, dec_layers: int, has_cell: bool):
+    def __init__(self, enc_dim: int, cfg: RecurrentConfig):
         super().__init__()
-        self.dec_layers = dec_layers
-        self.h = Linear(enc_dim, hidden)
-        self.c = Linear(enc_dim, hidden) if has_cell else None
+        self.dec_layers = cfg.decoder_layers
+        self.h = Linear(enc_dim, cfg.hidden_dim)
+        self.c = Linear(enc_dim, cfg.hidden_dim) if cfg.cell == "lstm" else None
 
     def forward(self, final: State) -> State:
         out = {}
@@ -273,7 +273,7 @@ class RNNAttention(AttentionalRNN):
         self.encoder = RNNEncoder(cfg.cell, src_vocab_size, cfg.embed_dim, cfg.encoder_hidden_dim or cfg.hidden_dim,
                                   cfg.encoder_layers, cfg.dropout, pad_id, bidirectional=cfg.bidirectional)
         memory_dim = self.encoder.out_dim
-        self.bridge = Bridge(memory_dim, cfg.hidden_dim, cfg.decoder_layers, has_cell=cfg.cell == "lstm")
+        self.bridge = Bridge(memory_dim, cfg)
         decoder_class = BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder
         self.decoder = decoder_class(cfg, memory_dim)
         self.add_output_layers(tgt_vocab_size, pad_id)

@@ -194,8 +194,7 @@ class DecoderLayer(nn.Module):
             if cache is not None:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             new_cache = (k, v)
-            causal = cache is None and self_mask is None
-            return self.self_attn.attend(q, k, v, self_mask, causal=causal)
+            return self.self_attn.attend(q, k, v, self_mask, causal=cache is None and self_mask is None)
 
         def cross_attention(h: torch.Tensor) -> torch.Tensor:
             nonlocal weights
@@ -210,8 +209,7 @@ class DecoderLayer(nn.Module):
                 y = self.cross_attn.attend(q, mem_k, mem_v, mem_mask)
             return y.reshape(n, -1, y.size(-1))  # (b, k, D) -> (N, 1, D)
 
-        x = self.sub1(x, self_attention)
-        x = self.sub2(x, cross_attention)
+        x = self.sub2(self.sub1(x, self_attention), cross_attention)
         return self.sub3(x, self.ffn), new_cache, weights
 
 
@@ -238,9 +236,8 @@ class Transformer(Seq2Seq):
         elif cfg.positions == "sinusoidal":
             self.register_buffer("pos_table", sinusoid_table(cfg.max_positions, d), persistent=False)
         elif cfg.positions == "rope":
-            cos, sin = rope_tables(cfg.max_positions, dh)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            for name, table in zip(("rope_cos", "rope_sin"), rope_tables(cfg.max_positions, dh)):
+                self.register_buffer(name, table, persistent=False)
         else:
             self.register_buffer("slopes", alibi_slopes(cfg.heads), persistent=False)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
@@ -338,11 +335,10 @@ class Transformer(Seq2Seq):
         return self.decode(tgt_in, pos, enc, None)[0]  # (B, T, D)
 
     def init_state(self, enc: State) -> State:
-        B, dev = enc["src_mask"].size(0), enc["src_mask"].device  # per sentence: search expands it
-        ref = enc["cross_k0"]
-        state: State = {"pos": torch.zeros(B, dtype=torch.long, device=dev)}
+        B = enc["src_mask"].size(0)  # per sentence: search expands it
+        state: State = {"pos": torch.zeros(B, dtype=torch.long, device=enc["src_mask"].device)}
         for i in range(len(self.decoder)):
-            empty = ref.new_zeros(B, self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
+            empty = enc["cross_k0"].new_zeros(B, self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
             state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
         return state
 
