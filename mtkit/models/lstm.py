@@ -221,9 +221,8 @@ class RNNEncoder(nn.Module):
         self.embed = Embedding(vocab, embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(dropout)
         self.rnn = stacked_rnn(cell, embed_dim, hidden, layers, dropout, bidirectional)
-        self.dirs = 2 if bidirectional else 1
         self.layers = layers
-        self.out_dim = self.dirs * hidden
+        self.out_dim = (2 if bidirectional else 1) * hidden
 
     def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[torch.Tensor, State]:
         x = self.dropout(self.embed(src))  # (B, S, E)
@@ -231,7 +230,7 @@ class RNNEncoder(nn.Module):
         out, hidden = self.rnn(packed)
         memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, dirs*H)
         # (B, layers*dirs, H) -> (B, layers, dirs*H)
-        final = {name: t.reshape(t.size(0), self.layers, -1) for name, t in to_state(hidden).items()}
+        final = {k: t.reshape(t.size(0), self.layers, self.out_dim) for k, t in to_state(hidden).items()}
         return self.dropout(memory), final
 
 
