@@ -54,10 +54,8 @@ def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, post
 
 def _onednn_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
     """oneDNN present, CPU tensors of one dtype among ``dtypes``, no autocast."""
-    return (
-        ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
-        and not torch.is_autocast_enabled("cpu")
-    )
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -148,17 +146,26 @@ def packed_param(module: nn.Module, name: str) -> torch.Tensor | None:
     return cached[1]
 
 
-def step_linear(x: torch.Tensor, module: nn.Module, name: str, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ module.<name>^T + bias`` for one recurrent step (a few rows): in eval mode under
-    ``torch.inference_mode`` with the weight prepacked for oneDNN (as :class:`Linear` does);
-    otherwise ``F.linear``, whose BLAS beats oneDNN's unpacked GEMM, forward and backward, at
-    tens of rows."""
+def _packed_linear(
+    x: torch.Tensor, module: nn.Module, name: str, bias: torch.Tensor | None, post_op: str = "none"
+) -> torch.Tensor | None:
+    """``x @ module.<name>^T + bias`` (then ``post_op``) with the prepacked weight: in eval mode under
+    ``torch.inference_mode`` for packable tensors; None where it does not apply."""
     w = getattr(module, name)
-    if not module.training and torch.is_inference_mode_enabled() and packable(x, w):
-        packed = packed_param(module, name)
-        if packed is not None:
-            return _nt(x.reshape(-1, x.size(-1)), packed, bias).view(*x.shape[:-1], w.size(0))
-    return F.linear(x, w, bias)
+    if module.training or not torch.is_inference_mode_enabled() or not packable(x, w):
+        return None
+    packed = packed_param(module, name)
+    if packed is None:
+        return None
+    return _nt(x.reshape(-1, x.size(-1)), packed, bias, post_op).view(*x.shape[:-1], w.size(0))
+
+
+def step_linear(x: torch.Tensor, module: nn.Module, name: str, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ module.<name>^T + bias`` for one recurrent step (a few rows): with the prepacked weight
+    where it applies (as :class:`Linear` does); otherwise ``F.linear``, whose BLAS beats oneDNN's
+    unpacked GEMM, forward and backward, at tens of rows."""
+    y = _packed_linear(x, module, name, bias)
+    return F.linear(x, getattr(module, name), bias) if y is None else y
 
 
 class Linear(nn.Linear):
@@ -169,23 +176,13 @@ class Linear(nn.Linear):
         """The weight in oneDNN's layout (see :func:`packed_param`)."""
         return packed_param(self, "weight")
 
-    def _packed_forward(self, x: torch.Tensor, post_op: str) -> torch.Tensor | None:
-        """``x @ W^T + b`` (then ``post_op``) with the prepacked weight, or None where it does not apply."""
-        if self.training or not torch.is_inference_mode_enabled() or not packable(x, self.weight):
-            return None
-        packed = self.packed_weight()
-        if packed is None:
-            return None
-        y = _nt(x.reshape(-1, x.size(-1)), packed, self.bias, post_op)
-        return y.view(*x.shape[:-1], self.weight.size(0))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._packed_forward(x, "none")
+        y = _packed_linear(x, self, "weight", self.bias)
         return linear(x, self.weight, self.bias) if y is None else y
 
     def relu(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(self(x))``, in one oneDNN call on the prepacked path."""
-        y = self._packed_forward(x, "relu")
+        y = _packed_linear(x, self, "weight", self.bias, "relu")
         return linear(x, self.weight, self.bias, "relu") if y is None else y
 
     def activated(self, x: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -30,13 +30,11 @@ from torch import nn
 
 from mtkit.errors import MtkitError
 from mtkit.kernels.linear import Linear
-from mtkit.models.base import Seq2Seq, State
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis of (..., S) scores where ``mask`` (broadcast to them) is True."""
-    scores = scores.float().masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1)
 
 
 # --- scores: precompute(memory) -> keys; forward(query (B, T, Hq), keys (B, S, K)) -> (B, T, S)
@@ -141,15 +139,10 @@ class PredictiveWindow(MonotonicWindow):
 
 
 SCORES: dict[str, type[nn.Module]] = {
-    "bahdanau": AdditiveScore,
-    "dot": DotScore,
-    "general": GeneralScore,
-    "concat": ConcatScore,
+    "bahdanau": AdditiveScore, "dot": DotScore, "general": GeneralScore, "concat": ConcatScore,
 }
 WINDOWS: dict[str, type[nn.Module]] = {
-    "global": GlobalWindow,
-    "local-m": MonotonicWindow,
-    "local-p": PredictiveWindow,
+    "global": GlobalWindow, "local-m": MonotonicWindow, "local-p": PredictiveWindow,
 }
 
 
@@ -159,8 +152,7 @@ class Attention(nn.Module):
 
     def __init__(self, score: nn.Module, window: nn.Module):
         super().__init__()
-        self.score = score
-        self.window = window
+        self.score, self.window = score, window
 
     def precompute(self, memory: torch.Tensor) -> torch.Tensor:
         return self.score.precompute(memory)
@@ -198,32 +190,3 @@ def build_attention(
     if window not in WINDOWS:
         raise MtkitError(f"config key 'model.window': unknown value '{window}' (valid: {', '.join(WINDOWS)})")
     return Attention(SCORES[score](query_dim, memory_dim, attn_dim), WINDOWS[window](window_size, query_dim))
-
-
-class AttentionalRNN(Seq2Seq):
-    """Shared teacher forcing and stepping of the attentional RNN families.
-
-    Subclasses provide ``encode``, ``self.decoder``, ``self.tgt_embed``, ``self.dropout`` and
-    ``self.out``. The decoder maps (embedded token (B, E), enc, state) to (output (B, H), state,
-    attention (B, S)) in ``forward`` (one step, used by search) and (embedded target (B, T, E),
-    enc, state) to outputs (B, T, H) in ``sequence`` (teacher forcing), which runs over whole
-    sequences whatever does not depend on the recurrence; the contract test holds the two equal.
-    """
-
-    def init_state(self, enc: State) -> State:
-        return self.decoder.init_state(enc)
-
-    def output_projection(self) -> nn.Linear:
-        return self.out
-
-    def features(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        enc = self.encode(src, src_len)
-        emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
-        return self.decoder.sequence(emb, enc, self.init_state(enc))  # (B, T, H)
-
-    def step(
-        self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
-    ) -> tuple[torch.Tensor, State, torch.Tensor]:
-        emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
-        o, state, weights = self.decoder(emb, enc, state)
-        return torch.log_softmax(self.out(o).float(), dim=-1), state, weights

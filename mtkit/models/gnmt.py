@@ -32,32 +32,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mtkit.config_fields import ModelConfig, any_value, choice, number
-from mtkit.errors import MtkitError
+from mtkit.config_fields import any_value, choice, number
 from mtkit.kernels.dropout import Dropout
-from mtkit.kernels.linear import Linear
-from mtkit.models.attention import Attention, AttentionalRNN, build_attention
+from mtkit.models.attention import Attention, build_attention
 from mtkit.models.base import State
 from mtkit.models.lstm import (
     CELL_CLASSES,
     RNN_CLASSES,
     Embedding,
     Hidden,
+    RecurrentConfig,
     cell_step,
     embedding_gates,
-    init_forget_bias,
-    init_uniform,
+    initial_state,
     input_gates,
+    layers_state,
     output_of,
-    padding_mask,
     run_cell,
-    tie_embeddings,
+    state_layers,
+    to_state,
 )
-from mtkit.models.rnn_attention import Bridge
+from mtkit.models.rnn_attention import AttentionalRNN, Bridge
 
 
 @dataclass
-class Config(ModelConfig):
+class Config(RecurrentConfig):
     arch: str = any_value("gnmt")
     cell: str = choice("lstm", "lstm", "gru")
     embed_dim: int = number(512, low=1)
@@ -74,15 +73,7 @@ class Config(ModelConfig):
     bridge: bool = False  # decoder states start from the top encoder layer's final state (else zero)
 
     def check(self, section: str) -> None:
-        if self.tie_embeddings and self.hidden_dim != self.embed_dim:
-            raise MtkitError(
-                f"config key '{section}.tie_embeddings': true needs {section}.hidden_dim ({self.hidden_dim}) "
-                f"== {section}.embed_dim ({self.embed_dim})"
-            )
-
-    @property
-    def width(self) -> int:
-        return self.hidden_dim
+        self.check_tied_sizes(section, "hidden_dim", self.hidden_dim, "embed_dim")
 
 
 def residual_layers(n: int, start: int) -> list[bool]:
@@ -111,8 +102,8 @@ class GNMTEncoder(nn.Module):
             out, final = layer(packed._replace(data=self.dropout(packed.data)))  # .data is (tokens, H)
             packed = out._replace(data=out.data + packed.data) if residual else out
         memory, _ = pad_packed_sequence(packed, batch_first=True, total_length=src.size(1))
-        finals = final if isinstance(final, tuple) else (final,)  # each (directions, B, H), batch order kept
-        last = {name: t.transpose(0, 1).reshape(t.size(1), 1, -1) for name, t in zip(("h", "c"), finals)}
+        # the top layer's final state: (B, directions, H) -> (B, 1, directions*H)
+        last = {name: t.reshape(t.size(0), 1, -1) for name, t in to_state(final).items()}
         return memory, last
 
 
@@ -120,7 +111,7 @@ class GNMTDecoder(nn.Module):
     def __init__(self, cfg: Config, memory_dim: int):
         super().__init__()
         cell, h = CELL_CLASSES[cfg.cell], cfg.hidden_dim
-        self.hidden = h
+        self.out_dim = h
         self.has_cell_state = cfg.cell == "lstm"
         self.attention: Attention = build_attention("bahdanau", h, memory_dim, cfg.attn_dim or h)
         self.cells = nn.ModuleList(
@@ -132,46 +123,34 @@ class GNMTDecoder(nn.Module):
     def init_state(self, enc: State) -> State:
         memory = enc["memory"]
         if "init_h" in enc:  # from the bridge: (B, L, H)
-            state = {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+            state = initial_state(enc)
         else:
-            zeros = memory.new_zeros(memory.size(0), len(self.cells), self.hidden)  # (B, L, H)
+            zeros = memory.new_zeros(memory.size(0), len(self.cells), self.out_dim)  # (B, L, H)
             state = {"h": zeros, "c": zeros.clone()} if self.has_cell_state else {"h": zeros}
         state["ctx"] = memory.new_zeros(memory.size(0), memory.size(2))  # previous context (B, Hm)
         return state
 
-    def _cell(self, i: int, inp: torch.Tensor, state: State, hs: list, cs: list) -> torch.Tensor:
-        gx = input_gates(inp, self.cells[i])
-        if self.has_cell_state:
-            h, c = cell_step(gx, (state["h"][:, i], state["c"][:, i]), self.cells[i])
-            cs.append(c)
-        else:
-            h = cell_step(gx, state["h"][:, i], self.cells[i])
-        hs.append(h)
-        return h
+    def _cell(self, i: int, inp: torch.Tensor, state: Hidden) -> Hidden:
+        return cell_step(input_gates(inp, self.cells[i]), state, self.cells[i])
 
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One step: emb (B, E) -> output (B, H)."""
-        hs: list[torch.Tensor] = []
-        cs: list[torch.Tensor] = []
-        bottom = self._cell(0, torch.cat([emb, state["ctx"]], dim=-1), state, hs, cs)  # (B, H)
-        ctx, weights = self.attention(bottom, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
-        x = bottom
-        for i in range(1, len(self.cells)):
-            h = self._cell(i, torch.cat([self.dropout(x), ctx], dim=-1), state, hs, cs)  # context into every layer
+        layers = state_layers(state)
+        new = [self._cell(0, torch.cat([emb, state["ctx"]], dim=-1), layers[0])]
+        x = output_of(new[0])  # the bottom layer's output (B, H)
+        ctx, weights = self.attention(x, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+        for i in range(1, len(self.cells)):  # the context enters every layer
+            new.append(self._cell(i, torch.cat([self.dropout(x), ctx], dim=-1), layers[i]))
+            h = output_of(new[i])
             x = h + x if self.residual[i] else h
-        new_state = {"h": torch.stack(hs, dim=1), "ctx": ctx}  # h: (B, L, H)
-        if self.has_cell_state:
-            new_state["c"] = torch.stack(cs, dim=1)
-        return self.dropout(x), new_state, weights
+        return self.dropout(x), {**layers_state(new), "ctx": ctx}, weights
 
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
         """Teacher forcing: emb (B, T, E) -> outputs (B, T, H). Only the bottom layer and the
         attention loop over positions; each upper layer is one call over the whole target."""
-        h = state["h"].transpose(0, 1)  # (L, B, H): torch's layout inside the loop
-        c = state["c"].transpose(0, 1) if self.has_cell_state else None
-        ctx = state["ctx"]
-        bottom: Hidden = (h[0], c[0]) if c is not None else h[0]
-        bottom_cell = self.cells[0]
+        h = state["h"].transpose(0, 1)  # (L, B, H): torch's layout (which the gradients keep) inside the loop
+        layers = list(zip(h, state["c"].transpose(0, 1))) if self.has_cell_state else list(h)
+        bottom, ctx, bottom_cell = layers[0], state["ctx"], self.cells[0]
         gx_emb, w_ctx = embedding_gates(emb, bottom_cell.weight_ih, bottom_cell.bias_ih)
         bottoms, ctxs = [], []
         for gx in gx_emb.unbind(1):  # (B, 4H) per position
@@ -180,11 +159,9 @@ class GNMTDecoder(nn.Module):
             ctx, _ = self.attention(hb, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
             bottoms.append(hb)
             ctxs.append(ctx)
-        x = torch.stack(bottoms, dim=1)  # (B, T, H)
-        context = torch.stack(ctxs, dim=1)  # (B, T, Hm)
+        x, context = torch.stack(bottoms, dim=1), torch.stack(ctxs, dim=1)  # (B, T, H), (B, T, Hm)
         for i in range(1, len(self.cells)):
-            out = run_cell(self.cells[i], torch.cat([self.dropout(x), context], dim=-1), h[i],
-                           c[i] if c is not None else None)
+            out = run_cell(self.cells[i], torch.cat([self.dropout(x), context], dim=-1), layers[i])
             x = out + x if self.residual[i] else out
         return self.dropout(x)
 
@@ -199,27 +176,8 @@ class GNMT(AttentionalRNN):
         self.encoder = GNMTEncoder(cfg, src_vocab_size, pad_id)
         self.decoder = GNMTDecoder(cfg, self.encoder.out_dim)
         if cfg.bridge:
-            self.bridge = Bridge(self.encoder.out_dim, cfg.hidden_dim, cfg.decoder_layers, has_cell=cfg.cell == "lstm")
-        self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
-        self.dropout = Dropout(cfg.dropout)
-        self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
-        init_uniform(self, cfg.init_scale)
-        init_forget_bias(self, cfg.forget_bias)
-        if cfg.tie_embeddings:
-            self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out, "model.hidden_dim")
+            self.bridge = Bridge(self.encoder.out_dim, cfg)
+        self.add_output_layers(tgt_vocab_size, pad_id)
 
     def attention_label(self) -> str:
         return "additive attention, queried by the bottom decoder layer"
-
-    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
-        src_len = src_len.to(src.device)
-        memory, final = self.encoder(src, src_len)
-        enc = {
-            "memory": memory,  # (B, S, Hm)
-            "keys": self.decoder.attention.precompute(memory),  # (B, S, A)
-            "mask": padding_mask(src_len, src.size(1)),  # (B, S)
-            "src_len": src_len,
-        }
-        if self.cfg.bridge:
-            enc.update(self.bridge(final))  # init_h / init_c: (B, L, H)
-        return enc

@@ -62,14 +62,10 @@ class Embedding(nn.Embedding):
         return x if self.scale == 1.0 else x * self.scale
 
 
-def tie_embeddings(src_embed: nn.Embedding, tgt_embed: nn.Embedding, out: nn.Linear, key: str) -> nn.Embedding:
+def tie_embeddings(src_embed: nn.Embedding, tgt_embed: nn.Embedding, out: nn.Linear) -> nn.Embedding:
     """``out.weight = tgt_embed.weight``; the source embedding too when both vocabularies have the
-    same size (a joint vocabulary). Returns the target embedding to use (``src_embed`` if shared)."""
-    if out.in_features != tgt_embed.embedding_dim:
-        raise MtkitError(
-            f"model.tie_embeddings needs {key} ({out.in_features}), the output layer's input size, to equal "
-            f"model.embed_dim ({tgt_embed.embedding_dim})"
-        )
+    same size (a joint vocabulary). Returns the target embedding to use (``src_embed`` if shared).
+    The families' config checks guarantee that ``out`` reads vectors of the embedding's size."""
     if src_embed.num_embeddings == tgt_embed.num_embeddings and src_embed.embedding_dim == tgt_embed.embedding_dim:
         tgt_embed = src_embed
     # N(0, 1/d) rather than N(0, 1): the output layer's logits start at the scale of its input
@@ -85,15 +81,15 @@ def tie_embeddings(src_embed: nn.Embedding, tgt_embed: nn.Embedding, out: nn.Lin
     return tgt_embed
 
 
-def run_cell(cell: nn.RNNCellBase, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None = None) -> torch.Tensor:
+def run_cell(cell: nn.RNNCellBase, x: torch.Tensor, state: Hidden) -> torch.Tensor:
     """Run an ``nn.LSTMCell``/``nn.GRUCell`` over a whole sequence in one call (torch's fused
-    single-layer RNN on the cell's own weights): x (B, T, I), h0/c0 (B, H) -> outputs (B, T, H)."""
+    single-layer RNN on the cell's own weights): x (B, T, I), ``state`` (h, c) or h, each (B, H)
+    -> outputs (B, T, H)."""
     params = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
-    if c0 is not None:
-        out, _, _ = torch.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), params, True, 1, 0.0, False, False, True)
-    else:
-        out, _ = torch.gru(x, h0.unsqueeze(0), params, True, 1, 0.0, False, False, True)
-    return out
+    if isinstance(state, tuple):
+        h0, c0 = state
+        return torch.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), params, True, 1, 0.0, False, False, True)[0]
+    return torch.gru(x, state.unsqueeze(0), params, True, 1, 0.0, False, False, True)[0]
 
 
 def output_of(state: Hidden) -> torch.Tensor:
@@ -101,8 +97,10 @@ def output_of(state: Hidden) -> torch.Tensor:
     return state[0] if isinstance(state, tuple) else state
 
 
-def _suffix(layer: int | None) -> str:
-    return "" if layer is None else f"_l{layer}"
+def _gates(x: torch.Tensor, rnn: nn.Module, kind: str, layer: int | None) -> torch.Tensor:
+    """``x W^T + b`` with the weights ``kind`` ("ih" or "hh") of ``rnn`` (see :func:`cell_step`)."""
+    sfx = "" if layer is None else f"_l{layer}"
+    return step_linear(x, rnn, f"weight_{kind}{sfx}", getattr(rnn, f"bias_{kind}{sfx}"))
 
 
 def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None = None) -> Hidden:
@@ -113,9 +111,8 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
     ``nn.LSTM``/``nn.GRU``. The same maths as torch's cells, with the recurrent product through
     :func:`mtkit.kernels.linear.step_linear` (a prepacked oneDNN weight when decoding on a CPU).
     """
-    sfx = _suffix(layer)
     h = output_of(state)
-    gh = step_linear(h, rnn, f"weight_hh{sfx}", getattr(rnn, f"bias_hh{sfx}"))
+    gh = _gates(h, rnn, "hh", layer)
     n_hidden = h.size(1)
     if isinstance(state, tuple):
         gates = gx + gh
@@ -129,8 +126,7 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
 
 def input_gates(x: torch.Tensor, rnn: nn.Module, layer: int | None = None) -> torch.Tensor:
     """``x W_ih^T + b_ih``: the input's share of the gates of ``rnn`` (as in :func:`cell_step`)."""
-    sfx = _suffix(layer)
-    return step_linear(x, rnn, f"weight_ih{sfx}", getattr(rnn, f"bias_ih{sfx}"))
+    return _gates(x, rnn, "ih", layer)
 
 
 def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
@@ -142,12 +138,9 @@ def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.T
     included, and cheaper per step on a CPU (no fused-layer setup per call)."""
     new = []
     for layer, state in enumerate(hidden):
-        if layer == 0 and gx0 is not None:
-            gx = gx0
-        else:
-            if layer and rnn.dropout and rnn.training:
-                x = dropout(x, rnn.dropout)
-            gx = input_gates(x, rnn, layer)
+        if layer and rnn.dropout and rnn.training:
+            x = dropout(x, rnn.dropout)
+        gx = gx0 if layer == 0 and gx0 is not None else input_gates(x, rnn, layer)
         state = cell_step(gx, state, rnn, layer)
         x = output_of(state)
         new.append(state)
@@ -176,16 +169,10 @@ def layers_state(layers: list) -> State:
     return {"h": torch.stack(layers, 1)}
 
 
-def top_output(layers: list) -> torch.Tensor:
-    """The top layer's h (B, H) of a per-layer list."""
-    return output_of(layers[-1])
-
-
 def to_state(hidden: Hidden) -> State:
     """torch RNN state (layers, B, H) [+ cell] -> {"h": (B, layers, H)[, "c": ...]}."""
-    if isinstance(hidden, tuple):
-        return {"h": hidden[0].transpose(0, 1), "c": hidden[1].transpose(0, 1)}
-    return {"h": hidden.transpose(0, 1)}
+    parts = hidden if isinstance(hidden, tuple) else (hidden,)
+    return {name: t.transpose(0, 1) for name, t in zip("hc", parts)}
 
 
 def from_state(state: State) -> Hidden:
@@ -202,6 +189,18 @@ def reverse_padded(src: torch.Tensor, src_len: torch.Tensor) -> torch.Tensor:
     lens = src_len.to(src.device).unsqueeze(1)  # (B, 1)
     index = torch.where(pos < lens, lens - 1 - pos, pos)  # (B, S)
     return src.gather(1, index)
+
+
+def initial_state(enc: State) -> State:
+    """The decoder's starting states kept in ``enc`` as "init_h"[/"init_c"] -> {"h"[, "c"]}."""
+    return {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+
+
+def stacked_rnn(cell: str, input_dim: int, hidden: int, layers: int, dropout: float,
+                bidirectional: bool = False) -> nn.RNNBase:
+    """A batch-first ``nn.LSTM``/``nn.GRU`` with ``dropout`` between its layers."""
+    return RNN_CLASSES[cell](input_dim, hidden, layers, batch_first=True,
+                             dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
 
 
 def padding_mask(src_len: torch.Tensor, width: int) -> torch.Tensor:
@@ -221,26 +220,41 @@ class RNNEncoder(nn.Module):
         super().__init__()
         self.embed = Embedding(vocab, embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(dropout)
-        self.rnn = RNN_CLASSES[cell](embed_dim, hidden, layers, batch_first=True,
-                                     dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
-        self.dirs = 2 if bidirectional else 1
+        self.rnn = stacked_rnn(cell, embed_dim, hidden, layers, dropout, bidirectional)
         self.layers = layers
-        self.out_dim = self.dirs * hidden
+        self.out_dim = (2 if bidirectional else 1) * hidden
 
     def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[torch.Tensor, State]:
         x = self.dropout(self.embed(src))  # (B, S, E)
         packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
         out, hidden = self.rnn(packed)
         memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, dirs*H)
-        final = {}
-        for name, t in to_state(hidden).items():  # (B, layers*dirs, H) -> (B, layers, dirs*H)
-            final[name] = t.reshape(t.size(0), self.layers, self.out_dim)
+        # (B, layers*dirs, H) -> (B, layers, dirs*H)
+        final = {k: t.reshape(t.size(0), self.layers, self.out_dim) for k, t in to_state(hidden).items()}
         return self.dropout(memory), final
+
+
+class RecurrentConfig(ModelConfig):
+    """Base of the recurrent families' configs (their fields: ``hidden_dim``, ``embed_dim``,
+    ``tie_embeddings``...)."""
+
+    @property
+    def width(self) -> int:
+        return self.hidden_dim
+
+    def check_tied_sizes(self, section: str, key: str, size: int, other: str) -> None:
+        """With ``tie_embeddings``, refuse ``key`` (``size``) != ``other``: the output layer must read
+        vectors of the embedding's size."""
+        if self.tie_embeddings and size != getattr(self, other):
+            raise MtkitError(
+                f"config key '{section}.tie_embeddings': true needs {section}.{key} ({size}) "
+                f"== {section}.{other} ({getattr(self, other)})"
+            )
 
 
 # --- the Sutskever model ---------------------------------------------------------------------
 @dataclass
-class Config(ModelConfig):
+class Config(RecurrentConfig):
     arch: str = any_value("lstm")
     cell: str = choice("lstm", "lstm", "gru")
     embed_dim: int = number(256, low=1)
@@ -253,15 +267,7 @@ class Config(ModelConfig):
     forget_bias: float = number(1.0)  # initial LSTM forget-gate bias
 
     def check(self, section: str) -> None:
-        if self.tie_embeddings and self.embed_dim != self.hidden_dim:
-            raise MtkitError(
-                f"config key '{section}.tie_embeddings': true needs {section}.embed_dim ({self.embed_dim}) "
-                f"== {section}.hidden_dim ({self.hidden_dim})"
-            )
-
-    @property
-    def width(self) -> int:
-        return self.hidden_dim
+        self.check_tied_sizes(section, "embed_dim", self.embed_dim, "hidden_dim")
 
 
 class LSTMSeq2Seq(Seq2Seq):
@@ -274,8 +280,7 @@ class LSTMSeq2Seq(Seq2Seq):
         self.encoder = RNNEncoder(cfg.cell, src_vocab_size, cfg.embed_dim, cfg.hidden_dim,
                                   cfg.layers, cfg.dropout, pad_id)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
-        self.decoder = RNN_CLASSES[cfg.cell](cfg.embed_dim, cfg.hidden_dim, cfg.layers, batch_first=True,
-                                             dropout=cfg.dropout if cfg.layers > 1 else 0.0)
+        self.decoder = stacked_rnn(cfg.cell, cfg.embed_dim, cfg.hidden_dim, cfg.layers, cfg.dropout)
         self.dropout = Dropout(cfg.dropout)
         self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
         init_uniform(self, cfg.init_scale)
@@ -290,7 +295,7 @@ class LSTMSeq2Seq(Seq2Seq):
         return {f"init_{k}": v for k, v in final.items()}  # (B, layers, H) each
 
     def init_state(self, enc: State) -> State:
-        return {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+        return initial_state(enc)
 
     def _decode(self, tgt_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         x = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)

@@ -19,6 +19,7 @@ without input feeding is one RNN call, one batched score and one combine layer o
 target; RNNsearch's maxout readout runs over all positions at once after its loop, and the
 embedding's share of the bottom layer's gates is one matrix product over all positions before it.
 Per step, the stacked RNN runs on the module's own weights through :func:`mtkit.models.lstm.rnn_step`.
+:class:`AttentionalRNN`, the model base shared with GNMT, lives here too.
 """
 
 from __future__ import annotations
@@ -29,31 +30,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtkit.config_fields import ModelConfig, any_value, choice, number
+from mtkit.config_fields import any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.kernels.dropout import Dropout
 from mtkit.kernels.linear import Linear
-from mtkit.models.attention import Attention, AttentionalRNN, build_attention
-from mtkit.models.base import State
+from mtkit.models.attention import Attention, build_attention
+from mtkit.models.base import Seq2Seq, State
 from mtkit.models.lstm import (
-    RNN_CLASSES,
     Embedding,
+    RecurrentConfig,
     RNNEncoder,
     embedding_gates,
     from_state,
     init_forget_bias,
     init_uniform,
+    initial_state,
     layers_state,
+    output_of,
     padding_mask,
     rnn_step,
+    stacked_rnn,
     state_layers,
     tie_embeddings,
-    top_output,
 )
 
 
 @dataclass
-class Config(ModelConfig):
+class Config(RecurrentConfig):
     arch: str = any_value("rnn_attention")
     cell: str = choice("lstm", "lstm", "gru")
     embed_dim: int = number(256, low=1)
@@ -82,20 +85,10 @@ class Config(ModelConfig):
                 f"config key '{section}.window': '{self.window}' needs a Luong score "
                 f"({section}.attention dot, general or concat), not bahdanau"
             )
-        if self.tie_embeddings:  # the output layer reads the readout (Bahdanau) or h~ (Luong)
-            key, size = (
-                ("readout_dim", self.readout_dim or self.embed_dim) if self.attention == "bahdanau"
-                else ("hidden_dim", self.hidden_dim)
-            )
-            if size != self.embed_dim:
-                raise MtkitError(
-                    f"config key '{section}.tie_embeddings': true needs {section}.{key} ({size}) "
-                    f"== {section}.embed_dim ({self.embed_dim})"
-                )
-
-    @property
-    def width(self) -> int:
-        return self.hidden_dim
+        if self.attention == "bahdanau":  # the output layer reads the readout (Bahdanau) or h~ (Luong)
+            self.check_tied_sizes(section, "readout_dim", self.readout_dim or self.embed_dim, "embed_dim")
+        else:
+            self.check_tied_sizes(section, "hidden_dim", self.hidden_dim, "embed_dim")
 
 
 class Bridge(nn.Module):
@@ -105,11 +98,11 @@ class Bridge(nn.Module):
     layer seeds every decoder layer.
     """
 
-    def __init__(self, enc_dim: int, hidden: int, dec_layers: int, has_cell: bool):
+    def __init__(self, enc_dim: int, cfg: RecurrentConfig):
         super().__init__()
-        self.dec_layers = dec_layers
-        self.h = Linear(enc_dim, hidden)
-        self.c = Linear(enc_dim, hidden) if has_cell else None
+        self.dec_layers = cfg.decoder_layers
+        self.h = Linear(enc_dim, cfg.hidden_dim)
+        self.c = Linear(enc_dim, cfg.hidden_dim) if cfg.cell == "lstm" else None
 
     def forward(self, final: State) -> State:
         out = {}
@@ -120,30 +113,82 @@ class Bridge(nn.Module):
         return out
 
 
+class AttentionalRNN(Seq2Seq):
+    """Shared set-up, encoding, teacher forcing and stepping of the attentional RNN families.
+
+    Subclasses build ``self.encoder`` (src, src_len -> memory (B, S, Hm), final states), an optional
+    ``self.bridge`` and ``self.decoder``, then call :meth:`add_output_layers`. The decoder maps
+    (embedded token (B, E), enc, state) to (output (B, H), state, attention (B, S)) in ``forward``
+    (one step, used by search) and (embedded target (B, T, E), enc, state) to outputs (B, T, H) in
+    ``sequence`` (teacher forcing), which runs over whole sequences whatever does not depend on
+    the recurrence; the contract test holds the two equal.
+    """
+
+    def add_output_layers(self, tgt_vocab_size: int, pad_id: int) -> None:
+        """The target embedding, dropout and output layer, then the initialisation of every weight
+        (in parameter order) and the optional tying."""
+        cfg = self.cfg
+        self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
+        self.dropout = Dropout(cfg.dropout)
+        self.out = Linear(self.decoder.out_dim, tgt_vocab_size)
+        init_uniform(self, cfg.init_scale)
+        init_forget_bias(self, cfg.forget_bias)
+        if cfg.tie_embeddings:
+            self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out)
+
+    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
+        src_len = src_len.to(src.device)
+        memory, final = self.encoder(src, src_len)
+        enc = {
+            "memory": memory,  # (B, S, Hm)
+            "keys": self.decoder.attention.precompute(memory),  # (B, S, K)
+            "mask": padding_mask(src_len, src.size(1)),  # (B, S)
+            "src_len": src_len,
+        }
+        if hasattr(self, "bridge"):
+            enc.update(self.bridge(final))  # init_h / init_c: (B, L, H)
+        return enc
+
+    def init_state(self, enc: State) -> State:
+        return self.decoder.init_state(enc)
+
+    def output_projection(self) -> nn.Linear:
+        return self.out
+
+    def features(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        enc = self.encode(src, src_len)
+        emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
+        return self.decoder.sequence(emb, enc, self.init_state(enc))  # (B, T, H)
+
+    def step(
+        self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
+        o, state, weights = self.decoder(emb, enc, state)
+        return torch.log_softmax(self.out(o).float(), dim=-1), state, weights
+
+
 class BahdanauDecoder(nn.Module):
     """RNNsearch decoder: attend with s_{i-1}, then s_i = RNN([E y_{i-1}; c_i], s_{i-1})."""
 
     def __init__(self, cfg: Config, memory_dim: int):
         super().__init__()
-        if cfg.window != "global":
-            raise MtkitError("model.window must be 'global' with model.attention=bahdanau (local windows are Luong's)")
         hidden, attn_dim = cfg.hidden_dim, cfg.attn_dim or cfg.hidden_dim
         self.readout_dim = cfg.readout_dim or cfg.embed_dim
         self.attention: Attention = build_attention("bahdanau", hidden, memory_dim, attn_dim)
-        self.rnn = RNN_CLASSES[cfg.cell](cfg.embed_dim + memory_dim, hidden, cfg.decoder_layers, batch_first=True,
-                                         dropout=cfg.dropout if cfg.decoder_layers > 1 else 0.0)
+        self.rnn = stacked_rnn(cfg.cell, cfg.embed_dim + memory_dim, hidden, cfg.decoder_layers, cfg.dropout)
         self.readout = Linear(hidden + memory_dim + cfg.embed_dim, 2 * self.readout_dim)  # maxout, pool 2
         self.dropout = Dropout(cfg.dropout)
         self.out_dim = self.readout_dim
 
     def init_state(self, enc: State) -> State:
-        state = {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+        state = initial_state(enc)
         state["t"] = torch.zeros_like(enc["src_len"])
         return state
 
     def attend(self, hidden: list, enc: State) -> tuple[torch.Tensor, torch.Tensor]:
         """The context c_i (B, Hm) and weights from s_{i-1}, the top layer of ``hidden``."""
-        return self.attention(top_output(hidden), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+        return self.attention(output_of(hidden[-1]), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
 
     def maxout(self, s: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Maxout over [s_i; c_i; E y_{i-1}], for one step (B, ...) or all positions (B, T, ...)."""
@@ -154,9 +199,7 @@ class BahdanauDecoder(nn.Module):
         hidden = state_layers(state)
         ctx, weights = self.attend(hidden, enc)
         s, hidden = rnn_step(self.rnn, torch.cat([emb, ctx], dim=-1), hidden)  # (B, H)
-        new_state = layers_state(hidden)
-        new_state["t"] = state["t"] + 1
-        return self.maxout(s, ctx, emb), new_state, weights
+        return self.maxout(s, ctx, emb), {**layers_state(hidden), "t": state["t"] + 1}, weights
 
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
         hidden = state_layers(state)  # per-layer (B, H) states for the whole loop
@@ -175,24 +218,21 @@ class LuongDecoder(nn.Module):
 
     def __init__(self, cfg: Config, memory_dim: int):
         super().__init__()
-        hidden = cfg.hidden_dim
-        self.input_feed = cfg.input_feed
-        self.hidden = hidden
+        hidden, self.input_feed = cfg.hidden_dim, cfg.input_feed
         self.attention: Attention = build_attention(
             cfg.attention, hidden, memory_dim, cfg.attn_dim or hidden, cfg.window, cfg.window_size
         )
         feed = hidden if cfg.input_feed else 0
-        self.rnn = RNN_CLASSES[cfg.cell](cfg.embed_dim + feed, hidden, cfg.decoder_layers, batch_first=True,
-                                         dropout=cfg.dropout if cfg.decoder_layers > 1 else 0.0)
+        self.rnn = stacked_rnn(cfg.cell, cfg.embed_dim + feed, hidden, cfg.decoder_layers, cfg.dropout)
         self.combine = Linear(memory_dim + hidden, hidden, bias=False)  # W_c
         self.dropout = Dropout(cfg.dropout)
         self.out_dim = hidden
 
     def init_state(self, enc: State) -> State:
-        state = {k[len("init_"):]: v for k, v in enc.items() if k.startswith("init_")}
+        state = initial_state(enc)
         state["t"] = torch.zeros_like(enc["src_len"])
         if self.input_feed:
-            state["feed"] = enc["memory"].new_zeros(enc["memory"].size(0), self.hidden)
+            state["feed"] = enc["memory"].new_zeros(enc["memory"].size(0), self.out_dim)
         return state
 
     def attend(self, h: torch.Tensor, enc: State, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +244,7 @@ class LuongDecoder(nn.Module):
         x = torch.cat([emb, state["feed"]], dim=-1) if self.input_feed else emb
         out, hidden = rnn_step(self.rnn, x, state_layers(state))
         h_tilde, weights = self.attend(out, enc, state["t"])  # (B, H)
-        new_state = layers_state(hidden)
-        new_state["t"] = state["t"] + 1
+        new_state = {**layers_state(hidden), "t": state["t"] + 1}
         if self.input_feed:
             new_state["feed"] = h_tilde
         return h_tilde, new_state, weights
@@ -234,30 +273,12 @@ class RNNAttention(AttentionalRNN):
         self.encoder = RNNEncoder(cfg.cell, src_vocab_size, cfg.embed_dim, cfg.encoder_hidden_dim or cfg.hidden_dim,
                                   cfg.encoder_layers, cfg.dropout, pad_id, bidirectional=cfg.bidirectional)
         memory_dim = self.encoder.out_dim
-        self.bridge = Bridge(memory_dim, cfg.hidden_dim, cfg.decoder_layers, has_cell=cfg.cell == "lstm")
+        self.bridge = Bridge(memory_dim, cfg)
         decoder_class = BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder
         self.decoder = decoder_class(cfg, memory_dim)
-        self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
-        self.dropout = Dropout(cfg.dropout)
-        self.out = Linear(self.decoder.out_dim, tgt_vocab_size)
-        init_uniform(self, cfg.init_scale)
-        init_forget_bias(self, cfg.forget_bias)
-        if cfg.tie_embeddings:
-            size_key = "model.readout_dim" if cfg.attention == "bahdanau" else "model.hidden_dim"
-            self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out, size_key)
+        self.add_output_layers(tgt_vocab_size, pad_id)
 
     def attention_label(self) -> str:
         if self.cfg.attention == "bahdanau":
             return "Bahdanau additive attention"
         return f"Luong {self.cfg.attention} attention, {self.cfg.window} window"
-
-    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> State:
-        memory, final = self.encoder(src, src_len)  # (B, S, Hm)
-        enc = {
-            "memory": memory,
-            "keys": self.decoder.attention.precompute(memory),  # (B, S, K)
-            "mask": padding_mask(src_len.to(src.device), src.size(1)),  # (B, S)
-            "src_len": src_len.to(src.device),
-        }
-        enc.update(self.bridge(final))  # init_h / init_c: (B, L, H)
-        return enc

@@ -111,6 +111,13 @@ class Attention(nn.Module):
     def split(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H*Dh) -> (B, H, T, Dh)
         return x.view(x.size(0), x.size(1), self.heads, self.dh).transpose(1, 2)
 
+    def project_qkv(self, x: torch.Tensor, rope: tuple | None) -> tuple[torch.Tensor, ...]:
+        """Self-attention queries, keys and values (B, H, T, Dh); q and k rotated when ``rope`` is given."""
+        q, k, v = (self.split(t) for t in self.qkv(x).chunk(3, dim=-1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
     def project_kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values (B, H, S, Dh), contiguous: every decoding step reads them."""
         k, v = self.kv(mem).chunk(2, dim=-1)
@@ -124,16 +131,14 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p, is_causal=causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
-        B, H, T, Dh = y.shape
-        return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))
+        return self.out(y.transpose(1, 2).flatten(2))  # heads merged: (B, T, H*Dh)
 
     def attend_with_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Explicit attention that also returns the head-averaged weights (B, T, S)."""
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh)  # (B, H, T, S)
         weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         y = dropout(weights, self.p_drop, self.training) @ v
-        B, H, T, Dh = y.shape
-        return self.out(y.transpose(1, 2).reshape(B, T, H * Dh)), weights.mean(1)
+        return self.out(y.transpose(1, 2).flatten(2)), weights.mean(1)
 
 
 class FeedForward(nn.Module):
@@ -167,13 +172,8 @@ class EncoderLayer(nn.Module):
         self.sub1, self.sub2 = Sublayer(cfg), Sublayer(cfg)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple | None) -> torch.Tensor:
-        def self_attention(h: torch.Tensor) -> torch.Tensor:
-            q, k, v = (self.attn.split(t) for t in self.attn.qkv(h).chunk(3, dim=-1))
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            return self.attn.attend(q, k, v, mask)
-
-        return self.sub2(self.sub1(x, self_attention), self.ffn)
+        x = self.sub1(x, lambda h: self.attn.attend(*self.attn.project_qkv(h, rope), mask))
+        return self.sub2(x, self.ffn)
 
 
 class DecoderLayer(nn.Module):
@@ -190,14 +190,11 @@ class DecoderLayer(nn.Module):
 
         def self_attention(h: torch.Tensor) -> torch.Tensor:
             nonlocal new_cache
-            q, k, v = (self.self_attn.split(t) for t in self.self_attn.qkv(h).chunk(3, dim=-1))
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k, v = self.self_attn.project_qkv(h, rope)
             if cache is not None:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             new_cache = (k, v)
-            causal = cache is None and self_mask is None
-            return self.self_attn.attend(q, k, v, self_mask, causal=causal)
+            return self.self_attn.attend(q, k, v, self_mask, causal=cache is None and self_mask is None)
 
         def cross_attention(h: torch.Tensor) -> torch.Tensor:
             nonlocal weights
@@ -212,8 +209,7 @@ class DecoderLayer(nn.Module):
                 y = self.cross_attn.attend(q, mem_k, mem_v, mem_mask)
             return y.reshape(n, -1, y.size(-1))  # (b, k, D) -> (N, 1, D)
 
-        x = self.sub1(x, self_attention)
-        x = self.sub2(x, cross_attention)
+        x = self.sub2(self.sub1(x, self_attention), cross_attention)
         return self.sub3(x, self.ffn), new_cache, weights
 
 
@@ -240,9 +236,8 @@ class Transformer(Seq2Seq):
         elif cfg.positions == "sinusoidal":
             self.register_buffer("pos_table", sinusoid_table(cfg.max_positions, d), persistent=False)
         elif cfg.positions == "rope":
-            cos, sin = rope_tables(cfg.max_positions, dh)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            for name, table in zip(("rope_cos", "rope_sin"), rope_tables(cfg.max_positions, dh)):
+                self.register_buffer(name, table, persistent=False)
         else:
             self.register_buffer("slopes", alibi_slopes(cfg.heads), persistent=False)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
@@ -340,11 +335,10 @@ class Transformer(Seq2Seq):
         return self.decode(tgt_in, pos, enc, None)[0]  # (B, T, D)
 
     def init_state(self, enc: State) -> State:
-        B, dev = enc["src_mask"].size(0), enc["src_mask"].device  # per sentence: search expands it
-        ref = enc["cross_k0"]
-        state: State = {"pos": torch.zeros(B, dtype=torch.long, device=dev)}
+        B = enc["src_mask"].size(0)  # per sentence: search expands it
+        state: State = {"pos": torch.zeros(B, dtype=torch.long, device=enc["src_mask"].device)}
         for i in range(len(self.decoder)):
-            empty = ref.new_zeros(B, self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
+            empty = enc["cross_k0"].new_zeros(B, self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
             state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
         return state
 
