@@ -35,7 +35,7 @@ from mtkit.config import DecodeConfig
 from mtkit.data.batching import collate_source, length_sorted_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_lines, open_binary, open_output
-from mtkit.decoding import search
+from mtkit.decoding import output, search
 from mtkit.decoding.inputs import encode_source, is_stream, paced
 from mtkit.decoding.options import Options, make_options, resolve_decode_config, sampling_options
 from mtkit.decoding.output import OUTPUT_FORMATS, Formatter, Record, prepare_resume
@@ -169,9 +169,7 @@ def translate_file(
     if resume and str(output_path) == "-":
         raise MtkitError("--resume needs an output file (-o FILE)")
     if opts.plot_attention:
-        from mtkit.decoding.plot import check_available
-
-        check_available()
+        output.check_available()
     tr, engine = _load_translator(model_paths, device, opts)
     cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
@@ -262,13 +260,11 @@ def _plot_attention(tr: Translator, folder: str, rec: Record) -> None:
     """One heatmap PNG of the best hypothesis' attention, when it has one."""
     if not rec.hyps or rec.hyps[0].attn is None:
         return
-    from mtkit.decoding.plot import plot_attention
-
     h = rec.hyps[0]
     label = tr.models[0].attention_label() if tr.models else "attention weights"  # which attention is drawn
     if len(tr.models) > 1:
         label += f", mean over {len(tr.models)} models"
-    plot_attention(
+    output.plot_attention(
         h.attn, tr.src_spm.id_to_piece(rec.src_ids) + ["</s>"], tr.tgt_spm.id_to_piece(h.tokens) + ["</s>"],
         Path(folder) / f"{rec.index:06d}.png", title=f"line {rec.index + 1}: {label}",
     )
