@@ -1,25 +1,21 @@
-"""Export a Transformer checkpoint to CTranslate2 through its public model-spec API.
-
-The exported directory is self-contained: ``model.bin``, ``config.json`` and the vocabulary
-file(s) written by CTranslate2, the sentencepiece model(s) (``source.spm``, ``target.spm``) and
-``mtkit_export.json`` (where it came from, the decode defaults and the length limits).
-
-Mapping (mtkit -> CTranslate2 ``TransformerSpec``):
+"""Export a Transformer checkpoint to CTranslate2 through its public model-spec API, as a self-contained
+directory: ``model.bin``, ``config.json`` and the vocabulary file(s) written by CTranslate2, the
+sentencepiece model(s) (``source.spm``, ``target.spm``) and ``mtkit_export.json`` (where it came from,
+the decode defaults and the length limits). Mapping (mtkit -> CTranslate2 ``TransformerSpec``):
 
 - embeddings: ``src_embed`` / ``tgt_embed`` scaled by sqrt(d_model) (``scale_embeddings``);
-- positions: the sinusoidal or learned table is written out explicitly
-  (``position_encodings.encodings``), so CTranslate2's own sinusoid convention never applies;
-  RoPE becomes rotary attention over the whole head in the "two halves" layout
-  (``rotary_dim=0, rotary_interleave=False``); ALiBi cannot be expressed (the encoder has no
-  ALiBi in CTranslate2) and is refused;
+- positions: the sinusoidal or learned table is written out (``position_encodings.encodings``), so
+  CTranslate2's own sinusoid convention never applies; RoPE becomes rotary attention over the whole
+  head in the "two halves" layout (``rotary_dim=0, rotary_interleave=False``); ALiBi cannot be
+  expressed (the encoder has no ALiBi in CTranslate2) and is refused;
 - ``qkv`` -> ``self_attention.linear[0]`` (q, k, v stacked in that order), ``out`` -> ``linear[1]``;
-  cross attention ``q`` -> ``linear[0]``, ``kv`` -> ``linear[1]``, ``out`` -> ``linear[2]``;
-- ``sub1/sub2/sub3.norm`` -> the sublayers' ``layer_norm`` (pre- or post-norm as trained);
-  ``enc_norm`` / ``dec_norm`` -> the final norms of a pre-norm model; epsilon 1e-5 (torch's);
+  cross attention ``q`` / ``kv`` / ``out`` -> ``linear[0]`` / ``linear[1]`` / ``linear[2]``;
+- ``sub1/sub2/sub3.norm`` -> the sublayers' ``layer_norm`` (pre- or post-norm as trained); ``enc_norm``
+  / ``dec_norm`` -> the final norms of a pre-norm model; epsilon 1e-5 (torch's);
 - ``output`` -> ``decoder.projection`` (no bias; tied weights are written once);
-- vocabularies in sentencepiece id order; ``<s>``/``</s>``/``<unk>`` named after mtkit's
-  bos/eos/unk pieces; decoding starts from BOS, and the source gets EOS appended
-  (``add_source_eos``), as in mtkit's ``collate_source``.
+- vocabularies in sentencepiece id order; ``<s>``/``</s>``/``<unk>`` named after mtkit's bos/eos/unk
+  pieces; decoding starts from BOS, and the source gets EOS appended (``add_source_eos``), as in
+  mtkit's ``collate_source``.
 """
 
 from __future__ import annotations

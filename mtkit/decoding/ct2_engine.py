@@ -1,29 +1,25 @@
-"""Decoding with CTranslate2 on a model written by ``mtkit export --format ctranslate2``.
+"""Decoding with CTranslate2 on a model written by ``mtkit export --format ctranslate2``: the export
+directory holds the CTranslate2 model, the sentencepiece model(s) and ``mtkit_export.json`` (decode
+defaults, length limits). Sentences go in and come back as pieces (CTranslate2 appends the source EOS).
+Decode settings -> CTranslate2 options:
 
-The export directory holds everything: the CTranslate2 model, the sentencepiece model(s) and
-``mtkit_export.json`` (decode defaults and length limits of the checkpoint). Sentences go in as
-sentencepiece pieces (CTranslate2 appends the source EOS) and come back as pieces.
+- ``beam`` -> ``beam_size`` (1: greedy), ``nbest`` -> ``num_hypotheses``, ``no_repeat_ngram`` ->
+  ``no_repeat_ngram_size``, ``min_len`` -> ``min_decoding_length``;
+- ``max_decoding_length``: ``max_len_a * (source tokens + EOS) + max_len_b`` of the batch's longest
+  sentence; longer hypotheses of shorter ones are cut to their own limit (score kept). mtkit forces EOS
+  at the limit, CTranslate2 stops without it: beam search may pick other hypotheses for sentences that
+  hit it (greedy gives the same tokens);
+- ``length_penalty`` none / average -> 0 / 1 (same final scores: both count EOS); gnmt ((5+|Y|)/6)^alpha
+  has no equivalent and becomes |Y|^alpha (a warning says so); ``beta`` -> ``coverage_penalty``
+  (CTranslate2's own formula);
+- pad and BOS are never generated (``suppress_sequences``), as in mtkit; CTranslate2 renormalises after
+  banning them (and EOS before ``min_len``), so its scores can be slightly above mtkit's for the same
+  tokens; teacher-forced scores (``score_batch``) are exact.
 
-Decode settings map onto CTranslate2's options as follows:
-
-- ``beam`` -> ``beam_size`` (1: greedy), ``nbest`` -> ``num_hypotheses``,
-  ``no_repeat_ngram`` -> ``no_repeat_ngram_size``, ``min_len`` -> ``min_decoding_length``;
-- ``max_len_a * (source tokens + EOS) + max_len_b`` -> ``max_decoding_length`` per batch (from
-  its longest sentence); a longer hypothesis of a shorter sentence is then cut to that
-  sentence's own limit (its score is left as CTranslate2 computed it). At the limit mtkit
-  forces EOS while CTranslate2 stops without it, so beam search may pick different hypotheses
-  for sentences that hit the limit (greedy search gives the same tokens);
-- ``length_penalty`` none / average -> ``length_penalty`` 0 / 1 (the same final scores: the
-  length counts EOS in both); gnmt ((5+|Y|)/6)^alpha has no CTranslate2 equivalent and becomes
-  |Y|^alpha (a warning says so); ``beta`` -> ``coverage_penalty`` (CTranslate2's own formula);
-- pad and BOS are never generated (``suppress_sequences``), as in mtkit's search. CTranslate2
-  renormalises after banning them (and EOS before ``min_len``), so its scores can be slightly
-  higher than mtkit's for the same tokens; teacher-forced scores (``score_batch``) are exact.
-
-Attention (``attention=True``): the last decoder layer's cross-attention averaged over heads,
-as in mtkit (the export sets ``alignment_heads`` to all heads); CTranslate2 leaves out the
-source EOS column, which is restored as the remaining mass. Greedy attention equals mtkit's;
-under beam search CTranslate2's attention rows do not match the model's (its own behaviour).
+Attention: the last decoder layer's cross-attention averaged over heads, as in mtkit (the export sets
+``alignment_heads`` to all heads); the source EOS column CTranslate2 leaves out is restored as the
+remaining mass. Greedy attention equals mtkit's; under beam search CTranslate2's rows do not match the
+model's (its own behaviour).
 """
 
 from __future__ import annotations

@@ -1,21 +1,19 @@
 """Streaming, order-preserving translation of a file or stdin with one or more checkpoints.
 
-Input is read in buffers of ``buffer_lines`` lines; each buffer is encoded with the checkpoint's
-source sentencepiece model, sorted by length, cut into batches (sentences or a source-token
-budget), decoded, and written back in input order as soon as a prefix of lines is complete. A
-large file therefore never sits in memory, and every input line gives exactly one output line
-(``nbest``: one or more lines ``id ||| hypothesis ||| F0= log-prob ||| score`` per input line,
-the Moses/Marian form that rerankers read; empty input lines give empty output).
+Input is read in buffers of ``buffer_lines`` lines, each encoded with the source sentencepiece model,
+sorted by length, cut into batches (sentences or a source-token budget), decoded, and written back in
+input order as soon as a prefix of lines is complete: a large file never sits in memory, and every
+input line gives exactly one output line (``nbest``: one or more lines
+``id ||| hypothesis ||| F0= log-prob ||| score``, the Moses/Marian form that rerankers read; empty input
+lines give empty output).
 
-Input from a pipe or a terminal is read by a background thread: when no new line arrives for
-``inputs.PAUSE_S`` seconds, the lines already read are translated and written at once, so a person
-typing, a script waiting for each answer or a slow producer get every line back in about the time
-its decoding takes; input that flows fills whole buffers as before. Regular files (also as
-``< file`` on stdin) are read directly.
+Piped or typed input is read by a background thread: once no new line has come for ``inputs.PAUSE_S``
+seconds, the lines read so far are translated and written, so a person typing, a script waiting for
+each answer or a slow producer gets every line back as soon as it is decoded; flowing input fills
+whole buffers. Regular files (also ``< file`` on stdin) are read directly.
 
-``resume=True`` continues a partly written output file: its complete lines are kept (a trailing
-partial line or, for n-best output, the last sentence's group is dropped), as many input lines
-are skipped, and the rest is appended.
+``resume=True`` keeps a partly written output's complete lines (dropping a trailing partial line or,
+for n-best output, the last sentence's group), skips as many input lines and appends the rest.
 """
 
 from __future__ import annotations
