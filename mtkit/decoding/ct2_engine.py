@@ -53,13 +53,6 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def pick_device(device: str) -> str:
-    """mtkit's device names -> CTranslate2's (``auto``: CUDA when CTranslate2 sees a GPU)."""
-    ct2 = import_ctranslate2()
-    name = check_device_name(device, ct2.get_cuda_device_count, "device '{device}' requested but CTranslate2 sees no CUDA device")
-    return "cuda" if name.startswith("cuda") else "cpu"
-
-
 def length_penalty_value(cfg: DecodeConfig) -> float:
     """CTranslate2's exponent for the length normalisation |Y|^p."""
     if cfg.length_penalty == "none":
@@ -105,9 +98,12 @@ class CT2Engine:
         tgt_spm = SubwordModel.from_file(model_dir / TGT_SPM)
         fields = {f.name for f in dataclasses.fields(DecodeConfig)}
         cfg = DecodeConfig(**{k: v for k, v in (meta.get("decode") or {}).items() if k in fields})
+        no_cuda = "device '{device}' requested but CTranslate2 sees no CUDA device"
+        name = check_device_name(device, ct2.get_cuda_device_count, no_cuda)  # auto: CUDA if CTranslate2 sees one
         try:
-            translator = ct2.Translator(str(model_dir), device=pick_device(device), compute_type=compute_type,
-                                        intra_threads=intra_threads, inter_threads=inter_threads)
+            translator = ct2.Translator(str(model_dir), device="cuda" if name.startswith("cuda") else "cpu",
+                                        compute_type=compute_type, intra_threads=intra_threads,
+                                        inter_threads=inter_threads)
         except (RuntimeError, ValueError) as exc:
             raise MtkitError(f"CTranslate2 could not load {model_dir}: {str(exc).splitlines()[0]}") from None
         return cls(translator, src_spm, tgt_spm, cfg, meta.get("max_src_len"), meta.get("max_positions"), model_dir)
@@ -177,10 +173,6 @@ class CT2Engine:
         pieces = [self.src_spm.id_to_piece(s) for s in seqs]
         results = self.translate_batch(pieces, cfg, attention)
         return [self.hypotheses(r, cfg, len(self.truncate(p))) for r, p in zip(results, pieces)]
-
-    def decoder(self, cfg: DecodeConfig, attention: bool = False) -> CT2Decoder:
-        """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (``cfg`` checked)."""
-        return CT2Decoder(self, cfg, attention)
 
     def translate_pieces(
         self, pieces: Sequence[Sequence[str]], cfg: DecodeConfig, batch_size: int = 32

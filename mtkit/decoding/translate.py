@@ -34,10 +34,10 @@ from mtkit.data.batching import collate_source, length_sorted_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_lines, open_binary, open_output
 from mtkit.decoding import output, search
+from mtkit.decoding.ct2_engine import CT2Decoder, CT2Engine
 from mtkit.decoding.inputs import encode_source, is_stream, paced
 from mtkit.decoding.options import Options, make_options, resolve_decode_config, sampling_options
 from mtkit.decoding.output import OUTPUT_FORMATS, Formatter, Record, prepare_resume
-from mtkit.decoding.search import SamplingOptions
 from mtkit.decoding.search_base import Hypothesis
 from mtkit.devices import torch_device
 from mtkit.errors import MtkitError
@@ -127,7 +127,7 @@ class OomSplittingBatchDecoder:
     """Decodes batches (lists of source id sequences) with the translator's models; a batch that
     runs out of memory is retried in halves, down to single sentences."""
 
-    def __init__(self, tr: Translator, cfg: DecodeConfig, sampling: SamplingOptions | None, attention: bool):
+    def __init__(self, tr: Translator, cfg: DecodeConfig, sampling: search.SamplingOptions | None, attention: bool):
         self.tr, self.cfg, self.sampling, self.attention = tr, cfg, sampling, attention
         self.oom_splits = self.batches = 0
 
@@ -171,7 +171,7 @@ def translate_file(
     tr, engine = _load_translator(model_paths, device, opts)
     cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
-    decoder = (engine.decoder(cfg, attention) if engine is not None
+    decoder = (CT2Decoder(engine, cfg, attention) if engine is not None
                else OomSplittingBatchDecoder(tr, cfg, sampling_options(opts, tr.device), attention))
     fmt = Formatter(tr.tgt_spm, output_format, opts.output_units, opts.alignment)
 
@@ -199,8 +199,6 @@ def _load_translator(model_paths: Sequence[str | Path], device: str, opts: Optio
     CTranslate2 engine or None)."""
     if opts.engine != "ctranslate2":
         return Translator.load(model_paths, device, opts.dtype), None
-    from mtkit.decoding.ct2_engine import CT2Engine
-
     if len(model_paths) != 1 or opts.sampling:
         raise MtkitError("--engine ctranslate2 takes one exported model directory (-m DIR) and no sampling")
     if opts.dtype != "float32":
