@@ -153,40 +153,6 @@ def _converter(spec):
     return MtkitConverter()
 
 
-def _special_tokens(ckpt_path: str | Path, src_spm: Any, tgt_spm: Any, src_tokens: list[str],
-                    tgt_tokens: list[str]) -> dict[str, str]:
-    """CTranslate2's special pieces, from the target model; source and target must share EOS."""
-    specials = {
-        "unk_token": tgt_tokens[tgt_spm.unk] if tgt_spm.unk >= 0 else "<unk>",
-        "bos_token": tgt_tokens[tgt_spm.bos],
-        "eos_token": tgt_tokens[tgt_spm.eos],
-        "decoder_start_token": tgt_tokens[tgt_spm.bos],
-    }
-    if src_tokens[src_spm.eos] != specials["eos_token"]:
-        raise MtkitError(f"checkpoint {ckpt_path}: source and target EOS pieces differ "
-                         f"('{src_tokens[src_spm.eos]}' vs '{specials['eos_token']}'); CTranslate2 needs one")
-    return specials
-
-
-def _metadata(ct2_version: str, ckpt_path: str | Path, quantization: str | None, cfg: Any, src_spm: Any,
-              tgt_spm: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """What ``mtkit_export.json`` records of the export."""
-    limits = [n for n in (cfg.data.max_src_len, cfg.model.max_positions) if n]
-    return {
-        "format": "ctranslate2",
-        "ctranslate2_version": ct2_version,
-        "checkpoint": str(ckpt_path),
-        "quantization": quantization or "float32",
-        "arch": cfg.model.arch,
-        "positions": cfg.model.positions,
-        "max_src_len": min(limits) if limits else None,  # source tokens incl. EOS
-        "max_positions": cfg.model.max_positions,
-        "joint_vocabulary": src_spm.model_bytes == tgt_spm.model_bytes,
-        "decode": cfg.to_dict()["decode"],
-        "metrics": payload.get("metrics") or {},
-    }
-
-
 # --- the entry point --------------------------------------------------------------------------
 def export_ctranslate2(
     ckpt_path: str | Path, out_dir: str | Path, quantization: str | None = None, force: bool = False
@@ -217,7 +183,15 @@ def export_ctranslate2(
     if len(src_tokens) != model.src_vocab_size or len(tgt_tokens) != model.tgt_vocab_size:
         raise MtkitError(f"checkpoint {ckpt_path}: vocabulary sizes {model.src_vocab_size}/{model.tgt_vocab_size} "
                          f"do not match its sentencepiece models ({len(src_tokens)}/{len(tgt_tokens)})")
-    specials = _special_tokens(ckpt_path, src_spm, tgt_spm, src_tokens, tgt_tokens)
+    specials = {  # CTranslate2's special pieces, from the target model; source and target must share EOS
+        "unk_token": tgt_tokens[tgt_spm.unk] if tgt_spm.unk >= 0 else "<unk>",
+        "bos_token": tgt_tokens[tgt_spm.bos],
+        "eos_token": tgt_tokens[tgt_spm.eos],
+        "decoder_start_token": tgt_tokens[tgt_spm.bos],
+    }
+    if src_tokens[src_spm.eos] != specials["eos_token"]:
+        raise MtkitError(f"checkpoint {ckpt_path}: source and target EOS pieces differ "
+                         f"('{src_tokens[src_spm.eos]}' vs '{specials['eos_token']}'); CTranslate2 needs one")
     with torch.no_grad():
         spec = build_spec(model, src_tokens, tgt_tokens, specials)
 
@@ -231,7 +205,20 @@ def export_ctranslate2(
             raise MtkitError(f"CTranslate2 rejected the export of {ckpt_path}: {str(exc).splitlines()[0]}") from None
         (staged / SRC_SPM).write_bytes(src_spm.model_bytes)
         (staged / TGT_SPM).write_bytes(tgt_spm.model_bytes)
-        meta = _metadata(ct2.__version__, ckpt_path, quantization, cfg, src_spm, tgt_spm, payload)
+        limits = [n for n in (cfg.data.max_src_len, cfg.model.max_positions) if n]
+        meta = {
+            "format": "ctranslate2",
+            "ctranslate2_version": ct2.__version__,
+            "checkpoint": str(ckpt_path),
+            "quantization": quantization or "float32",
+            "arch": cfg.model.arch,
+            "positions": cfg.model.positions,
+            "max_src_len": min(limits) if limits else None,  # source tokens incl. EOS
+            "max_positions": cfg.model.max_positions,
+            "joint_vocabulary": src_spm.model_bytes == tgt_spm.model_bytes,
+            "decode": cfg.to_dict()["decode"],
+            "metrics": payload.get("metrics") or {},
+        }
         (staged / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         if out.exists():  # replaced only once the new export is complete
             shutil.rmtree(out)
