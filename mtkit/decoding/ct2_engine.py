@@ -99,7 +99,7 @@ class CT2Engine:
         fields = {f.name for f in dataclasses.fields(DecodeConfig)}
         cfg = DecodeConfig(**{k: v for k, v in (meta.get("decode") or {}).items() if k in fields})
         no_cuda = "device '{device}' requested but CTranslate2 sees no CUDA device"
-        name = check_device_name(device, ct2.get_cuda_device_count, no_cuda)  # auto: CUDA if CTranslate2 sees one
+        name = check_device_name(device, ct2.get_cuda_device_count, no_cuda)  # auto: CUDA if one is seen
         try:
             translator = ct2.Translator(str(model_dir), device="cuda" if name.startswith("cuda") else "cpu",
                                         compute_type=compute_type, intra_threads=intra_threads,
@@ -189,8 +189,8 @@ class CT2Engine:
 
 @dataclass
 class CT2Decoder:
-    """Callable like :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (same ``batches`` /
-    ``oom_splits`` counters)."""
+    """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (same ``batches`` /
+    ``oom_splits`` counters; ``cfg`` checked)."""
 
     engine: CT2Engine
     cfg: DecodeConfig

@@ -38,6 +38,7 @@ from mtkit.decoding.ct2_engine import CT2Decoder, CT2Engine
 from mtkit.decoding.inputs import encode_source, is_stream, paced
 from mtkit.decoding.options import Options, make_options, resolve_decode_config, sampling_options
 from mtkit.decoding.output import OUTPUT_FORMATS, Formatter, Record, prepare_resume
+from mtkit.decoding.search import SamplingOptions
 from mtkit.decoding.search_base import Hypothesis
 from mtkit.devices import torch_device
 from mtkit.errors import MtkitError
@@ -98,12 +99,10 @@ class Translator:
     def translate(
         self, sentences: Sequence[str], nbest: int = 1, **options: Any
     ) -> list[str] | list[list[tuple[str, float]]]:
-        """Translate sentences as ``mtkit translate`` does (same batches, same search): one string
-        per sentence, or with ``nbest`` > 1 a list of (hypothesis, score) per sentence, best first.
-
-        ``options``: decode keys (``beam``, ``length_penalty``, ``alpha``, ``max_len_a``, ...) and
-        the fields of :class:`Options` (``batch_size``, ``max_tokens``, ``sampling``, ``seed``, ...).
-        """
+        """Translate sentences as ``mtkit translate`` does (same batches, same search): one string per
+        sentence, or with ``nbest`` > 1 a list of (hypothesis, score) per sentence, best first. ``options``:
+        decode keys (``beam``, ``length_penalty``, ``alpha``, ``max_len_a``, ...) and the fields of
+        :class:`Options` (``batch_size``, ``max_tokens``, ``sampling``, ``seed``, ...)."""
         decode_keys = {f.name for f in dataclasses.fields(DecodeConfig)} - {"batch_size", "max_tokens"}
         overrides = {k: options.pop(k) for k in list(options) if k in decode_keys and options[k] is not None}
         opts = make_options({**options, "decode_overrides": {**overrides, "nbest": nbest}})
@@ -127,7 +126,7 @@ class OomSplittingBatchDecoder:
     """Decodes batches (lists of source id sequences) with the translator's models; a batch that
     runs out of memory is retried in halves, down to single sentences."""
 
-    def __init__(self, tr: Translator, cfg: DecodeConfig, sampling: search.SamplingOptions | None, attention: bool):
+    def __init__(self, tr: Translator, cfg: DecodeConfig, sampling: SamplingOptions | None, attention: bool):
         self.tr, self.cfg, self.sampling, self.attention = tr, cfg, sampling, attention
         self.oom_splits = self.batches = 0
 
@@ -275,13 +274,10 @@ def _records(
     input_path: str | Path, skip: int, tr: Translator, cfg: DecodeConfig, opts: Options, decoder: OomSplittingBatchDecoder,
     stats: dict[str, Any],
 ) -> Iterator[Record]:
-    """Yield one :class:`Record` per input line (after ``skip``), in input order.
-
-    Lines are translated in buffers of ``opts.buffer_lines`` counted from the first input line,
-    also when resuming: the buffer holding line ``skip`` is translated whole and only its lines
-    from ``skip`` on are yielded, so every sentence is decoded in the very batch an uninterrupted
-    run decodes it in, and a resumed output is byte-identical to an uninterrupted one.
-    """
+    """Yield one :class:`Record` per input line (after ``skip``), in input order. Buffers of
+    ``opts.buffer_lines`` count from the first input line, also when resuming: the buffer holding line
+    ``skip`` is translated whole and only its lines from ``skip`` on are yielded, so every sentence is
+    decoded in the very batch an uninterrupted run decodes it in, and a resumed output is byte-identical."""
     name = display_name(input_path)
     lines: Iterator[str | None] = iter_lines(input_path, errors=opts.errors)
     if is_stream(input_path):
