@@ -15,8 +15,7 @@ the decode defaults and the length limits). Mapping (mtkit -> CTranslate2 ``Tran
 - ``output`` -> ``decoder.projection`` (no bias; tied weights are written once);
 - vocabularies in sentencepiece id order; ``<s>``/``</s>``/``<unk>`` named after mtkit's bos/eos/unk
   pieces; decoding starts from BOS, and the source gets EOS appended (``add_source_eos``), as in
-  mtkit's ``collate_source``.
-"""
+  mtkit's ``collate_source``."""
 
 from __future__ import annotations
 
@@ -160,8 +159,7 @@ def export_ctranslate2(
     """Convert an mtkit Transformer checkpoint into a CTranslate2 model directory.
     ``quantization``: None (float32 weights) or any CTranslate2 weight type (int8, int8_float32,
     int8_float16, int8_bfloat16, int16, float16, bfloat16, float32). Returns the metadata that
-    is also written to ``out_dir/mtkit_export.json``.
-    """
+    is also written to ``out_dir/mtkit_export.json``."""
     ct2 = import_ctranslate2()
     from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES
 

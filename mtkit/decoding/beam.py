@@ -13,8 +13,7 @@ Tokens and attention are recovered at the end from per-step backpointers. A sent
 store holds ``k`` hypotheses (``decode.stopping: full``, as fairseq), or once its best-ranked extension
 is EOS and ``nbest`` hypotheses are finished (``first``, as OpenNMT-py), or when no live beam is left.
 Its results are then frozen, so a sentence decodes the same alone and inside a batch, and it leaves the
-batch at the next "all done?" check: the model only steps the sentences still searched.
-"""
+batch at the next "all done?" check: the model only steps the sentences still searched."""
 
 from __future__ import annotations
 

@@ -19,8 +19,7 @@ Decode settings -> CTranslate2 options:
 Attention: the last decoder layer's cross-attention averaged over heads, as in mtkit (the export sets
 ``alignment_heads`` to all heads); the source EOS column CTranslate2 leaves out is restored as the
 remaining mass. Greedy attention equals mtkit's; under beam search CTranslate2's rows do not match the
-model's (its own behaviour).
-"""
+model's (its own behaviour)."""
 
 from __future__ import annotations
 

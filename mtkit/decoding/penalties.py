@@ -6,8 +6,7 @@ finished hypothesis ``Y`` (``|Y|`` counts its tokens including EOS)::
 with ``lp`` one of :data:`LENGTH_PENALTIES` (none: 1, average: |Y|, gnmt: ((5+|Y|)/6)^alpha) and
 ``coverage_i`` the attention mass source position ``i`` received over all target steps (the GNMT
 coverage penalty, Wu et al. 2016). Constraints (min/max length, banned tokens, no-repeat n-grams) set
-log-probs to ``-inf`` and never renormalise, so a hypothesis' log-prob is always the model's own.
-"""
+log-probs to ``-inf`` and never renormalise, so a hypothesis' log-prob is always the model's own."""
 
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ config is checked where it is loaded or assembled (:meth:`mtkit.config.DecodeCon
 
 Scores: ``Hypothesis.log_prob`` is the sum of the token log-probs (EOS included) under the model -- for
 an ensemble, the log of the mean of the models' probabilities -- exactly what teacher forcing gives;
-``Hypothesis.score`` adds the penalties of :mod:`mtkit.decoding.penalties`.
-"""
+``Hypothesis.score`` adds the penalties of :mod:`mtkit.decoding.penalties`."""
 
 from __future__ import annotations
 
@@ -58,8 +57,7 @@ def generate(
     """Decode a batch; per sentence up to ``cfg.nbest`` hypotheses, best first.
     ``cfg.beam == 1`` is greedy search; ``sampling`` draws ``cfg.nbest`` random samples per
     sentence instead. ``attention=True`` fills ``Hypothesis.attn``. ``cfg`` must have passed
-    :meth:`~mtkit.config.DecodeConfig.check_for_search`.
-    """
+    :meth:`~mtkit.config.DecodeConfig.check_for_search`."""
     ens = Ensemble(models)
     if sampling is not None or cfg.beam == 1:
         return greedy(ens, src, src_len, cfg, bos, eos, attention, sampling)

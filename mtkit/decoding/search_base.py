@@ -1,9 +1,6 @@
-"""What every search mode shares: the hypothesis, the ensemble step, the per-batch set-up, the
-log-prob constraints, and the "all done?" check that lets finished rows leave the batch.
-
-Finding out which rows are done costs one host read, made every step on CPU and every
-``SYNC_EVERY`` steps on accelerators.
-"""
+"""What every search mode shares: the hypothesis, the ensemble step, the per-batch set-up, the log-prob
+constraints, and the "all done?" check that lets finished rows leave the batch (finding out which rows
+are done costs one host read, made every step on CPU and every ``SYNC_EVERY`` steps on accelerators)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,7 @@ each answer or a slow producer gets every line back as soon as it is decoded; fl
 whole buffers. Regular files (also ``< file`` on stdin) are read directly.
 
 ``resume=True`` keeps a partly written output's complete lines (dropping a trailing partial line or,
-for n-best output, the last sentence's group), skips as many input lines and appends the rest.
-"""
+for n-best output, the last sentence's group), skips as many input lines and appends the rest."""
 
 from __future__ import annotations
 
