@@ -1,26 +1,21 @@
-"""Export a Transformer checkpoint to CTranslate2 through its public model-spec API.
-
-The exported directory is self-contained: ``model.bin``, ``config.json`` and the vocabulary
-file(s) written by CTranslate2, the sentencepiece model(s) (``source.spm``, ``target.spm``) and
-``mtkit_export.json`` (where it came from, the decode defaults and the length limits).
-
-Mapping (mtkit -> CTranslate2 ``TransformerSpec``):
+"""Export a Transformer checkpoint to CTranslate2 through its public model-spec API, as a self-contained
+directory: ``model.bin``, ``config.json`` and the vocabulary file(s) written by CTranslate2, the
+sentencepiece model(s) (``source.spm``, ``target.spm``) and ``mtkit_export.json`` (where it came from,
+the decode defaults and the length limits). Mapping (mtkit -> CTranslate2 ``TransformerSpec``):
 
 - embeddings: ``src_embed`` / ``tgt_embed`` scaled by sqrt(d_model) (``scale_embeddings``);
-- positions: the sinusoidal or learned table is written out explicitly
-  (``position_encodings.encodings``), so CTranslate2's own sinusoid convention never applies;
-  RoPE becomes rotary attention over the whole head in the "two halves" layout
-  (``rotary_dim=0, rotary_interleave=False``); ALiBi cannot be expressed (the encoder has no
-  ALiBi in CTranslate2) and is refused;
+- positions: the sinusoidal or learned table is written out (``position_encodings.encodings``), so
+  CTranslate2's own sinusoid convention never applies; RoPE becomes rotary attention over the whole
+  head in the "two halves" layout (``rotary_dim=0, rotary_interleave=False``); ALiBi cannot be
+  expressed (the encoder has no ALiBi in CTranslate2) and is refused;
 - ``qkv`` -> ``self_attention.linear[0]`` (q, k, v stacked in that order), ``out`` -> ``linear[1]``;
-  cross attention ``q`` -> ``linear[0]``, ``kv`` -> ``linear[1]``, ``out`` -> ``linear[2]``;
-- ``sub1/sub2/sub3.norm`` -> the sublayers' ``layer_norm`` (pre- or post-norm as trained);
-  ``enc_norm`` / ``dec_norm`` -> the final norms of a pre-norm model; epsilon 1e-5 (torch's);
+  cross attention ``q`` / ``kv`` / ``out`` -> ``linear[0]`` / ``linear[1]`` / ``linear[2]``;
+- ``sub1/sub2/sub3.norm`` -> the sublayers' ``layer_norm`` (pre- or post-norm as trained); ``enc_norm``
+  / ``dec_norm`` -> the final norms of a pre-norm model; epsilon 1e-5 (torch's);
 - ``output`` -> ``decoder.projection`` (no bias; tied weights are written once);
-- vocabularies in sentencepiece id order; ``<s>``/``</s>``/``<unk>`` named after mtkit's
-  bos/eos/unk pieces; decoding starts from BOS, and the source gets EOS appended
-  (``add_source_eos``), as in mtkit's ``collate_source``.
-"""
+- vocabularies in sentencepiece id order; ``<s>``/``</s>``/``<unk>`` named after mtkit's bos/eos/unk
+  pieces; decoding starts from BOS, and the source gets EOS appended (``add_source_eos``), as in
+  mtkit's ``collate_source``."""
 
 from __future__ import annotations
 
@@ -157,40 +152,6 @@ def _converter(spec):
     return MtkitConverter()
 
 
-def _special_tokens(ckpt_path: str | Path, src_spm: Any, tgt_spm: Any, src_tokens: list[str],
-                    tgt_tokens: list[str]) -> dict[str, str]:
-    """CTranslate2's special pieces, from the target model; source and target must share EOS."""
-    specials = {
-        "unk_token": tgt_tokens[tgt_spm.unk] if tgt_spm.unk >= 0 else "<unk>",
-        "bos_token": tgt_tokens[tgt_spm.bos],
-        "eos_token": tgt_tokens[tgt_spm.eos],
-        "decoder_start_token": tgt_tokens[tgt_spm.bos],
-    }
-    if src_tokens[src_spm.eos] != specials["eos_token"]:
-        raise MtkitError(f"checkpoint {ckpt_path}: source and target EOS pieces differ "
-                         f"('{src_tokens[src_spm.eos]}' vs '{specials['eos_token']}'); CTranslate2 needs one")
-    return specials
-
-
-def _metadata(ct2_version: str, ckpt_path: str | Path, quantization: str | None, cfg: Any, src_spm: Any,
-              tgt_spm: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """What ``mtkit_export.json`` records of the export."""
-    limits = [n for n in (cfg.data.max_src_len, cfg.model.max_positions) if n]
-    return {
-        "format": "ctranslate2",
-        "ctranslate2_version": ct2_version,
-        "checkpoint": str(ckpt_path),
-        "quantization": quantization or "float32",
-        "arch": cfg.model.arch,
-        "positions": cfg.model.positions,
-        "max_src_len": min(limits) if limits else None,  # source tokens incl. EOS
-        "max_positions": cfg.model.max_positions,
-        "joint_vocabulary": src_spm.model_bytes == tgt_spm.model_bytes,
-        "decode": cfg.to_dict()["decode"],
-        "metrics": payload.get("metrics") or {},
-    }
-
-
 # --- the entry point --------------------------------------------------------------------------
 def export_ctranslate2(
     ckpt_path: str | Path, out_dir: str | Path, quantization: str | None = None, force: bool = False
@@ -198,8 +159,7 @@ def export_ctranslate2(
     """Convert an mtkit Transformer checkpoint into a CTranslate2 model directory.
     ``quantization``: None (float32 weights) or any CTranslate2 weight type (int8, int8_float32,
     int8_float16, int8_bfloat16, int16, float16, bfloat16, float32). Returns the metadata that
-    is also written to ``out_dir/mtkit_export.json``.
-    """
+    is also written to ``out_dir/mtkit_export.json``."""
     ct2 = import_ctranslate2()
     from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES
 
@@ -221,7 +181,15 @@ def export_ctranslate2(
     if len(src_tokens) != model.src_vocab_size or len(tgt_tokens) != model.tgt_vocab_size:
         raise MtkitError(f"checkpoint {ckpt_path}: vocabulary sizes {model.src_vocab_size}/{model.tgt_vocab_size} "
                          f"do not match its sentencepiece models ({len(src_tokens)}/{len(tgt_tokens)})")
-    specials = _special_tokens(ckpt_path, src_spm, tgt_spm, src_tokens, tgt_tokens)
+    specials = {  # CTranslate2's special pieces, from the target model; source and target must share EOS
+        "unk_token": tgt_tokens[tgt_spm.unk] if tgt_spm.unk >= 0 else "<unk>",
+        "bos_token": tgt_tokens[tgt_spm.bos],
+        "eos_token": tgt_tokens[tgt_spm.eos],
+        "decoder_start_token": tgt_tokens[tgt_spm.bos],
+    }
+    if src_tokens[src_spm.eos] != specials["eos_token"]:
+        raise MtkitError(f"checkpoint {ckpt_path}: source and target EOS pieces differ "
+                         f"('{src_tokens[src_spm.eos]}' vs '{specials['eos_token']}'); CTranslate2 needs one")
     with torch.no_grad():
         spec = build_spec(model, src_tokens, tgt_tokens, specials)
 
@@ -235,7 +203,20 @@ def export_ctranslate2(
             raise MtkitError(f"CTranslate2 rejected the export of {ckpt_path}: {str(exc).splitlines()[0]}") from None
         (staged / SRC_SPM).write_bytes(src_spm.model_bytes)
         (staged / TGT_SPM).write_bytes(tgt_spm.model_bytes)
-        meta = _metadata(ct2.__version__, ckpt_path, quantization, cfg, src_spm, tgt_spm, payload)
+        limits = [n for n in (cfg.data.max_src_len, cfg.model.max_positions) if n]
+        meta = {
+            "format": "ctranslate2",
+            "ctranslate2_version": ct2.__version__,
+            "checkpoint": str(ckpt_path),
+            "quantization": quantization or "float32",
+            "arch": cfg.model.arch,
+            "positions": cfg.model.positions,
+            "max_src_len": min(limits) if limits else None,  # source tokens incl. EOS
+            "max_positions": cfg.model.max_positions,
+            "joint_vocabulary": src_spm.model_bytes == tgt_spm.model_bytes,
+            "decode": cfg.to_dict()["decode"],
+            "metrics": payload.get("metrics") or {},
+        }
         (staged / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         if out.exists():  # replaced only once the new export is complete
             shutil.rmtree(out)

@@ -17,7 +17,7 @@ from mtkit.cli import main
 from mtkit.config import load_config
 from mtkit.data.batching import collate_source, length_sorted_batches
 from mtkit.data.subword import train_sentencepiece
-from mtkit.decoding import search, translate
+from mtkit.decoding import output, search, translate
 from mtkit.decoding.output import prepare_resume
 from mtkit.decoding.translate import translate_file
 from mtkit.errors import MtkitError
@@ -274,13 +274,11 @@ def test_attention_plots_say_what_they_draw(ckpt, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from mtkit.decoding import plot
-
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     titles = []
-    real = plot.plot_attention
-    monkeypatch.setattr(plot, "plot_attention", lambda *a, **k: titles.append(k["title"]) or real(*a, **k))
+    real = output.plot_attention
+    monkeypatch.setattr(output, "plot_attention", lambda *a, **k: titles.append(k["title"]) or real(*a, **k))
     src = tmp_path / "in"
     src.write_text("a man\n")
     translate_file([ckpt, ckpt], src, tmp_path / "o", plot_attention=str(tmp_path / "plots"))

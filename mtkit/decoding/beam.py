@@ -1,22 +1,19 @@
 """Batched beam search over the Seq2Seq contract, as four named phases per step.
 
-All sentences of a batch and all their beams are decoded together as tensors of shape
-``(batch * beam, ...)`` on the model's device. Per step:
+All sentences of a batch and all their beams are decoded together as ``(batch * beam, ...)`` tensors
+on the model's device. Per step:
 
-1. score update  -- cumulative log-prob of each beam's best ``2k`` extensions: :func:`score_update`;
-2. top-k         -- the top ``2k`` per sentence, so a beam never starves when up to ``k`` of them
-                    end in EOS: :func:`top_candidates`;
-3. finish        -- penalised EOS extensions join a fixed-size finished store: :func:`finish`;
-4. reorder       -- the best ``k`` non-EOS extensions become the next beam, the models' states
-                    follow: :func:`next_beams`, :func:`reorder`.
+1. score update (:func:`score_update`): cumulative log-prob of each beam's best ``2k`` extensions;
+2. top-k (:func:`top_candidates`): the top ``2k`` per sentence; no beam starves if up to ``k`` end in EOS;
+3. finish (:func:`finish`): penalised EOS extensions join a fixed-size finished store;
+4. reorder (:func:`next_beams`, :func:`reorder`): the best ``k`` non-EOS extensions become the next
+   beam, the models' states follow.
 
-Tokens and attention are recovered at the end from per-step backpointers. A sentence is done
-when its store holds ``k`` hypotheses (``decode.stopping: full``, as fairseq), or once its
-best-ranked extension is EOS and ``nbest`` hypotheses are finished (``first``, as OpenNMT-py),
-or when no live beam is left. Its results are then frozen, so a sentence decodes the same alone
-and inside a batch, and it leaves the batch at the next "all done?" check: the model only steps
-the sentences still searched.
-"""
+Tokens and attention are recovered at the end from per-step backpointers. A sentence is done when its
+store holds ``k`` hypotheses (``decode.stopping: full``, as fairseq), or once its best-ranked extension
+is EOS and ``nbest`` hypotheses are finished (``first``, as OpenNMT-py), or when no live beam is left.
+Its results are then frozen, so a sentence decodes the same alone and inside a batch, and it leaves the
+batch at the next "all done?" check: the model only steps the sentences still searched."""
 
 from __future__ import annotations
 

@@ -1,30 +1,25 @@
-"""Decoding with CTranslate2 on a model written by ``mtkit export --format ctranslate2``.
+"""Decoding with CTranslate2 on a model written by ``mtkit export --format ctranslate2``: the export
+directory holds the CTranslate2 model, the sentencepiece model(s) and ``mtkit_export.json`` (decode
+defaults, length limits). Sentences go in and come back as pieces (CTranslate2 appends the source EOS).
+Decode settings -> CTranslate2 options:
 
-The export directory holds everything: the CTranslate2 model, the sentencepiece model(s) and
-``mtkit_export.json`` (decode defaults and length limits of the checkpoint). Sentences go in as
-sentencepiece pieces (CTranslate2 appends the source EOS) and come back as pieces.
+- ``beam`` -> ``beam_size`` (1: greedy), ``nbest`` -> ``num_hypotheses``, ``no_repeat_ngram`` ->
+  ``no_repeat_ngram_size``, ``min_len`` -> ``min_decoding_length``;
+- ``max_decoding_length``: ``max_len_a * (source tokens + EOS) + max_len_b`` of the batch's longest
+  sentence; longer hypotheses of shorter ones are cut to their own limit (score kept). mtkit forces EOS
+  at the limit, CTranslate2 stops without it: beam search may pick other hypotheses for sentences that
+  hit it (greedy gives the same tokens);
+- ``length_penalty`` none / average -> 0 / 1 (same final scores: both count EOS); gnmt ((5+|Y|)/6)^alpha
+  has no equivalent and becomes |Y|^alpha (a warning says so); ``beta`` -> ``coverage_penalty``
+  (CTranslate2's own formula);
+- pad and BOS are never generated (``suppress_sequences``), as in mtkit; CTranslate2 renormalises after
+  banning them (and EOS before ``min_len``), so its scores can be slightly above mtkit's for the same
+  tokens; teacher-forced scores (``score_batch``) are exact.
 
-Decode settings map onto CTranslate2's options as follows:
-
-- ``beam`` -> ``beam_size`` (1: greedy), ``nbest`` -> ``num_hypotheses``,
-  ``no_repeat_ngram`` -> ``no_repeat_ngram_size``, ``min_len`` -> ``min_decoding_length``;
-- ``max_len_a * (source tokens + EOS) + max_len_b`` -> ``max_decoding_length`` per batch (from
-  its longest sentence); a longer hypothesis of a shorter sentence is then cut to that
-  sentence's own limit (its score is left as CTranslate2 computed it). At the limit mtkit
-  forces EOS while CTranslate2 stops without it, so beam search may pick different hypotheses
-  for sentences that hit the limit (greedy search gives the same tokens);
-- ``length_penalty`` none / average -> ``length_penalty`` 0 / 1 (the same final scores: the
-  length counts EOS in both); gnmt ((5+|Y|)/6)^alpha has no CTranslate2 equivalent and becomes
-  |Y|^alpha (a warning says so); ``beta`` -> ``coverage_penalty`` (CTranslate2's own formula);
-- pad and BOS are never generated (``suppress_sequences``), as in mtkit's search. CTranslate2
-  renormalises after banning them (and EOS before ``min_len``), so its scores can be slightly
-  higher than mtkit's for the same tokens; teacher-forced scores (``score_batch``) are exact.
-
-Attention (``attention=True``): the last decoder layer's cross-attention averaged over heads,
-as in mtkit (the export sets ``alignment_heads`` to all heads); CTranslate2 leaves out the
-source EOS column, which is restored as the remaining mass. Greedy attention equals mtkit's;
-under beam search CTranslate2's attention rows do not match the model's (its own behaviour).
-"""
+Attention: the last decoder layer's cross-attention averaged over heads, as in mtkit (the export sets
+``alignment_heads`` to all heads); the source EOS column CTranslate2 leaves out is restored as the
+remaining mass. Greedy attention equals mtkit's; under beam search CTranslate2's rows do not match the
+model's (its own behaviour)."""
 
 from __future__ import annotations
 
@@ -55,13 +50,6 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.warning(message)
-
-
-def pick_device(device: str) -> str:
-    """mtkit's device names -> CTranslate2's (``auto``: CUDA when CTranslate2 sees a GPU)."""
-    ct2 = import_ctranslate2()
-    name = check_device_name(device, ct2.get_cuda_device_count, "device '{device}' requested but CTranslate2 sees no CUDA device")
-    return "cuda" if name.startswith("cuda") else "cpu"
 
 
 def length_penalty_value(cfg: DecodeConfig) -> float:
@@ -109,9 +97,12 @@ class CT2Engine:
         tgt_spm = SubwordModel.from_file(model_dir / TGT_SPM)
         fields = {f.name for f in dataclasses.fields(DecodeConfig)}
         cfg = DecodeConfig(**{k: v for k, v in (meta.get("decode") or {}).items() if k in fields})
+        no_cuda = "device '{device}' requested but CTranslate2 sees no CUDA device"
+        name = check_device_name(device, ct2.get_cuda_device_count, no_cuda)  # auto: CUDA if one is seen
         try:
-            translator = ct2.Translator(str(model_dir), device=pick_device(device), compute_type=compute_type,
-                                        intra_threads=intra_threads, inter_threads=inter_threads)
+            translator = ct2.Translator(str(model_dir), device="cuda" if name.startswith("cuda") else "cpu",
+                                        compute_type=compute_type, intra_threads=intra_threads,
+                                        inter_threads=inter_threads)
         except (RuntimeError, ValueError) as exc:
             raise MtkitError(f"CTranslate2 could not load {model_dir}: {str(exc).splitlines()[0]}") from None
         return cls(translator, src_spm, tgt_spm, cfg, meta.get("max_src_len"), meta.get("max_positions"), model_dir)
@@ -182,10 +173,6 @@ class CT2Engine:
         results = self.translate_batch(pieces, cfg, attention)
         return [self.hypotheses(r, cfg, len(self.truncate(p))) for r, p in zip(results, pieces)]
 
-    def decoder(self, cfg: DecodeConfig, attention: bool = False) -> CT2Decoder:
-        """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (``cfg`` checked)."""
-        return CT2Decoder(self, cfg, attention)
-
     def translate_pieces(
         self, pieces: Sequence[Sequence[str]], cfg: DecodeConfig, batch_size: int = 32
     ) -> list[list[str]]:
@@ -201,8 +188,8 @@ class CT2Engine:
 
 @dataclass
 class CT2Decoder:
-    """Callable like :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (same ``batches`` /
-    ``oom_splits`` counters)."""
+    """A drop-in for :class:`mtkit.decoding.translate.OomSplittingBatchDecoder` (same ``batches`` /
+    ``oom_splits`` counters; ``cfg`` checked)."""
 
     engine: CT2Engine
     cfg: DecodeConfig

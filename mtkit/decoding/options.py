@@ -40,18 +40,13 @@ class Options:
 
 
 def make_options(options: dict[str, Any]) -> Options:
-    """:class:`Options` from keyword arguments, checked (an unknown key is an error)."""
-    valid = {f.name for f in dataclasses.fields(Options)}
+    """:class:`Options` from keyword arguments (an unknown key is an error), checked on what the
+    options alone decide, before any model is loaded."""
+    fields = {f.name for f in dataclasses.fields(Options)}
     for key in options:
-        if key not in valid:
+        if key not in fields:
             raise MtkitError(f"unknown translate option '{key}'")
     opts = Options(**options)
-    check_options(opts)
-    return opts
-
-
-def check_options(opts: Options) -> None:
-    """What the options alone decide, before any model is loaded."""
     limits = {"max_tokens": opts.max_tokens} if opts.max_tokens is not None else {}
     check_values(DecodeConfig, {**opts.decode_overrides, **limits}, "decode")
     for name, value, valid in (
@@ -69,6 +64,7 @@ def check_options(opts: Options) -> None:
     if opts.buffer_lines <= 0:
         raise MtkitError(f"buffer lines must be at least 1, got {opts.buffer_lines}")
     sampling_options(opts, torch.device("cpu"))  # SamplingOptions check themselves when made
+    return opts
 
 
 def sampling_options(opts: Options, device: torch.device) -> SamplingOptions | None:

@@ -1,15 +1,12 @@
-"""Scoring penalties and log-prob constraints for search, each a small function.
-
-Final score of a finished hypothesis ``Y`` (``|Y|`` counts its tokens including EOS)::
+"""Scoring penalties and log-prob constraints for search, each a small function. Final score of a
+finished hypothesis ``Y`` (``|Y|`` counts its tokens including EOS)::
 
     score = log P(Y|X) / lp(|Y|) + beta * sum_i log(min(coverage_i, 1))
 
-with ``lp`` one of :data:`LENGTH_PENALTIES` (none: 1, average: |Y|, gnmt: ((5+|Y|)/6)^alpha)
-and ``coverage_i`` the attention mass source position ``i`` received over all target steps
-(the GNMT coverage penalty, Wu et al. 2016). Constraints (min/max length, banned tokens,
-no-repeat n-grams) set log-probs to ``-inf`` and never renormalise, so a hypothesis' log-prob
-is always the model's own.
-"""
+with ``lp`` one of :data:`LENGTH_PENALTIES` (none: 1, average: |Y|, gnmt: ((5+|Y|)/6)^alpha) and
+``coverage_i`` the attention mass source position ``i`` received over all target steps (the GNMT
+coverage penalty, Wu et al. 2016). Constraints (min/max length, banned tokens, no-repeat n-grams) set
+log-probs to ``-inf`` and never renormalise, so a hypothesis' log-prob is always the model's own."""
 
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
-"""Greedy search, random sampling and the entry point to every search mode, for every model family.
+"""Greedy search, random sampling and the entry point to every search mode, for every model family:
+:func:`generate` runs beam search (:mod:`mtkit.decoding.beam`), greedy search (``beam`` 1) or random
+sampling, which share the set-up and "all done?" check of :mod:`mtkit.decoding.search_base`. The decode
+config is checked where it is loaded or assembled (:meth:`mtkit.config.DecodeConfig.check_for_search`).
 
-:func:`generate` decodes a batch with beam search (:mod:`mtkit.decoding.beam`), greedy search
-(``beam`` 1) or random sampling; all share the set-up and the "all done?" check of
-:mod:`mtkit.decoding.search_base`. The decode config is checked where it is loaded or assembled
-(:meth:`mtkit.config.DecodeConfig.check_for_search`), not here.
-
-Scores: ``Hypothesis.log_prob`` is the sum of the token log-probs (EOS included) under the
-model -- for an ensemble, the log of the mean of the models' probabilities -- exactly what
-teacher forcing gives; ``Hypothesis.score`` adds the penalties of :mod:`mtkit.decoding.penalties`.
-"""
+Scores: ``Hypothesis.log_prob`` is the sum of the token log-probs (EOS included) under the model -- for
+an ensemble, the log of the mean of the models' probabilities -- exactly what teacher forcing gives;
+``Hypothesis.score`` adds the penalties of :mod:`mtkit.decoding.penalties`."""
 
 from __future__ import annotations
 
@@ -60,8 +57,7 @@ def generate(
     """Decode a batch; per sentence up to ``cfg.nbest`` hypotheses, best first.
     ``cfg.beam == 1`` is greedy search; ``sampling`` draws ``cfg.nbest`` random samples per
     sentence instead. ``attention=True`` fills ``Hypothesis.attn``. ``cfg`` must have passed
-    :meth:`~mtkit.config.DecodeConfig.check_for_search`.
-    """
+    :meth:`~mtkit.config.DecodeConfig.check_for_search`."""
     ens = Ensemble(models)
     if sampling is not None or cfg.beam == 1:
         return greedy(ens, src, src_len, cfg, bos, eos, attention, sampling)

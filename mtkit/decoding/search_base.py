@@ -1,9 +1,6 @@
-"""What every search mode shares: the hypothesis, the ensemble step, the per-batch set-up, the
-log-prob constraints, and the "all done?" check that lets finished rows leave the batch.
-
-Finding out which rows are done costs one host read, made every step on CPU and every
-``SYNC_EVERY`` steps on accelerators.
-"""
+"""What every search mode shares: the hypothesis, the ensemble step, the per-batch set-up, the log-prob
+constraints, and the "all done?" check that lets finished rows leave the batch (finding out which rows
+are done costs one host read, made every step on CPU and every ``SYNC_EVERY`` steps on accelerators)."""
 
 from __future__ import annotations
 
@@ -75,14 +72,6 @@ class Ensemble:
         return lp, new_states, attn
 
 
-def max_lengths(src_len: torch.Tensor, cfg: DecodeConfig, limit: int | None) -> torch.Tensor:
-    """Most tokens (EOS excluded) per sentence: ``a * src_len + b``, within the model's limit."""
-    n = (cfg.max_len_a * src_len.to(torch.float64) + cfg.max_len_b).floor().long().clamp(min=0)
-    if limit is not None:
-        n = n.clamp(max=limit - 1)  # decoder input is BOS + tokens: at most ``limit`` positions
-    return n
-
-
 def row_topk(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x.topk(c, dim=1)`` of a wide (N, V) CPU array in two cheap passes (ties may come in another order).
     The c largest of a row lie in the c blocks of ``TOPK_BLOCK`` columns with the largest maxima; a
@@ -142,7 +131,10 @@ def set_up(
     """Length limits, banned tokens and source mask of a batch, and its encoding."""
     n, device = src.size(0), src.device
     length_penalty = penalties.length_penalty_fn(cfg.length_penalty)
-    max_len = max_lengths(src_len, cfg, ens.max_positions())
+    max_len = (cfg.max_len_a * src_len.to(torch.float64) + cfg.max_len_b).floor().long().clamp(min=0)
+    limit = ens.max_positions()
+    if limit is not None:
+        max_len = max_len.clamp(max=limit - 1)  # decoder input is BOS + tokens: at most ``limit`` positions
     steps = int(max_len.max()) + 1 if n else 0
     shortest_max = int(max_len.min()) if n else 0
     banned = sorted({bos, ens.models[0].pad_id} - {eos})

@@ -1,22 +1,19 @@
 """Streaming, order-preserving translation of a file or stdin with one or more checkpoints.
 
-Input is read in buffers of ``buffer_lines`` lines; each buffer is encoded with the checkpoint's
-source sentencepiece model, sorted by length, cut into batches (sentences or a source-token
-budget), decoded, and written back in input order as soon as a prefix of lines is complete. A
-large file therefore never sits in memory, and every input line gives exactly one output line
-(``nbest``: one or more lines ``id ||| hypothesis ||| F0= log-prob ||| score`` per input line,
-the Moses/Marian form that rerankers read; empty input lines give empty output).
+Input is read in buffers of ``buffer_lines`` lines, each encoded with the source sentencepiece model,
+sorted by length, cut into batches (sentences or a source-token budget), decoded, and written back in
+input order as soon as a prefix of lines is complete: a large file never sits in memory, and every
+input line gives exactly one output line (``nbest``: one or more lines
+``id ||| hypothesis ||| F0= log-prob ||| score``, the Moses/Marian form that rerankers read; empty input
+lines give empty output).
 
-Input from a pipe or a terminal is read by a background thread: when no new line arrives for
-``inputs.PAUSE_S`` seconds, the lines already read are translated and written at once, so a person
-typing, a script waiting for each answer or a slow producer get every line back in about the time
-its decoding takes; input that flows fills whole buffers as before. Regular files (also as
-``< file`` on stdin) are read directly.
+Piped or typed input is read by a background thread: once no new line has come for ``inputs.PAUSE_S``
+seconds, the lines read so far are translated and written, so a person typing, a script waiting for
+each answer or a slow producer gets every line back as soon as it is decoded; flowing input fills
+whole buffers. Regular files (also ``< file`` on stdin) are read directly.
 
-``resume=True`` continues a partly written output file: its complete lines are kept (a trailing
-partial line or, for n-best output, the last sentence's group is dropped), as many input lines
-are skipped, and the rest is appended.
-"""
+``resume=True`` keeps a partly written output's complete lines (dropping a trailing partial line or,
+for n-best output, the last sentence's group), skips as many input lines and appends the rest."""
 
 from __future__ import annotations
 
@@ -35,7 +32,8 @@ from mtkit.config import DecodeConfig
 from mtkit.data.batching import collate_source, length_sorted_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_lines, open_binary, open_output
-from mtkit.decoding import search
+from mtkit.decoding import output, search
+from mtkit.decoding.ct2_engine import CT2Decoder, CT2Engine
 from mtkit.decoding.inputs import encode_source, is_stream, paced
 from mtkit.decoding.options import Options, make_options, resolve_decode_config, sampling_options
 from mtkit.decoding.output import OUTPUT_FORMATS, Formatter, Record, prepare_resume
@@ -100,12 +98,10 @@ class Translator:
     def translate(
         self, sentences: Sequence[str], nbest: int = 1, **options: Any
     ) -> list[str] | list[list[tuple[str, float]]]:
-        """Translate sentences as ``mtkit translate`` does (same batches, same search): one string
-        per sentence, or with ``nbest`` > 1 a list of (hypothesis, score) per sentence, best first.
-
-        ``options``: decode keys (``beam``, ``length_penalty``, ``alpha``, ``max_len_a``, ...) and
-        the fields of :class:`Options` (``batch_size``, ``max_tokens``, ``sampling``, ``seed``, ...).
-        """
+        """Translate sentences as ``mtkit translate`` does (same batches, same search): one string per
+        sentence, or with ``nbest`` > 1 a list of (hypothesis, score) per sentence, best first. ``options``:
+        decode keys (``beam``, ``length_penalty``, ``alpha``, ``max_len_a``, ...) and the fields of
+        :class:`Options` (``batch_size``, ``max_tokens``, ``sampling``, ``seed``, ...)."""
         decode_keys = {f.name for f in dataclasses.fields(DecodeConfig)} - {"batch_size", "max_tokens"}
         overrides = {k: options.pop(k) for k in list(options) if k in decode_keys and options[k] is not None}
         opts = make_options({**options, "decode_overrides": {**overrides, "nbest": nbest}})
@@ -169,13 +165,11 @@ def translate_file(
     if resume and str(output_path) == "-":
         raise MtkitError("--resume needs an output file (-o FILE)")
     if opts.plot_attention:
-        from mtkit.decoding.plot import check_available
-
-        check_available()
+        output.check_available()
     tr, engine = _load_translator(model_paths, device, opts)
     cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
-    decoder = (engine.decoder(cfg, attention) if engine is not None
+    decoder = (CT2Decoder(engine, cfg, attention) if engine is not None
                else OomSplittingBatchDecoder(tr, cfg, sampling_options(opts, tr.device), attention))
     fmt = Formatter(tr.tgt_spm, output_format, opts.output_units, opts.alignment)
 
@@ -203,8 +197,6 @@ def _load_translator(model_paths: Sequence[str | Path], device: str, opts: Optio
     CTranslate2 engine or None)."""
     if opts.engine != "ctranslate2":
         return Translator.load(model_paths, device, opts.dtype), None
-    from mtkit.decoding.ct2_engine import CT2Engine
-
     if len(model_paths) != 1 or opts.sampling:
         raise MtkitError("--engine ctranslate2 takes one exported model directory (-m DIR) and no sampling")
     if opts.dtype != "float32":
@@ -262,13 +254,11 @@ def _plot_attention(tr: Translator, folder: str, rec: Record) -> None:
     """One heatmap PNG of the best hypothesis' attention, when it has one."""
     if not rec.hyps or rec.hyps[0].attn is None:
         return
-    from mtkit.decoding.plot import plot_attention
-
     h = rec.hyps[0]
     label = tr.models[0].attention_label() if tr.models else "attention weights"  # which attention is drawn
     if len(tr.models) > 1:
         label += f", mean over {len(tr.models)} models"
-    plot_attention(
+    output.plot_attention(
         h.attn, tr.src_spm.id_to_piece(rec.src_ids) + ["</s>"], tr.tgt_spm.id_to_piece(h.tokens) + ["</s>"],
         Path(folder) / f"{rec.index:06d}.png", title=f"line {rec.index + 1}: {label}",
     )
@@ -283,13 +273,10 @@ def _records(
     input_path: str | Path, skip: int, tr: Translator, cfg: DecodeConfig, opts: Options, decoder: OomSplittingBatchDecoder,
     stats: dict[str, Any],
 ) -> Iterator[Record]:
-    """Yield one :class:`Record` per input line (after ``skip``), in input order.
-
-    Lines are translated in buffers of ``opts.buffer_lines`` counted from the first input line,
-    also when resuming: the buffer holding line ``skip`` is translated whole and only its lines
-    from ``skip`` on are yielded, so every sentence is decoded in the very batch an uninterrupted
-    run decodes it in, and a resumed output is byte-identical to an uninterrupted one.
-    """
+    """Yield one :class:`Record` per input line (after ``skip``), in input order. Buffers of
+    ``opts.buffer_lines`` count from the first input line, also when resuming: the buffer holding line
+    ``skip`` is translated whole and only its lines from ``skip`` on are yielded, so every sentence is
+    decoded in the very batch an uninterrupted run decodes it in, and a resumed output is byte-identical."""
     name = display_name(input_path)
     lines: Iterator[str | None] = iter_lines(input_path, errors=opts.errors)
     if is_stream(input_path):
