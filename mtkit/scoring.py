@@ -37,6 +37,7 @@ from sacrebleu.metrics.base import Metric, Score
 from mtkit.data.text import display_name, iter_lines
 from mtkit.errors import MtkitError
 from mtkit.scoring_metrics import (
+    PAIRED_TESTS,
     TOKENIZERS,
     MetricFor,
     Systems,
@@ -46,10 +47,10 @@ from mtkit.scoring_metrics import (
     corpus_score_chunked,
     language_of,
     make_metric,
+    paired_scores,
     parse_metrics,
     relabel_bleu,
 )
-from mtkit.scoring_significance import PAIRED_TESTS, paired_scores
 
 # --- reading --------------------------------------------------------------------------------
 

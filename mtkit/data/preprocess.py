@@ -1,7 +1,7 @@
 """``mtkit preprocess``: raw parallel text -> sentencepiece model(s) + binarized shards + manifest.
 
 Steps: resolve and validate the input files; train sentencepiece on a bounded sample of the
-training text (or reuse given models; :mod:`mtkit.data.spm_models`); encode every split in chunks
+training text (or reuse given models; :mod:`mtkit.data.subword`); encode every split in chunks
 with a pool of worker processes and clean the training pairs (empty side, too many tokens, length
 ratio, duplicates; :mod:`mtkit.data.binarize`); write ``<split>.<lang>.bin`` (concatenated ids)
 and ``<split>.<lang>.idx`` (int64 offsets, n + 1 of them) plus ``manifest.json``. Everything is
@@ -25,7 +25,7 @@ from typing import Any
 from mtkit import __version__
 from mtkit.data.binarize import EncoderPool, SplitFiles, binarize_split, shard_dtype
 from mtkit.data.dataset import DATA_FORMAT
-from mtkit.data.spm_models import load_models, train_models, write_models
+from mtkit.data.subword import load_models, train_models, write_models
 from mtkit.data.text import display_name, iter_parallel, resolve_corpus_file
 from mtkit.errors import MtkitError
 
