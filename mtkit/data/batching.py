@@ -66,13 +66,12 @@ class BatchIterator:
     """Endless, resumable token-budget batches over a parallel corpus.
 
     Each epoch: examples are shuffled with a ``torch.Generator`` seeded by (seed, epoch), stably
-    sorted by length (longer side, then target, then source) so each batch holds similar lengths (bucketing with
-    little padding), packed to ``max_tokens`` and the batch order shuffled again. The state is
-    just (epoch, position) — the batches of an epoch are recomputed from the seed — so a
-    checkpoint restores the exact next batch. ``rank``/``world_size`` give each data-parallel
-    process every ``world_size``-th batch of the same list (every rank computes it from the same
-    seed; the tail is trimmed so all ranks get the same count), so the ``world_size`` batches of
-    one step are the consecutive batches one process would take with ``update_freq`` = world_size.
+    sorted by length (longer side, then target, then source: bucketing, little padding), packed to
+    ``max_tokens``, and the batch order shuffled again. The state is just (epoch, position): the
+    batches are recomputed from the seed, so a checkpoint restores the exact next batch. Rank
+    ``rank`` of ``world_size`` data-parallel processes takes every ``world_size``-th batch of the
+    same list (all compute it from the seed; the tail is trimmed to give all the same count), so
+    one step's batches are the consecutive ones a single process takes with ``update_freq`` = world_size.
     """
 
     def __init__(
