@@ -1,9 +1,7 @@
 """What a run was: versions, command line, config, machine and data, said once and kept.
-
 :func:`collect` gathers the record; ``train`` and ``recipe run`` write it at the top of their log
 file (:func:`run_log`), into every checkpoint (key ``provenance``) and into a recipe's
-``results.json``; ``mtkit info CKPT`` prints it back (:func:`describe_checkpoint`).
-"""
+``results.json``; ``mtkit info CKPT`` prints it back (:func:`describe_checkpoint`)."""
 
 from __future__ import annotations
 

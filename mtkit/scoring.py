@@ -289,11 +289,9 @@ def _table(results: list[dict[str, Any]], width: int) -> str:
 
 def format_results(results: list[dict[str, Any]], fmt: str = "text", width: int = 1) -> str:
     """Render :func:`score_files` results as sacrebleu prints them (``text``) or as a JSON list.
-
-    ``text``: one ``NAME|signature = score`` line per metric, aligned on ``=`` (sentence mode:
-    one line per sentence and metric); several systems: a table plus the signatures.
-    ``json``: always a list of result objects (sacrebleu prints a bare object for one metric).
-    """
+    ``text``: one ``NAME|signature = score`` line per metric, aligned on ``=`` (sentence mode: one
+    line per sentence and metric); several systems: a table plus the signatures. ``json``: always a
+    list of result objects (sacrebleu prints a bare object for one metric)."""
     if fmt == "json":
         return json.dumps(results, indent=1, ensure_ascii=False)
     if fmt != "text":

@@ -69,13 +69,11 @@ CHUNK_LINES = 20_000
 def corpus_score_chunked(
     metric: Metric, hyps: Sequence[str], refs: Sequence[Sequence[str]], chunk: int | None = None
 ) -> Score:
-    """``metric.corpus_score(hyps, refs)`` computed ``chunk`` sentences at a time.
-
-    sacrebleu holds the n-gram statistics of every reference sentence while scoring (about
-    20 kB per sentence for chrF: gigabytes for a million lines). BLEU, chrF and TER corpus
-    statistics are sums over sentences, so adding up per-chunk sums gives the same score with
-    memory bounded by the chunk. The tokenized-period warning counts over the whole corpus.
-    """
+    """``metric.corpus_score(hyps, refs)`` computed ``chunk`` sentences at a time. sacrebleu holds
+    the n-gram statistics of every reference sentence while scoring (about 20 kB per sentence for
+    chrF: gigabytes for a million lines); BLEU, chrF and TER corpus statistics are sums over
+    sentences, so adding up per-chunk sums gives the same score with memory bounded by the chunk.
+    The tokenized-period warning counts over the whole corpus."""
     chunk = chunk or CHUNK_LINES
     if len(hyps) <= chunk:
         return metric.corpus_score(list(hyps), [list(r) for r in refs])
@@ -105,11 +103,9 @@ _COMPOUND = re.compile(r"(\S)-(\S)")
 
 
 def compound_split(line: str) -> str:
-    """``a-b`` -> ``a ##AT##-##AT## b`` for every hyphen between two non-space characters.
-
-    The rewrite is Perl's ``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g``: matches do not overlap, so in
-    ``a-b-c`` only the first hyphen is split (the ``b`` belongs to the first match).
-    """
+    """``a-b`` -> ``a ##AT##-##AT## b`` for every hyphen between two non-space characters, as
+    Perl's ``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g``: matches do not overlap, so in ``a-b-c`` only
+    the first hyphen is split (the ``b`` belongs to the first match)."""
     return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", line)
 
 

@@ -1,8 +1,6 @@
 """Turning token-id sequences into padded batches (and, in training, token-budget batches).
-
 Conventions shared by every family: the source is ``ids + [EOS]``; the decoder input is
-``[BOS] + ids``; the decoder output (training target) is ``ids + [EOS]``.
-"""
+``[BOS] + ids``; the decoder output (training target) is ``ids + [EOS]``."""
 
 from __future__ import annotations
 
@@ -68,11 +66,10 @@ class BatchIterator:
     Each epoch: examples are shuffled with a ``torch.Generator`` seeded by (seed, epoch), stably
     sorted by length (longer side, then target, then source: bucketing, little padding), packed to
     ``max_tokens``, and the batch order shuffled again. The state is just (epoch, position): the
-    batches are recomputed from the seed, so a checkpoint restores the exact next batch. Rank
-    ``rank`` of ``world_size`` data-parallel processes takes every ``world_size``-th batch of the
-    same list (all compute it from the seed; the tail is trimmed to give all the same count), so
-    one step's batches are the consecutive ones a single process takes with ``update_freq`` = world_size.
-    """
+    batches are recomputed from the seed, so a checkpoint restores the exact next batch. Of
+    ``world_size`` data-parallel processes, rank ``rank`` takes every ``world_size``-th batch of
+    the same list (all compute it from the seed; the tail is trimmed to give all the same count):
+    one step's batches are the ones a single process takes in turn with update_freq=world_size."""
 
     def __init__(
         self, src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, max_sentences: int = 0,
@@ -160,6 +157,4 @@ def length_sorted_batches(lengths: Sequence[int] | np.ndarray, batch_size: int =
 
 def fixed_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     """Length-sorted token-budget batches in a fixed order (validation)."""
-    cost = np.maximum(np.asarray(src_lens) + 1, np.asarray(tgt_lens) + 1).astype(np.int64)
-    order = np.argsort(cost, kind="stable")
-    return pack_batches(order, cost, max_tokens)
+    return length_sorted_batches(np.maximum(src_lens, tgt_lens), max_tokens=max_tokens)

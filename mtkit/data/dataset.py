@@ -1,9 +1,7 @@
-"""Reading a preprocessed data dir: manifest, sentencepiece models and binarized splits.
-
-A split ``<name>`` is two pairs of files per language: ``<name>.<lang>.bin`` holds the token ids
-of all sentences back to back (dtype from the manifest) and ``<name>.<lang>.idx`` holds n + 1
-int64 offsets into it. Datasets return ids without BOS/EOS; batching adds them.
-"""
+"""Reading a preprocessed data dir: manifest, sentencepiece models and binarized splits. A split
+``<name>`` has two files per language: ``<name>.<lang>.bin`` holds the token ids of all sentences
+back to back (dtype from the manifest) and ``<name>.<lang>.idx`` n + 1 int64 offsets into it.
+Datasets return ids without BOS/EOS; batching adds them."""
 
 from __future__ import annotations
 

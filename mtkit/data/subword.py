@@ -1,11 +1,8 @@
-"""SentencePiece models: train, load (from a file or checkpoint bytes), encode, decode; and the
-models of a preprocessed data dir, trained on a seeded uniform sample of the training text (both
-sides for a joint model) or loaded from given files, written beside the shards.
-
-mtkit trains its models with fixed special ids: pad=0, unk=1, bos=2, eos=3. A user-supplied
-model keeps its own ids; if it has no pad piece, the id ``len(model)`` is used as pad and the
-vocabulary seen by the models grows by one.
-"""
+"""SentencePiece models: train, load (from a file or checkpoint bytes), encode, decode; and a data
+dir's models, trained on a seeded uniform sample of the training text (both sides for a joint
+model) or loaded from given files, written beside the shards. mtkit trains its models with fixed
+special ids pad=0, unk=1, bos=2, eos=3; a user-supplied model keeps its own ids, and if it has no
+pad piece, the id ``len(model)`` is pad and the vocabulary seen by the models grows by one."""
 
 from __future__ import annotations
 

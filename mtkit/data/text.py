@@ -113,11 +113,9 @@ FILTER_NAMES = {EMPTY: "empty", TOO_LONG: "max_len", RATIO: "ratio"}
 
 
 def filter_codes(src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float) -> np.ndarray:
-    """Per pair: KEEP, or the code of the first filter that drops it.
-
-    EMPTY: a side has no tokens. TOO_LONG: a side has more than ``max_len`` subword tokens
-    (``max_len <= 0``: off). RATIO: longer / shorter side > ``max_ratio`` (``<= 0``: off).
-    """
+    """Per pair: KEEP, or the code of the first filter that drops it. EMPTY: a side has no
+    tokens. TOO_LONG: a side has more than ``max_len`` subword tokens (``max_len <= 0``: off).
+    RATIO: longer / shorter side > ``max_ratio`` (``<= 0``: off)."""
     src_lens = np.asarray(src_lens, dtype=np.int64)
     tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
     codes = np.full(len(src_lens), KEEP, dtype=np.int8)
@@ -140,10 +138,8 @@ def pair_hashes(src_lines: list[str], tgt_lines: list[str]) -> np.ndarray:
 
 class DuplicateFilter:
     """Remembers pair hashes at 8 bytes each: sorted uint64 runs merged like a binary counter.
-
     ``first_seen(hashes)`` marks each hash not seen in earlier calls nor earlier in this batch,
-    and remembers the batch; lookups cost O(batch * log n) per run, with O(log n) runs.
-    """
+    and remembers the batch; lookups cost O(batch * log n) per run, with O(log n) runs."""
 
     def __init__(self) -> None:
         self.runs: list[np.ndarray] = []
