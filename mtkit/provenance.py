@@ -53,9 +53,8 @@ def manifest_info(data_dir: str | Path | None) -> dict[str, Any]:
     """The sha256 of a preprocessed data dir's ``manifest.json`` and its languages (empty if absent)."""
     if data_dir is None:
         return {}
-    path = Path(data_dir) / "manifest.json"
     try:
-        data = path.read_bytes()
+        data = (Path(data_dir) / "manifest.json").read_bytes()
     except OSError:
         return {}
     info: dict[str, Any] = {"dir": str(data_dir), "manifest_sha256": hashlib.sha256(data).hexdigest()}

@@ -123,16 +123,13 @@ def moses_tokenizer(lang: str) -> Callable[[str], str]:
     return lambda line: tokenizer.tokenize(line, escape=True, return_str=True)
 
 
-def moses_languages() -> set[str]:
-    """Language codes with their own Moses rules (nonbreaking prefixes); others fall back to English."""
-    return set(_sacremoses().corpus.NonbreakingPrefixes().available_langs.values())
-
-
 def language_of(path: str | Path) -> str | None:
-    """The language a file name ends in (``newstest2014.de``, ``test.de.gz`` -> ``de``), if Moses knows it."""
+    """The language a file name ends in (``newstest2014.de``, ``test.de.gz`` -> ``de``), if Moses
+    knows it: has its own rules (nonbreaking prefixes; other languages fall back to English)."""
     name = Path(str(path)).name.removesuffix(".gz")
     suffix = Path(name).suffix.lstrip(".").lower()
-    return suffix if suffix in moses_languages() else None
+    moses_langs = _sacremoses().corpus.NonbreakingPrefixes().available_langs.values()
+    return suffix if suffix in moses_langs else None
 
 
 def bleu_tokenization(tokenize: str | None, split_compounds: bool) -> str | None:

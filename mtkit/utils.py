@@ -70,8 +70,7 @@ def cpu_has_native_bf16() -> bool:
     import torch
 
     names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    probes = [getattr(torch.cpu, name) for name in names if hasattr(torch.cpu, name)]
-    if probes:
+    if probes := [getattr(torch.cpu, name) for name in names if hasattr(torch.cpu, name)]:
         return any(p() for p in probes)
     # an older torch: read the CPU flags
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
@@ -113,15 +112,12 @@ def setup_logging(verbosity: int = 0) -> None:
     root.setLevel(level)
 
 
-def console_level() -> int:
-    """The level of the records shown on stderr (not those a run's log file keeps)."""
+def progress_enabled() -> bool:
+    """Whether stderr is a terminal that shows INFO records (the console's level, not the one a
+    run's log file keeps)."""
     root = logging.getLogger("mtkit")
     levels = [h.level for h in root.handlers if type(h) is logging.StreamHandler and h.level]
-    return min(levels) if levels else root.getEffectiveLevel()
-
-
-def progress_enabled() -> bool:
-    return sys.stderr.isatty() and console_level() <= logging.INFO
+    return sys.stderr.isatty() and (min(levels) if levels else root.getEffectiveLevel()) <= logging.INFO
 
 
 @contextlib.contextmanager

@@ -47,8 +47,7 @@ def pack_batches(
     A single example larger than the budget gets a batch of its own."""
     batches: list[np.ndarray] = []
     start, longest = 0, 0
-    costs = cost[order]
-    for i, c in enumerate(costs.tolist()):
+    for i, c in enumerate(cost[order].tolist()):
         n = i - start + 1
         width = max(longest, c)
         if n > 1 and (n * width > max_tokens or (max_sentences and n > max_sentences)):

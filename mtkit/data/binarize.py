@@ -175,10 +175,9 @@ def binarize_split(
         return stats, None
     if not dedup:
         del dropped["duplicate"]
-    report = {"input_pairs": read, "dropped": dropped, "kept": src_w.n}
     if any(dropped.values()):
         logger.info("train filters dropped %s", ", ".join(f"{k}: {v}" for k, v in dropped.items() if v))
-    return stats, report
+    return stats, {"input_pairs": read, "dropped": dropped, "kept": src_w.n}
 
 
 def _clean(

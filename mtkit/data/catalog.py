@@ -97,14 +97,12 @@ def _check_split(dataset: str, name: str, raw: Any, where: str) -> SplitSource:
     if not isinstance(raw, dict):
         raise MtkitError(f"{ctx} must be a mapping")
     known = {"langs", "url", "archive", "member", "format", "sacrebleu", "sha256"}
-    unknown = set(raw) - known
-    if unknown:
+    if unknown := set(raw) - known:
         raise MtkitError(f"{ctx}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(known))})")
     langs = raw.get("langs")
     if not isinstance(langs, list) or not langs or not all(isinstance(x, str) for x in langs):
         raise MtkitError(f"{ctx}.langs must be a non-empty list of language codes")
-    kinds = [k for k in ("url", "archive", "sacrebleu") if raw.get(k)]
-    if len(kinds) != 1:
+    if len([k for k in ("url", "archive", "sacrebleu") if raw.get(k)]) != 1:
         raise MtkitError(f"{ctx} needs exactly one source: url, archive or sacrebleu")
     if raw.get("archive") and not raw.get("member"):
         raise MtkitError(f"{ctx}: an archive source needs 'member'")
@@ -115,8 +113,7 @@ def _check_split(dataset: str, name: str, raw: Any, where: str) -> SplitSource:
     if sb is not None and (not isinstance(sb, dict) or set(sb) != {"test_set", "langpair"}):
         raise MtkitError(f"{ctx}.sacrebleu needs exactly test_set and langpair")
     sha = raw.get("sha256")
-    shas = list(sha.values()) if isinstance(sha, dict) else [sha]
-    for s in shas:
+    for s in sha.values() if isinstance(sha, dict) else [sha]:
         if s is not None and not (isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s)):
             raise MtkitError(f"{ctx}.sha256 {s!r} is not a sha256 hex digest")
     return SplitSource(

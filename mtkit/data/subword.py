@@ -108,19 +108,16 @@ def train_sentencepiece(
 def _training_error(text: str, vocab_size: int) -> str:
     """Turn sentencepiece's C++ error text into one line a user can act on."""
     msg = text.strip().splitlines()[-1] if text.strip() else "training failed"
-    high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", msg)
-    if high:
+    if high := re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", msg):
         return f"vocab size {vocab_size} is too large for this data (at most {high.group(2)} pieces possible)"
-    low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
-    if low:
+    if low := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg):
         return (
             f"vocab size {vocab_size} is too small: the data needs at least {low.group(2)} pieces "
             "(characters + special pieces); raise the vocab size or lower the character coverage"
         )
     if "sentences_.empty()" in msg:
         return "sentencepiece training failed: no training sentences"
-    msg = re.sub(r"^\w+: src/\S+ ", "", msg)
-    return f"sentencepiece training failed: {msg}"
+    return "sentencepiece training failed: " + re.sub(r"^\w+: src/\S+ ", "", msg)
 
 
 # --- the models of a preprocessed data dir ---------------------------------------------------
