@@ -11,19 +11,11 @@ from click.testing import CliRunner
 import mtkit.data.binarize as binarize
 import mtkit.data.subword as subword
 from mtkit.cli import main
+from mtkit.data.binarize import EMPTY, KEEP, RATIO, TOO_LONG, DuplicateFilter, filter_codes
 from mtkit.data.dataset import ParallelDataset, load_manifest, load_spm
 from mtkit.data.preprocess import preprocess
 from mtkit.data.subword import Reservoir, SubwordModel
-from mtkit.data.text import (
-    EMPTY,
-    KEEP,
-    RATIO,
-    TOO_LONG,
-    DuplicateFilter,
-    filter_codes,
-    iter_lines,
-    iter_parallel,
-)
+from mtkit.data.text import iter_lines, iter_parallel
 from mtkit.errors import MtkitError
 
 EN = "the a cat dog sat ran on under mat table red blue big small house garden green tree bird sings".split()
