@@ -84,7 +84,6 @@ class SubwordModel:
 def train_sentencepiece(
     sentences: Iterable[str], vocab_size: int, model_type: str = "bpe", character_coverage: float = 1.0,
     user_defined_symbols: Sequence[str] = (), input_sentence_size: int = 2_000_000, num_threads: int = 2,
-    seed_sentencepieces: int | None = None,
 ) -> SubwordModel:
     """Train a model in memory from an iterator of sentences; returns it loaded."""
     proto = io.BytesIO()
@@ -96,8 +95,6 @@ def train_sentencepiece(
     )
     if user_defined_symbols:
         kwargs["user_defined_symbols"] = list(user_defined_symbols)
-    if seed_sentencepieces:
-        kwargs["seed_sentencepiece_size"] = seed_sentencepieces
     try:
         spm.SentencePieceTrainer.train(**kwargs)
     except RuntimeError as exc:
