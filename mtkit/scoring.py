@@ -18,8 +18,7 @@ from every line, as its CLI does). Options and their sacrebleu equivalents:
 Every result is a dict of sacrebleu's JSON fields (``name``, ``score`` rounded to ``width``
 decimals, ``signature``, ``verbose_score`` for BLEU, one key per signature field) plus ``system``
 (the hypothesis file); paired tests add ``baseline``, ``p_value``, ``mean``, ``ci``; sentence
-scores add ``sentence`` (1-based line number).
-"""
+scores add ``sentence`` (1-based line number)."""
 
 from __future__ import annotations
 
@@ -105,8 +104,7 @@ def score_systems(
 
     Results come system by system, metrics in the given order (sentence mode: metric by metric,
     sentence by sentence). ``paired_n`` 0: sacrebleu's default (1000 / 10000). ``tokenize="moses"``
-    needs ``lang``, the references' language; see the module docstring for the rest.
-    """
+    needs ``lang``, the references' language; see the module docstring for the rest."""
     names = parse_metrics(metrics)
     _check_request(systems, references, paired, sentence, tokenize, split_compounds)
     refs = [list(r) for r in references]
@@ -205,8 +203,7 @@ def score_files(
     The systems are ``[hyp_path] + systems`` (``hyp_path`` may be None if ``systems`` is given).
     ``detok_spm`` (a sentencepiece model or a checkpoint) detokenises piece-segmented hypotheses.
     ``tokenize="moses"`` takes the language from ``lang``, else from the first reference's name
-    (``ref.de``). Other options and the results: :func:`score_systems` and the module docstring.
-    """
+    (``ref.de``). Other options and the results: :func:`score_systems` and the module docstring."""
     names = parse_metrics(metrics)  # fail on a bad metric before reading anything
     paths = ([hyp_path] if hyp_path is not None else []) + list(systems)
     if not paths:

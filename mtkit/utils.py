@@ -37,13 +37,12 @@ ONEDNN_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 
 def limit_onednn_caches(entries: int = 64) -> None:
     """Cap oneDNN's two per-shape caches (PyTorch's and oneDNN's own) at ``entries`` each, unless
-    the environment sets them; training does this, decoding keeps oneDNN's 1024. oneDNN runs
-    mtkit's float32 CPU matmuls (:mod:`mtkit.kernels.linear`) and keeps every shape it has met:
-    training's hundreds of batch shapes fill the caches, whose long-lived entries, allocated
-    between a step's activations, fragment the heap (64 hold the shapes one step reuses).
-    Decoding, whose row counts change per step and recur across batches, gains from the larger
-    default. The sizes are read at the process's first oneDNN matmul: call this before that.
-    """
+    the environment sets them; training does this, decoding keeps oneDNN's 1024. oneDNN runs mtkit's
+    float32 CPU matmuls (:mod:`mtkit.kernels.linear`) and keeps every shape it has met: training's
+    hundreds of batch shapes fill the caches, whose long-lived entries, allocated between a step's
+    activations, fragment the heap (64 hold the shapes one step reuses). Decoding, whose row counts
+    change per step and recur across batches, gains from the larger default. The sizes are read at
+    the process's first oneDNN matmul: call this before that."""
     for name in ONEDNN_CACHES:
         os.environ.setdefault(name, str(entries))
 

@@ -6,8 +6,7 @@ line-aligned file per language, locally ``<split>.<lang>.gz`` (or plain ``<split
 (``:``-separated), as ``DIR/<file>`` or ``DIR/<dataset>/<file>``; (2) the cache, ``MTKIT_CACHE`` or
 ``~/.cache/mtkit``, as ``<cache>/<dataset>/<file>``; (3) a download into the cache (progress bar,
 sha256 check where the catalog lists one). With no local copy and downloads impossible (offline,
-``MTKIT_OFFLINE=1``, or ``allow_download=False``) the error names the files to place and where.
-"""
+``MTKIT_OFFLINE=1``, or ``allow_download=False``) the error names the files to place and where."""
 
 from __future__ import annotations
 

@@ -6,8 +6,7 @@ processes, cleaning the training pairs (empty side, too many tokens, length rati
 :mod:`mtkit.data.binarize`); write ``<split>.<lang>.bin`` (concatenated ids), ``<split>.<lang>.idx``
 (int64 offsets, n + 1 of them) and ``manifest.json`` into a temp dir beside the output dir, renamed
 into place at the end, so a failed run leaves nothing that looks complete. Memory stays bounded:
-the corpus is streamed in chunks and duplicate detection keeps 8 bytes per pair.
-"""
+the corpus is streamed in chunks and duplicate detection keeps 8 bytes per pair."""
 
 from __future__ import annotations
 
