@@ -1,9 +1,7 @@
 """Device names: the one place that turns ``--device`` (auto, cpu, cuda, cuda:N) into a device.
-
 Training, translation and the CTranslate2 engine all check a device name with
-:func:`check_device_name`; each says in its own words what is missing when CUDA is asked for
-but absent (torch and CTranslate2 may disagree about the GPUs they see).
-"""
+:func:`check_device_name`, each saying in its own words what is missing when CUDA is asked for
+but absent (torch and CTranslate2 may disagree about the GPUs they see)."""
 
 from __future__ import annotations
 

@@ -16,8 +16,7 @@ def did_you_mean(name: str, choices: Iterable[str], listing: str | None = "valid
     ``choices``, else ``; <listing>: a, b, c`` (``choices`` in the order given), or nothing
     when ``listing`` is None."""
     choices = list(choices)
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    if close:
+    if close := difflib.get_close_matches(name, choices, n=1, cutoff=0.5):
         return f"; did you mean '{close[0]}'?"
     return f"; {listing}: {', '.join(choices)}" if listing is not None else ""
 

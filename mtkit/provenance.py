@@ -1,9 +1,7 @@
 """What a run was: versions, command line, config, machine and data, said once and kept.
-
 :func:`collect` gathers the record; ``train`` and ``recipe run`` write it at the top of their log
 file (:func:`run_log`), into every checkpoint (key ``provenance``) and into a recipe's
-``results.json``; ``mtkit info CKPT`` prints it back (:func:`describe_checkpoint`).
-"""
+``results.json``; ``mtkit info CKPT`` prints it back (:func:`describe_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -55,9 +53,8 @@ def manifest_info(data_dir: str | Path | None) -> dict[str, Any]:
     """The sha256 of a preprocessed data dir's ``manifest.json`` and its languages (empty if absent)."""
     if data_dir is None:
         return {}
-    path = Path(data_dir) / "manifest.json"
     try:
-        data = path.read_bytes()
+        data = (Path(data_dir) / "manifest.json").read_bytes()
     except OSError:
         return {}
     info: dict[str, Any] = {"dir": str(data_dir), "manifest_sha256": hashlib.sha256(data).hexdigest()}

@@ -1,29 +1,24 @@
-"""BLEU, chrF, chrF++ and TER through sacrebleu's library API, each with its sacrebleu signature.
+"""BLEU, chrF, chrF++ and TER through sacrebleu's library API: the figures and signatures that the
+``sacrebleu`` command line prints for the same files and options (trailing whitespace is stripped
+from every line, as its CLI does). Options and their sacrebleu equivalents:
 
-The figures and signatures are the ones the ``sacrebleu`` command line prints for the same
-files and options (its CLI strips trailing whitespace from every line; so does this module).
-Option mapping to sacrebleu's command line:
-
-- ``tokenize`` -> ``--tokenize`` (BLEU only; chrF and TER have their own processing)
-- ``tokenize="moses"`` has no sacrebleu equivalent: hypotheses and references go through the
-  Moses tokenizer (sacremoses, default escaping) and BLEU counts the resulting tokens
-  (``--tokenize none``), as Moses' ``multi-bleu.perl`` does; ``split_compounds`` rewrites
-  ``a-b`` as ``a ##AT##-##AT## b`` on both sides (the WMT14 En-De papers' BLEU). Either shows in
-  the signature's ``tok`` field (``tok:moses``, ``tok:moses+cs``, ``tok:none+cs``). chrF and TER
+- ``tokenize``: ``--tokenize`` (BLEU only; chrF and TER have their own processing). ``"moses"`` has
+  none: both sides go through the Moses tokenizer (sacremoses, default escaping) and BLEU counts
+  the tokens (``--tokenize none``), as Moses' ``multi-bleu.perl`` does; ``split_compounds``
+  rewrites ``a-b`` as ``a ##AT##-##AT## b`` on both sides (the WMT14 En-De papers' BLEU). Either
+  shows in the ``tok`` field (``tok:moses``, ``tok:moses+cs``, ``tok:none+cs``); chrF and TER
   always score the text as given.
-- ``lowercase`` -> ``--lowercase --chrf-lowercase`` (TER is case-insensitive unless
-  ``ter_case_sensitive``, as in sacrebleu)
-- ``force`` -> ``--force``; metric ``chrf++`` -> ``-m chrf --chrf-word-order 2``
-- ``sentence`` -> ``--sentence-level``; several systems -> ``-i SYS_A SYS_B ...``
-- ``paired="bs"|"ar"`` -> ``--paired-bs`` / ``--paired-ar`` (``paired_n`` -> ``--paired-bs-n`` /
-  ``--paired-ar-n``); the first system is the baseline. The random seed is sacrebleu's:
-  ``SACREBLEU_SEED`` from the environment, 12345 by default.
+- ``lowercase``: ``--lowercase --chrf-lowercase`` (TER is case-insensitive unless
+  ``ter_case_sensitive``, as in sacrebleu); ``force``: ``--force``; ``sentence``: ``--sentence-level``;
+  metric ``chrf++``: ``-m chrf --chrf-word-order 2``; several systems: ``-i SYS_A SYS_B ...``.
+- ``paired="bs"|"ar"``: ``--paired-bs`` / ``--paired-ar`` (``paired_n``: ``--paired-bs-n`` /
+  ``--paired-ar-n``); the first system is the baseline; the seed is sacrebleu's (``SACREBLEU_SEED``
+  from the environment, 12345 by default).
 
-Every result is a dict with sacrebleu's JSON fields (``name``, ``score`` rounded to ``width``
-decimals, ``signature``, ``verbose_score`` for BLEU, and one key per signature field) plus
-``system`` (the hypothesis file). Paired tests add ``baseline``, ``p_value``, ``mean``, ``ci``;
-sentence scores add ``sentence`` (1-based line number).
-"""
+Every result is a dict of sacrebleu's JSON fields (``name``, ``score`` rounded to ``width``
+decimals, ``signature``, ``verbose_score`` for BLEU, one key per signature field) plus ``system``
+(the hypothesis file); paired tests add ``baseline``, ``p_value``, ``mean``, ``ci``; sentence
+scores add ``sentence`` (1-based line number)."""
 
 from __future__ import annotations
 
@@ -37,6 +32,7 @@ from sacrebleu.metrics.base import Metric, Score
 from mtkit.data.text import display_name, iter_lines
 from mtkit.errors import MtkitError
 from mtkit.scoring_metrics import (
+    PAIRED_TESTS,
     TOKENIZERS,
     MetricFor,
     Systems,
@@ -46,10 +42,10 @@ from mtkit.scoring_metrics import (
     corpus_score_chunked,
     language_of,
     make_metric,
+    paired_scores,
     parse_metrics,
     relabel_bleu,
 )
-from mtkit.scoring_significance import PAIRED_TESTS, paired_scores
 
 # --- reading --------------------------------------------------------------------------------
 
@@ -106,12 +102,9 @@ def score_systems(
 ) -> list[dict[str, Any]]:
     """Score in-memory systems ``[(name, lines), ...]`` against ``references`` (one list per reference).
 
-    Results come system by system, metrics in the given order (sentence mode: metric by
-    metric, sentence by sentence). ``paired`` ("bs" or "ar") compares every system with the
-    first one (the baseline); ``paired_n`` 0 means sacrebleu's default (1000 / 10000).
-    ``tokenize="moses"`` (which needs ``lang``, the references' language) and
-    ``split_compounds`` change what BLEU reads; see the module docstring.
-    """
+    Results come system by system, metrics in the given order (sentence mode: metric by metric,
+    sentence by sentence). ``paired_n`` 0: sacrebleu's default (1000 / 10000). ``tokenize="moses"``
+    needs ``lang``, the references' language; see the module docstring for the rest."""
     names = parse_metrics(metrics)
     _check_request(systems, references, paired, sentence, tokenize, split_compounds)
     refs = [list(r) for r in references]
@@ -207,12 +200,10 @@ def score_files(
 ) -> list[dict[str, Any]]:
     """Score a hypothesis file (``-`` = stdin) and/or several ``systems`` against reference files.
 
-    The systems are ``[hyp_path] + systems`` (``hyp_path`` may be None when ``systems`` is
-    given); the first is the baseline of a paired test. ``detok_spm`` (a sentencepiece model
-    or a checkpoint) detokenises piece-segmented hypotheses before scoring. ``tokenize="moses"``
-    takes the language from ``lang`` or else from the first reference's name (``ref.de``). See
-    :func:`score_systems` for the other options and the module docstring for the result dicts.
-    """
+    The systems are ``[hyp_path] + systems`` (``hyp_path`` may be None if ``systems`` is given).
+    ``detok_spm`` (a sentencepiece model or a checkpoint) detokenises piece-segmented hypotheses.
+    ``tokenize="moses"`` takes the language from ``lang``, else from the first reference's name
+    (``ref.de``). Other options and the results: :func:`score_systems` and the module docstring."""
     names = parse_metrics(metrics)  # fail on a bad metric before reading anything
     paths = ([hyp_path] if hyp_path is not None else []) + list(systems)
     if not paths:
@@ -295,11 +286,9 @@ def _table(results: list[dict[str, Any]], width: int) -> str:
 
 def format_results(results: list[dict[str, Any]], fmt: str = "text", width: int = 1) -> str:
     """Render :func:`score_files` results as sacrebleu prints them (``text``) or as a JSON list.
-
-    ``text``: one ``NAME|signature = score`` line per metric, aligned on ``=`` (sentence mode:
-    one line per sentence and metric); several systems: a table plus the signatures.
-    ``json``: always a list of result objects (sacrebleu prints a bare object for one metric).
-    """
+    ``text``: one ``NAME|signature = score`` line per metric, aligned on ``=`` (sentence mode: one
+    line per sentence and metric); several systems: a table plus the signatures. ``json``: always a
+    list of result objects (sacrebleu prints a bare object for one metric)."""
     if fmt == "json":
         return json.dumps(results, indent=1, ensure_ascii=False)
     if fmt != "text":

@@ -1,7 +1,9 @@
 """sacrebleu's metrics as mtkit scores them: the metric names, a metric object configured as
 sacrebleu's command line configures it (so the signatures match), corpus scores computed in
-bounded chunks, and tokenized BLEU (the Moses tokenizer and compound splitting before BLEU,
-shown in the signature's ``tok`` field)."""
+bounded chunks, tokenized BLEU (the Moses tokenizer and compound splitting before BLEU, shown in
+the signature's ``tok`` field), and paired significance tests through sacrebleu's
+:class:`~sacrebleu.significance.PairedTest`: bootstrap resampling (``bs``) or approximate
+randomization (``ar``), with sacrebleu's seed (``SACREBLEU_SEED``, 12345 by default)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 from sacrebleu.metrics.base import Metric, Score
+from sacrebleu.significance import PairedTest
 
 from mtkit.errors import MtkitError
 
@@ -66,13 +69,11 @@ CHUNK_LINES = 20_000
 def corpus_score_chunked(
     metric: Metric, hyps: Sequence[str], refs: Sequence[Sequence[str]], chunk: int | None = None
 ) -> Score:
-    """``metric.corpus_score(hyps, refs)`` computed ``chunk`` sentences at a time.
-
-    sacrebleu holds the n-gram statistics of every reference sentence while scoring (about
-    20 kB per sentence for chrF: gigabytes for a million lines). BLEU, chrF and TER corpus
-    statistics are sums over sentences, so adding up per-chunk sums gives the same score with
-    memory bounded by the chunk. The tokenized-period warning counts over the whole corpus.
-    """
+    """``metric.corpus_score(hyps, refs)`` computed ``chunk`` sentences at a time. sacrebleu holds
+    the n-gram statistics of every reference sentence while scoring (about 20 kB per sentence for
+    chrF: gigabytes for a million lines); BLEU, chrF and TER corpus statistics are sums over
+    sentences, so adding up per-chunk sums gives the same score with memory bounded by the chunk.
+    The tokenized-period warning counts over the whole corpus."""
     chunk = chunk or CHUNK_LINES
     if len(hyps) <= chunk:
         return metric.corpus_score(list(hyps), [list(r) for r in refs])
@@ -102,11 +103,9 @@ _COMPOUND = re.compile(r"(\S)-(\S)")
 
 
 def compound_split(line: str) -> str:
-    """``a-b`` -> ``a ##AT##-##AT## b`` for every hyphen between two non-space characters.
-
-    The rewrite is Perl's ``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g``: matches do not overlap, so in
-    ``a-b-c`` only the first hyphen is split (the ``b`` belongs to the first match).
-    """
+    """``a-b`` -> ``a ##AT##-##AT## b`` for every hyphen between two non-space characters, as
+    Perl's ``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g``: matches do not overlap, so in ``a-b-c`` only
+    the first hyphen is split (the ``b`` belongs to the first match)."""
     return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", line)
 
 
@@ -124,16 +123,13 @@ def moses_tokenizer(lang: str) -> Callable[[str], str]:
     return lambda line: tokenizer.tokenize(line, escape=True, return_str=True)
 
 
-def moses_languages() -> set[str]:
-    """Language codes with their own Moses rules (nonbreaking prefixes); others fall back to English."""
-    return set(_sacremoses().corpus.NonbreakingPrefixes().available_langs.values())
-
-
 def language_of(path: str | Path) -> str | None:
-    """The language a file name ends in (``newstest2014.de``, ``test.de.gz`` -> ``de``), if Moses knows it."""
+    """The language a file name ends in (``newstest2014.de``, ``test.de.gz`` -> ``de``), if Moses
+    knows it: has its own rules (nonbreaking prefixes; other languages fall back to English)."""
     name = Path(str(path)).name.removesuffix(".gz")
     suffix = Path(name).suffix.lstrip(".").lower()
-    return suffix if suffix in moses_languages() else None
+    moses_langs = _sacremoses().corpus.NonbreakingPrefixes().available_langs.values()
+    return suffix if suffix in moses_langs else None
 
 
 def bleu_tokenization(tokenize: str | None, split_compounds: bool) -> str | None:
@@ -158,3 +154,43 @@ def relabel_bleu(d: dict[str, Any], tok: str) -> dict[str, Any]:
     d["tok"] = tok
     d["signature"] = "|".join(f"tok:{tok}" if kv.startswith("tok:") else kv for kv in d["signature"].split("|"))
     return d
+
+
+# --- paired significance tests --------------------------------------------------------------
+
+PAIRED_TESTS = {"bs": "bootstrap resampling", "ar": "approximate randomization"}
+
+
+def _rounded(x: float | None, width: int) -> float | None:
+    return None if x is None else float(f"{float(x):.{width}f}")
+
+
+def paired_scores(
+    names: list[str], systems: Systems, texts: TextsFor, build: MetricFor, paired: str, paired_n: int, width: int,
+    per_metric: bool,
+) -> list[dict[str, Any]]:
+    """Test every system against the first (the baseline) on every metric in ``names``;
+    ``per_metric``: one test per metric (BLEU reads other text than the rest), else one for all.
+    The results come system by system, as the unpaired ones do."""
+    results: list[dict[str, Any]] = []
+    for group in [[name] for name in names] if per_metric else [names]:
+        test = PairedTest(
+            [(n, list(h)) for n, h in texts(group[0])[0]], {name: build(name) for name in group},
+            references=None, test_type=paired, n_samples=paired_n,
+        )
+        sigs, table = test()
+        for metric_name, column in table.items():
+            if metric_name == "System":
+                continue
+            signature = sigs[metric_name].format()
+            fields = dict(kv.split(":", 1) for kv in signature.split("|"))
+            for i, res in enumerate(column):
+                results.append({
+                    "name": metric_name, "score": _rounded(res.score, width), "signature": signature, **fields,
+                    "system": systems[i][0], "baseline": i == 0, "p_value": _rounded(res.p_value, 4),
+                    "mean": _rounded(res.mean, width), "ci": _rounded(res.ci, width), "test": paired,
+                    "n": test.n_samples,
+                })
+    order = {name: i for i, (name, _) in enumerate(systems)}
+    results.sort(key=lambda d: order[d["system"]])
+    return results

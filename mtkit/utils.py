@@ -37,15 +37,12 @@ ONEDNN_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 
 def limit_onednn_caches(entries: int = 64) -> None:
     """Cap oneDNN's two per-shape caches (PyTorch's and oneDNN's own) at ``entries`` each, unless
-    the environment sets them; training does this, decoding keeps oneDNN's 1024.
-
-    oneDNN runs mtkit's float32 CPU matmuls (see :mod:`mtkit.kernels.linear`) and keeps every
-    matmul shape it has met. Training batches come in hundreds of shapes: the caches fill up, and
-    their long-lived entries, allocated between a step's activations, fragment the heap; 64
-    entries hold the shapes one training step reuses. Decoding, whose row count changes from step
-    to step and recurs across batches, gains from the larger default. The sizes are read at the
-    process's first oneDNN matmul: call this before that.
-    """
+    the environment sets them; training does this, decoding keeps oneDNN's 1024. oneDNN runs mtkit's
+    float32 CPU matmuls (:mod:`mtkit.kernels.linear`) and keeps every shape it has met: training's
+    hundreds of batch shapes fill the caches, whose long-lived entries, allocated between a step's
+    activations, fragment the heap (64 hold the shapes one step reuses). Decoding, whose row counts
+    change per step and recur across batches, gains from the larger default. The sizes are read at
+    the process's first oneDNN matmul: call this before that."""
     for name in ONEDNN_CACHES:
         os.environ.setdefault(name, str(entries))
 
@@ -72,8 +69,7 @@ def cpu_has_native_bf16() -> bool:
     import torch
 
     names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    probes = [getattr(torch.cpu, name) for name in names if hasattr(torch.cpu, name)]
-    if probes:
+    if probes := [getattr(torch.cpu, name) for name in names if hasattr(torch.cpu, name)]:
         return any(p() for p in probes)
     # an older torch: read the CPU flags
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
@@ -115,15 +111,12 @@ def setup_logging(verbosity: int = 0) -> None:
     root.setLevel(level)
 
 
-def console_level() -> int:
-    """The level of the records shown on stderr (not those a run's log file keeps)."""
+def progress_enabled() -> bool:
+    """Whether stderr is a terminal that shows INFO records (the console's level, not the one a
+    run's log file keeps)."""
     root = logging.getLogger("mtkit")
     levels = [h.level for h in root.handlers if type(h) is logging.StreamHandler and h.level]
-    return min(levels) if levels else root.getEffectiveLevel()
-
-
-def progress_enabled() -> bool:
-    return sys.stderr.isatty() and console_level() <= logging.INFO
+    return sys.stderr.isatty() and (min(levels) if levels else root.getEffectiveLevel()) <= logging.INFO
 
 
 @contextlib.contextmanager

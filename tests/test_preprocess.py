@@ -9,22 +9,13 @@ import pytest
 from click.testing import CliRunner
 
 import mtkit.data.binarize as binarize
-import mtkit.data.spm_models as spm_models
+import mtkit.data.subword as subword
 from mtkit.cli import main
+from mtkit.data.binarize import EMPTY, KEEP, RATIO, TOO_LONG, DuplicateFilter, filter_codes
 from mtkit.data.dataset import ParallelDataset, load_manifest, load_spm
 from mtkit.data.preprocess import preprocess
-from mtkit.data.spm_models import Reservoir
-from mtkit.data.subword import SubwordModel
-from mtkit.data.text import (
-    EMPTY,
-    KEEP,
-    RATIO,
-    TOO_LONG,
-    DuplicateFilter,
-    filter_codes,
-    iter_lines,
-    iter_parallel,
-)
+from mtkit.data.subword import Reservoir, SubwordModel
+from mtkit.data.text import iter_lines, iter_parallel
 from mtkit.errors import MtkitError
 
 EN = "the a cat dog sat ran on under mat table red blue big small house garden green tree bird sings".split()
@@ -348,15 +339,15 @@ def test_reservoir_is_bounded_and_uniform():
 
 
 def test_spm_trains_on_a_bounded_sample(tmp_path, monkeypatch):
-    monkeypatch.setattr(spm_models, "SPM_TRAIN_SENTENCES", 50)
+    monkeypatch.setattr(subword, "SPM_TRAIN_SENTENCES", 50)
     seen = {}
-    real = spm_models.train_sentencepiece
+    real = subword.train_sentencepiece
 
     def spy(sentences, *args, **kwargs):
         seen["n"] = len(sentences)
         return real(sentences, *args, **kwargs)
 
-    monkeypatch.setattr(spm_models, "train_sentencepiece", spy)
+    monkeypatch.setattr(subword, "train_sentencepiece", spy)
     manifest, _ = run(tmp_path, make_pairs(300), vocab_size=50)
     assert seen["n"] == 50 and manifest["splits"]["train"]["pairs"] > 0
 

@@ -1,8 +1,6 @@
 """Turning token-id sequences into padded batches (and, in training, token-budget batches).
-
 Conventions shared by every family: the source is ``ids + [EOS]``; the decoder input is
-``[BOS] + ids``; the decoder output (training target) is ``ids + [EOS]``.
-"""
+``[BOS] + ids``; the decoder output (training target) is ``ids + [EOS]``."""
 
 from __future__ import annotations
 
@@ -49,8 +47,7 @@ def pack_batches(
     A single example larger than the budget gets a batch of its own."""
     batches: list[np.ndarray] = []
     start, longest = 0, 0
-    costs = cost[order]
-    for i, c in enumerate(costs.tolist()):
+    for i, c in enumerate(cost[order].tolist()):
         n = i - start + 1
         width = max(longest, c)
         if n > 1 and (n * width > max_tokens or (max_sentences and n > max_sentences)):
@@ -66,14 +63,12 @@ class BatchIterator:
     """Endless, resumable token-budget batches over a parallel corpus.
 
     Each epoch: examples are shuffled with a ``torch.Generator`` seeded by (seed, epoch), stably
-    sorted by length (longer side, then target, then source) so each batch holds similar lengths (bucketing with
-    little padding), packed to ``max_tokens`` and the batch order shuffled again. The state is
-    just (epoch, position) — the batches of an epoch are recomputed from the seed — so a
-    checkpoint restores the exact next batch. ``rank``/``world_size`` give each data-parallel
-    process every ``world_size``-th batch of the same list (every rank computes it from the same
-    seed; the tail is trimmed so all ranks get the same count), so the ``world_size`` batches of
-    one step are the consecutive batches one process would take with ``update_freq`` = world_size.
-    """
+    sorted by length (longer side, then target, then source: bucketing, little padding), packed to
+    ``max_tokens``, and the batch order shuffled again. The state is just (epoch, position): the
+    batches are recomputed from the seed, so a checkpoint restores the exact next batch. Of
+    ``world_size`` data-parallel processes, rank ``rank`` takes every ``world_size``-th batch of
+    the same list (all compute it from the seed; the tail is trimmed to give all the same count):
+    one step's batches are the ones a single process takes in turn with update_freq=world_size."""
 
     def __init__(
         self, src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, max_sentences: int = 0,
@@ -161,6 +156,4 @@ def length_sorted_batches(lengths: Sequence[int] | np.ndarray, batch_size: int =
 
 def fixed_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     """Length-sorted token-budget batches in a fixed order (validation)."""
-    cost = np.maximum(np.asarray(src_lens) + 1, np.asarray(tgt_lens) + 1).astype(np.int64)
-    order = np.argsort(cost, kind="stable")
-    return pack_batches(order, cost, max_tokens)
+    return length_sorted_batches(np.maximum(src_lens, tgt_lens), max_tokens=max_tokens)

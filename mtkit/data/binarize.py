@@ -4,6 +4,7 @@ offsets (n + 1 of them) in ``<split>.<lang>.idx``."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -17,14 +18,7 @@ from typing import Any
 import numpy as np
 
 from mtkit.data.subword import SubwordModel
-from mtkit.data.text import (
-    FILTER_NAMES,
-    KEEP,
-    DuplicateFilter,
-    filter_codes,
-    iter_parallel,
-    pair_hashes,
-)
+from mtkit.data.text import iter_parallel
 from mtkit.utils import progress
 
 logger = logging.getLogger("mtkit.preprocess")
@@ -46,6 +40,65 @@ class SplitFiles:
 def shard_dtype(vocab_size: int) -> str:
     """The id type of the shards for a vocabulary of ``vocab_size`` pieces."""
     return "uint16" if vocab_size < UINT16_LIMIT else "int32"
+
+
+# --- cleaning filters over token lengths (training data only) -------------------------------------
+# A pair is counted under the first filter that drops it, in this order; duplicates are found
+# afterwards among the kept pairs.
+KEEP, EMPTY, TOO_LONG, RATIO = 0, 1, 2, 3
+FILTER_NAMES = {EMPTY: "empty", TOO_LONG: "max_len", RATIO: "ratio"}
+
+
+def filter_codes(src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float) -> np.ndarray:
+    """Per pair: KEEP, or the code of the first filter that drops it. EMPTY: a side has no
+    tokens. TOO_LONG: a side has more than ``max_len`` subword tokens (``max_len <= 0``: off).
+    RATIO: longer / shorter side > ``max_ratio`` (``<= 0``: off)."""
+    src_lens = np.asarray(src_lens, dtype=np.int64)
+    tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
+    codes = np.full(len(src_lens), KEEP, dtype=np.int8)
+    if max_ratio > 0:
+        longer, shorter = np.maximum(src_lens, tgt_lens), np.minimum(src_lens, tgt_lens)
+        codes[longer > max_ratio * np.maximum(shorter, 1)] = RATIO
+    if max_len > 0:
+        codes[(src_lens > max_len) | (tgt_lens > max_len)] = TOO_LONG
+    codes[(src_lens == 0) | (tgt_lens == 0)] = EMPTY
+    return codes
+
+
+def pair_hashes(src_lines: list[str], tgt_lines: list[str]) -> np.ndarray:
+    """An 8-byte hash (uint64) of each exact (source, target) pair of lines: its blake2b digest,
+    read little-endian."""
+    pairs = zip(src_lines, tgt_lines)
+    digests = b"".join(hashlib.blake2b(f"{s}\n{t}".encode(), digest_size=8).digest() for s, t in pairs)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+class DuplicateFilter:
+    """Remembers pair hashes at 8 bytes each: sorted uint64 runs merged like a binary counter.
+    ``first_seen(hashes)`` marks each hash not seen in earlier calls nor earlier in this batch,
+    and remembers the batch; lookups cost O(batch * log n) per run, with O(log n) runs."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def first_seen(self, hashes: np.ndarray) -> np.ndarray:
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        new = np.zeros(len(hashes), dtype=bool)
+        _, first = np.unique(hashes, return_index=True)
+        new[first] = True
+        for run in self.runs:
+            pos = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            new &= run[pos] != hashes
+        added = np.sort(hashes[new])
+        if len(added):
+            self.runs.append(added)
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            last = self.runs.pop()
+            self.runs[-1] = np.sort(np.concatenate((self.runs[-1], last)), kind="stable")
+        return new
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -175,10 +228,9 @@ def binarize_split(
         return stats, None
     if not dedup:
         del dropped["duplicate"]
-    report = {"input_pairs": read, "dropped": dropped, "kept": src_w.n}
     if any(dropped.values()):
         logger.info("train filters dropped %s", ", ".join(f"{k}: {v}" for k, v in dropped.items() if v))
-    return stats, report
+    return stats, {"input_pairs": read, "dropped": dropped, "kept": src_w.n}
 
 
 def _clean(

@@ -1,17 +1,12 @@
 """The dataset catalog: named corpora and where each of their files comes from.
 
 A recipe names data as ``"<dataset>/<split>"`` (e.g. ``multi30k/train``); a split has one
-line-aligned file per language, known locally as ``<split>.<lang>.gz`` (or plain
-``<split>.<lang>``). :func:`resolve_file` finds each file, in this order:
-
-1. the data directories: ``--data-dir`` or ``MTKIT_DATA`` (``:``-separated), as
-   ``DIR/<file>`` or ``DIR/<dataset>/<file>``;
-2. the cache: ``MTKIT_CACHE`` or ``~/.cache/mtkit``, as ``<cache>/<dataset>/<file>``;
-3. a download into the cache (progress bar, sha256 check where the catalog lists one).
-
-With no local copy and downloads impossible (offline, ``MTKIT_OFFLINE=1``, or
-``allow_download=False``) the error names the files to place and where.
-"""
+line-aligned file per language, locally ``<split>.<lang>.gz`` (or plain ``<split>.<lang>``).
+:func:`resolve_file` finds each file in (1) the data directories, ``--data-dir`` or ``MTKIT_DATA``
+(``:``-separated), as ``DIR/<file>`` or ``DIR/<dataset>/<file>``; (2) the cache, ``MTKIT_CACHE`` or
+``~/.cache/mtkit``, as ``<cache>/<dataset>/<file>``; (3) a download into the cache (progress bar,
+sha256 check where the catalog lists one). With no local copy and downloads impossible (offline,
+``MTKIT_OFFLINE=1``, or ``allow_download=False``) the error names the files to place and where."""
 
 from __future__ import annotations
 
@@ -101,14 +96,12 @@ def _check_split(dataset: str, name: str, raw: Any, where: str) -> SplitSource:
     if not isinstance(raw, dict):
         raise MtkitError(f"{ctx} must be a mapping")
     known = {"langs", "url", "archive", "member", "format", "sacrebleu", "sha256"}
-    unknown = set(raw) - known
-    if unknown:
+    if unknown := set(raw) - known:
         raise MtkitError(f"{ctx}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(known))})")
     langs = raw.get("langs")
     if not isinstance(langs, list) or not langs or not all(isinstance(x, str) for x in langs):
         raise MtkitError(f"{ctx}.langs must be a non-empty list of language codes")
-    kinds = [k for k in ("url", "archive", "sacrebleu") if raw.get(k)]
-    if len(kinds) != 1:
+    if len([k for k in ("url", "archive", "sacrebleu") if raw.get(k)]) != 1:
         raise MtkitError(f"{ctx} needs exactly one source: url, archive or sacrebleu")
     if raw.get("archive") and not raw.get("member"):
         raise MtkitError(f"{ctx}: an archive source needs 'member'")
@@ -119,8 +112,7 @@ def _check_split(dataset: str, name: str, raw: Any, where: str) -> SplitSource:
     if sb is not None and (not isinstance(sb, dict) or set(sb) != {"test_set", "langpair"}):
         raise MtkitError(f"{ctx}.sacrebleu needs exactly test_set and langpair")
     sha = raw.get("sha256")
-    shas = list(sha.values()) if isinstance(sha, dict) else [sha]
-    for s in shas:
+    for s in sha.values() if isinstance(sha, dict) else [sha]:
         if s is not None and not (isinstance(s, str) and re.fullmatch(r"[0-9a-f]{64}", s)):
             raise MtkitError(f"{ctx}.sha256 {s!r} is not a sha256 hex digest")
     return SplitSource(
@@ -281,22 +273,16 @@ def _fetch(split: SplitSource, lang: str, dest: Path) -> None:
             shutil.copyfile(raw, dest)
         else:
             write_gz(decode_lines(raw.read_bytes(), url), dest)
-        return
-    if split.archive:
+    elif split.archive:
         path = _cached_archive(split) or download(split.archive, _archive_path(split), split.checksum(lang))
         member = split.member.format(lang=lang)
         data = read_member(path, member)
         write_gz(convert(decode_lines(data, f"{path}:{member}"), split.format), dest)
-        return
-    _fetch_sacrebleu(split, lang, dest)
-
-
-def _fetch_sacrebleu(split: SplitSource, lang: str, dest: Path) -> None:
-    test_set, langpair = split.sacrebleu["test_set"], split.sacrebleu["langpair"]
-    src_lang, tgt_lang = langpair.split("-")
-    if lang not in (src_lang, tgt_lang):
-        raise MtkitError(f"{split.ref}: sacrebleu pair {langpair} has no '{lang}' side")
-    path = sacrebleu_file(test_set, langpair, "src" if lang == src_lang else "ref")
-    with open(path, encoding="utf-8") as f:
-        write_gz((line.rstrip("\n") for line in f), dest)
-
+    else:
+        test_set, langpair = split.sacrebleu["test_set"], split.sacrebleu["langpair"]
+        src_lang, tgt_lang = langpair.split("-")
+        if lang not in (src_lang, tgt_lang):
+            raise MtkitError(f"{split.ref}: sacrebleu pair {langpair} has no '{lang}' side")
+        path = sacrebleu_file(test_set, langpair, "src" if lang == src_lang else "ref")
+        with open(path, encoding="utf-8") as f:
+            write_gz((line.rstrip("\n") for line in f), dest)

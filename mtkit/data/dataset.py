@@ -1,9 +1,7 @@
-"""Reading a preprocessed data dir: manifest, sentencepiece models and binarized splits.
-
-A split ``<name>`` is two pairs of files per language: ``<name>.<lang>.bin`` holds the token ids
-of all sentences back to back (dtype from the manifest) and ``<name>.<lang>.idx`` holds n + 1
-int64 offsets into it. Datasets return ids without BOS/EOS; batching adds them.
-"""
+"""Reading a preprocessed data dir: manifest, sentencepiece models and binarized splits. A split
+``<name>`` has two files per language: ``<name>.<lang>.bin`` holds the token ids of all sentences
+back to back (dtype from the manifest) and ``<name>.<lang>.idx`` n + 1 int64 offsets into it.
+Datasets return ids without BOS/EOS; batching adds them."""
 
 from __future__ import annotations
 
@@ -38,8 +36,7 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
         raise MtkitError(f"{path} is corrupt ({exc.__class__.__name__})") from None
     if not isinstance(manifest, dict):
         raise MtkitError(f"{path} is corrupt (not a JSON object)")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
+    if missing := [k for k in REQUIRED_KEYS if k not in manifest]:
         raise MtkitError(f"{path} is incomplete: missing {', '.join(missing)}")
     if manifest.get("format", 1) > DATA_FORMAT:
         raise MtkitError(f"{path} was written by a newer mtkit (data format {manifest['format']})")

@@ -24,14 +24,6 @@ logger = logging.getLogger("mtkit.data.catalog")
 CHUNK = 1 << 20
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 DOWNLOAD_ATTEMPTS = 3  # a connection that drops mid-file is tried again this many times in all
 
 
@@ -75,7 +67,11 @@ def verify(path: Path, sha256: str | None, what: str) -> None:
     if not sha256:
         logger.warning("no checksum known for %s; using it unverified", what)
         return
-    got = sha256_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    got = h.hexdigest()
     if got != sha256:
         path.unlink(missing_ok=True)
         raise MtkitError(f"checksum mismatch for {what}: expected sha256 {sha256}, got {got} (nothing was kept)")

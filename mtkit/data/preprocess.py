@@ -1,14 +1,12 @@
 """``mtkit preprocess``: raw parallel text -> sentencepiece model(s) + binarized shards + manifest.
 
-Steps: resolve and validate the input files; train sentencepiece on a bounded sample of the
-training text (or reuse given models; :mod:`mtkit.data.spm_models`); encode every split in chunks
-with a pool of worker processes and clean the training pairs (empty side, too many tokens, length
-ratio, duplicates; :mod:`mtkit.data.binarize`); write ``<split>.<lang>.bin`` (concatenated ids)
-and ``<split>.<lang>.idx`` (int64 offsets, n + 1 of them) plus ``manifest.json``. Everything is
-written into a temp dir beside the output dir and renamed into place at the end, so a failed run
-leaves nothing that looks complete. Memory stays bounded: the corpus is streamed in chunks and
-duplicate detection keeps 8 bytes per pair.
-"""
+Validate the input files; train sentencepiece on a bounded sample of the training text (or reuse
+given models; :mod:`mtkit.data.subword`); encode every split in chunks with a pool of worker
+processes, cleaning the training pairs (empty side, too many tokens, length ratio, duplicates;
+:mod:`mtkit.data.binarize`); write ``<split>.<lang>.bin`` (concatenated ids), ``<split>.<lang>.idx``
+(int64 offsets, n + 1 of them) and ``manifest.json`` into a temp dir beside the output dir, renamed
+into place at the end, so a failed run leaves nothing that looks complete. Memory stays bounded:
+the corpus is streamed in chunks and duplicate detection keeps 8 bytes per pair."""
 
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from typing import Any
 from mtkit import __version__
 from mtkit.data.binarize import EncoderPool, SplitFiles, binarize_split, shard_dtype
 from mtkit.data.dataset import DATA_FORMAT
-from mtkit.data.spm_models import load_models, train_models, write_models
+from mtkit.data.subword import load_models, train_models, write_models
 from mtkit.data.text import display_name, iter_parallel, resolve_corpus_file
 from mtkit.errors import MtkitError
 
@@ -125,7 +123,6 @@ def _write_data(
 
 
 # --- inputs and output dir -----------------------------------------------------------------------
-
 
 def _check_options(
     src_lang: str, tgt_lang: str, vocab_size: int, model_type: str, spm_models: Sequence[str | Path],
