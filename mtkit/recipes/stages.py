@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,26 @@ from mtkit.errors import MtkitError
 from mtkit.recipes.context import Markers, RunContext, short_hash
 from mtkit.recipes.schema import METRICS
 from mtkit.recipes.smoke import SMOKE_TRAIN_LINES
-from mtkit.recipes.toy import generated_pairs
 from mtkit.report import OUR_METRIC, RecipeRun, write_report
 
 logger = logging.getLogger("mtkit.recipes")
+
+
+def generated_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """Deterministic toy parallel text (a word-for-word cipher with reordering): what smoke runs
+    train on where no local corpus exists."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(300)]
+    cipher = {w: w[::-1] + rng.choice("aeiou") for w in words}
+    pairs = []
+    for _ in range(n):
+        sent = [rng.choice(words) for _ in range(rng.randint(3, 12))]
+        tgt = [cipher[w] for w in sent]
+        if len(tgt) > 3:
+            tgt[0], tgt[1] = tgt[1], tgt[0]
+        pairs.append((" ".join(sent).capitalize() + " .", " ".join(tgt).capitalize() + " ."))
+    return pairs
 
 
 def _read_side(path: Path, limit: int | None) -> list[str]:
