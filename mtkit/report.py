@@ -1,12 +1,10 @@
 """The end of a recipe run: ``results.json``, ``report.md`` and a PNG of the training curves.
 
 The report lists the test-set scores with their sacrebleu signatures, then sets each published
-number beside our output scored with the same metric (``reproduces.metric``: e.g. tokenized
-BLEU with compound splitting, computed on our detokenized output and the raw reference), with
-the difference, and beside our sacreBLEU; every figure carries its signature.
-
-It takes plain data (a :class:`RecipeRun` and the scores), which the recipe runner gathers.
-"""
+number beside our output scored with the same metric (``reproduces.metric``: e.g. tokenized BLEU
+with compound splitting, computed on our detokenized output and the raw reference), with the
+difference, and beside our sacreBLEU; every figure carries its signature. It takes plain data (a
+:class:`RecipeRun` and the scores), which the recipe runner gathers."""
 
 from __future__ import annotations
 

@@ -1,13 +1,11 @@
 """Running a recipe: its stages in order, resumable.
 
-Every stage records a marker ``WORKDIR/stages/<stage>.json``: ``{"status": "running"}`` when it
-starts and ``{"status": "done", "outputs": ...}`` when it ends, together with the hash of
-everything the stage (and the stages before it) read from the recipe. A rerun skips the stages
-that are done with the same hash and starts at the first one that is not: a stage left
-``running`` by an interruption is resumed (training continues from ``checkpoint_last.pt``); a
-stage whose inputs changed is redone from scratch, and every stage that runs invalidates the
-markers after it.
-"""
+Each stage records a marker ``WORKDIR/stages/<stage>.json``: ``{"status": "running"}`` at its
+start, ``{"status": "done", "outputs": ...}`` at its end, with the hash of all the stage (and those
+before it) read from the recipe. A rerun skips the stages done with the same hash and starts at the
+first other one: a stage left ``running`` by an interruption is resumed (training continues from
+``checkpoint_last.pt``), one whose inputs changed is redone from scratch, and each stage that runs
+invalidates the markers after it."""
 
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
 """The ``--smoke`` variant of a recipe: a small model, a few updates, a small vocabulary and the
 first few hundred lines of each corpus (generated text where no local copy exists), so that every
-stage runs in seconds without a download.
-
-The small model is a preset: the recipe's ``smoke.preset`` where it names one, else the small
-counterpart of the recipe's preset in :data:`SMOKE_PRESETS`, else its model family's in
-:data:`FAMILY_SMOKE_PRESETS`. A recipe's ``smoke:`` block may override any part of the variant.
-"""
+stage runs in seconds without a download. The small model is a preset: the recipe's
+``smoke.preset`` where it names one, else the small counterpart of the recipe's preset in
+:data:`SMOKE_PRESETS`, else its model family's in :data:`FAMILY_SMOKE_PRESETS`. A recipe's
+``smoke:`` block may override any part of the variant."""
 
 from __future__ import annotations
 
