@@ -88,22 +88,17 @@ def run_recipe(
     ctx = RunContext(recipe, workdir, data_dir=data_dir, device=device, catalog=catalog)
     ctx.provenance = provenance.collect(recipe.config.to_dict(), ctx.data_path)
     with provenance.run_log(workdir / "run.log", ctx.provenance, f"mtkit recipe run {recipe.name}"):
-        return _run_stages(ctx, selected, force)
-
-
-def _run_stages(ctx: RunContext, selected: list[str], force: bool) -> dict[str, Any]:
-    """The stage loop of :func:`run_recipe`."""
-    markers = Markers(ctx.workdir)
-    hashes = stage_inputs(ctx.recipe)
-    report: dict[str, Any] = {"workdir": str(ctx.workdir), "stages": {}}
-    t_start = time.monotonic()
-    for stage in STAGES:
-        report["stages"][stage] = _visit_stage(ctx, stage, markers, hashes[stage], selected, force)
-    report["seconds"] = round(time.monotonic() - t_start, 2)
-    if "score" in ctx.outputs:
-        report["results"] = ctx.outputs["score"].get("results")
-        report["report"] = ctx.outputs["score"].get("report")
-    return report
+        markers = Markers(workdir)
+        hashes = stage_inputs(recipe)
+        report: dict[str, Any] = {"workdir": str(workdir), "stages": {}}
+        t_start = time.monotonic()
+        for stage in STAGES:
+            report["stages"][stage] = _visit_stage(ctx, stage, markers, hashes[stage], selected, force)
+        report["seconds"] = round(time.monotonic() - t_start, 2)
+        if "score" in ctx.outputs:
+            report["results"] = ctx.outputs["score"].get("results")
+            report["report"] = ctx.outputs["score"].get("report")
+        return report
 
 
 def _visit_stage(
@@ -126,12 +121,8 @@ def _visit_stage(
         logger.info("stage %s: done earlier, skipping (%s)", stage, markers.path(stage))
         ctx.outputs[stage] = marker.get("outputs") or {}
         return "skipped (done)"
+    # run it between its "running" and "done" markers; later markers are invalidated
     resume = current and not force  # interrupted earlier with the same inputs
-    return _run_stage(ctx, stage, markers, inputs, resume)
-
-
-def _run_stage(ctx: RunContext, stage: str, markers: Markers, inputs: str, resume: bool) -> str:
-    """Run one stage between its "running" and "done" markers; later markers are invalidated."""
     if not resume:
         _clean(ctx, stage)
     for later in STAGES[STAGES.index(stage) + 1 :]:

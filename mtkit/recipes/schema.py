@@ -216,17 +216,6 @@ def _check_top(raw: Any, where: str) -> list[Any]:
     return see_also
 
 
-def _check_valid(value: Any, where: str, catalog: Catalog) -> tuple[list[str], int]:
-    """``corpora.valid``: catalog splits, or ``{holdout_every: N}`` (every Nth training pair)."""
-    if not isinstance(value, dict):
-        return _ref_list(value, "corpora.valid", where, catalog), 0
-    _check_keys("corpora.valid", value, ("holdout_every",), where)
-    holdout = value.get("holdout_every")
-    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 2:
-        raise MtkitError(f"{where}: corpora.valid.holdout_every must be an integer >= 2")
-    return [], holdout
-
-
 def _check_tests(value: Any, where: str, catalog: Catalog) -> list[TestSet]:
     items = value if isinstance(value, list) else [value]
     tests: list[TestSet] = []
@@ -254,7 +243,14 @@ def _check_corpora(raw: dict[str, Any], see_also: list[Any], where: str, catalog
         if k not in corpora:
             raise MtkitError(f"{where}: corpora.{k} is required")
     train_refs = _ref_list(corpora["train"], "corpora.train", where, catalog)
-    valid_refs, holdout = _check_valid(corpora["valid"], where, catalog)
+    valid = corpora["valid"]  # catalog splits, or {holdout_every: N}: every Nth training pair
+    valid_refs, holdout = [], 0
+    if isinstance(valid, dict):
+        holdout = _check_keys("corpora.valid", valid, ("holdout_every",), where).get("holdout_every")
+        if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 2:
+            raise MtkitError(f"{where}: corpora.valid.holdout_every must be an integer >= 2")
+    else:
+        valid_refs = _ref_list(valid, "corpora.valid", where, catalog)
     tests = _check_tests(corpora["test"], where, catalog)
     names = [t.name for t in tests]
     for ref in train_refs + valid_refs + [r for t in tests for r in t.refs]:
