@@ -1,14 +1,11 @@
-"""mtkit: a command-line neural machine translation toolkit.
-
-In Python (a notebook, a script)::
+"""mtkit: a command-line neural machine translation toolkit. In Python (a notebook, a script)::
 
     from mtkit import Translator, score
     tr = Translator.load("ckpt/checkpoint_best.pt", device="cpu")
     hyps = tr.translate(["A man is riding a bike."], beam=5)
     score(hyps, ["Ein Mann fährt Fahrrad."], metrics=["bleu", "chrf"])
 
-The names are imported on first use, so ``import mtkit`` stays light.
-"""
+The names are imported on first use, so ``import mtkit`` stays light."""
 
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
 """Typed configuration: nested dataclasses loaded from YAML, with dotted ``--set`` overrides.
 
-The YAML sections mirror the dataclasses (``data``, ``model``, ``train``, ``decode``). The
-``model`` section is validated against the config class of the family named by ``model.arch``
-(each ``models/<family>.py`` defines its own ``Config`` subclass of :class:`ModelConfig`).
-An unknown key anywhere is an error that names the closest valid key.
-
-Each field's rule (:mod:`mtkit.config_fields`) and each section's ``check()`` apply when a section is
-loaded (:func:`build_section`): a bad value is one ``error:`` line naming the key, the value and what
-is allowed, before any work.
-"""
+The YAML sections mirror the dataclasses (``data``, ``model``, ``train``, ``decode``); ``model`` is
+checked against the family named by ``model.arch`` (each ``models/<family>.py`` defines its own
+``Config`` subclass of :class:`ModelConfig`). An unknown key anywhere is an error naming the closest
+valid key. Field rules (:mod:`mtkit.config_fields`) and each section's ``check()`` apply when a
+section is loaded (:func:`build_section`): a bad value is one ``error:`` line naming the key, the
+value and what is allowed, before any work."""
 
 from __future__ import annotations
 

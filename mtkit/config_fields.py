@@ -2,9 +2,8 @@
 
 Every field states what it accepts in its ``metadata["rule"]`` (:func:`choice`, :func:`number`,
 :func:`any_value`; a ``bool`` field's type says it all); a section's ``check()`` adds the rules
-that join several fields. Nothing here knows the model families, so both :mod:`mtkit.config`
-and the ``models/<family>.py`` (each with its own :class:`ModelConfig` subclass) import it.
-"""
+that join several fields. Nothing here knows the model families, so both :mod:`mtkit.config` and
+the ``models/<family>.py`` (each with its own :class:`ModelConfig` subclass) import it."""
 
 from __future__ import annotations
 

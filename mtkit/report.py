@@ -1,12 +1,10 @@
 """The end of a recipe run: ``results.json``, ``report.md`` and a PNG of the training curves.
 
 The report lists the test-set scores with their sacrebleu signatures, then sets each published
-number beside our output scored with the same metric (``reproduces.metric``: e.g. tokenized
-BLEU with compound splitting, computed on our detokenized output and the raw reference), with
-the difference, and beside our sacreBLEU; every figure carries its signature.
-
-It takes plain data (a :class:`RecipeRun` and the scores), which the recipe runner gathers.
-"""
+number beside our output scored with the same metric (``reproduces.metric``: e.g. tokenized BLEU
+with compound splitting, computed on our detokenized output and the raw reference), with the
+difference, and beside our sacreBLEU; every figure carries its signature. It takes plain data (a
+:class:`RecipeRun` and the scores), which the recipe runner gathers."""
 
 from __future__ import annotations
 
@@ -84,16 +82,10 @@ def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") 
     return out_png
 
 
-def _bleu(scores: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((s for s in scores if str(s.get("name", "")).lower().startswith("bleu")), None)
-
-
 def compare(reference: dict[str, Any], tests: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One published number beside ours by the same metric on the same test set, with the difference.
-
+    """One published number beside ours by the same metric on the same test set, with the difference;
     ``tests[name]["metrics"]`` holds our output's score by each metric (``{metric: {score,
-    signature}}``); our sacreBLEU is always set beside it.
-    """
+    signature}}``); our sacreBLEU is always set beside it."""
     by_metric = (tests.get(reference["test_set"]) or {}).get("metrics") or {}
     ours = by_metric.get(reference["metric"]) or {}
     sacre = by_metric.get(OUR_METRIC) or {}
@@ -144,7 +136,7 @@ def build_results(
     """``results.json``'s content; ``metric_scores``: per test set, our BLEU by each published metric."""
     tests = {}
     for name, result in scores.items():
-        b = _bleu(result) or {}
+        b = next((s for s in result if str(s.get("name", "")).lower().startswith("bleu")), None) or {}
         tests[name] = {"bleu": b.get("score"), "signature": b.get("signature"), "scores": result,
                        "metrics": (metric_scores or {}).get(name, {}),
                        "lines": run.test_lines.get(name)}
@@ -216,17 +208,6 @@ def render_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _draw_curves(metrics_file: str | Path | None, workdir: Path, title: str) -> Path | None:
-    if metrics_file is None:
-        logger.warning("no training-curve PNG: the run names no metrics file")
-        return None
-    try:
-        return plot_curves(metrics_file, workdir / "training_curves.png", title=title)
-    except MtkitError as exc:
-        logger.warning("no training-curve PNG: %s", exc)
-        return None
-
-
 def write_report(
     run: RecipeRun, workdir: str | Path, scores: dict[str, list[dict[str, Any]]],
     metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None, metrics_file: str | Path | None = None,
@@ -235,8 +216,15 @@ def write_report(
     :func:`build_results`); the curves come from ``metrics_file``, by default the training summary's."""
     workdir = Path(workdir)
     res = build_results(run, scores, metric_scores)
-    png = _draw_curves(metrics_file or res["training"].get("metrics_file"), workdir, run.recipe)
-    res["curves"] = str(png) if png else None
+    metrics_file = metrics_file or res["training"].get("metrics_file")
+    res["curves"] = None
+    if metrics_file is None:
+        logger.warning("no training-curve PNG: the run names no metrics file")
+    else:
+        try:
+            res["curves"] = str(plot_curves(metrics_file, workdir / "training_curves.png", title=run.recipe))
+        except MtkitError as exc:
+            logger.warning("no training-curve PNG: %s", exc)
     results = atomic_write_text(workdir / "results.json", json.dumps(res, indent=1, default=str) + "\n")
     report = atomic_write_text(workdir / "report.md", render_markdown(res))
     rep = res["reproduces"]

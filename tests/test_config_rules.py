@@ -27,8 +27,7 @@ from mtkit.config import (
 from mtkit.config_fields import field_rule
 from mtkit.models import MODELS
 from mtkit.recipes.load import recipe_paths
-from mtkit.recipes.schema import config_raw
-from mtkit.recipes.sections import BLEU_TOKENIZERS, RECIPE_SECTIONS
+from mtkit.recipes.schema import BLEU_TOKENIZERS, RECIPE_SECTIONS, config_raw
 from tests.helpers import cli, error_line
 
 RECIPES = recipe_paths()

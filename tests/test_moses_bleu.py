@@ -307,7 +307,7 @@ def test_recipe_report_scores_our_output_with_the_papers_metric(tmp_path, monkey
 
 def test_recipe_score_section_takes_the_tokenized_options(tmp_path):
     from mtkit.config import build_section
-    from mtkit.recipes.sections import RECIPE_SECTIONS
+    from mtkit.recipes.schema import RECIPE_SECTIONS
 
     section = build_section(RECIPE_SECTIONS["score"], {"tokenize": "moses", "compound_split": True}, "score")
     assert section.tokenize == "moses" and section.compound_split is True

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from mtkit.cli import main
 from mtkit.errors import MtkitError
-from mtkit.recipes import schema, stages, toy
+from mtkit.recipes import schema, stages
 from mtkit.recipes.context import STAGES
 from mtkit.recipes.load import check_recipe, load_recipe, recipe_paths
 from mtkit.recipes.runner import parse_stages, run_recipe
@@ -289,7 +289,7 @@ def _generated_data_dir(recipe_path: Path, root: Path) -> Path:
     r = load_recipe(recipe_path)
     for n, ref in enumerate(r.data_refs()):
         dataset, split = ref.split("/")
-        pairs = toy.generated_pairs(250, seed=n)
+        pairs = stages.generated_pairs(250, seed=n)
         for i, lang in enumerate((r.src_lang, r.tgt_lang)):
             path = root / dataset / f"{split}.{lang}.gz"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,11 @@
 """Running a recipe: its stages in order, resumable.
 
-Every stage records a marker ``WORKDIR/stages/<stage>.json``: ``{"status": "running"}`` when it
-starts and ``{"status": "done", "outputs": ...}`` when it ends, together with the hash of
-everything the stage (and the stages before it) read from the recipe. A rerun skips the stages
-that are done with the same hash and starts at the first one that is not: a stage left
-``running`` by an interruption is resumed (training continues from ``checkpoint_last.pt``); a
-stage whose inputs changed is redone from scratch, and every stage that runs invalidates the
-markers after it.
-"""
+Each stage records a marker ``WORKDIR/stages/<stage>.json``: ``{"status": "running"}`` at its
+start, ``{"status": "done", "outputs": ...}`` at its end, with the hash of all the stage (and those
+before it) read from the recipe. A rerun skips the stages done with the same hash and starts at the
+first other one: a stage left ``running`` by an interruption is resumed (training continues from
+``checkpoint_last.pt``), one whose inputs changed is redone from scratch, and each stage that runs
+invalidates the markers after it."""
 
 from __future__ import annotations
 
@@ -90,22 +88,17 @@ def run_recipe(
     ctx = RunContext(recipe, workdir, data_dir=data_dir, device=device, catalog=catalog)
     ctx.provenance = provenance.collect(recipe.config.to_dict(), ctx.data_path)
     with provenance.run_log(workdir / "run.log", ctx.provenance, f"mtkit recipe run {recipe.name}"):
-        return _run_stages(ctx, selected, force)
-
-
-def _run_stages(ctx: RunContext, selected: list[str], force: bool) -> dict[str, Any]:
-    """The stage loop of :func:`run_recipe`."""
-    markers = Markers(ctx.workdir)
-    hashes = stage_inputs(ctx.recipe)
-    report: dict[str, Any] = {"workdir": str(ctx.workdir), "stages": {}}
-    t_start = time.monotonic()
-    for stage in STAGES:
-        report["stages"][stage] = _visit_stage(ctx, stage, markers, hashes[stage], selected, force)
-    report["seconds"] = round(time.monotonic() - t_start, 2)
-    if "score" in ctx.outputs:
-        report["results"] = ctx.outputs["score"].get("results")
-        report["report"] = ctx.outputs["score"].get("report")
-    return report
+        markers = Markers(workdir)
+        hashes = stage_inputs(recipe)
+        report: dict[str, Any] = {"workdir": str(workdir), "stages": {}}
+        t_start = time.monotonic()
+        for stage in STAGES:
+            report["stages"][stage] = _visit_stage(ctx, stage, markers, hashes[stage], selected, force)
+        report["seconds"] = round(time.monotonic() - t_start, 2)
+        if "score" in ctx.outputs:
+            report["results"] = ctx.outputs["score"].get("results")
+            report["report"] = ctx.outputs["score"].get("report")
+        return report
 
 
 def _visit_stage(
@@ -128,12 +121,8 @@ def _visit_stage(
         logger.info("stage %s: done earlier, skipping (%s)", stage, markers.path(stage))
         ctx.outputs[stage] = marker.get("outputs") or {}
         return "skipped (done)"
+    # run it between its "running" and "done" markers; later markers are invalidated
     resume = current and not force  # interrupted earlier with the same inputs
-    return _run_stage(ctx, stage, markers, inputs, resume)
-
-
-def _run_stage(ctx: RunContext, stage: str, markers: Markers, inputs: str, resume: bool) -> str:
-    """Run one stage between its "running" and "done" markers; later markers are invalidated."""
     if not resume:
         _clean(ctx, stage)
     for later in STAGES[STAGES.index(stage) + 1 :]:

@@ -1,8 +1,8 @@
-"""The recipe schema: its YAML keys, the published metrics it may cite, and validation.
-
-:func:`validate` checks a recipe mapping (after ``--set`` overrides) and resolves it into a
-:class:`Recipe`; any problem is one :class:`~mtkit.errors.MtkitError` line that names the file.
-"""
+"""The recipe schema: its YAML keys (the recipe's own ``preprocess``, ``average`` and ``score``
+sections are checked by the config's field rules, :mod:`mtkit.config_fields`), the published metrics
+it may cite, and validation: :func:`validate` checks a recipe mapping (after ``--set`` overrides) and
+resolves it into a :class:`Recipe`; any problem is one :class:`~mtkit.errors.MtkitError` line naming
+the file."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from mtkit.config import Config, apply_overrides, build_section, config_from_dict, load_raw_config
+from mtkit.config_fields import Section, any_value, choice, choices_list, number
 from mtkit.data.catalog import Catalog, load_catalog
 from mtkit.errors import MtkitError, unknown_name
-from mtkit.recipes.sections import RECIPE_SECTIONS
 
+# sacrebleu's BLEU tokenizers (a test holds this list equal to sacrebleu's own)
+BLEU_TOKENIZERS = ("none", "zh", "13a", "intl", "char", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200", "spBLEU-1K")
 CONFIG_SECTIONS = ("data", "model", "train", "decode")
 # The metric a published number was computed with, as options of `mtkit score`: the report scores
 # our output with the same metric and sets it beside the published number (and sacreBLEU beside it).
@@ -50,6 +52,52 @@ REQUIRED = ("reproduces", "src_lang", "tgt_lang", "corpora")
 REPRODUCES_KEYS = ("paper", "table", "metric", "value", "test_set", "note", "url")
 CORPORA_KEYS = ("train", "valid", "test")
 SMOKE_KEYS = ("preset", "model", "train", "decode", "preprocess", "train_lines", "eval_lines")
+
+
+@dataclasses.dataclass
+class PreprocessSection(Section):
+    """The recipe's ``preprocess`` keys: the options of ``mtkit preprocess`` (same defaults)."""
+
+    vocab_size: int = number(8000, low=8)
+    model_type: str = choice("bpe", "bpe", "unigram")
+    joint: bool = True
+    character_coverage: float = number(1.0, low=0, low_open=True, high=1)
+    user_defined_symbols: list[str] | None = any_value(None)  # extra sentencepiece pieces, kept whole
+    max_len: int = number(250, low=1)
+    max_ratio: float = number(3.0, low=1)
+    dedup: bool = False
+    workers: int = number(2, low=1)
+
+
+@dataclasses.dataclass
+class AverageSection(Section):
+    """The recipe's ``average`` keys: average the last N numbered checkpoints, or the best N."""
+
+    last: int | None = number(None, low=0)
+    best: int | None = number(None, low=0)
+
+    def check(self, section: str) -> None:
+        if self.last and self.best:
+            raise MtkitError(f"give one of {section}.last and {section}.best, not both")
+
+
+@dataclasses.dataclass
+class ScoreSection(Section):
+    """The recipe's ``score`` keys: which metrics, and the options of ``mtkit score`` for BLEU."""
+
+    metrics: list[str] = choices_list(lambda: ["bleu"], "bleu", "chrf", "ter")
+    tokenize: str | None = choice(None, *BLEU_TOKENIZERS, "moses")  # moses: Moses tokens, then BLEU
+    lowercase: bool = False
+    compound_split: bool = False  # a-b -> a ##AT##-##AT## b before BLEU (tokenize moses or none)
+
+    def check(self, section: str) -> None:
+        if "bleu" not in self.metrics:
+            raise MtkitError(f"{section}.metrics must include bleu (the number the report compares)")
+        if self.compound_split and self.tokenize not in ("moses", "none"):
+            raise MtkitError(f"{section}.compound_split needs {section}.tokenize moses or none (tokenized text)")
+
+
+RECIPE_SECTIONS = {"preprocess": PreprocessSection, "average": AverageSection, "score": ScoreSection}
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -168,17 +216,6 @@ def _check_top(raw: Any, where: str) -> list[Any]:
     return see_also
 
 
-def _check_valid(value: Any, where: str, catalog: Catalog) -> tuple[list[str], int]:
-    """``corpora.valid``: catalog splits, or ``{holdout_every: N}`` (every Nth training pair)."""
-    if not isinstance(value, dict):
-        return _ref_list(value, "corpora.valid", where, catalog), 0
-    _check_keys("corpora.valid", value, ("holdout_every",), where)
-    holdout = value.get("holdout_every")
-    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 2:
-        raise MtkitError(f"{where}: corpora.valid.holdout_every must be an integer >= 2")
-    return [], holdout
-
-
 def _check_tests(value: Any, where: str, catalog: Catalog) -> list[TestSet]:
     items = value if isinstance(value, list) else [value]
     tests: list[TestSet] = []
@@ -206,7 +243,14 @@ def _check_corpora(raw: dict[str, Any], see_also: list[Any], where: str, catalog
         if k not in corpora:
             raise MtkitError(f"{where}: corpora.{k} is required")
     train_refs = _ref_list(corpora["train"], "corpora.train", where, catalog)
-    valid_refs, holdout = _check_valid(corpora["valid"], where, catalog)
+    valid = corpora["valid"]  # catalog splits, or {holdout_every: N}: every Nth training pair
+    valid_refs, holdout = [], 0
+    if isinstance(valid, dict):
+        holdout = _check_keys("corpora.valid", valid, ("holdout_every",), where).get("holdout_every")
+        if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 2:
+            raise MtkitError(f"{where}: corpora.valid.holdout_every must be an integer >= 2")
+    else:
+        valid_refs = _ref_list(valid, "corpora.valid", where, catalog)
     tests = _check_tests(corpora["test"], where, catalog)
     names = [t.name for t in tests]
     for ref in train_refs + valid_refs + [r for t in tests for r in t.refs]:

@@ -1,11 +1,9 @@
 """The ``--smoke`` variant of a recipe: a small model, a few updates, a small vocabulary and the
 first few hundred lines of each corpus (generated text where no local copy exists), so that every
-stage runs in seconds without a download.
-
-The small model is a preset: the recipe's ``smoke.preset`` where it names one, else the small
-counterpart of the recipe's preset in :data:`SMOKE_PRESETS`, else its model family's in
-:data:`FAMILY_SMOKE_PRESETS`. A recipe's ``smoke:`` block may override any part of the variant.
-"""
+stage runs in seconds without a download. The small model is a preset: the recipe's
+``smoke.preset`` where it names one, else the small counterpart of the recipe's preset in
+:data:`SMOKE_PRESETS`, else its model family's in :data:`FAMILY_SMOKE_PRESETS`. A recipe's
+``smoke:`` block may override any part of the variant."""
 
 from __future__ import annotations
 
@@ -32,10 +30,8 @@ SMOKE_PRESETS: dict[str, str] = {
 }
 # A model family -> its small preset, for a recipe whose preset is not above (or that has none).
 FAMILY_SMOKE_PRESETS: dict[str, str] = {
-    "transformer": "transformer_tiny",
-    "lstm": "lstm_tiny",
-    "rnn_attention": "bahdanau_tiny",
-    "gnmt": "gnmt_tiny",
+    "transformer": "transformer_tiny", "lstm": "lstm_tiny",
+    "rnn_attention": "bahdanau_tiny", "gnmt": "gnmt_tiny",
 }
 
 SMOKE_TRAIN = {
@@ -58,17 +54,6 @@ def smoke_preset(preset: str | None, arch: str) -> str:
     raise MtkitError(f"no smoke preset for model.arch '{arch}'; name one in the recipe's smoke.preset")
 
 
-def _smoke_model(raw: dict[str, Any], tiny: dict[str, Any], arch: str, smoke: dict[str, Any]) -> dict[str, Any]:
-    """The small preset's model; the recipe's choices (strings, flags) kept where the family is the same."""
-    model = dict(tiny.get("model") or {})
-    if model.get("arch", arch) == arch:  # keep the recipe's choices (strings, flags), not its sizes
-        for key, value in (raw.get("model") or {}).items():
-            if isinstance(value, (str, bool)):
-                model[key] = value
-    model.update(smoke.get("model") or {})
-    return model
-
-
 def smoke_variant(raw: dict[str, Any]) -> dict[str, Any]:
     """The recipe as ``--smoke`` runs it: tiny model, few updates, small vocabulary."""
     raw = copy.deepcopy(raw)
@@ -77,7 +62,12 @@ def smoke_variant(raw: dict[str, Any]) -> dict[str, Any]:
     arch = (full.get("model") or {}).get("arch", "transformer")
     preset = smoke.get("preset") or smoke_preset(raw.get("preset"), arch)
     tiny = load_raw_config(preset)
-    model = _smoke_model(raw, tiny, arch, smoke)
+    model = dict(tiny.get("model") or {})  # the small preset's model
+    if model.get("arch", arch) == arch:  # same family: keep the recipe's choices (strings, flags), not sizes
+        for key, value in (raw.get("model") or {}).items():
+            if isinstance(value, (str, bool)):
+                model[key] = value
+    model.update(smoke.get("model") or {})
     train = deep_merge(dict(tiny.get("train") or {}), SMOKE_TRAIN)
     train.update(smoke.get("train") or {})
     decode = dict(full.get("decode") or {})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,32 +16,43 @@ from mtkit.errors import MtkitError
 from mtkit.recipes.context import Markers, RunContext, short_hash
 from mtkit.recipes.schema import METRICS
 from mtkit.recipes.smoke import SMOKE_TRAIN_LINES
-from mtkit.recipes.toy import generated_pairs
 from mtkit.report import OUR_METRIC, RecipeRun, write_report
 
 logger = logging.getLogger("mtkit.recipes")
 
 
-def _read_side(path: Path, limit: int | None) -> list[str]:
-    from mtkit.data.text import iter_lines
-
-    lines = []
-    for i, line in enumerate(iter_lines(path)):
-        if limit is not None and i >= limit:
-            break
-        lines.append(line)
-    return lines
+def generated_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """Deterministic toy parallel text (a word-for-word cipher with reordering): what smoke runs
+    train on where no local corpus exists."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(300)]
+    cipher = {w: w[::-1] + rng.choice("aeiou") for w in words}
+    pairs = []
+    for _ in range(n):
+        sent = [rng.choice(words) for _ in range(rng.randint(3, 12))]
+        tgt = [cipher[w] for w in sent]
+        if len(tgt) > 3:
+            tgt[0], tgt[1] = tgt[1], tgt[0]
+        pairs.append((" ".join(sent).capitalize() + " .", " ".join(tgt).capitalize() + " ."))
+    return pairs
 
 
 def _read_pairs(ctx: RunContext, ref: str, limit: int | None) -> tuple[list[str], list[str], dict[str, str]]:
     """One catalog split's (src lines, tgt lines, where they came from), first ``limit`` lines."""
+    from mtkit.data.text import iter_lines
+
     split: SplitSource = ctx.catalog.split(ref)
     r = ctx.recipe
     sides, origin = {}, {}
     try:
         for lang in (r.src_lang, r.tgt_lang):
             path = resolve_file(split, lang, ctx.data_dir, allow_download=not r.smoke)
-            sides[lang], origin[f"{ref}.{lang}"] = _read_side(path, limit), str(path)
+            sides[lang], origin[f"{ref}.{lang}"] = [], str(path)
+            for i, line in enumerate(iter_lines(path)):
+                if limit is not None and i >= limit:
+                    break
+                sides[lang].append(line)
     except MtkitError as exc:
         if not r.smoke:
             raise
@@ -55,15 +67,6 @@ def _read_pairs(ctx: RunContext, ref: str, limit: int | None) -> tuple[list[str]
             f"{origin[f'{ref}.{r.tgt_lang}']} has {len(tgt)}"
         )
     return src, tgt, origin
-
-
-def _write_lines(path: Path, lines: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(tmp, "wt", encoding="utf-8", newline="\n") as f:
-        f.writelines(line + "\n" for line in lines)
-    tmp.replace(path)
 
 
 def _gather(
@@ -83,15 +86,6 @@ def _gather(
     return src, tgt
 
 
-def _hold_out(
-    src: list[str], tgt: list[str], every: int, limit: int | None
-) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
-    """Every ``every``-th pair as validation data (at most ``limit``): (train, valid)."""
-    train = tuple([x for i, x in enumerate(side, 1) if i % every] for side in (src, tgt))
-    valid = tuple([x for i, x in enumerate(side, 1) if not i % every][: limit or None] for side in (src, tgt))
-    return train, valid
-
-
 def stage_prepare(ctx: RunContext, resume: bool) -> dict[str, Any]:
     """Resolve every corpus file and write WORKDIR/raw/{train,valid,<test>}.<lang>."""
     r = ctx.recipe
@@ -100,8 +94,10 @@ def stage_prepare(ctx: RunContext, resume: bool) -> dict[str, Any]:
     eval_limit = smoke.get("eval_lines") if r.smoke else None
     origin: dict[str, str] = {}
     train = _gather(ctx, r.train_refs, train_limit, origin)
-    if r.holdout_every:
-        train, valid = _hold_out(*train, r.holdout_every, eval_limit)
+    if r.holdout_every:  # every Nth pair as validation data (at most eval_limit)
+        n = r.holdout_every
+        valid = tuple([x for i, x in enumerate(side, 1) if not i % n][: eval_limit or None] for side in train)
+        train = tuple([x for i, x in enumerate(side, 1) if i % n] for side in train)
     else:
         valid = _gather(ctx, r.valid_refs, eval_limit, origin)
     splits = {"train": train, "valid": valid}
@@ -114,7 +110,11 @@ def stage_prepare(ctx: RunContext, resume: bool) -> dict[str, Any]:
         files[name] = {}
         for lang, side in ((r.src_lang, src), (r.tgt_lang, tgt)):
             out = ctx.raw_dir / f"{name}.{lang}{suffix}"
-            _write_lines(out, side)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            with (gzip.open if suffix else open)(tmp, "wt", encoding="utf-8", newline="\n") as f:
+                f.writelines(line + "\n" for line in side)
+            tmp.replace(out)
             files[name][lang] = str(out)
         logger.info("prepare: %s = %d pairs", name, len(src))
     return {"files": files, "lines": {name: len(src) for name, (src, _) in splits.items()}, "sources": origin}
@@ -155,24 +155,18 @@ def stage_average(ctx: RunContext, resume: bool) -> dict[str, Any]:
     return {"checkpoint": str(out), "from": [str(p) for p in paths]}
 
 
-def translation_checkpoint(ctx: RunContext) -> Path:
-    """The averaged checkpoint where there is one, else the best, else the last."""
-    averaged = (ctx.outputs.get("average") or {}).get("checkpoint")
-    if averaged and Path(averaged).exists():
-        return Path(averaged)
-    from mtkit.checkpoint import BEST, LAST
-
-    for name in (BEST, LAST):
-        if (ctx.save_dir / name).exists():
-            return ctx.save_dir / name
-    raise MtkitError(f"no checkpoint to translate with in {ctx.save_dir}; run the train stage")
-
-
 def stage_translate(ctx: RunContext, resume: bool) -> dict[str, Any]:
+    from mtkit.checkpoint import BEST, LAST
     from mtkit.decoding.translate import translate_file
 
     r = ctx.recipe
-    ckpt = translation_checkpoint(ctx)
+    # the averaged checkpoint where there is one, else the best, else the last
+    averaged = (ctx.outputs.get("average") or {}).get("checkpoint")
+    found = [Path(averaged)] if averaged and Path(averaged).exists() else []
+    found += [ctx.save_dir / name for name in (BEST, LAST) if (ctx.save_dir / name).exists()]
+    if not found:
+        raise MtkitError(f"no checkpoint to translate with in {ctx.save_dir}; run the train stage")
+    ckpt = found[0]
     ctx.hyp_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "tests": {}}
     for test in r.tests:
@@ -180,17 +174,6 @@ def stage_translate(ctx: RunContext, resume: bool) -> dict[str, Any]:
         stats = translate_file([str(ckpt)], str(ctx.raw_dir / f"{test.name}.{r.src_lang}"), str(hyp),
                                decode_cfg=r.config.decode, device=ctx.device, resume=resume and hyp.exists())
         out["tests"][test.name] = {"hyp": str(hyp), "stats": json.loads(json.dumps(stats, default=str))}
-    return out
-
-
-def published_metric_scores(hyp: str | Path, ref: str | Path, lang: str, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """BLEU of ``hyp`` against ``ref`` by each named published metric: ``{metric: {score, signature}}``."""
-    from mtkit.scoring import score_files
-
-    out = {}
-    for name in metrics:
-        (d,) = score_files(str(hyp), [str(ref)], ["bleu"], lang=lang, width=2, **METRICS[name])
-        out[name] = {"score": d["score"], "signature": d["signature"]}
     return out
 
 
@@ -209,9 +192,13 @@ def stage_score(ctx: RunContext, resume: bool) -> dict[str, Any]:
                              tokenize=opts.get("tokenize"), lowercase=bool(opts.get("lowercase", False)),
                              split_compounds=bool(opts.get("compound_split", False)), lang=r.tgt_lang)
         scores[test.name] = json.loads(json.dumps(result, default=str))
-        # the published numbers' metrics on the same output and raw reference, sacreBLEU always
-        names = dict.fromkeys([OUR_METRIC] + [p["metric"] for p in published if p["test_set"] == test.name])
-        metric_scores[test.name] = published_metric_scores(hyp, ref, r.tgt_lang, list(names))
+        # BLEU by the published numbers' metrics on the same output and raw reference, sacreBLEU
+        # always: {metric: {score, signature}}
+        metric_scores[test.name] = {}
+        names = [OUR_METRIC] + [p["metric"] for p in published if p["test_set"] == test.name]
+        for name in dict.fromkeys(names):
+            (d,) = score_files(str(hyp), [str(ref)], ["bleu"], lang=r.tgt_lang, width=2, **METRICS[name])
+            metric_scores[test.name][name] = {"score": d["score"], "signature": d["signature"]}
     return write_run_report(ctx, scores, metric_scores)
 
 
@@ -228,13 +215,17 @@ def count_parameters(checkpoint: str | Path) -> int | None:
     return num_parameters(model)
 
 
-def run_data(ctx: RunContext) -> RecipeRun:
-    """The run as the report takes it: the recipe's published numbers, what the stages did."""
+def write_run_report(
+    ctx: RunContext, scores: dict[str, list[dict[str, Any]]],
+    metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """Have :mod:`mtkit.report` write results.json, report.md and the curves of this run, given
+    the run as the report takes it: the recipe's published numbers, what the stages did."""
     from mtkit.provenance import manifest_info
 
     r = ctx.recipe
     ckpt = (ctx.outputs.get("translate") or {}).get("checkpoint")
-    return RecipeRun(
+    run = RecipeRun(
         recipe=r.name, recipe_file=str(r.path), smoke=r.smoke, src_lang=r.src_lang, tgt_lang=r.tgt_lang,
         reproduces=r.raw["reproduces"], see_also=list(r.raw.get("see_also") or []),
         test_lines=(ctx.outputs.get("prepare") or {}).get("lines", {}),
@@ -246,14 +237,6 @@ def run_data(ctx: RunContext) -> RecipeRun:
         stage_seconds=Markers(ctx.workdir).stage_seconds(),
         provenance={**ctx.provenance, "data": manifest_info(ctx.data_path)},
     )
-
-
-def write_run_report(
-    ctx: RunContext, scores: dict[str, list[dict[str, Any]]],
-    metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
-) -> dict[str, Any]:
-    """Have :mod:`mtkit.report` write results.json, report.md and the curves of this run."""
-    run = run_data(ctx)
     metrics_file = run.training.get("metrics_file") or ctx.save_dir / "metrics.jsonl"
     return write_report(run, ctx.workdir, scores, metric_scores, metrics_file=metrics_file)
 
