@@ -62,11 +62,10 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad^T @ x`` (the weight gradient of a linear layer) for 2-D grad (N, out), x (N, in).
-
-    oneDNN reads its left operand row-major, so one operand is laid out again: the smaller one.
-    With out > in this is ``(x^T @ grad)^T``, returned as a transposed view. Without the oneDNN
-    path (CUDA, bfloat16) a plain matmul."""
+    """``grad^T @ x`` (the weight gradient of a linear layer) for 2-D grad (N, out), x (N, in). oneDNN reads
+    its left operand row-major, so the smaller operand is laid out again: with out > in this is
+    ``(x^T @ grad)^T``, returned as a transposed view. Without the oneDNN path (CUDA, bfloat16): a plain
+    matmul."""
     if not fast_path(grad, x):
         return grad.t() @ x
     if grad.size(1) > x.size(1):

@@ -3,9 +3,9 @@
 Scores, each a small class with the same constructor: :class:`AdditiveScore` (Bahdanau et al. 2015),
 :class:`DotScore`, :class:`GeneralScore` and :class:`ConcatScore` (Luong et al. 2015). Windows (Luong et
 al. 2015, section 3.2), added to the scores as a log-space bias: :class:`GlobalWindow` (every source
-position), :class:`MonotonicWindow` (local-m) and :class:`PredictiveWindow` (local-p), whose Gaussian
-``exp(-(s - p_t)^2 / (2 sigma^2))`` multiplies the alignment inside the softmax, so the weights are
-renormalised and still sum to 1 (the paper multiplies after the softmax).
+position), :class:`MonotonicWindow` (local-m) and :class:`PredictiveWindow` (local-p; S: the source length),
+whose Gaussian ``exp(-(s - p_t)^2 / (2 sigma^2))`` multiplies the alignment inside the softmax, so the
+weights are renormalised and still sum to 1 (the paper multiplies after the softmax).
 
 Padding is masked in every variant: weights are exactly zero on padding and sum to 1 per row. The projected
 memory (``keys``) depends only on the source, so :meth:`Attention.precompute` computes it once per sentence,
@@ -113,8 +113,7 @@ class MonotonicWindow(nn.Module):
 
 
 class PredictiveWindow(MonotonicWindow):
-    """local-p: ``p_t = S * sigmoid(v_p^T tanh(W_p q))`` (S the source length) and a Gaussian of
-    ``sigma = D/2`` around it, in the same window."""
+    """local-p: ``p_t = S * sigmoid(v_p^T tanh(W_p q))`` and a Gaussian of ``sigma = D/2`` around it."""
 
     def __init__(self, size: int, query_dim: int):
         super().__init__(size, query_dim)
@@ -177,8 +176,7 @@ def build_attention(
     score: str, query_dim: int, memory_dim: int, attn_dim: int, window: str = "global", window_size: int = 10
 ) -> Attention:
     """Build from config names (``model.attention``, ``model.window``)."""
-    if score not in SCORES:
-        raise MtkitError(f"config key 'model.attention': unknown value '{score}' (valid: {', '.join(SCORES)})")
-    if window not in WINDOWS:
-        raise MtkitError(f"config key 'model.window': unknown value '{window}' (valid: {', '.join(WINDOWS)})")
+    for key, name, table in (("attention", score, SCORES), ("window", window, WINDOWS)):
+        if name not in table:
+            raise MtkitError(f"config key 'model.{key}': unknown value '{name}' (valid: {', '.join(table)})")
     return Attention(SCORES[score](query_dim, memory_dim, attn_dim), WINDOWS[window](window_size, query_dim))

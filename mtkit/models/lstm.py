@@ -224,8 +224,7 @@ class RNNEncoder(nn.Module):
 
 
 class RecurrentConfig(ModelConfig):
-    """Base of the recurrent families' configs (their fields: ``hidden_dim``, ``embed_dim``,
-    ``tie_embeddings``...)."""
+    """Base of the recurrent family configs (fields ``hidden_dim``, ``embed_dim``, ``tie_embeddings``...)."""
 
     @property
     def width(self) -> int:

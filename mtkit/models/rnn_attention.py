@@ -1,12 +1,8 @@
 """Attention-based recurrent translators (Bahdanau et al. 2015; Luong et al. 2015): one ``rnn_attention``
-arch, whose ``model.attention`` picks the decoder:
-
-- ``bahdanau`` -> :class:`BahdanauDecoder` (RNNsearch): the additive score comes from the *previous*
-  decoder state; the context feeds the decoder cell and, with the new state and the previous word, a
-  maxout readout layer.
-- ``dot`` | ``general`` | ``concat`` -> :class:`LuongDecoder`: the stacked RNN runs first, its top output
-  attends (globally or with a ``local-m`` / ``local-p`` window), ``h~ = tanh(W_c [c; h])`` predicts the
-  word and, with input feeding, feeds the next step's bottom layer.
+arch; ``model.attention`` ``bahdanau`` picks :class:`BahdanauDecoder` (RNNsearch: the additive score comes
+from the *previous* decoder state; a maxout readout layer), ``dot`` | ``general`` | ``concat`` a
+:class:`LuongDecoder` (the stacked RNN runs first, its top output attends, globally or with a ``local-m`` /
+``local-p`` window, and ``h~`` predicts the word and, with input feeding, feeds the next step's bottom layer).
 
 The encoder is a stacked LSTM or GRU (bidirectional for RNNsearch) over packed sequences; a small bridge
 turns its final states into the decoder's initial ones. With ``tie_embeddings`` the output layer shares the
@@ -259,8 +255,7 @@ class RNNAttention(AttentionalRNN):
                                   cfg.encoder_layers, cfg.dropout, pad_id, bidirectional=cfg.bidirectional)
         memory_dim = self.encoder.out_dim
         self.bridge = Bridge(memory_dim, cfg)
-        decoder_class = BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder
-        self.decoder = decoder_class(cfg, memory_dim)
+        self.decoder = (BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder)(cfg, memory_dim)
         self.add_output_layers(tgt_vocab_size, pad_id)
 
     def attention_label(self) -> str:
