@@ -43,15 +43,13 @@ def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, post
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, post_op, [], "")
 
 
-def _onednn_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
-    """oneDNN present, CPU tensors of one dtype among ``dtypes``, no autocast."""
+def fast_path(
+    x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> bool:
+    """Whether ``x @ weight.T`` goes to oneDNN: oneDNN present, CPU tensors of one dtype among ``dtypes``
+    (float32 unless given), no autocast."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
             and not torch.is_autocast_enabled("cpu"))
-
-
-def fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` goes to oneDNN: float32 CPU tensors, no autocast."""
-    return _onednn_cpu(x, weight, (torch.float32,))
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,7 +140,7 @@ def _packed_linear(
     None where it does not apply."""
     w = getattr(module, name)
     if (module.training or not torch.is_inference_mode_enabled() or x.numel() == 0
-            or not _onednn_cpu(x, w, (torch.float32, torch.bfloat16))):
+            or not fast_path(x, w, (torch.float32, torch.bfloat16))):
         return None
     packed = packed_param(module, name)
     if packed is None:
