@@ -1,13 +1,12 @@
 """Dropout whose CPU mask costs a quarter of PyTorch's random draws.
 
-On a CPU, ``F.dropout`` draws two 32-bit Mersenne-Twister numbers per element (a float64
-Bernoulli sample; the vectorised MKL path is taken on Intel CPUs only), which makes dropout the
-largest cost of a Transformer training step after the matmuls. Here each 32-bit draw is split into
-two 15-bit uniform integers, and an element is kept when its integer is at least
-``round(p * 2**15)``: the drop probability is ``p`` rounded to a multiple of 2**-15 (0.1 becomes
-0.100006) and kept elements are scaled by the exact ``1 / (1 - p')``, so the expectation is
-unchanged. The draws come from torch's generator, so ``torch.manual_seed`` and checkpointed RNG
-states reproduce them. Other devices use ``F.dropout``.
+On a CPU, ``F.dropout`` draws two 32-bit Mersenne-Twister numbers per element (a float64 Bernoulli
+sample; the vectorised MKL path is taken on Intel CPUs only): after the matmuls, the largest cost of a
+Transformer training step. Here each 32-bit draw gives two 15-bit uniform integers, and an element is
+kept when its integer is at least ``round(p * 2**15)``: the drop probability is ``p`` rounded to a multiple
+of 2**-15 (0.1 becomes 0.100006) and kept elements are scaled by the exact ``1 / (1 - p')``, so the
+expectation is unchanged. The draws come from torch's generator, so ``torch.manual_seed`` and
+checkpointed RNG states reproduce them. Other devices use ``F.dropout``.
 """
 
 from __future__ import annotations

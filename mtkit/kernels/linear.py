@@ -1,16 +1,14 @@
 """Linear layers whose float32 CPU matmuls run through oneDNN.
 
-PyTorch sends float32 ``F.linear`` / ``@`` on a CPU to its BLAS (MKL in the x86 wheels), while
-bfloat16 goes to oneDNN. On some CPUs (e.g. AMD EPYC, where MKL takes a generic code path)
-oneDNN's float32 GEMM is the faster one for the shapes of these models, forward and backward,
-with the same float32 results up to rounding (relative differences ~1e-6). The
-fast path covers float32 CPU tensors outside autocast; everything else (CUDA, bfloat16, autocast,
-builds without oneDNN) uses ``F.linear`` unchanged. ``MTKIT_ONEDNN=0`` turns it off.
-
-Under ``torch.inference_mode`` (decoding) a :class:`Linear` in eval mode multiplies float32 or
-bfloat16 inputs by a copy of its weight prepacked into oneDNN's blocked layout, made once and
-redone only when the weight changes: the same results up to rounding, without re-laying out the
-weight on every call (``benchmarks/decode_speed.py`` measures it).
+PyTorch sends float32 ``F.linear`` / ``@`` on a CPU to its BLAS (MKL in the x86 wheels), bfloat16 to
+oneDNN. On some CPUs (e.g. AMD EPYC, where MKL takes a generic code path) oneDNN's float32 GEMM is the
+faster one for these models' shapes, forward and backward, with the same float32 results up to rounding
+(relative differences ~1e-6). The fast path covers float32 CPU tensors outside autocast; everything else
+(CUDA, bfloat16, autocast, builds without oneDNN) uses ``F.linear`` unchanged. ``MTKIT_ONEDNN=0`` turns it
+off. Under ``torch.inference_mode`` (decoding) a :class:`Linear` in eval mode multiplies float32 or
+bfloat16 inputs by a copy of its weight prepacked into oneDNN's blocked layout, made once and redone only
+when the weight changes: the same results up to rounding, without re-laying out the weight on every call
+(``benchmarks/decode_speed.py`` measures it).
 """
 
 from __future__ import annotations
@@ -39,34 +37,19 @@ ONEDNN = _available()
 PACK_ROWS = 128  # the row count oneDNN lays packed weights out for (any row count works)
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
-    except (AttributeError, RuntimeError):
-        return None
-
-
 def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, post_op: str = "none") -> torch.Tensor:
     """a (M, K) @ b (N, K)^T (+ bias, then ``post_op``) with oneDNN; a and b may be transposed
     views, b a prepacked weight."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, post_op, [], "")
 
 
-def _onednn_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
-    """oneDNN present, CPU tensors of one dtype among ``dtypes``, no autocast."""
+def fast_path(
+    x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> bool:
+    """Whether ``x @ weight.T`` goes to oneDNN: oneDNN present, CPU tensors of one dtype among ``dtypes``
+    (float32 unless given), no autocast."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
             and not torch.is_autocast_enabled("cpu"))
-
-
-def fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` goes to oneDNN: float32 CPU tensors, no autocast."""
-    return _onednn_cpu(x, weight, (torch.float32,))
-
-
-def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether inference may multiply ``x`` by a prepacked ``weight``: non-empty float32 or
-    bfloat16 CPU tensors of one dtype, no autocast."""
-    return x.numel() > 0 and _onednn_cpu(x, weight, (torch.float32, torch.bfloat16))
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,11 +60,10 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad^T @ x`` (the weight gradient of a linear layer) for 2-D grad (N, out), x (N, in).
-
-    oneDNN reads its left operand row-major, so one operand is laid out again: the smaller one.
-    With out > in this is ``(x^T @ grad)^T``, returned as a transposed view. Without the oneDNN
-    path (CUDA, bfloat16) a plain matmul."""
+    """``grad^T @ x`` (the weight gradient of a linear layer) for 2-D grad (N, out), x (N, in). oneDNN reads
+    its left operand row-major, so the smaller operand is laid out again: with out > in this is
+    ``(x^T @ grad)^T``, returned as a transposed view. Without the oneDNN path (CUDA, bfloat16): a plain
+    matmul."""
     if not fast_path(grad, x):
         return grad.t() @ x
     if grad.size(1) > x.size(1):
@@ -142,7 +124,11 @@ def packed_param(module: nn.Module, name: str) -> torch.Tensor | None:
     slots = _PACKED.setdefault(module, {})
     cached = slots.get(name)
     if cached is None or cached[0] != key:
-        cached = slots[name] = (key, _pack(w.detach()))
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
+        except (AttributeError, RuntimeError):
+            packed = None
+        cached = slots[name] = (key, packed)
     return cached[1]
 
 
@@ -150,9 +136,11 @@ def _packed_linear(
     x: torch.Tensor, module: nn.Module, name: str, bias: torch.Tensor | None, post_op: str = "none"
 ) -> torch.Tensor | None:
     """``x @ module.<name>^T + bias`` (then ``post_op``) with the prepacked weight: in eval mode under
-    ``torch.inference_mode`` for packable tensors; None where it does not apply."""
+    ``torch.inference_mode`` for non-empty float32 or bfloat16 CPU tensors of one dtype, no autocast;
+    None where it does not apply."""
     w = getattr(module, name)
-    if module.training or not torch.is_inference_mode_enabled() or not packable(x, w):
+    if (module.training or not torch.is_inference_mode_enabled() or x.numel() == 0
+            or not fast_path(x, w, (torch.float32, torch.bfloat16))):
         return None
     packed = packed_param(module, name)
     if packed is None:

@@ -1,25 +1,16 @@
 """Attention for the recurrent translators: a score function plus an optional local window.
 
-Scores (each a small class with the same constructor):
-- :class:`AdditiveScore` (Bahdanau et al. 2015): ``v^T tanh(W q + U h_s)``.
-- :class:`DotScore`, :class:`GeneralScore`, :class:`ConcatScore` (Luong et al. 2015):
-  ``q^T h_s``, ``q^T W h_s``, ``v^T tanh(W [q; h_s])``.
+Scores, each a small class with the same constructor: :class:`AdditiveScore` (Bahdanau et al. 2015),
+:class:`DotScore`, :class:`GeneralScore` and :class:`ConcatScore` (Luong et al. 2015). Windows (Luong et
+al. 2015, section 3.2), added to the scores as a log-space bias: :class:`GlobalWindow` (every source
+position), :class:`MonotonicWindow` (local-m) and :class:`PredictiveWindow` (local-p; S: the source length),
+whose Gaussian ``exp(-(s - p_t)^2 / (2 sigma^2))`` multiplies the alignment inside the softmax, so the
+weights are renormalised and still sum to 1 (the paper multiplies after the softmax).
 
-Windows (Luong et al. 2015, section 3.2), added to the scores as a log-space bias:
-- :class:`GlobalWindow`: every source position.
-- :class:`MonotonicWindow` (local-m): ``p_t = t`` (clamped to the sentence), positions
-  ``[p_t - D, p_t + D]``.
-- :class:`PredictiveWindow` (local-p): ``p_t = S * sigmoid(v^T tanh(W q))`` with S the source
-  length, the same window, and a Gaussian ``exp(-(s - p_t)^2 / (2 sigma^2))``, ``sigma = D/2``.
-  The Gaussian multiplies the alignment inside the softmax, so the weights are renormalised
-  and still sum to 1 (the paper multiplies after the softmax).
-
-Padding is masked in every variant: weights are exactly zero on padding and sum to 1 per row.
-The projected memory (``keys``) depends only on the source, so it is computed once per
-sentence by :meth:`Attention.precompute` and kept in the encoder output.
-
-Queries are (B, Hq) for one decoder step or (B, T, Hq) for T target positions at once (a
-decoder whose queries do not depend on earlier contexts attends over the whole target in one
+Padding is masked in every variant: weights are exactly zero on padding and sum to 1 per row. The projected
+memory (``keys``) depends only on the source, so :meth:`Attention.precompute` computes it once per sentence,
+kept in the encoder output. Queries are (B, Hq) for one decoder step or (B, T, Hq) for T target positions
+at once (a decoder whose queries do not depend on earlier contexts attends over the whole target in one
 batched score); scores and window biases are always computed as (B, T, S).
 """
 
@@ -185,8 +176,7 @@ def build_attention(
     score: str, query_dim: int, memory_dim: int, attn_dim: int, window: str = "global", window_size: int = 10
 ) -> Attention:
     """Build from config names (``model.attention``, ``model.window``)."""
-    if score not in SCORES:
-        raise MtkitError(f"config key 'model.attention': unknown value '{score}' (valid: {', '.join(SCORES)})")
-    if window not in WINDOWS:
-        raise MtkitError(f"config key 'model.window': unknown value '{window}' (valid: {', '.join(WINDOWS)})")
+    for key, name, table in (("attention", score, SCORES), ("window", window, WINDOWS)):
+        if name not in table:
+            raise MtkitError(f"config key 'model.{key}': unknown value '{name}' (valid: {', '.join(table)})")
     return Attention(SCORES[score](query_dim, memory_dim, attn_dim), WINDOWS[window](window_size, query_dim))

@@ -1,27 +1,20 @@
 """The Seq2Seq contract every model family implements.
 
-Tensors are batch-first. ``src`` is (B, S) token ids padded with ``pad_id`` and ending in EOS;
-``src_len`` (B,) counts the non-pad tokens. ``tgt_in`` is (B, T): BOS followed by the target.
+Tensors are batch-first: ``src`` (B, S) token ids padded with ``pad_id`` and ending in EOS, ``src_len`` (B,)
+the non-pad token counts, ``tgt_in`` (B, T) BOS followed by the target. ``enc`` and ``state`` are flat dicts
+of batch-first tensors, so :func:`expand_state` and :func:`reorder_state` work for every family.
 
-- ``features(src, src_len, tgt_in) -> hidden (B, T, H)``: teacher-forced decoder outputs before
-  the output projection ``output_projection()`` (a Linear H -> V); ``forward`` applies it
-  (``forward(..., features_only=True)`` does not: the trainer fuses the projection into the loss).
-- ``encode(src, src_len) -> enc``: per-sentence constants (a flat dict of batch-first tensors):
-  encoder memory, its mask, precomputed cross-attention keys/values. Beam search expands it to
-  k rows per sentence after the first step (unless ``beam_shares_enc``); it only ever drops
-  the rows of finished sentences, never follows beam backpointers.
-- ``init_state(enc) -> state``: what changes per step (a flat dict of batch-first tensors).
-- ``step(prev_tokens (B,), enc, state, need_attn=True) -> (log_probs (B, V), state, attn (B, S) or None)``;
-  with ``need_attn=False`` a model may skip computing the attention it returns (it may be None).
-  The returned log-probs belong to the caller: search modifies them in place.
-
-A model with ``beam_shares_enc = True`` keeps ``enc`` at one row per sentence during beam
-search: its ``step`` then gets ``prev_tokens`` and ``state`` with k consecutive rows per sentence
-(k = rows / enc rows) and lets the k hypotheses of a sentence share its encoder rows, instead
-of the caller repeating them k times.
-
-Because ``enc`` and ``state`` are flat dicts of batch-first tensors, :func:`expand_state` and
-:func:`reorder_state` work for every family. Log-probabilities everywhere: higher is better.
+- ``features -> hidden (B, T, H)``: teacher-forced decoder outputs before ``output_projection()`` (a Linear
+  H -> V), which ``forward`` applies unless ``features_only`` (the trainer fuses it into the loss).
+- ``encode -> enc``: per-sentence constants (encoder memory, its mask, precomputed cross-attention
+  keys/values). Beam search expands it to k rows per sentence after the first step and only ever drops
+  the rows of finished sentences, never follows beam backpointers. With ``beam_shares_enc = True`` it
+  stays at one row per sentence: ``step`` gets ``prev_tokens`` and ``state`` with k consecutive rows per
+  sentence (k = rows / enc rows) sharing its encoder rows, instead of the caller repeating them k times.
+- ``init_state -> state``: what changes per step.
+- ``step -> (log_probs (B, V), state, attn (B, S) or None)``; with ``need_attn=False`` a model may skip the
+  attention (None). The caller owns the returned log-probs: search modifies them in place.
+  Log-probabilities everywhere: higher is better.
 """
 
 from __future__ import annotations

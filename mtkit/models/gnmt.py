@@ -1,26 +1,18 @@
 """Google's Neural Machine Translation system (Wu et al., 2016).
 
-Encoder: a bidirectional bottom layer (forward and backward outputs concatenated), then
-unidirectional layers; from layer ``residual_start`` (the third, 1-based) up every layer adds
-its input to its output: ``x + f(dropout(x))``, so the identity path is never dropped. All
-layers run over one packed sequence, so padding never enters.
-
-Decoder: a stack of LSTM (or GRU) cells. The bottom layer reads the previous word and the
-previous context; its output queries an additive attention over the encoder output, and the
-new context ``a_i`` is concatenated to the input of every layer above; residual connections
-as in the encoder. The top layer's output predicts the word. Decoder states start at zero,
-or with ``bridge`` from the top encoder layer's final state through a small bridge
-(``h = tanh(W_h s)``, ``c = W_c s``, every decoder layer), as the reference GNMT implementation
-passes the encoder state on.
-(The paper queries with the bottom layer's output of the previous step; querying with the
-current one, as the reference GNMT implementation's "new attention" does, learns faster and
-gives the same structure: the bottom layer attends, every layer receives the context.)
-In teacher forcing only the bottom layer and the attention step through the target; each
-upper layer then runs over the whole sequence in one fused call on its cell's weights.
-
-With ``tie_embeddings`` the output layer shares the target embedding (and the source one with
-a joint vocabulary). Beam search applies GNMT's length normalisation and coverage penalty
-(``decode.alpha``, ``decode.beta``) using the attention weights ``step`` returns.
+Encoder: a bidirectional bottom layer (directions concatenated), then unidirectional layers, all over one
+packed sequence, so padding never enters; from layer ``residual_start`` (the third, 1-based) up every layer
+computes ``x + f(dropout(x))``, so the identity path is never dropped. Decoder: stacked LSTM (or GRU) cells;
+the bottom layer reads the previous word and the previous context, its output queries an additive attention
+over the encoder output, and the new context ``a_i`` joins the input of every layer above; residuals as in
+the encoder; the top layer's output predicts the word. (The paper queries with the bottom layer's output of
+the previous step; querying with the current one, as the reference GNMT implementation's "new attention"
+does, learns faster and gives the same structure: the bottom layer attends, every layer receives the
+context.) States start at zero, or with ``bridge`` from the top encoder layer's final state through a
+:class:`Bridge` (every decoder layer), as the reference implementation passes the encoder state on. With
+``tie_embeddings`` the output layer shares the target embedding (and the source one with a joint
+vocabulary). Beam search applies GNMT's length normalisation and coverage penalty (``decode.alpha``,
+``decode.beta``) using the attention weights ``step`` returns.
 """
 
 from __future__ import annotations
@@ -146,8 +138,8 @@ class GNMTDecoder(nn.Module):
         return self.dropout(x), {**layers_state(new), "ctx": ctx}, weights
 
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
-        """Teacher forcing: emb (B, T, E) -> outputs (B, T, H). Only the bottom layer and the
-        attention loop over positions; each upper layer is one call over the whole target."""
+        """Teacher forcing: emb (B, T, E) -> outputs (B, T, H). Only the bottom layer and the attention loop
+        over positions; each upper layer is one fused call on its cell's weights over the whole target."""
         h = state["h"].transpose(0, 1)  # (L, B, H): torch's layout (which the gradients keep) inside the loop
         layers = list(zip(h, state["c"].transpose(0, 1))) if self.has_cell_state else list(h)
         bottom, ctx, bottom_cell = layers[0], state["ctx"], self.cells[0]

@@ -1,9 +1,7 @@
-"""Sequence to sequence with deep LSTMs (Sutskever, Vinyals and Le, 2014).
-
-A stacked LSTM (or GRU) reads the source, optionally reversed, and its final per-layer states
-initialise a stacked decoder of the same shape; there is no attention. The building blocks
-shared by the other recurrent families also live here: the cell choice, the conversion
-between torch's (layers, batch, hidden) states and mtkit's batch-first state dicts, source
+"""Sequence to sequence with deep LSTMs (Sutskever, Vinyals and Le, 2014): a stacked LSTM (or GRU) reads
+the source, optionally reversed, and its final per-layer states initialise a stacked decoder of the same
+shape; no attention. Also the building blocks shared by the other recurrent families: the cell choice,
+conversion between torch's (layers, batch, hidden) states and mtkit's batch-first state dicts, source
 reversal, and a packed-sequence encoder.
 """
 
@@ -28,8 +26,10 @@ Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 # --- shared helpers --------------------------------------------------------------------------
-def init_uniform(module: nn.Module, scale: float) -> None:
-    """Uniform(-scale, scale) for every parameter (the papers' init); 0 keeps torch's defaults."""
+def init_weights(module: nn.Module, scale: float, forget_bias: float) -> None:
+    """Uniform(-scale, scale) for every parameter (the papers' init; 0 keeps torch's defaults), then
+    every LSTM forget gate at ``forget_bias`` (bias_ih; bias_hh's part at 0): the cell keeps its memory
+    from the first update instead of halving it at every step."""
     if scale > 0:
         for p in module.parameters():
             nn.init.uniform_(p, -scale, scale)
@@ -37,18 +37,13 @@ def init_uniform(module: nn.Module, scale: float) -> None:
             if isinstance(m, nn.Embedding) and m.padding_idx is not None:
                 with torch.no_grad():
                     m.weight[m.padding_idx].zero_()
-
-
-def init_forget_bias(module: nn.Module, value: float = 1.0) -> None:
-    """Start every LSTM forget gate at ``value`` (bias_ih; bias_hh's part at 0): the cell keeps
-    its memory from the first update instead of halving it at every step."""
     for m in module.modules():
         if isinstance(m, (nn.LSTM, nn.LSTMCell)):
             for name, p in m.named_parameters():
                 if name.startswith("bias_"):
                     h = p.numel() // 4  # gates i, f, g, o
                     with torch.no_grad():
-                        p[h : 2 * h].fill_(value if name.startswith("bias_ih") else 0.0)
+                        p[h : 2 * h].fill_(forget_bias if name.startswith("bias_ih") else 0.0)
 
 
 class Embedding(nn.Embedding):
@@ -82,9 +77,8 @@ def tie_embeddings(src_embed: nn.Embedding, tgt_embed: nn.Embedding, out: nn.Lin
 
 
 def run_cell(cell: nn.RNNCellBase, x: torch.Tensor, state: Hidden) -> torch.Tensor:
-    """Run an ``nn.LSTMCell``/``nn.GRUCell`` over a whole sequence in one call (torch's fused
-    single-layer RNN on the cell's own weights): x (B, T, I), ``state`` (h, c) or h, each (B, H)
-    -> outputs (B, T, H)."""
+    """Run an ``nn.LSTMCell``/``nn.GRUCell`` over a sequence in one call (torch's fused single-layer RNN
+    on the cell's own weights): x (B, T, I), ``state`` (h, c) or h, each (B, H) -> outputs (B, T, H)."""
     params = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
     if isinstance(state, tuple):
         h0, c0 = state
@@ -104,13 +98,12 @@ def _gates(x: torch.Tensor, rnn: nn.Module, kind: str, layer: int | None) -> tor
 
 
 def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None = None) -> Hidden:
-    """One LSTM (``state`` = (h, c)) or GRU (``state`` = h) step from the input's share of the gates,
-    ``gx = x W_ih^T + b_ih`` (B, 4H or 3H; torch's gate order), which the caller computes (for a whole
-    sequence at once where the input does not depend on the recurrence). The recurrent weights are
-    those of ``rnn``: an ``nn.LSTMCell``/``nn.GRUCell`` (``layer`` None) or layer ``layer`` of an
-    ``nn.LSTM``/``nn.GRU``. The same maths as torch's cells, with the recurrent product through
-    :func:`mtkit.kernels.linear.step_linear` (a prepacked oneDNN weight when decoding on a CPU).
-    """
+    """One LSTM (``state`` = (h, c)) or GRU (``state`` = h) step, torch's cells' maths, from the input's
+    share of the gates ``gx = x W_ih^T + b_ih`` (B, 4H or 3H; torch's gate order), computed by the caller
+    (for a whole sequence at once where the input does not depend on the recurrence). The recurrent
+    weights are those of an ``nn.LSTMCell``/``nn.GRUCell`` ``rnn`` (``layer`` None) or of layer ``layer``
+    of an ``nn.LSTM``/``nn.GRU``, multiplied through :func:`mtkit.kernels.linear.step_linear` (a prepacked
+    oneDNN weight when decoding on a CPU)."""
     h = output_of(state)
     gh = _gates(h, rnn, "hh", layer)
     n_hidden = h.size(1)
@@ -130,12 +123,11 @@ def input_gates(x: torch.Tensor, rnn: nn.Module, layer: int | None = None) -> to
 
 
 def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
-    """One time step of a stacked unidirectional ``nn.LSTM``/``nn.GRU`` on the module's own weights
-    (checkpoints unchanged): x (B, I) and ``hidden`` (per layer ``(h, c)`` or ``h``, each (B, H))
-    -> (top output (B, H), new per-layer list). ``gx0``, when given, is the bottom layer's input
-    share of the gates (``x W_ih^T + b_ih``, see :func:`cell_step`) computed by the caller, and
-    ``x`` is not used. Equal to calling ``rnn`` on a length-1 sequence, dropout between layers
-    included, and cheaper per step on a CPU (no fused-layer setup per call)."""
+    """One time step of a stacked unidirectional ``nn.LSTM``/``nn.GRU`` on its own weights (checkpoints
+    unchanged): x (B, I), ``hidden`` (per layer ``(h, c)`` or ``h``, each (B, H)) -> (top output (B, H),
+    new per-layer list); ``x`` unused when the caller gives ``gx0``, the bottom layer's ``gx`` (see
+    :func:`cell_step`). Equal to ``rnn`` on a length-1 sequence, dropout between layers included, and
+    cheaper per step on a CPU (no fused-layer setup per call)."""
     new = []
     for layer, state in enumerate(hidden):
         if layer and rnn.dropout and rnn.training:
@@ -209,11 +201,8 @@ def padding_mask(src_len: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class RNNEncoder(nn.Module):
-    """Embedding + stacked (optionally bidirectional) RNN over packed sequences.
-
-    Returns the memory (B, S, dirs*H), zero on padding, and the final states as a
-    batch-first dict {"h": (B, layers, dirs*H)[, "c": ...]} (directions concatenated).
-    """
+    """Embedding + stacked (optionally bidirectional) RNN over packed sequences -> the memory (B, S, dirs*H),
+    zero on padding, and the final states {"h": (B, layers, dirs*H)[, "c": ...]} (directions concatenated)."""
 
     def __init__(self, cell: str, vocab: int, embed_dim: int, hidden: int, layers: int,
                  dropout: float, pad_id: int, bidirectional: bool = False):
@@ -235,8 +224,7 @@ class RNNEncoder(nn.Module):
 
 
 class RecurrentConfig(ModelConfig):
-    """Base of the recurrent families' configs (their fields: ``hidden_dim``, ``embed_dim``,
-    ``tie_embeddings``...)."""
+    """Base of the recurrent family configs (fields ``hidden_dim``, ``embed_dim``, ``tie_embeddings``...)."""
 
     @property
     def width(self) -> int:
@@ -283,8 +271,7 @@ class LSTMSeq2Seq(Seq2Seq):
         self.decoder = stacked_rnn(cfg.cell, cfg.embed_dim, cfg.hidden_dim, cfg.layers, cfg.dropout)
         self.dropout = Dropout(cfg.dropout)
         self.out = Linear(cfg.hidden_dim, tgt_vocab_size)
-        init_uniform(self, cfg.init_scale)
-        init_forget_bias(self, cfg.forget_bias)
+        init_weights(self, cfg.init_scale, cfg.forget_bias)
         if cfg.tie_embeddings:
             self.out.weight = self.tgt_embed.weight
 

@@ -1,25 +1,17 @@
-"""Attention-based recurrent translators: Bahdanau et al. 2015 and Luong et al. 2015.
+"""Attention-based recurrent translators (Bahdanau et al. 2015; Luong et al. 2015): one ``rnn_attention``
+arch; ``model.attention`` ``bahdanau`` picks :class:`BahdanauDecoder` (RNNsearch: the additive score comes
+from the *previous* decoder state; a maxout readout layer), ``dot`` | ``general`` | ``concat`` a
+:class:`LuongDecoder` (the stacked RNN runs first, its top output attends, globally or with a ``local-m`` /
+``local-p`` window, and ``h~`` predicts the word and, with input feeding, feeds the next step's bottom layer).
 
-One ``rnn_attention`` arch; ``model.attention`` picks the decoder:
-
-- ``bahdanau`` -> :class:`BahdanauDecoder` (RNNsearch): the additive score is computed from
-  the *previous* decoder state; the context is fed to the decoder cell and, with the new state
-  and the previous word, to a maxout readout layer.
-- ``dot`` | ``general`` | ``concat`` -> :class:`LuongDecoder`: the stacked RNN runs first, its top
-  output attends (globally or with a ``local-m`` / ``local-p`` window), ``h~ = tanh(W_c [c; h])``
-  predicts the word and, with input feeding, is fed to the next step's bottom layer.
-
-The encoder is a stacked RNN (bidirectional for RNNsearch) over packed sequences; its final
-states pass through a small bridge to initialise the decoder. Cells are LSTM or GRU. With
-``tie_embeddings`` the output layer shares the target embedding (and the source one with a
-joint vocabulary).
-
-Teacher forcing loops over target positions only for what depends on the recurrence: Luong
-without input feeding is one RNN call, one batched score and one combine layer over the whole
-target; RNNsearch's maxout readout runs over all positions at once after its loop, and the
-embedding's share of the bottom layer's gates is one matrix product over all positions before it.
-Per step, the stacked RNN runs on the module's own weights through :func:`mtkit.models.lstm.rnn_step`.
-:class:`AttentionalRNN`, the model base shared with GNMT, lives here too.
+The encoder is a stacked LSTM or GRU (bidirectional for RNNsearch) over packed sequences; a small bridge
+turns its final states into the decoder's initial ones. With ``tie_embeddings`` the output layer shares the
+target embedding (and the source one with a joint vocabulary). Teacher forcing loops over target positions
+only for what depends on the recurrence: Luong without input feeding is one RNN call, one batched score and
+one combine layer; RNNsearch's maxout readout runs over all positions after its loop, and the embedding's
+share of the bottom layer's gates is one matrix product over all positions before it. Per step, the stacked
+RNN runs on the module's own weights through :func:`mtkit.models.lstm.rnn_step`. :class:`AttentionalRNN`,
+the model base shared with GNMT, lives here too.
 """
 
 from __future__ import annotations
@@ -42,8 +34,7 @@ from mtkit.models.lstm import (
     RNNEncoder,
     embedding_gates,
     from_state,
-    init_forget_bias,
-    init_uniform,
+    init_weights,
     initial_state,
     layers_state,
     output_of,
@@ -92,11 +83,8 @@ class Config(RecurrentConfig):
 
 
 class Bridge(nn.Module):
-    """Encoder final states -> initial decoder states: ``h = tanh(W_h s)``, ``c = W_c s``.
-
-    With as many encoder as decoder layers, layer i seeds layer i; otherwise the top encoder
-    layer seeds every decoder layer.
-    """
+    """Encoder final states -> initial decoder states: ``h = tanh(W_h s)``, ``c = W_c s``. With as many
+    encoder as decoder layers, layer i seeds layer i; otherwise the top encoder layer seeds every one."""
 
     def __init__(self, enc_dim: int, cfg: RecurrentConfig):
         super().__init__()
@@ -114,15 +102,12 @@ class Bridge(nn.Module):
 
 
 class AttentionalRNN(Seq2Seq):
-    """Shared set-up, encoding, teacher forcing and stepping of the attentional RNN families.
-
-    Subclasses build ``self.encoder`` (src, src_len -> memory (B, S, Hm), final states), an optional
-    ``self.bridge`` and ``self.decoder``, then call :meth:`add_output_layers`. The decoder maps
-    (embedded token (B, E), enc, state) to (output (B, H), state, attention (B, S)) in ``forward``
-    (one step, used by search) and (embedded target (B, T, E), enc, state) to outputs (B, T, H) in
-    ``sequence`` (teacher forcing), which runs over whole sequences whatever does not depend on
-    the recurrence; the contract test holds the two equal.
-    """
+    """Shared set-up, encoding, teacher forcing and stepping of the attentional RNN families. Subclasses
+    build ``self.encoder`` (src, src_len -> memory (B, S, Hm), final states), an optional ``self.bridge``
+    and ``self.decoder``, then call :meth:`add_output_layers`. The decoder's ``forward`` maps (embedded
+    token (B, E), enc, state) to (output (B, H), state, attention (B, S)) (one step, for search), its
+    ``sequence`` (embedded target (B, T, E), enc, state) to outputs (B, T, H) (teacher forcing, whatever
+    does not depend on the recurrence over whole sequences); the contract test holds the two equal."""
 
     def add_output_layers(self, tgt_vocab_size: int, pad_id: int) -> None:
         """The target embedding, dropout and output layer, then the initialisation of every weight
@@ -131,8 +116,7 @@ class AttentionalRNN(Seq2Seq):
         self.tgt_embed = Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(cfg.dropout)
         self.out = Linear(self.decoder.out_dim, tgt_vocab_size)
-        init_uniform(self, cfg.init_scale)
-        init_forget_bias(self, cfg.forget_bias)
+        init_weights(self, cfg.init_scale, cfg.forget_bias)
         if cfg.tie_embeddings:
             self.tgt_embed = tie_embeddings(self.encoder.embed, self.tgt_embed, self.out)
 
@@ -182,9 +166,7 @@ class BahdanauDecoder(nn.Module):
         self.out_dim = self.readout_dim
 
     def init_state(self, enc: State) -> State:
-        state = initial_state(enc)
-        state["t"] = torch.zeros_like(enc["src_len"])
-        return state
+        return {**initial_state(enc), "t": torch.zeros_like(enc["src_len"])}
 
     def attend(self, hidden: list, enc: State) -> tuple[torch.Tensor, torch.Tensor]:
         """The context c_i (B, Hm) and weights from s_{i-1}, the top layer of ``hidden``."""
@@ -229,8 +211,7 @@ class LuongDecoder(nn.Module):
         self.out_dim = hidden
 
     def init_state(self, enc: State) -> State:
-        state = initial_state(enc)
-        state["t"] = torch.zeros_like(enc["src_len"])
+        state = {**initial_state(enc), "t": torch.zeros_like(enc["src_len"])}
         if self.input_feed:
             state["feed"] = enc["memory"].new_zeros(enc["memory"].size(0), self.out_dim)
         return state
@@ -274,8 +255,7 @@ class RNNAttention(AttentionalRNN):
                                   cfg.encoder_layers, cfg.dropout, pad_id, bidirectional=cfg.bidirectional)
         memory_dim = self.encoder.out_dim
         self.bridge = Bridge(memory_dim, cfg)
-        decoder_class = BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder
-        self.decoder = decoder_class(cfg, memory_dim)
+        self.decoder = (BahdanauDecoder if cfg.attention == "bahdanau" else LuongDecoder)(cfg, memory_dim)
         self.add_output_layers(tgt_vocab_size, pad_id)
 
     def attention_label(self) -> str:

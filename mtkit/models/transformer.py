@@ -1,9 +1,7 @@
-"""The Transformer (Vaswani et al. 2017) behind the Seq2Seq contract, in one file.
-
-Embeddings are scaled by sqrt(d_model); positions are sinusoidal, learned, rotary (RoPE) or
-ALiBi; attention runs through ``F.scaled_dot_product_attention``; pre- or post-norm layers.
-Incremental decoding keeps a per-layer self-attention key/value cache in ``state`` and the
-encoder's cross-attention keys/values in ``enc`` (computed once by :meth:`encode`).
+"""The Transformer (Vaswani et al. 2017) behind the Seq2Seq contract, in one file: embeddings scaled by
+sqrt(d_model); sinusoidal, learned, rotary (RoPE) or ALiBi positions; ``F.scaled_dot_product_attention``;
+pre- or post-norm layers. Incremental decoding keeps a per-layer self-attention key/value cache in
+``state`` and the encoder's cross-attention keys/values in ``enc`` (computed once by :meth:`encode`).
 """
 
 from __future__ import annotations
@@ -22,8 +20,6 @@ from mtkit.kernels.dropout import add_dropout, dropout
 from mtkit.kernels.linear import Linear
 from mtkit.models.base import Seq2Seq, State
 
-POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
-ACTIVATION_NAMES = ("relu", "gelu", "silu")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
@@ -38,9 +34,9 @@ class Config(ModelConfig):
     dropout: float = number(0.1, low=0, high=1)  # on embeddings and every residual branch
     attention_dropout: float = number(0.0, low=0, high=1)  # on attention weights
     activation_dropout: float = number(0.0, low=0, high=1)  # inside the feed-forward block
-    activation: str = choice("relu", *ACTIVATION_NAMES)
+    activation: str = choice("relu", *ACTIVATIONS)
     pre_norm: bool = False  # LayerNorm before each block (plus a final one) instead of after
-    positions: str = choice("sinusoidal", *POSITIONS)
+    positions: str = choice("sinusoidal", "sinusoidal", "learned", "rope", "alibi")
     max_positions: int = number(1024, low=1)  # longest source/target (learned positions need a table this long)
     tie_embeddings: bool = True  # output projection = target embedding (and = source when sizes match)
     grad_checkpointing: bool = False  # recompute layer activations in backward to save memory
