@@ -1,19 +1,16 @@
 """Checkpoint averaging: pick checkpoints (last N, best N, or a list) and average their weights.
 
-Selection uses only the numbered files ``checkpoint_<update>.pt`` of a directory (not
-``checkpoint_last.pt`` / ``checkpoint_best.pt``, which duplicate one of them):
+Selection uses only a directory's numbered ``checkpoint_<update>.pt`` files (``checkpoint_last.pt``
+and ``checkpoint_best.pt`` duplicate one of them): ``last=N`` takes the N highest update numbers of
+the file names (not file times); ``best=N`` the N best by the validation ``payload["metrics"]`` of
+each: BLEU (``valid_bleu``, higher is better) when every candidate has one, else loss
+(``valid_loss``, lower is better), ties to the newer checkpoint.
 
-- ``last=N``: the N highest update numbers, parsed from the file names (file times are ignored).
-- ``best=N``: the N best by the validation metric stored in each checkpoint's
-  ``payload["metrics"]``: BLEU (``valid_bleu``, higher is better) when every candidate has
-  one, otherwise loss (``valid_loss``, lower is better); ties go to the newer checkpoint.
-
-Averaging keeps one checkpoint in memory at a time plus a float32 running sum, so the peak
-is about two copies of the weights whatever the number of checkpoints. Floating-point
-tensors are averaged and cast back to their dtype; integer/bool buffers and everything
-besides the weights (config, sentencepiece models, vocabulary) come from the newest
-checkpoint (highest ``update``; the last given when no update is recorded). The result is a
-normal self-contained checkpoint without optimizer state.
+Only one checkpoint and a float32 running sum are in memory at a time: about two copies of the
+weights at peak, whatever the count. Floating-point tensors are averaged and cast back to their
+dtype; integer/bool buffers, config, sentencepiece models and vocabulary come from the newest
+checkpoint (highest ``update``, else the last given). The result is a normal self-contained
+checkpoint without optimizer state.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """One checkpoint format for every model family: atomic writes, checksummed reads.
 
-File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, then a
-``torch.save`` payload. The payload is a dict of plain types and tensors (loaded with
-``weights_only=True``):
+File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, then a ``torch.save``
+payload: a dict of plain types and tensors (loaded with ``weights_only=True``):
 
 - ``format_version`` (int), ``mtkit_version`` (str)
 - ``config``: the resolved config as a nested dict (``Config.to_dict()``)
@@ -17,13 +16,10 @@ File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, the
 - ``provenance`` (optional; absent in checkpoints of mtkit before it was recorded): versions,
   command line, machine, seed and data manifest hash of the run (:mod:`mtkit.provenance`)
 
-Every payload is assembled by :func:`build_payload` (with :func:`subword_entries` for the
-sentencepiece models and vocabulary), and :func:`load_model` is the one way from a checkpoint
-file to a model: training, averaging, decoding, scoring and export all go through this module.
-
-Writes go to ``<name>.tmp-<pid>`` in the same directory, are fsynced and renamed over the
-target, so an interrupted write never replaces the previous good checkpoint. The temp file of a
-writer that was killed outright is removed by the next write of that checkpoint.
+Every payload is assembled by :func:`build_payload`; training, averaging, decoding, scoring and
+export all go through this module. Writes go to ``<name>.tmp-<pid>`` in the same directory, fsynced
+and renamed over the target: an interrupted write never replaces the previous good checkpoint, and
+the next write of that checkpoint removes the temp file of a writer killed outright.
 """
 
 from __future__ import annotations

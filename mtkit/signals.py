@@ -1,12 +1,11 @@
 """SIGTERM and SIGINT as requests to stop cleanly.
 
-A cluster scheduler sends SIGTERM (SLURM, Kubernetes: then a grace period, then SIGKILL) and a
-person presses Ctrl-C (SIGINT). :func:`stop_requests` turns the first of either into a flag that
-long work polls at a safe point (training: after the current update, then it writes its last
-checkpoint); a second signal ends the process at once, by that signal, without writing anything
-more. :func:`term_as_interrupt` makes SIGTERM raise :class:`Interrupted` the way SIGINT raises
-``KeyboardInterrupt``, so that cleanup code runs (``translate`` keeps what it has written).
-The CLI exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+A cluster scheduler sends SIGTERM (SLURM, Kubernetes: then a grace period, then SIGKILL); a person
+presses Ctrl-C (SIGINT). :func:`stop_requests` turns the first into a flag that long work polls at a
+safe point (training: after the current update, writing its last checkpoint); a second one ends the
+process at once by that signal, writing nothing more. :func:`term_as_interrupt` makes SIGTERM raise
+:class:`Interrupted` as SIGINT raises ``KeyboardInterrupt``, so cleanup runs (``translate`` keeps
+what it has written). The CLI exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations

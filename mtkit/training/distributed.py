@@ -1,18 +1,15 @@
-"""Data-parallel set-up: the torchrun environment, the process group, launching ranks, and the
+"""Data-parallel set-up (the torchrun environment, process group, launching ranks) and the
 collectives the training loop agrees through.
 
-Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment, WORLD_SIZE > 1) a training
-process joins the default process group (NCCL on CUDA with device ``cuda:LOCAL_RANK``, Gloo on
-CPU) and the loop wraps the model in DistributedDataParallel; ``mtkit train --nproc N`` starts N
-such ranks on this machine through PyTorch's own launcher. Every rank builds the same shuffled
-batch list and takes every ``world_size``-th batch, so one update over R ranks with
-``update_freq`` F sees the same R x F batches that one process sees with ``update_freq`` R x F;
-the loss is divided by the update's global target-token count (an all-reduce), which makes the
-two bit-for-bit the same computation up to float summation order. Gradient accumulation runs
-under ``no_sync``. Skip (NaN/inf), validation, early-stopping and time-limit decisions are
-agreed across ranks. Only rank 0 writes checkpoints, metrics, info logs and progress bars; the
-checkpoint holds every rank's RNG state, and the data position is kept in batches of the shared
-list, so a run resumes on the same or on another number of ranks.
+Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK, WORLD_SIZE > 1) a training process joins the
+default process group (NCCL on ``cuda:LOCAL_RANK``, Gloo on CPU) and wraps the model in DDP;
+``mtkit train --nproc N`` starts N local ranks through PyTorch's own launcher. Each rank takes every
+``world_size``-th batch of the same shuffled list and the loss is divided by the update's global
+target-token count (an all-reduce), so R ranks with ``update_freq`` F compute what one process does
+with R x F, up to float summation order. Accumulation runs under ``no_sync``; skip (NaN/inf),
+validation, early-stopping and time-limit decisions are agreed across ranks. Only rank 0 writes
+checkpoints, metrics, info logs and progress bars; checkpoints hold every rank's RNG state and the
+data position in batches of the shared list, so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations

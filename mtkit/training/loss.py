@@ -1,15 +1,13 @@
 """Label-smoothed cross entropy over non-pad target tokens.
 
-With smoothing ``eps`` and vocabulary size V, the target distribution puts ``1 - eps + eps/V``
-on the reference token and ``eps/V`` on every other token, so per token
+With smoothing ``eps`` and vocabulary size V the target puts ``1 - eps + eps/V`` on the reference
+token and ``eps/V`` on every other, so per token (z: logits, lse: logsumexp z)
 
-    loss = (1 - eps) * nll + (eps / V) * sum_v -log p(v)
-         = lse - (1 - eps) * z_y - (eps / V) * sum_v z_v        (z: logits, lse: logsumexp z)
+    loss = (1 - eps) * nll + (eps / V) * sum_v -log p(v) = lse - (1 - eps) * z_y - (eps / V) * sum_v z_v
 
-summed over non-pad positions (the same value as ``torch.nn.functional.cross_entropy(...,
-label_smoothing=eps)``). The gradient is ``softmax(z) - q`` with q the smoothed target, known
-once the forward pass has z: :func:`projected_nll` makes it there, chunk by chunk, together with
-the output projection. The plain negative log-likelihood is returned beside it for perplexity.
+summed over non-pad positions (as ``F.cross_entropy(..., label_smoothing=eps)``). Its gradient,
+``softmax(z) - q`` with q the smoothed target, is known once the forward pass has z: :func:`projected_nll`
+makes it there, chunk by chunk, with the output projection, and returns the plain nll for perplexity.
 """
 
 from __future__ import annotations
