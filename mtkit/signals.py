@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
 
 class Interrupted(BaseException):
     """Work stopped by a signal (a ``BaseException``, as ``KeyboardInterrupt``: no ``except
@@ -43,9 +41,8 @@ class StopRequest:
 
 @contextmanager
 def stop_requests() -> Iterator[StopRequest]:
-    """While active, the first SIGTERM/SIGINT sets ``request.signum``; a second one kills the
-    process by that signal at once. Outside the main thread (signals cannot be caught there)
-    the flag simply never rises."""
+    """While active, the first SIGTERM/SIGINT sets ``request.signum``; a second one kills the process
+    by that signal at once. Outside the main thread (no signals caught there) the flag never rises."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -58,7 +55,7 @@ def stop_requests() -> Iterator[StopRequest]:
         signal.signal(signum, signal.SIG_DFL)  # a second signal: no more writing, die by it
         os.kill(os.getpid(), signum)
 
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield request
     finally:

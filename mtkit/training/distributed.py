@@ -43,18 +43,6 @@ def distributed_env() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
-def init_distributed(device: torch.device, rank: int, world_size: int) -> bool:
-    """Join the default process group (NCCL on CUDA, Gloo on CPU); False if already joined."""
-    if dist.is_initialized():
-        return False
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise MtkitError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun or mtkit train --nproc")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # rank 0 alone validates and writes checkpoints while the others wait: allow it time
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=60))
-    return True
-
-
 def rank_train_args(
     data_dir: str, config: str, save_dir: str, overrides: Sequence[str], resume: bool, device: str,
     verbosity: int = 0, debug: bool = False,
@@ -73,9 +61,8 @@ def torchrun_argv(nproc: int, mtkit_args: Sequence[str]) -> list[str]:
 
 
 def launch_local(nproc: int, mtkit_args: list[str], device: str = "auto") -> int:
-    """Run ``python -m mtkit MTKIT_ARGS`` as ``nproc`` ranks on this machine through PyTorch's
-    own launcher (``torchrun --standalone``); 0, or the exit code of the first rank that failed
-    (that rank has printed its error)."""
+    """Run ``python -m mtkit MTKIT_ARGS`` as ``nproc`` local ranks through ``torchrun --standalone``;
+    0, or the exit code of the first rank that failed (that rank has printed its error)."""
     if distributed_env()[1] > 1:
         raise MtkitError("--nproc inside a torchrun launch: use one or the other")
     if device in ("auto", "cuda") and torch.cuda.is_available() and nproc > torch.cuda.device_count():
@@ -97,10 +84,15 @@ def launch_local(nproc: int, mtkit_args: list[str], device: str = "auto") -> int
 
 @contextlib.contextmanager
 def joined_process_group(device: torch.device, rank: int, world_size: int) -> Iterator[None]:
-    """While active, this process is rank ``rank`` of the default process group (joined here
-    unless it already was, and then left again); ranks other than 0 log warnings and errors
-    only, tagged with their rank."""
-    started = init_distributed(device, rank, world_size)
+    """While active, this process is rank ``rank`` of the default process group (joined here unless it
+    already was, then left again); ranks other than 0 log warnings and errors only, rank-tagged."""
+    started = not dist.is_initialized()
+    if started and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
+        raise MtkitError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun or mtkit train --nproc")
+    if started:  # NCCL on CUDA, Gloo on CPU
+        # rank 0 alone validates and writes checkpoints while the others wait: allow it time
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=60))
     root = logging.getLogger("mtkit")
     level = root.level
 
@@ -140,8 +132,7 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
 
 
 class RankGroup:
-    """This process's place among the data-parallel ranks and the collectives over them; on one
-    process every collective is the identity."""
+    """This process's place among the data-parallel ranks and collectives over them (on one: identities)."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device):
         """``world_size`` > 1 needs the default process group joined (see :func:`joined_process_group`)."""

@@ -60,8 +60,7 @@ class Scheduler:
         return constant(t, c.lr, c.warmup_updates, c.warmup_init_lr)
 
     def step(self, update: int, elapsed: float = 0.0) -> float:
-        """Set the lr used by update number ``update`` (1-based), ``elapsed`` seconds of training
-        into the run; returns it."""
+        """Set and return the lr of update ``update`` (1-based), ``elapsed`` training seconds in."""
         self.update = update
         lr = self.lr_at(update)
         if self.cfg.time_decay != "none":
