@@ -1,19 +1,16 @@
 """Checkpoint averaging: pick checkpoints (last N, best N, or a list) and average their weights.
 
-Selection uses only the numbered files ``checkpoint_<update>.pt`` of a directory (not
-``checkpoint_last.pt`` / ``checkpoint_best.pt``, which duplicate one of them):
+Selection uses only a directory's numbered ``checkpoint_<update>.pt`` files (``checkpoint_last.pt``
+and ``checkpoint_best.pt`` duplicate one of them): ``last=N`` takes the N highest update numbers of
+the file names (not file times); ``best=N`` the N best by the validation ``payload["metrics"]`` of
+each: BLEU (``valid_bleu``, higher is better) when every candidate has one, else loss
+(``valid_loss``, lower is better), ties to the newer checkpoint.
 
-- ``last=N``: the N highest update numbers, parsed from the file names (file times are ignored).
-- ``best=N``: the N best by the validation metric stored in each checkpoint's
-  ``payload["metrics"]``: BLEU (``valid_bleu``, higher is better) when every candidate has
-  one, otherwise loss (``valid_loss``, lower is better); ties go to the newer checkpoint.
-
-Averaging keeps one checkpoint in memory at a time plus a float32 running sum, so the peak
-is about two copies of the weights whatever the number of checkpoints. Floating-point
-tensors are averaged and cast back to their dtype; integer/bool buffers and everything
-besides the weights (config, sentencepiece models, vocabulary) come from the newest
-checkpoint (highest ``update``; the last given when no update is recorded). The result is a
-normal self-contained checkpoint without optimizer state.
+Only one checkpoint and a float32 running sum are in memory at a time: about two copies of the
+weights at peak, whatever the count. Floating-point tensors are averaged and cast back to their
+dtype; integer/bool buffers, config, sentencepiece models and vocabulary come from the newest
+checkpoint (highest ``update``, else the last given). The result is a normal self-contained
+checkpoint without optimizer state.
 """
 
 from __future__ import annotations
@@ -70,10 +67,9 @@ def select_checkpoints(
     if last is not None:
         chosen = found[-last:]
     else:
-        scored = []  # (update, path, bleu, loss)
-        for update, p in found:
-            metrics = load_checkpoint(p).get("metrics")
-            scored.append((update, p, _metric(metrics, BLEU_KEYS), _metric(metrics, LOSS_KEYS)))
+        metrics = [(update, p, load_checkpoint(p).get("metrics")) for update, p in found]
+        # (update, path, bleu, loss)
+        scored = [(u, p, _metric(m, BLEU_KEYS), _metric(m, LOSS_KEYS)) for u, p, m in metrics]
         if all(s[2] is not None for s in scored):
             what, ranked = "valid BLEU", sorted(scored, key=lambda s: (s[2], s[0]), reverse=True)
         elif all(s[3] is not None for s in scored):
@@ -140,16 +136,13 @@ class _Reference:
     """What every later checkpoint is checked against (from the first one read)."""
 
     def __init__(self, path: Path, payload: dict[str, Any]):
-        self.path = path
-        self.config = payload["config"]
-        self.spm = payload.get("spm")
-        self.vocab = payload.get("vocab")
+        self.path, self.config = path, payload["config"]
+        self.spm, self.vocab = payload.get("spm"), payload.get("vocab")
         state = payload["model"]
         if not isinstance(state, dict):
             raise MtkitError(f"checkpoint {path} has no weights dict")
         self.shapes = {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items() if isinstance(v, torch.Tensor)}
-        self.keys = set(state)
-        self.aliases = _aliases(state)
+        self.keys, self.aliases = set(state), _aliases(state)
 
     def check(self, path: Path, payload: dict[str, Any]) -> None:
         ref, cfg = self.config, payload["config"]
@@ -203,20 +196,6 @@ def _accumulate(sums: dict[str, torch.Tensor], state: dict[str, Any], aliases: d
             sums[k] = v.to(torch.float32, copy=True)
 
 
-def _newest_entries(payload: dict[str, Any]) -> dict[str, Any]:
-    """What the averaged checkpoint takes from the newest input: its entries, and its weights in
-    their order, each a tensor that is not averaged or the dtype of one that is."""
-    entries = {key: payload.get(key) for key in ("config", "spm", "vocab", "update", "epoch")}
-    entries["model"] = {k: v.dtype if _is_float(v) else v for k, v in payload["model"].items()}
-    return entries
-
-
-def _averaged_state(sums: dict[str, torch.Tensor], n: int, newest: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
-    """The averaged state dict in the newest input's key order and dtypes, tied aliases restored."""
-    model = {k: sums.pop(k).div_(n).to(v) if k in sums else v for k, v in newest.items() if k not in aliases}
-    return {k: model[aliases.get(k, k)] for k in newest}
-
-
 def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> None:
     """Average the weights of ``paths`` into a new checkpoint ``out_path`` (see the module doc)."""
     paths = [Path(p) for p in paths]
@@ -224,7 +203,9 @@ def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> No
         raise MtkitError("no checkpoints selected to average")
     ref: _Reference | None = None
     sums: dict[str, torch.Tensor] = {}
-    newest: dict[str, Any] = {}  # payload (without float weights) of the newest checkpoint so far
+    # what the averaged checkpoint takes from the newest input so far: its entries, and its weights in
+    # their order, each a tensor that is not averaged or the dtype of one that is
+    newest: dict[str, Any] = {}
     newest_key: tuple[int, int] = (-1, -1)
     updates: list[int | None] = []
     for i, path in enumerate(paths):
@@ -238,13 +219,18 @@ def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> No
         _accumulate(sums, payload["model"], ref.aliases)
         order = (update if isinstance(update, int) else -1, i)
         if order > newest_key:
-            newest_key, newest = order, _newest_entries(payload)
+            newest_key = order
+            newest = {key: payload.get(key) for key in ("config", "spm", "vocab", "update", "epoch")}
+            newest["model"] = {k: v.dtype if _is_float(v) else v for k, v in payload["model"].items()}
         del payload  # only the running sum outlives this iteration
         logger.info("read %s (%d/%d)", path, i + 1, len(paths))
 
     assert ref is not None
     n = len(paths)
-    model = _averaged_state(sums, n, newest["model"], ref.aliases)
+    # the averaged state dict in the newest input's key order and dtypes, tied aliases restored
+    model = {k: sums.pop(k).div_(n).to(v) if k in sums else v for k, v in newest["model"].items()
+             if k not in ref.aliases}
+    model = {k: model[ref.aliases.get(k, k)] for k in newest["model"]}
     metrics = {"averaged": True, "averaged_updates": updates, "averaged_checkpoints": [str(p) for p in paths]}
     save_checkpoint(out_path, build_payload(newest["config"], model, spm=newest["spm"], vocab=newest["vocab"],
                                             update=newest["update"], epoch=newest["epoch"], metrics=metrics))

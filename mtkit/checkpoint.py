@@ -1,8 +1,7 @@
 """One checkpoint format for every model family: atomic writes, checksummed reads.
 
-File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, then a
-``torch.save`` payload. The payload is a dict of plain types and tensors (loaded with
-``weights_only=True``):
+File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, then a ``torch.save``
+payload: a dict of plain types and tensors (loaded with ``weights_only=True``):
 
 - ``format_version`` (int), ``mtkit_version`` (str)
 - ``config``: the resolved config as a nested dict (``Config.to_dict()``)
@@ -17,13 +16,10 @@ File layout: the 8-byte magic ``MTKITCK1``, the 32-byte SHA-256 of the rest, the
 - ``provenance`` (optional; absent in checkpoints of mtkit before it was recorded): versions,
   command line, machine, seed and data manifest hash of the run (:mod:`mtkit.provenance`)
 
-Every payload is assembled by :func:`build_payload` (with :func:`subword_entries` for the
-sentencepiece models and vocabulary), and :func:`load_model` is the one way from a checkpoint
-file to a model: training, averaging, decoding, scoring and export all go through this module.
-
-Writes go to ``<name>.tmp-<pid>`` in the same directory, are fsynced and renamed over the
-target, so an interrupted write never replaces the previous good checkpoint. The temp file of a
-writer that was killed outright is removed by the next write of that checkpoint.
+Every payload is assembled by :func:`build_payload`; training, averaging, decoding, scoring and
+export all go through this module. Writes go to ``<name>.tmp-<pid>`` in the same directory, fsynced
+and renamed over the target: an interrupted write never replaces the previous good checkpoint, and
+the next write of that checkpoint removes the temp file of a writer killed outright.
 """
 
 from __future__ import annotations
@@ -76,9 +72,8 @@ def build_payload(
     config: dict[str, Any], model_state: dict[str, Any], spm: dict[str, bytes] | None = None,
     vocab: dict[str, Any] | None = None, **extra: Any,
 ) -> dict[str, Any]:
-    """A checkpoint payload: the resolved config (``Config.to_dict()``), the model's state dict,
-    the sentencepiece models and vocabulary (see :func:`subword_entries`), and any of
-    :data:`OPTIONAL_KEYS`. Entries given as None are left out."""
+    """A checkpoint payload: the resolved config (``Config.to_dict()``), the model's state dict, the
+    spm models and vocabulary (:func:`subword_entries`), any of :data:`OPTIONAL_KEYS`; None: left out."""
     unknown = sorted(set(extra) - OPTIONAL_KEYS)
     if unknown:
         raise ValueError(f"unknown checkpoint payload entries: {', '.join(unknown)}")
@@ -111,8 +106,7 @@ class _OffsetReader(io.RawIOBase):
 
 class _HashingWriter(io.RawIOBase):
     def __init__(self, f):
-        self.f = f
-        self.h = hashlib.sha256()
+        self.f, self.h = f, hashlib.sha256()
 
     def writable(self) -> bool:
         return True
@@ -165,9 +159,8 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 def write_checkpoints(save_dir: Path, payload: dict[str, Any], update: int, numbered: bool, best: bool,
                       keep_last: int) -> None:
-    """Write ``payload`` as ``checkpoint_last.pt`` (and first as ``checkpoint_<update>.pt`` when
-    ``numbered``), as ``checkpoint_best.pt`` too when ``best``; then keep the ``keep_last`` newest
-    numbered checkpoints."""
+    """Write ``payload`` as ``checkpoint_last.pt`` (first as ``checkpoint_<update>.pt`` when ``numbered``),
+    also as ``checkpoint_best.pt`` when ``best``; then keep the ``keep_last`` newest numbered ones."""
     save_dir.mkdir(parents=True, exist_ok=True)
     last = save_dir / LAST
     if numbered:
@@ -192,18 +185,14 @@ def _remove_stale_temps(path: Path) -> None:
     """Delete ``<name>.tmp-<pid>`` files left by writers that no longer run (killed mid-write)."""
     for old in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
         pid = old.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process
             old.unlink(missing_ok=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # somebody else's process
-        pass
-    return True
+        except PermissionError:  # somebody else's process
+            pass
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -246,9 +235,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def build_from_checkpoint(
     payload: dict[str, Any], path: str | Path = "<checkpoint>"
 ) -> tuple[Seq2Seq, Config, SubwordModel, SubwordModel]:
-    """(model, config, src SubwordModel, tgt SubwordModel) rebuilt from a loaded payload alone, the
-    model in eval mode on the payload's device; weights that do not fit the model config are a
-    one-line :class:`MtkitError`."""
+    """(model in eval mode on the payload's device, config, src and tgt SubwordModel) rebuilt from a
+    loaded payload alone; weights that do not fit the model config: a one-line :class:`MtkitError`."""
     from mtkit.config import config_from_dict
     from mtkit.data.subword import SubwordModel
     from mtkit.models import build_model
@@ -274,10 +262,8 @@ def build_from_checkpoint(
 def load_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[Seq2Seq, Config, SubwordModel, SubwordModel]:
-    """Load a checkpoint file for inference: (model on device, config, src spm, tgt spm).
-
-    The one way from a checkpoint file to a model; code that also needs the payload's other
-    entries loads it with :func:`load_checkpoint` and calls :func:`build_from_checkpoint`."""
+    """Load a checkpoint file for inference: (model on device, config, src spm, tgt spm); the one way
+    to a model (for the other entries too: :func:`load_checkpoint`, then :func:`build_from_checkpoint`)."""
     payload = load_checkpoint(path, map_location="cpu")
     model, cfg, src_spm, tgt_spm = build_from_checkpoint(payload, path)
     return model.to(device), cfg, src_spm, tgt_spm

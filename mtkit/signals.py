@@ -1,12 +1,11 @@
 """SIGTERM and SIGINT as requests to stop cleanly.
 
-A cluster scheduler sends SIGTERM (SLURM, Kubernetes: then a grace period, then SIGKILL) and a
-person presses Ctrl-C (SIGINT). :func:`stop_requests` turns the first of either into a flag that
-long work polls at a safe point (training: after the current update, then it writes its last
-checkpoint); a second signal ends the process at once, by that signal, without writing anything
-more. :func:`term_as_interrupt` makes SIGTERM raise :class:`Interrupted` the way SIGINT raises
-``KeyboardInterrupt``, so that cleanup code runs (``translate`` keeps what it has written).
-The CLI exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+A cluster scheduler sends SIGTERM (SLURM, Kubernetes: then a grace period, then SIGKILL); a person
+presses Ctrl-C (SIGINT). :func:`stop_requests` turns the first into a flag that long work polls at a
+safe point (training: after the current update, writing its last checkpoint); a second one ends the
+process at once by that signal, writing nothing more. :func:`term_as_interrupt` makes SIGTERM raise
+:class:`Interrupted` as SIGINT raises ``KeyboardInterrupt``, so cleanup runs (``translate`` keeps
+what it has written). The CLI exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Interrupted(BaseException):
@@ -44,9 +41,8 @@ class StopRequest:
 
 @contextmanager
 def stop_requests() -> Iterator[StopRequest]:
-    """While active, the first SIGTERM/SIGINT sets ``request.signum``; a second one kills the
-    process by that signal at once. Outside the main thread (signals cannot be caught there)
-    the flag simply never rises."""
+    """While active, the first SIGTERM/SIGINT sets ``request.signum``; a second one kills the process
+    by that signal at once. Outside the main thread (no signals caught there) the flag never rises."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -59,7 +55,7 @@ def stop_requests() -> Iterator[StopRequest]:
         signal.signal(signum, signal.SIG_DFL)  # a second signal: no more writing, die by it
         os.kill(os.getpid(), signum)
 
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield request
     finally:

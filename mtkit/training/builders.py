@@ -1,6 +1,5 @@
-"""What the training loop is built from: the data of a data dir, the model on its device, the
-optimizer, the autocast dtype, the length limits, the training batches and the collation of a
-batch into tensors."""
+"""What the training loop is built from: a data dir's data, the model on its device, optimizer,
+autocast dtype, length limits, training batches and the collation of a batch into tensors."""
 
 from __future__ import annotations
 
@@ -64,8 +63,7 @@ def build_seeded_model(
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """``train.optimizer`` over the model's parameters, fused (one kernel over all of them) on
-    CPU and CUDA."""
+    """``train.optimizer`` over the model's parameters, fused (one kernel over all) on CPU and CUDA."""
     return OPTIMIZER_CLASSES[train_cfg.optimizer](
         model.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
         weight_decay=train_cfg.weight_decay, fused=device.type in ("cpu", "cuda"),
@@ -73,10 +71,9 @@ def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig, device: torc
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype ``train.amp`` asks for on ``device``; ``None`` for float32.
-
-    On a CPU, bf16 is opt-in and used only where the CPU has bf16 matmul instructions; fp16 needs
-    CUDA. On CUDA, ``auto`` takes bf16 where supported, else fp16."""
+    """The autocast dtype ``train.amp`` asks for on ``device``; ``None`` for float32. On a CPU, bf16 is
+    opt-in and used only where the CPU has bf16 matmul instructions; fp16 needs CUDA. On CUDA,
+    ``auto`` takes bf16 where supported, else fp16."""
     if amp == "none" or (device.type != "cuda" and amp == "auto"):
         return None
     if device.type == "cpu":
@@ -120,8 +117,7 @@ def build_batches(
 
 
 class Collator:
-    """Sentence pairs of a dataset -> (src, src_len, tgt_in, tgt_out) on the device, cut to the
-    length limits."""
+    """Dataset sentence pairs -> (src, src_len, tgt_in, tgt_out) on the device, cut to the length limits."""
 
     def __init__(self, src_pad: int, src_eos: int, tgt_pad: int, bos: int, eos: int, max_src: int, max_tgt: int,
                  device: torch.device):

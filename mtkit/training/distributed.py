@@ -1,18 +1,15 @@
-"""Data-parallel set-up: the torchrun environment, the process group, launching ranks, and the
+"""Data-parallel set-up (the torchrun environment, process group, launching ranks) and the
 collectives the training loop agrees through.
 
-Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment, WORLD_SIZE > 1) a training
-process joins the default process group (NCCL on CUDA with device ``cuda:LOCAL_RANK``, Gloo on
-CPU) and the loop wraps the model in DistributedDataParallel; ``mtkit train --nproc N`` starts N
-such ranks on this machine through PyTorch's own launcher. Every rank builds the same shuffled
-batch list and takes every ``world_size``-th batch, so one update over R ranks with
-``update_freq`` F sees the same R x F batches that one process sees with ``update_freq`` R x F;
-the loss is divided by the update's global target-token count (an all-reduce), which makes the
-two bit-for-bit the same computation up to float summation order. Gradient accumulation runs
-under ``no_sync``. Skip (NaN/inf), validation, early-stopping and time-limit decisions are
-agreed across ranks. Only rank 0 writes checkpoints, metrics, info logs and progress bars; the
-checkpoint holds every rank's RNG state, and the data position is kept in batches of the shared
-list, so a run resumes on the same or on another number of ranks.
+Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK, WORLD_SIZE > 1) a training process joins the
+default process group (NCCL on ``cuda:LOCAL_RANK``, Gloo on CPU) and wraps the model in DDP;
+``mtkit train --nproc N`` starts N local ranks through PyTorch's own launcher. Each rank takes every
+``world_size``-th batch of the same shuffled list and the loss is divided by the update's global
+target-token count (an all-reduce), so R ranks with ``update_freq`` F compute what one process does
+with R x F, up to float summation order. Accumulation runs under ``no_sync``; skip (NaN/inf),
+validation, early-stopping and time-limit decisions are agreed across ranks. Only rank 0 writes
+checkpoints, metrics, info logs and progress bars; checkpoints hold every rank's RNG state and the
+data position in batches of the shared list, so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -46,18 +43,6 @@ def distributed_env() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
-def init_distributed(device: torch.device, rank: int, world_size: int) -> bool:
-    """Join the default process group (NCCL on CUDA, Gloo on CPU); False if already joined."""
-    if dist.is_initialized():
-        return False
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise MtkitError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun or mtkit train --nproc")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # rank 0 alone validates and writes checkpoints while the others wait: allow it time
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=60))
-    return True
-
-
 def rank_train_args(
     data_dir: str, config: str, save_dir: str, overrides: Sequence[str], resume: bool, device: str,
     verbosity: int = 0, debug: bool = False,
@@ -76,9 +61,8 @@ def torchrun_argv(nproc: int, mtkit_args: Sequence[str]) -> list[str]:
 
 
 def launch_local(nproc: int, mtkit_args: list[str], device: str = "auto") -> int:
-    """Run ``python -m mtkit MTKIT_ARGS`` as ``nproc`` ranks on this machine through PyTorch's
-    own launcher (``torchrun --standalone``); 0, or the exit code of the first rank that failed
-    (that rank has printed its error)."""
+    """Run ``python -m mtkit MTKIT_ARGS`` as ``nproc`` local ranks through ``torchrun --standalone``;
+    0, or the exit code of the first rank that failed (that rank has printed its error)."""
     if distributed_env()[1] > 1:
         raise MtkitError("--nproc inside a torchrun launch: use one or the other")
     if device in ("auto", "cuda") and torch.cuda.is_available() and nproc > torch.cuda.device_count():
@@ -100,10 +84,15 @@ def launch_local(nproc: int, mtkit_args: list[str], device: str = "auto") -> int
 
 @contextlib.contextmanager
 def joined_process_group(device: torch.device, rank: int, world_size: int) -> Iterator[None]:
-    """While active, this process is rank ``rank`` of the default process group (joined here
-    unless it already was, and then left again); ranks other than 0 log warnings and errors
-    only, tagged with their rank."""
-    started = init_distributed(device, rank, world_size)
+    """While active, this process is rank ``rank`` of the default process group (joined here unless it
+    already was, then left again); ranks other than 0 log warnings and errors only, rank-tagged."""
+    started = not dist.is_initialized()
+    if started and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
+        raise MtkitError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun or mtkit train --nproc")
+    if started:  # NCCL on CUDA, Gloo on CPU
+        # rank 0 alone validates and writes checkpoints while the others wait: allow it time
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=60))
     root = logging.getLogger("mtkit")
     level = root.level
 
@@ -143,8 +132,7 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
 
 
 class RankGroup:
-    """This process's place among the data-parallel ranks and the collectives over them; on one
-    process every collective is the identity."""
+    """This process's place among the data-parallel ranks and collectives over them (on one: identities)."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device):
         """``world_size`` > 1 needs the default process group joined (see :func:`joined_process_group`)."""

@@ -1,15 +1,13 @@
 """Label-smoothed cross entropy over non-pad target tokens.
 
-With smoothing ``eps`` and vocabulary size V, the target distribution puts ``1 - eps + eps/V``
-on the reference token and ``eps/V`` on every other token, so per token
+With smoothing ``eps`` and vocabulary size V the target puts ``1 - eps + eps/V`` on the reference
+token and ``eps/V`` on every other, so per token (z: logits, lse: logsumexp z)
 
-    loss = (1 - eps) * nll + (eps / V) * sum_v -log p(v)
-         = lse - (1 - eps) * z_y - (eps / V) * sum_v z_v        (z: logits, lse: logsumexp z)
+    loss = (1 - eps) * nll + (eps / V) * sum_v -log p(v) = lse - (1 - eps) * z_y - (eps / V) * sum_v z_v
 
-summed over non-pad positions (the same value as ``torch.nn.functional.cross_entropy(...,
-label_smoothing=eps)``). The gradient is ``softmax(z) - q`` with q the smoothed target, known
-once the forward pass has z: :func:`projected_nll` makes it there, chunk by chunk, together with
-the output projection. The plain negative log-likelihood is returned beside it for perplexity.
+summed over non-pad positions (as ``F.cross_entropy(..., label_smoothing=eps)``). Its gradient,
+``softmax(z) - q`` with q the smoothed target, is known once the forward pass has z: :func:`projected_nll`
+makes it there, chunk by chunk, with the output projection, and returns the plain nll for perplexity.
 """
 
 from __future__ import annotations
@@ -22,14 +20,10 @@ from mtkit.kernels.linear import grad_weight, matmul_nt
 
 
 class _ProjectedNLL(torch.autograd.Function):
-    """Output projection and label-smoothed loss in one pass over row chunks.
-
-    The loss is a scalar, so its gradient with respect to the logits, ``softmax(z) - q`` per
-    row, is known in the forward pass: each chunk's logits are made, turned into loss terms and
-    into that gradient in place, and multiplied straight into the gradients of the hidden states
-    and of the projection. No (N, V) tensor outlives its chunk; backward only scales the two
-    stored gradients by the incoming one.
-    """
+    """Output projection and label-smoothed loss in one pass over row chunks: each chunk's logits
+    are made, turned into loss terms and into the gradient ``softmax(z) - q`` in place, and
+    multiplied straight into the gradients of the hidden states and of the projection. No (N, V)
+    tensor outlives its chunk; backward only scales the stored gradients by the incoming one."""
 
     @staticmethod
     def forward(ctx: Any, hidden, weight, bias, target, keep, eps: float, dtype: torch.dtype, chunk: int, need_grad: bool):
@@ -80,12 +74,11 @@ def projected_nll(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(label-smoothed loss sum, nll sum, non-pad tokens) of ``layer(hidden)`` against ``target``.
 
-    hidden (..., H) are the model's features before its output projection ``layer`` (a Linear
-    to V classes, with or without bias); the matmuls run in ``dtype`` (default: the weight's,
-    e.g. bfloat16 for autocast training), the softmax and the sums in float32. The same values
-    and gradients as projecting and then taking the loss, in less time and without the (..., V)
-    logits, the largest tensors of a training step. ``chunk``: rows per pass (default: about 4M logits on a CPU, more on a GPU).
-    """
+    hidden (..., H): the model's features before its output projection ``layer`` (a Linear to V
+    classes, bias or not). Matmuls run in ``dtype`` (default: the weight's, e.g. bfloat16 under
+    autocast), softmax and sums in float32; ``chunk`` rows per pass (default: about 4M logits on a
+    CPU, more on a GPU). The values and gradients of projecting, then taking the loss, in less time
+    and without the (..., V) logits, a training step's largest tensors."""
     flat, target = hidden.reshape(-1, hidden.size(-1)), target.reshape(-1)
     keep = target != pad
     chunk = chunk or max(1, (2**22 if flat.device.type == "cpu" else 2**27) // layer.weight.size(0))

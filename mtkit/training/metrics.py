@@ -1,6 +1,5 @@
-"""The training run's records: ``metrics.jsonl`` events (mirrored to TensorBoard when asked),
-the running window of training statistics between two log lines, the train log line and the
-progress bar."""
+"""A training run's records: ``metrics.jsonl`` events (mirrored to TensorBoard when asked), the
+window of training statistics between two log lines, the train log line and the progress bar."""
 
 from __future__ import annotations
 
@@ -94,15 +93,6 @@ class TrainWindow:
         }
 
 
-def log_train_line(record: dict[str, Any]) -> None:
-    """The console/train.log line of a ``train`` event."""
-    logger.info(
-        "train | update %d | epoch %d | loss %.4f | ppl %.2f | lr %.3e | gnorm %.3f | %.0f tgt tok/s",
-        record["update"], record["epoch"], record["loss"], record["ppl"], record["lr"], record["gnorm"],
-        record["tgt_tokens_per_s"],
-    )
-
-
 class UpdateProgress:
     """What a run shows of its updates: rank 0's progress bar where progress bars are on, and
     every ``log_interval`` updates a ``train`` event (with its log line when there is no bar)."""
@@ -123,12 +113,16 @@ class UpdateProgress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{stats['loss'] / stats['ntok']:.3f}", lr=f"{stats['lr']:.2e}")
-        if update % self.log_interval == 0:
-            record = self.window.record(update, epoch, stats["lr"], elapsed)
-            self.metrics.write(record)
-            if self.bar is None:
-                log_train_line(record)
-            self.window = TrainWindow()
+        if update % self.log_interval != 0:
+            return
+        record = self.window.record(update, epoch, stats["lr"], elapsed)
+        self.metrics.write(record)
+        self.window = TrainWindow()
+        if self.bar is None:  # the console/train.log line of the event
+            logger.info(
+                "train | update %d | epoch %d | loss %.4f | ppl %.2f | lr %.3e | gnorm %.3f | %.0f tgt tok/s",
+                *(record[k] for k in ("update", "epoch", "loss", "ppl", "lr", "gnorm", "tgt_tokens_per_s")),
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -46,8 +46,7 @@ def rng_states(ranks: RankGroup) -> dict[str, Any]:
 
 
 def warn_world_size_change(payload: dict[str, Any], cfg: Config, world_size: int) -> None:
-    """Say how the effective batch changes when the checkpoint was written by another number of
-    ranks than this run has."""
+    """Say how the effective batch changes when the checkpoint was written by another number of ranks."""
     saved_world = int(payload["data_state"].get("world_size", 1))
     if saved_world == world_size:
         return

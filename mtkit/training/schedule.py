@@ -1,14 +1,11 @@
 """Learning-rate schedules as plain functions of the update number, plus a tiny stateful wrapper.
 
-- ``inverse_sqrt`` (fairseq): linear warmup from ``warmup_init_lr`` to ``lr`` over
-  ``warmup_updates``, then ``lr * sqrt(warmup_updates / t)``.
-- ``noam`` (Vaswani et al. 2017): ``factor * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)``.
-- ``constant``: ``lr`` after an optional linear warmup.
-
-``train.time_decay`` multiplies any of them by a factor that falls to zero exactly when the
-training-time budget ``max_time_minutes`` is spent (by elapsed training time, so it ends on
-time on any machine): ``linear`` ``1 - f``, ``cosine`` ``(1 + cos(pi f)) / 2``, with ``f`` the
-share of the budget used; ``none`` leaves the schedule alone.
+``inverse_sqrt`` (fairseq): linear warmup from ``warmup_init_lr`` to ``lr`` over ``warmup_updates``,
+then ``lr * sqrt(warmup_updates / t)``; ``noam`` (Vaswani et al. 2017): ``factor * d_model^-0.5 *
+min(t^-0.5, t * warmup^-1.5)``; ``constant``: ``lr`` after an optional linear warmup.
+``train.time_decay`` multiplies any of them by a factor that reaches zero exactly when the time
+budget ``max_time_minutes`` of elapsed training time is spent (ending on time on any machine):
+``linear`` ``1 - f``, ``cosine`` ``(1 + cos(pi f)) / 2``, f the share used; ``none``: no change.
 """
 
 from __future__ import annotations
@@ -63,8 +60,7 @@ class Scheduler:
         return constant(t, c.lr, c.warmup_updates, c.warmup_init_lr)
 
     def step(self, update: int, elapsed: float = 0.0) -> float:
-        """Set the lr used by update number ``update`` (1-based), ``elapsed`` seconds of training
-        into the run; returns it."""
+        """Set and return the lr of update ``update`` (1-based), ``elapsed`` training seconds in."""
         self.update = update
         lr = self.lr_at(update)
         if self.cfg.time_decay != "none":

@@ -1,6 +1,6 @@
-"""One optimizer update: forward/backward over the update's batches (accumulated, each batch
-in runs of at most ``train.pass_tokens`` padded tokens), the gradient norm and clipping, the
-finite check agreed over the ranks, and the optimizer step."""
+"""One optimizer update: forward/backward over its batches (accumulated, each in runs of at most
+``train.pass_tokens`` padded tokens), gradient norm and clipping, the finite check agreed over the
+ranks, and the optimizer step."""
 
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ from mtkit.training.schedule import Scheduler
 
 
 def split_batch(dataset: Any, batch: np.ndarray, pass_tokens: int) -> list[np.ndarray]:
-    """``batch`` cut into runs of its (length-sorted) sentences of at most ``pass_tokens`` padded
-    tokens each (0: the whole batch): forward/backward one run at a time, the gradients adding up
-    to the batch's. The same update with a fraction of the activation memory."""
+    """``batch`` cut into runs of its (length-sorted) sentences of at most ``pass_tokens`` padded tokens
+    (0: the whole batch), passed one by one: the same update with a fraction of the activation memory."""
     if pass_tokens == 0 or len(batch) < 2:
         return [batch]
     width = int(max(dataset.src_lens[batch].max() + 1, dataset.tgt_lens[batch].max() + 1))
@@ -74,26 +73,22 @@ class UpdateStep:
             nll_sum += nll
         return loss_sum, nll_sum
 
-    def _gradient_norm(self) -> float:
-        """The gradients' total norm, clipped to ``train.clip_norm`` when that is set."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.train_cfg.clip_norm > 0 or not hasattr(torch.nn.utils, "get_total_norm"):
-            return float(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.clip_norm or float("inf")))
-        # measure only: the norm is logged so vanishing/exploding gradients show
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-
     def gradients(self, dataset: Any, batches: list[np.ndarray], max_tgt: int) -> dict[str, Any]:
-        """Zero the gradients, then accumulate the update's over ``batches``. Returns its loss and
-        nll sums, target tokens and gradient norm (summed over the ranks), and ``finite``: False
-        when any rank saw a NaN/inf loss or gradient."""
+        """Zero the gradients, then accumulate the update's over ``batches``. Returns its loss and nll
+        sums, target tokens, gradient norm (summed over the ranks) and ``finite`` (no rank saw NaN/inf)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         ntok = sum(int(np.minimum(dataset.tgt_lens[b] + 1, max_tgt).sum()) for b in batches)
         ntok = int(self.ranks.sum([ntok])[0])  # target tokens of the whole update, over all ranks
         loss_sum, nll_sum = self._backward_runs(dataset, batches, ntok)
-        gnorm = self._gradient_norm()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        # the gradients' total norm, clipped to train.clip_norm when that is set
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.train_cfg.clip_norm > 0 or not hasattr(torch.nn.utils, "get_total_norm"):
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.clip_norm or float("inf")))
+        else:  # measure only: the norm is logged so vanishing/exploding gradients show
+            gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
         # one all-reduce on several ranks: the update's loss sums, and whether any rank saw NaN/inf
         local_bad = not math.isfinite(float(loss_sum)) or (not math.isfinite(gnorm) and self.scaler is None)
         loss_value, nll_value, bad = self.ranks.sum([float(loss_sum), float(nll_sum), float(local_bad)])

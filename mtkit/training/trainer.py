@@ -1,23 +1,22 @@
-"""The one training loop shared by every model family.
+"""The one training loop shared by every model family, and the ``mtkit train`` command.
 
-``train(data_dir, cfg, save_dir)`` loads a preprocessed data dir and runs :class:`Trainer`:
-label-smoothed cross entropy, token-budget batches with ``update_freq`` accumulation, mixed
-precision, gradient clipping, validation (loss, perplexity, BLEU) with early stopping, and
-atomic checkpoints. :meth:`Trainer.fit` reads as its steps: open the run's records, resume or
-start, train updates until a stop condition, then the final validation and save.
-
+``train(data_dir, cfg, save_dir)`` runs :class:`Trainer` on a preprocessed data dir: label-smoothed
+cross entropy, token-budget batches with ``update_freq`` accumulation, mixed precision, gradient
+clipping, validation (loss, perplexity, BLEU) with early stopping, and atomic checkpoints.
 Resuming is exact: checkpoints are written at update boundaries with the data-iterator position,
 the optimizer, scheduler and every RNG state, so on CPU an interrupted and resumed run ends with
-bit-identical weights to an uninterrupted one. Data-parallel training (``torchrun``) is set up
-in :mod:`mtkit.training.distributed`, which describes it.
+bit-identical weights to an uninterrupted one. Data-parallel (``torchrun``) set-up:
+:mod:`mtkit.training.distributed`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,12 +25,12 @@ import torch
 
 from mtkit import checkpoint, provenance
 from mtkit.checkpoint import BEST, LAST
-from mtkit.config import Config, dump_config
+from mtkit.config import Config, dump_config, load_config
 from mtkit.devices import training_device
 from mtkit.errors import MtkitError
 from mtkit.models.base import num_parameters
 from mtkit.signals import Interrupted, stop_requests
-from mtkit.training import builders, resume
+from mtkit.training import builders, distributed, resume
 from mtkit.training.builders import TrainData, load_data
 from mtkit.training.distributed import RankGroup, distributed_env, joined_process_group
 from mtkit.training.metrics import MetricsLog, UpdateProgress, tensorboard_writer_class
@@ -57,6 +56,26 @@ def train(
         return trainer.fit(resume=resume)
 
 
+def train_command(
+    data_dir: str, config: str, save_dir: str, overrides: Sequence[str], resume: bool, device: str, nproc: int,
+    dump_config_only: bool, verbosity: int = 0, debug: bool = False,
+) -> tuple[int, str]:
+    """``mtkit train``: print the resolved config (``dump_config_only``), launch ``nproc`` > 1 local ranks
+    through torchrun, or train here. Returns (exit code, stdout text: the YAML config or rank 0's JSON
+    summary line). Caller: cap the oneDNN caches before importing this module (see :mod:`mtkit.utils`)."""
+    cfg = load_config(config, overrides)
+    if dump_config_only:
+        return 0, dump_config(cfg)
+    if nproc > 1:
+        args = distributed.rank_train_args(data_dir, config, save_dir, overrides, resume, device, verbosity,
+                                           debug)
+        return distributed.launch_local(nproc, args, device=device), ""
+    if nproc < 0:
+        raise MtkitError(f"--nproc must be positive, got {nproc}")
+    summary = train(data_dir, cfg, save_dir, resume=resume, device=device)
+    return 0, json.dumps(summary) + "\n" if distributed_env()[0] == 0 else ""
+
+
 class Trainer:
     """One training run: built from a config and data, it trains with :meth:`fit`."""
 
@@ -70,12 +89,27 @@ class Trainer:
         if cfg.train.tensorboard_dir:
             tensorboard_writer_class()  # a missing package fails before any work
         self.save_dir = Path(save_dir)
-        self.device = training_device(device)
+        self.device = device = training_device(device)
         self.ranks = RankGroup(rank, world_size, self.device)  # world_size > 1: the process group is joined
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         if self.train_cfg.num_threads > 0:
             torch.set_num_threads(self.train_cfg.num_threads)
-        self._build()
+        # the model (and its DDP wrapper), optimizer, scheduler, mixed precision, batches and update step
+        self.model, self.ddp = builders.build_seeded_model(cfg, data.src_spm.size, data.tgt_spm.size,
+                                                           data.tgt_spm.pad, device, rank, world_size)
+        self.optimizer = builders.build_optimizer(self.model, cfg.train, device)
+        self.scheduler = Scheduler(self.optimizer, cfg.train, cfg.model.width)
+        self.autocast_dtype = builders.autocast_dtype(cfg.train.amp, device)
+        self.max_src, self.max_tgt = builders.length_limits(self.model, cfg.data)
+        self.batches = builders.build_batches(data.train, cfg.train, self.max_src, self.max_tgt, rank,
+                                              world_size, self._warn)
+        self.collate = builders.Collator(
+            data.src_spm.pad, data.src_spm.eos, data.tgt_spm.pad, data.tgt_spm.bos, data.tgt_spm.eos,
+            self.max_src, self.max_tgt, device,
+        )
+        self.step = UpdateStep(self.model, self.ddp, self.optimizer, self.scheduler, self.autocast_dtype,
+                               self.collate, cfg.train, self.ranks)
+        self.scaler = self.step.scaler
         self.metrics = MetricsLog(self.save_dir / "metrics.jsonl", enabled=self.is_main)
         self.validator = Validator(self.model, data.valid, data.tgt_spm, cfg, self.collate, self.step.autocast,
                                    self.step.loss, self.ranks, self.metrics)
@@ -85,53 +119,45 @@ class Trainer:
         self.last_valid: dict[str, Any] = {}
         self.saved_at = -1
 
-    def _build(self) -> None:
-        """The model (and its DDP wrapper), optimizer, scheduler, mixed precision, batches and the
-        update step over them."""
-        data, cfg, train_cfg, device = self.data, self.cfg, self.train_cfg, self.device
-        self.model, self.ddp = builders.build_seeded_model(
-            cfg, data.src_spm.size, data.tgt_spm.size, data.tgt_spm.pad, device, self.rank, self.world_size
-        )
-        self.optimizer = builders.build_optimizer(self.model, train_cfg, device)
-        self.scheduler = Scheduler(self.optimizer, train_cfg, cfg.model.width)
-        self.autocast_dtype = builders.autocast_dtype(train_cfg.amp, device)
-        self.max_src, self.max_tgt = builders.length_limits(self.model, cfg.data)
-        self.batches = builders.build_batches(
-            data.train, train_cfg, self.max_src, self.max_tgt, self.rank, self.world_size, self._warn
-        )
-        self.collate = builders.Collator(
-            data.src_spm.pad, data.src_spm.eos, data.tgt_spm.pad, data.tgt_spm.bos, data.tgt_spm.eos,
-            self.max_src, self.max_tgt, device,
-        )
-        self.step = UpdateStep(self.model, self.ddp, self.optimizer, self.scheduler, self.autocast_dtype,
-                               self.collate, train_cfg, self.ranks)
-        self.scaler = self.step.scaler
-
     def _warn(self, *args: Any) -> None:
         """A warning every rank would give alike: said once, by rank 0."""
         if self.is_main:
             logger.warning(*args)
 
-    # -- the run -------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train (resuming from ``checkpoint_last.pt`` with ``resume``); rank 0 keeps the run's
-        records in the save dir: ``train.log`` (appended) and the resolved ``config.yaml``.
-        Returns the run's summary."""
-        found = self._check_save_dir(resume)
+        """Train (resuming from ``checkpoint_last.pt`` with ``resume``) and return the summary; rank 0
+        keeps the run's records in the save dir: ``train.log`` (appended) and the resolved ``config.yaml``."""
+        # rank 0's view: a save dir must be shared by all nodes
+        found = self.ranks.agree((self.save_dir / LAST).exists())
+        if found and not resume:
+            raise MtkitError(f"{self.save_dir} already holds checkpoints: pass --resume to continue, "
+                             "or use another --save-dir")
         with self._run_records():
             self._resume_or_start(found, resume)
-            self._log_start()
+            n, train_cfg = self.world_size, self.train_cfg  # the run's first log line: model, data, device
+            ranks = (f" per rank; {n} ranks, an update takes up to {n} x {train_cfg.update_freq} x "
+                     f"{train_cfg.max_tokens} tokens" if self.ranks.distributed else "")
+            logger.info(
+                "model %s: %d parameters; %d training pairs, %d batches per epoch%s; device %s%s",
+                self.cfg.model.arch, num_parameters(self.model), len(self.data.train), len(self.batches),
+                ranks, self.device, f" ({self.autocast_dtype})" if self.autocast_dtype else "",
+            )
             reason = self._train_until_stop()
             self._final_validation_and_save()
             logger.info("stopped at update %d: %s", self.update, reason)
-            return self._summary(reason)
-
-    def _check_save_dir(self, resume: bool) -> bool:
-        """Whether the save dir holds a run to resume; without ``resume`` it must not."""
-        found = self.ranks.agree((self.save_dir / LAST).exists())  # rank 0's view: a save dir must be shared by all nodes
-        if found and not resume:
-            raise MtkitError(f"{self.save_dir} already holds checkpoints: pass --resume to continue, or use another --save-dir")
-        return found
+        return {
+            "updates": self.update,
+            "epochs": round(self.batches.epoch - 1 + self.batches.position / max(len(self.batches), 1), 3),
+            "train_seconds": round(self.elapsed, 2),
+            "stop_reason": reason,
+            "last_checkpoint": str(self.save_dir / LAST),
+            "best_checkpoint": str(self.save_dir / BEST),
+            "best": {"metric": self.early_stopping.metric, "value": self.early_stopping.best},
+            "valid": self.last_valid,
+            "skipped_updates": self.bad_total,
+            "metrics_file": str(self.metrics.path),
+            "world_size": self.world_size,
+        }
 
     def _run_records(self) -> contextlib.ExitStack:
         """On rank 0: ``train.log`` (provenance first) and the TensorBoard writer, open for the run."""
@@ -155,17 +181,6 @@ class Trainer:
         if self.is_main:
             atomic_write_text(self.save_dir / "config.yaml", dump_config(self.cfg))
 
-    def _log_start(self) -> None:
-        """The run's first log line: model size, data, device and dtype."""
-        train_cfg, n = self.train_cfg, self.world_size
-        ranks = (f" per rank; {n} ranks, an update takes up to {n} x {train_cfg.update_freq} x {train_cfg.max_tokens} "
-                 "tokens" if self.ranks.distributed else "")
-        logger.info(
-            "model %s: %d parameters; %d training pairs, %d batches per epoch%s; device %s%s",
-            self.cfg.model.arch, num_parameters(self.model), len(self.data.train), len(self.batches), ranks,
-            self.device, f" ({self.autocast_dtype})" if self.autocast_dtype else "",
-        )
-
     def _train_until_stop(self) -> str:
         """Updates, with the validations and checkpoints they make due, until a stop condition;
         returns it. SIGTERM/SIGINT: finish this update, write checkpoint_last.pt, raise."""
@@ -185,37 +200,24 @@ class Trainer:
             progress.close()
 
     def _next_update(self, progress: UpdateProgress) -> None:
-        """One update over the next ``train.update_freq`` batches, then what is due after it (the
-        end of an epoch too)."""
-        chunk, epoch_done = self._next_batches()
+        """One update over the next ``train.update_freq`` batches, then what is due (epoch end too)."""
+        chunk: list[np.ndarray] = []
+        while len(chunk) < self.train_cfg.update_freq and (batch := self.batches.next_batch()) is not None:
+            chunk.append(batch)
+        epoch_done = len(chunk) < self.train_cfg.update_freq  # the epoch ran out of batches
         if chunk:
-            stats, seconds = self._timed_train_step(chunk)
+            t0 = time.perf_counter()
+            stats = self.train_step(chunk)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            self.elapsed += seconds
             if stats is not None:
                 progress.add(stats, seconds, self.update, self.batches.epoch, self.elapsed)
                 self._after_update(epoch_end=False)
         if epoch_done:
             self.batches.next_epoch()
             self._after_update(epoch_end=True)
-
-    def _next_batches(self) -> tuple[list[np.ndarray], bool]:
-        """Up to ``train.update_freq`` batches, and whether the epoch ran out of batches."""
-        chunk: list[np.ndarray] = []
-        while len(chunk) < self.train_cfg.update_freq:
-            batch = self.batches.next_batch()
-            if batch is None:
-                return chunk, True
-            chunk.append(batch)
-        return chunk, False
-
-    def _timed_train_step(self, chunk: list[np.ndarray]) -> tuple[dict[str, float] | None, float]:
-        """:meth:`train_step` and its seconds, which count into the run's training time."""
-        t0 = time.perf_counter()
-        stats = self.train_step(chunk)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        self.elapsed += seconds
-        return stats, seconds
 
     def _after_update(self, epoch_end: bool) -> None:
         """Validation and checkpoints due at this boundary (an update, or the end of an epoch)."""
@@ -251,39 +253,21 @@ class Trainer:
         if self.is_main and not (self.save_dir / BEST).exists():
             checkpoint.link_or_copy(self.save_dir / LAST, self.save_dir / BEST)
 
-    def _summary(self, reason: str) -> dict[str, Any]:
-        """What :meth:`fit` returns: counts, why it stopped, the checkpoints and the last validation."""
-        return {
-            "updates": self.update,
-            "epochs": round(self.batches.epoch - 1 + self.batches.position / max(len(self.batches), 1), 3),
-            "train_seconds": round(self.elapsed, 2),
-            "stop_reason": reason,
-            "last_checkpoint": str(self.save_dir / LAST),
-            "best_checkpoint": str(self.save_dir / BEST),
-            "best": {"metric": self.early_stopping.metric, "value": self.early_stopping.best},
-            "valid": self.last_valid,
-            "skipped_updates": self.bad_total,
-            "metrics_file": str(self.metrics.path),
-            "world_size": self.world_size,
-        }
-
-    # -- one update ----------------------------------------------------------------------------
     def train_step(self, batches: list[np.ndarray]) -> dict[str, float] | None:
         """Forward/backward over ``batches`` (accumulated), then one optimizer step; returns the
         step's statistics, or ``None`` when the loss or gradient was not finite and it was skipped."""
         stats = self.step.gradients(self.data.train, batches, self.max_tgt)
         if not stats.pop("finite"):
             return self._skip_bad_update(stats["loss"], stats["gnorm"])
-        stats["lr"] = self.step.apply(self.update + 1, self._agreed_elapsed())
+        elapsed = self.elapsed  # training seconds so far: the same on every rank when the lr depends on them
+        if self.train_cfg.time_decay != "none":
+            elapsed = float(self.ranks.agree(self.elapsed))  # rank 0's
+        stats["lr"] = self.step.apply(self.update + 1, elapsed)
         self.update += 1
         self.bad_in_row = 0
         if self.train_cfg.trim_memory_gib > 0 and self.device.type == "cpu" and rss_gib() > self.train_cfg.trim_memory_gib:
             release_free_memory()
         return stats
-
-    def _agreed_elapsed(self) -> float:
-        """Training seconds so far, the same on every rank (rank 0's) when the lr depends on it."""
-        return self.elapsed if self.train_cfg.time_decay == "none" else float(self.ranks.agree(self.elapsed))
 
     def _skip_bad_update(self, loss: float, gnorm: float) -> None:
         """Drop a non-finite update; after ``train.max_bad_updates`` in a row, save and stop."""
@@ -301,24 +285,20 @@ class Trainer:
                 f"lower train.lr or check the data; the last good checkpoint is in {self.save_dir}"
             )
 
-    # -- validation ----------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
         """Valid loss, nll, perplexity and (with ``train.valid_bleu``) BLEU of the current weights."""
         return self.validator.metrics()
 
     def _validate_and_track(self) -> bool:
-        """Validate, log, and record the result for early stopping; True if it is the new best
-        (the caller saves)."""
+        """Validate, log and record for early stopping; True if it is the new best (the caller saves)."""
         lr = self.optimizer.param_groups[0]["lr"]
         metrics, best = self.validator.run(self.update, self.batches.epoch, lr, self.elapsed)
         self.last_valid = {"update": self.update, **metrics}
         return best
 
-    # -- checkpoints ---------------------------------------------------------------------------
     def payload(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         """The checkpoint payload; ``rng`` from :func:`resume.rng_states` (this process's if None)."""
-        if rng is None:
-            rng = resume.rng_states(self.ranks)
+        rng = resume.rng_states(self.ranks) if rng is None else rng
         return checkpoint.build_payload(
             self.cfg.to_dict(), self.model.state_dict(),
             **checkpoint.subword_entries(self.data.src_spm, self.data.tgt_spm),
@@ -338,8 +318,8 @@ class Trainer:
                                          self.train_cfg.keep_last)
 
     def restore(self, path: Path) -> None:
-        """Continue from the checkpoint at ``path``: weights, optimizer, scheduler, scaler, data
-        position, the run's counters and every rank's RNG state."""
+        """Continue from checkpoint ``path``: weights, optimizer, scheduler, scaler, data position, the
+        run's counters and every rank's RNG state."""
         payload = checkpoint.load_checkpoint(path)
         resume.check_resumable(payload, self.cfg, self.data.src_spm, self.data.tgt_spm, path)
         try:

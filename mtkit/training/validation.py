@@ -1,6 +1,5 @@
-"""Validation during training: loss and perplexity over the valid set, BLEU of its greedy or
-beam translations, the early-stopping state that tracks the best result, and the conditions
-that end a run."""
+"""Validation during training: valid-set loss, perplexity and BLEU of its greedy or beam
+translations, the early-stopping state tracking the best result, and the conditions ending a run."""
 
 from __future__ import annotations
 
@@ -59,20 +58,16 @@ class EarlyStopping:
         name = self.metric
         return name, metrics[name] if metrics.get(name) is not None else metrics["loss"]
 
-    def _beats_best(self, name: str, value: float) -> bool:
-        return self.best is None or (value > self.best if name == "bleu" else value < self.best)
-
     def is_better(self, metrics: dict[str, Any]) -> bool:
         """Whether ``metrics`` beat the best result so far (the first result always does)."""
-        return self._beats_best(*self._metric_value(metrics))
+        name, value = self._metric_value(metrics)
+        return self.best is None or (value > self.best if name == "bleu" else value < self.best)
 
     def record(self, metrics: dict[str, Any]) -> bool:
-        """Record one validation's ``metrics``: the new best, or one more stale validation.
-        Returns whether it is the new best."""
-        name, value = self._metric_value(metrics)
-        better = self._beats_best(name, value)
+        """Record ``metrics`` (the new best, or one more stale validation); whether it is the new best."""
+        better = self.is_better(metrics)
         if better:
-            self.best, self.stale = value, 0
+            self.best, self.stale = self._metric_value(metrics)[1], 0
         else:
             self.stale += 1
         return better
@@ -91,8 +86,7 @@ class EarlyStopping:
 
 
 class Validator:
-    """Validation of a training run's model on the valid set: its metrics, their log line and
-    ``valid`` event, and the early-stopping record."""
+    """A run's validation on the valid set: its metrics, log line, ``valid`` event and early stopping."""
 
     def __init__(
         self, model: torch.nn.Module, dataset: Any, tgt_spm: SubwordModel, cfg: Config, collate: Collate,
@@ -113,11 +107,9 @@ class Validator:
         return metrics
 
     def _loss(self) -> dict[str, float]:
-        """Token-level loss, nll and perplexity over the valid set, its batches sharded over the
-        ranks and the sums added up."""
+        """Valid-set token-level loss, nll and perplexity, its batches sharded over the ranks (sums added)."""
         model, dataset, ranks = self.model, self.dataset, self.ranks
-        loss_sum = nll_sum = 0.0
-        ntok = 0
+        loss_sum, nll_sum, ntok = 0.0, 0.0, 0
         batches = fixed_batches(dataset.src_lens, dataset.tgt_lens, self.cfg.train.max_tokens)
         for b in batches[ranks.rank :: ranks.world_size]:
             src, src_len, tgt_in, tgt_out = self.collate(dataset, b)
@@ -130,9 +122,8 @@ class Validator:
         return {"loss": loss_sum / ntok, "nll": nll_sum / ntok, "ppl": math.exp(min(nll_sum / ntok, 100.0))}
 
     def _bleu(self) -> float:
-        """Corpus BLEU of the model's 1-best translations of the first
-        ``train.valid_bleu_max_sentences`` (0: all) valid sentences, decoded with the ``decode``
-        config in batches sharded over the ranks."""
+        """Corpus BLEU of the 1-best translations of the first ``train.valid_bleu_max_sentences`` (0: all)
+        valid sentences, decoded with the ``decode`` config in batches sharded over the ranks."""
         import sacrebleu
 
         from mtkit.decoding.search import generate
