@@ -179,10 +179,7 @@ def train(data_dir: str, config: str, save_dir: str, overrides: tuple[str, ...],
     shows, starting with the run's provenance: versions, command, machine, data hash) and the
     resolved config.yaml, which -c takes back to repeat the run exactly.
     Several GPUs or machines: `torchrun --nproc-per-node N -m mtkit train ...` (or --nproc N)."""
-    from mtkit import utils
-
-    utils.limit_onednn_caches()  # before the first matmul (see there), which importing the trainer makes
-    from mtkit.training.trainer import train_command
+    from mtkit.training.command import train_command
 
     root = click.get_current_context().find_root().obj
     code, text = train_command(data_dir, config, save_dir, overrides, resume, device, nproc, dump_config,

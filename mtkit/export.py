@@ -152,6 +152,35 @@ def _converter(spec):
     return MtkitConverter()
 
 
+def _output_dir(out_dir: str | Path, force: bool) -> Path:
+    """The export's directory: absent, empty, or replaced with ``force``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MtkitError(f"export output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise MtkitError(f"export output directory {out} is not empty (use --force to overwrite)")
+    return out
+
+
+def _metadata(ct2_version: str, ckpt_path: str | Path, quantization: str | None, cfg: Any, src_spm: Any,
+              tgt_spm: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """What ``mtkit_export.json`` records of the export."""
+    limits = [n for n in (cfg.data.max_src_len, cfg.model.max_positions) if n]
+    return {
+        "format": "ctranslate2",
+        "ctranslate2_version": ct2_version,
+        "checkpoint": str(ckpt_path),
+        "quantization": quantization or "float32",
+        "arch": cfg.model.arch,
+        "positions": cfg.model.positions,
+        "max_src_len": min(limits) if limits else None,  # source tokens incl. EOS
+        "max_positions": cfg.model.max_positions,
+        "joint_vocabulary": src_spm.model_bytes == tgt_spm.model_bytes,
+        "decode": cfg.to_dict()["decode"],
+        "metrics": payload.get("metrics") or {},
+    }
+
+
 # --- the entry point --------------------------------------------------------------------------
 def export_ctranslate2(
     ckpt_path: str | Path, out_dir: str | Path, quantization: str | None = None, force: bool = False
@@ -168,11 +197,7 @@ def export_ctranslate2(
 
     if quantization is not None and quantization not in ACCEPTED_MODEL_TYPES:
         raise MtkitError(f"unknown quantization '{quantization}'; valid: {', '.join(ACCEPTED_MODEL_TYPES)}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MtkitError(f"export output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise MtkitError(f"export output directory {out} is not empty (use --force to overwrite)")
+    out = _output_dir(out_dir, force)
 
     payload = load_checkpoint(ckpt_path)
     check_exportable(config_from_dict(payload["config"]), ckpt_path)
@@ -203,20 +228,7 @@ def export_ctranslate2(
             raise MtkitError(f"CTranslate2 rejected the export of {ckpt_path}: {str(exc).splitlines()[0]}") from None
         (staged / SRC_SPM).write_bytes(src_spm.model_bytes)
         (staged / TGT_SPM).write_bytes(tgt_spm.model_bytes)
-        limits = [n for n in (cfg.data.max_src_len, cfg.model.max_positions) if n]
-        meta = {
-            "format": "ctranslate2",
-            "ctranslate2_version": ct2.__version__,
-            "checkpoint": str(ckpt_path),
-            "quantization": quantization or "float32",
-            "arch": cfg.model.arch,
-            "positions": cfg.model.positions,
-            "max_src_len": min(limits) if limits else None,  # source tokens incl. EOS
-            "max_positions": cfg.model.max_positions,
-            "joint_vocabulary": src_spm.model_bytes == tgt_spm.model_bytes,
-            "decode": cfg.to_dict()["decode"],
-            "metrics": payload.get("metrics") or {},
-        }
+        meta = _metadata(ct2.__version__, ckpt_path, quantization, cfg, src_spm, tgt_spm, payload)
         (staged / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         if out.exists():  # replaced only once the new export is complete
             shutil.rmtree(out)

@@ -12,11 +12,9 @@ bit-identical weights to an uninterrupted one. Data-parallel (``torchrun``) set-
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,12 +23,12 @@ import torch
 
 from mtkit import checkpoint, provenance
 from mtkit.checkpoint import BEST, LAST
-from mtkit.config import Config, dump_config, load_config
+from mtkit.config import Config, dump_config
 from mtkit.devices import training_device
 from mtkit.errors import MtkitError
 from mtkit.models.base import num_parameters
 from mtkit.signals import Interrupted, stop_requests
-from mtkit.training import builders, distributed, resume
+from mtkit.training import builders, resume
 from mtkit.training.builders import TrainData, load_data
 from mtkit.training.distributed import RankGroup, distributed_env, joined_process_group
 from mtkit.training.metrics import MetricsLog, UpdateProgress, tensorboard_writer_class
@@ -54,26 +52,6 @@ def train(
     with joined_process_group(dev, rank, world_size):
         trainer = Trainer(load_data(data_dir), cfg, save_dir, device=dev, rank=rank, world_size=world_size)
         return trainer.fit(resume=resume)
-
-
-def train_command(
-    data_dir: str, config: str, save_dir: str, overrides: Sequence[str], resume: bool, device: str, nproc: int,
-    dump_config_only: bool, verbosity: int = 0, debug: bool = False,
-) -> tuple[int, str]:
-    """``mtkit train``: print the resolved config (``dump_config_only``), launch ``nproc`` > 1 local ranks
-    through torchrun, or train here. Returns (exit code, stdout text: the YAML config or rank 0's JSON
-    summary line). Caller: cap the oneDNN caches before importing this module (see :mod:`mtkit.utils`)."""
-    cfg = load_config(config, overrides)
-    if dump_config_only:
-        return 0, dump_config(cfg)
-    if nproc > 1:
-        args = distributed.rank_train_args(data_dir, config, save_dir, overrides, resume, device, verbosity,
-                                           debug)
-        return distributed.launch_local(nproc, args, device=device), ""
-    if nproc < 0:
-        raise MtkitError(f"--nproc must be positive, got {nproc}")
-    summary = train(data_dir, cfg, save_dir, resume=resume, device=device)
-    return 0, json.dumps(summary) + "\n" if distributed_env()[0] == 0 else ""
 
 
 class Trainer:
