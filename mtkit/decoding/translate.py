@@ -32,10 +32,9 @@ from mtkit.config import DecodeConfig
 from mtkit.data.batching import collate_source, length_sorted_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_lines, open_binary, open_output
-from mtkit.decoding import output, search
+from mtkit.decoding import inputs, output, search
 from mtkit.decoding.ct2_engine import CT2Decoder, CT2Engine
-from mtkit.decoding.inputs import encode_source, is_stream, paced
-from mtkit.decoding.options import Options, make_options, resolve_decode_config, sampling_options
+from mtkit.decoding.inputs import Options, encode_source, sampling_options
 from mtkit.decoding.output import OUTPUT_FORMATS, Formatter, Record, prepare_resume
 from mtkit.decoding.search import SamplingOptions
 from mtkit.decoding.search_base import Hypothesis
@@ -104,8 +103,8 @@ class Translator:
         :class:`Options` (``batch_size``, ``max_tokens``, ``sampling``, ``seed``, ...)."""
         decode_keys = {f.name for f in dataclasses.fields(DecodeConfig)} - {"batch_size", "max_tokens"}
         overrides = {k: options.pop(k) for k in list(options) if k in decode_keys and options[k] is not None}
-        opts = make_options({**options, "decode_overrides": {**overrides, "nbest": nbest}})
-        cfg = resolve_decode_config(self.cfg, None, opts)
+        opts = inputs.make_options({**options, "decode_overrides": {**overrides, "nbest": nbest}})
+        cfg = inputs.resolve_decode_config(self.cfg, None, opts)
         decoder = OomSplittingBatchDecoder(self, cfg, sampling_options(opts, self.device), attention=False)
         fmt = Formatter(self.tgt_spm, "text", opts.output_units, "none")
         stats = new_stats()
@@ -159,7 +158,7 @@ def translate_file(
 ) -> dict[str, Any]:
     """Translate ``input_path`` into ``output_path`` (``-``: stdin / stdout); returns stats.
     ``options`` are the fields of :class:`Options`."""
-    opts = make_options(options)  # checked before loading any model
+    opts = inputs.make_options(options)  # checked before loading any model
     if output_format not in OUTPUT_FORMATS:
         raise MtkitError(f"unknown output format '{output_format}'; valid: {', '.join(OUTPUT_FORMATS)}")
     if resume and str(output_path) == "-":
@@ -167,7 +166,7 @@ def translate_file(
     if opts.plot_attention:
         output.check_available()
     tr, engine = _load_translator(model_paths, device, opts)
-    cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
+    cfg = inputs.resolve_decode_config(tr.cfg, decode_cfg, opts)
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
     decoder = (CT2Decoder(engine, cfg, attention) if engine is not None
                else OomSplittingBatchDecoder(tr, cfg, sampling_options(opts, tr.device), attention))
@@ -279,8 +278,8 @@ def _records(
     decoded in the very batch an uninterrupted run decodes it in, and a resumed output is byte-identical."""
     name = display_name(input_path)
     lines: Iterator[str | None] = iter_lines(input_path, errors=opts.errors)
-    if is_stream(input_path):
-        lines = paced(lines)  # type: ignore[arg-type]
+    if inputs.is_stream(input_path):
+        lines = inputs.paced(lines)  # type: ignore[arg-type]
     lineno = 0
 
     def too_short() -> MtkitError:
