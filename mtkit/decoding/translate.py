@@ -47,6 +47,8 @@ from mtkit.utils import progress
 logger = logging.getLogger("mtkit.translate")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the counters a run returns, at zero (each run counts in its own copy)
+ZERO_STATS = {"lines": 0, "translated": 0, "skipped": 0, "truncated": 0, "src_tokens": 0, "tgt_tokens": 0}
 
 
 @dataclass
@@ -77,11 +79,11 @@ class Translator:
             raise MtkitError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
         if dtype == "float16" and device.type == "cpu":
             raise MtkitError("--dtype float16 needs a CUDA device; on a CPU use bfloat16")
-        models, first, limits = [], None, []
+        models, limits = [], []
         for path in model_paths:
             model, cfg, src_spm, tgt_spm = load_model(path, device)
             model.to(DTYPES[dtype])  # log-probs and search scores stay float32
-            if first is None:
+            if not models:
                 first = (path, cfg, src_spm, tgt_spm)
             elif (src_spm.sha256, tgt_spm.sha256) != (first[2].sha256, first[3].sha256):
                 raise MtkitError(f"ensemble checkpoints {first[0]} and {path} have different vocabularies")
@@ -90,7 +92,6 @@ class Translator:
                 limits.append(cfg.data.max_src_len)
             if model.max_positions() is not None:
                 limits.append(int(model.max_positions()))
-        assert first is not None
         _, cfg, src_spm, tgt_spm = first
         return cls(models, src_spm, tgt_spm, cfg.decode, min(limits) if limits else None, device)
 
@@ -107,16 +108,13 @@ class Translator:
         cfg = inputs.resolve_decode_config(self.cfg, None, opts)
         decoder = OomSplittingBatchDecoder(self, cfg, sampling_options(opts, self.device), attention=False)
         fmt = Formatter(self.tgt_spm, "text", opts.output_units, "none")
-        stats = new_stats()
+        stats = dict(ZERO_STATS)
         out: list[Any] = []
-        for start in range(0, len(sentences), opts.buffer_lines):
-            buffer = [(i, encode_source(line, i + 1, self.src_spm, self.max_src_len, opts.input_format, "input", stats))
-                      for i, line in enumerate(sentences[start : start + opts.buffer_lines], start)]
-            for rec in _translate_buffer(buffer, cfg, decoder, stats):
-                if nbest > 1:
-                    out.append([(fmt.hyp_text(h), h.score) for h in rec.hyps])
-                else:
-                    out.append(fmt.hyp_text(rec.hyps[0]) if rec.hyps else "")
+        for rec in _records(iter(sentences), "input", 0, self, cfg, opts, decoder, stats):
+            if nbest > 1:
+                out.append([(fmt.hyp_text(h), h.score) for h in rec.hyps])
+            else:
+                out.append(fmt.hyp_text(rec.hyps[0]) if rec.hyps else "")
         return out
 
 
@@ -175,9 +173,12 @@ def translate_file(
     if str(input_path) != "-":
         open_binary(input_path).close()  # a missing or unreadable input fails before any output exists
     skip = prepare_resume(Path(output_path), output_format) if resume else 0
-    stats = {**new_stats(), "skipped": skip}
+    stats = {**ZERO_STATS, "skipped": skip}
+    lines: Iterator[str | None] = iter_lines(input_path, errors=opts.errors)
+    if inputs.is_stream(input_path):
+        lines = inputs.paced(lines)  # type: ignore[arg-type]
     start = time.monotonic()
-    records = _records(input_path, skip, tr, cfg, opts, decoder, stats)
+    records = _records(lines, display_name(input_path), skip, tr, cfg, opts, decoder, stats)
     plot = (lambda rec: _plot_attention(tr, opts.plot_attention, rec)) if opts.plot_attention else None
     _write_records(records, output_path, fmt, skip, resume, plot)
     seconds = time.monotonic() - start
@@ -263,23 +264,14 @@ def _plot_attention(tr: Translator, folder: str, rec: Record) -> None:
     )
 
 
-def new_stats() -> dict[str, Any]:
-    """The counters a run returns, at zero."""
-    return {"lines": 0, "translated": 0, "skipped": 0, "truncated": 0, "src_tokens": 0, "tgt_tokens": 0}
-
-
 def _records(
-    input_path: str | Path, skip: int, tr: Translator, cfg: DecodeConfig, opts: Options, decoder: OomSplittingBatchDecoder,
-    stats: dict[str, Any],
+    lines: Iterator[str | None], name: str, skip: int, tr: Translator, cfg: DecodeConfig, opts: Options,
+    decoder: OomSplittingBatchDecoder, stats: dict[str, Any],
 ) -> Iterator[Record]:
-    """Yield one :class:`Record` per input line (after ``skip``), in input order. Buffers of
+    """Yield one :class:`Record` per line of input ``name`` (after ``skip``), in input order. Buffers of
     ``opts.buffer_lines`` count from the first input line, also when resuming: the buffer holding line
     ``skip`` is translated whole and only its lines from ``skip`` on are yielded, so every sentence is
     decoded in the very batch an uninterrupted run decodes it in, and a resumed output is byte-identical."""
-    name = display_name(input_path)
-    lines: Iterator[str | None] = iter_lines(input_path, errors=opts.errors)
-    if inputs.is_stream(input_path):
-        lines = inputs.paced(lines)  # type: ignore[arg-type]
     lineno = 0
 
     def too_short() -> MtkitError:
@@ -312,7 +304,7 @@ def _records(
 
 
 def _translate_buffer(
-    buffer: list[tuple[int, list[int]]], cfg: DecodeConfig, decoder: OomSplittingBatchDecoder, stats: dict[str, Any], skip: int = 0
+    buffer: list[tuple[int, list[int]]], cfg: DecodeConfig, decoder: OomSplittingBatchDecoder, stats: dict[str, Any], skip: int
 ) -> Iterator[Record]:
     """Translate a buffer in length-sorted batches; yield its records in order from input line ``skip``."""
     todo = [i for i, (_, ids) in enumerate(buffer) if ids]
