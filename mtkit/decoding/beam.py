@@ -130,9 +130,8 @@ def score_update(
 
 def top_candidates(extended: torch.Tensor, row_tok: torch.Tensor, c: int, k: int, eos: int) -> Candidates:
     """2. The top ``2k`` extensions per sentence."""
-    live_count = extended.size(0)
     top_scores, top_idx = extended.topk(min(2 * k, k * c), dim=1)
-    parent, tokens = top_idx // c, row_tok.view(live_count, k * c).gather(1, top_idx)  # (L, 2k)
+    parent, tokens = top_idx // c, row_tok.view(extended.size(0), k * c).gather(1, top_idx)  # (L, 2k)
     return Candidates(top_scores, parent, tokens, tokens == eos)
 
 
@@ -183,11 +182,9 @@ def drop_sentences(
 ) -> torch.Tensor:
     """Finished sentences leave the batch, their store written back. -> the kept beams' parent rows."""
     whole_store.write_rows(beams.finished, beams.live)
-    beams.live, beams.done, beams.scores, beams.prev = (
-        beams.live[keep], beams.done[keep], beams.scores[keep], beams.prev[keep]
-    )
+    kept = (x[keep] for x in (beams.live, beams.done, beams.scores, beams.prev, beams.src_mask))
+    beams.live, beams.done, beams.scores, beams.prev, beams.src_mask = kept
     beams.finished = beams.finished.select(keep)
-    beams.src_mask = beams.src_mask[keep]
     keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=keep.device)).view(-1)
     beams.max_len = beams.max_len[keep_rows]
     beams.encs = ens.keep_sentences(beams.encs, keep, keep_rows)

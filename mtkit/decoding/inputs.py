@@ -138,28 +138,25 @@ def paced(lines: Iterator[str], pause: float = PAUSE_S, queued: int = 100_000) -
         yield item
 
 
-def encode_line(line: str, lineno: int, spm: SubwordModel, fmt: str, name: str) -> list[int]:
-    """A non-blank input line in format ``fmt`` (text, pieces, ids) as source ids."""
-    if fmt == "text":
-        return spm.encode([line])[0]
-    if fmt == "pieces":
-        return [spm.sp.piece_to_id(p) for p in line.split()]
-    try:
-        ids = [int(x) for x in line.split()]
-    except ValueError:
-        raise MtkitError(f"{name} line {lineno}: expected space-separated token ids") from None
-    bad = [i for i in ids if not 0 <= i < spm.size]
-    if bad:
-        raise MtkitError(f"{name} line {lineno}: token id {bad[0]} outside the vocabulary (size {spm.size})")
-    return ids
-
-
 def encode_source(
     line: str, lineno: int, spm: SubwordModel, max_src_len: int | None, fmt: str, name: str, stats: dict[str, Any]
 ) -> list[int]:
-    """One input line as source ids (empty for a blank line), truncated to the model's limit of
-    ``max_src_len`` tokens with EOS (counted in ``stats["truncated"]``)."""
-    ids = encode_line(line, lineno, spm, fmt, name) if line.strip() else []
+    """One input line in format ``fmt`` (text, pieces, ids) as source ids (empty for a blank line),
+    truncated to the model's limit of ``max_src_len`` tokens with EOS (counted in ``stats["truncated"]``)."""
+    if not line.strip():
+        ids: list[int] = []
+    elif fmt == "text":
+        ids = spm.encode([line])[0]
+    elif fmt == "pieces":
+        ids = [spm.sp.piece_to_id(p) for p in line.split()]
+    else:
+        try:
+            ids = [int(x) for x in line.split()]
+        except ValueError:
+            raise MtkitError(f"{name} line {lineno}: expected space-separated token ids") from None
+        bad = [i for i in ids if not 0 <= i < spm.size]
+        if bad:
+            raise MtkitError(f"{name} line {lineno}: token id {bad[0]} outside the vocabulary (size {spm.size})")
     if max_src_len is not None and len(ids) + 1 > max_src_len:
         logger.warning("%s line %d: %d tokens, truncated to the model limit of %d", name, lineno,
                        len(ids), max_src_len - 1)
