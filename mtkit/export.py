@@ -1,7 +1,6 @@
-"""Export a Transformer checkpoint to CTranslate2 through its public model-spec API, as a self-contained
-directory: ``model.bin``, ``config.json`` and the vocabulary file(s) written by CTranslate2, the
-sentencepiece model(s) (``source.spm``, ``target.spm``) and ``mtkit_export.json`` (where it came from,
-the decode defaults and the length limits). Mapping (mtkit -> CTranslate2 ``TransformerSpec``):
+"""Export a Transformer checkpoint to CTranslate2 through its public model-spec API, as the self-contained
+directory of :mod:`mtkit.ct2_dir` (``model.bin``, ``config.json`` and the vocabulary file(s) written by
+CTranslate2, plus mtkit's files). Mapping (mtkit -> CTranslate2 ``TransformerSpec``):
 
 - embeddings: ``src_embed`` / ``tgt_embed`` scaled by sqrt(d_model) (``scale_embeddings``);
 - positions: the sinusoidal or learned table is written out (``position_encodings.encodings``), so

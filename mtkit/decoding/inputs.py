@@ -57,10 +57,9 @@ class Options:
 def make_options(options: dict[str, Any]) -> Options:
     """:class:`Options` from keyword arguments (an unknown key is an error), checked on what the
     options alone decide, before any model is loaded."""
-    fields = {f.name for f in dataclasses.fields(Options)}
-    for key in options:
-        if key not in fields:
-            raise MtkitError(f"unknown translate option '{key}'")
+    unknown = [key for key in options if key not in {f.name for f in dataclasses.fields(Options)}]
+    if unknown:
+        raise MtkitError(f"unknown translate option '{unknown[0]}'")
     opts = Options(**options)
     limits = {"max_tokens": opts.max_tokens} if opts.max_tokens is not None else {}
     check_values(DecodeConfig, {**opts.decode_overrides, **limits}, "decode")

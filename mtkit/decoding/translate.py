@@ -3,9 +3,8 @@
 Input is read in buffers of ``buffer_lines`` lines, each encoded with the source sentencepiece model,
 sorted by length, cut into batches (sentences or a source-token budget), decoded, and written back in
 input order as soon as a prefix of lines is complete: a large file never sits in memory, and every
-input line gives exactly one output line (``nbest``: one or more lines
-``id ||| hypothesis ||| F0= log-prob ||| score``, the Moses/Marian form that rerankers read; empty input
-lines give empty output).
+input line gives exactly one output line (``nbest``: one or more lines in the Moses/Marian form that
+rerankers read, ``id ||| hypothesis ||| F0= log-prob ||| score``; empty input lines give empty output).
 
 Piped or typed input is read by a background thread: once no new line has come for ``inputs.PAUSE_S``
 seconds, the lines read so far are translated and written, so a person typing, a script waiting for
