@@ -1,7 +1,6 @@
-"""Export a Transformer checkpoint to CTranslate2 through its public model-spec API, as a self-contained
-directory: ``model.bin``, ``config.json`` and the vocabulary file(s) written by CTranslate2, the
-sentencepiece model(s) (``source.spm``, ``target.spm``) and ``mtkit_export.json`` (where it came from,
-the decode defaults and the length limits). Mapping (mtkit -> CTranslate2 ``TransformerSpec``):
+"""Export a Transformer checkpoint to CTranslate2 through its public model-spec API, as the self-contained
+directory of :mod:`mtkit.ct2_dir` (``model.bin``, ``config.json`` and the vocabulary file(s) written by
+CTranslate2, plus mtkit's files). Mapping (mtkit -> CTranslate2 ``TransformerSpec``):
 
 - embeddings: ``src_embed`` / ``tgt_embed`` scaled by sqrt(d_model) (``scale_embeddings``);
 - positions: the sinusoidal or learned table is written out (``position_encodings.encodings``), so
@@ -59,7 +58,6 @@ def check_exportable(cfg, path: str | Path) -> None:
         raise MtkitError(f"checkpoint {path}: model.activation '{cfg.model.activation}' has no CTranslate2 equivalent")
 
 
-# --- weights ----------------------------------------------------------------------------------
 def _np(t: torch.Tensor):
     return t.detach().to(torch.float32).cpu().contiguous().numpy()
 
@@ -117,9 +115,7 @@ def build_spec(model, src_tokens: list[str], tgt_tokens: list[str], specials: di
         alignment_layer=-1, alignment_heads=cfg.heads, **rope
     )
     spec = transformer_spec.TransformerSpec(encoder, decoder)
-    spec.config.layer_norm_epsilon = LAYER_NORM_EPS
-    spec.config.add_source_eos = True
-    for key, value in specials.items():
+    for key, value in {"layer_norm_epsilon": LAYER_NORM_EPS, "add_source_eos": True, **specials}.items():
         setattr(spec.config, key, value)
 
     _inputs(encoder, encoder.embeddings[0], model, model.src_embed, model.enc_norm)
@@ -181,7 +177,6 @@ def _metadata(ct2_version: str, ckpt_path: str | Path, quantization: str | None,
     }
 
 
-# --- the entry point --------------------------------------------------------------------------
 def export_ctranslate2(
     ckpt_path: str | Path, out_dir: str | Path, quantization: str | None = None, force: bool = False
 ) -> dict[str, Any]:

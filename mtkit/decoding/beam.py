@@ -1,13 +1,10 @@
 """Batched beam search over the Seq2Seq contract, as four named phases per step.
 
 All sentences of a batch and all their beams are decoded together as ``(batch * beam, ...)`` tensors
-on the model's device. Per step:
-
-1. score update (:func:`score_update`): cumulative log-prob of each beam's best ``2k`` extensions;
-2. top-k (:func:`top_candidates`): the top ``2k`` per sentence; no beam starves if up to ``k`` end in EOS;
-3. finish (:func:`finish`): penalised EOS extensions join a fixed-size finished store;
-4. reorder (:func:`next_beams`, :func:`reorder`): the best ``k`` non-EOS extensions become the next
-   beam, the models' states follow.
+on the model's device. Per step: 1. :func:`score_update`; 2. :func:`top_candidates`, the top ``2k``
+extensions per sentence (no beam starves if up to ``k`` end in EOS); 3. :func:`finish`, penalised EOS
+extensions join a fixed-size finished store; 4. :func:`next_beams` and :func:`reorder`, the best ``k``
+non-EOS extensions become the next beam and the models' states follow.
 
 Tokens and attention are recovered at the end from per-step backpointers. A sentence is done when its
 store holds ``k`` hypotheses (``decode.stopping: full``, as fairseq), or once its best-ranked extension
@@ -130,9 +127,8 @@ def score_update(
 
 def top_candidates(extended: torch.Tensor, row_tok: torch.Tensor, c: int, k: int, eos: int) -> Candidates:
     """2. The top ``2k`` extensions per sentence."""
-    live_count = extended.size(0)
     top_scores, top_idx = extended.topk(min(2 * k, k * c), dim=1)
-    parent, tokens = top_idx // c, row_tok.view(live_count, k * c).gather(1, top_idx)  # (L, 2k)
+    parent, tokens = top_idx // c, row_tok.view(extended.size(0), k * c).gather(1, top_idx)  # (L, 2k)
     return Candidates(top_scores, parent, tokens, tokens == eos)
 
 
@@ -154,10 +150,9 @@ def finish(
     final = penalties.final_score(cand.scores, length, setup.length_penalty, cfg.alpha, coverage_term)
     final = final.masked_fill(~new_finished, NEG_INF)
     score, keep = torch.cat([store.score, final], 1).topk(k, dim=1)
-    log_prob = torch.cat([store.log_prob, cand.scores], 1).gather(1, keep)
-    fin_length = torch.cat([store.length, torch.full_like(cand.parent, t)], 1).gather(1, keep)
-    fin_parent = torch.cat([store.parent, cand.parent], 1).gather(1, keep)
-    beams.finished = FinishedStore(score, log_prob, fin_length, fin_parent)
+    new = (cand.scores, torch.full_like(cand.parent, t), cand.parent)  # log-prob, length, parent
+    kept = (torch.cat([old, x], 1).gather(1, keep) for old, x in zip(store.tensors()[1:], new))
+    beams.finished = FinishedStore(score, *kept)
     return new_finished
 
 
@@ -183,11 +178,9 @@ def drop_sentences(
 ) -> torch.Tensor:
     """Finished sentences leave the batch, their store written back. -> the kept beams' parent rows."""
     whole_store.write_rows(beams.finished, beams.live)
-    beams.live, beams.done, beams.scores, beams.prev = (
-        beams.live[keep], beams.done[keep], beams.scores[keep], beams.prev[keep]
-    )
+    kept = (x[keep] for x in (beams.live, beams.done, beams.scores, beams.prev, beams.src_mask))
+    beams.live, beams.done, beams.scores, beams.prev, beams.src_mask = kept
     beams.finished = beams.finished.select(keep)
-    beams.src_mask = beams.src_mask[keep]
     keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=keep.device)).view(-1)
     beams.max_len = beams.max_len[keep_rows]
     beams.encs = ens.keep_sentences(beams.encs, keep, keep_rows)

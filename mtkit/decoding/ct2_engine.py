@@ -1,7 +1,6 @@
-"""Decoding with CTranslate2 on a model written by ``mtkit export --format ctranslate2``: the export
-directory holds the CTranslate2 model, the sentencepiece model(s) and ``mtkit_export.json`` (decode
-defaults, length limits). Sentences go in and come back as pieces (CTranslate2 appends the source EOS).
-Decode settings -> CTranslate2 options:
+"""Decoding with CTranslate2 on a model written by ``mtkit export --format ctranslate2`` (a directory
+as :mod:`mtkit.ct2_dir` describes). Sentences go in and come back as pieces (CTranslate2 appends the
+source EOS). Decode settings -> CTranslate2 options:
 
 - ``beam`` -> ``beam_size`` (1: greedy), ``nbest`` -> ``num_hypotheses``, ``no_repeat_ngram`` ->
   ``no_repeat_ngram_size``, ``min_len`` -> ``min_decoding_length``;

@@ -40,12 +40,10 @@ LENGTH_PENALTIES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
 
 
 def length_penalty_fn(name: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    try:
-        return LENGTH_PENALTIES[name]
-    except KeyError:
-        raise MtkitError(
-            f"unknown length penalty '{name}' (decode.length_penalty); valid: {', '.join(LENGTH_PENALTIES)}"
-        ) from None
+    if name not in LENGTH_PENALTIES:
+        valid = ", ".join(LENGTH_PENALTIES)
+        raise MtkitError(f"unknown length penalty '{name}' (decode.length_penalty); valid: {valid}")
+    return LENGTH_PENALTIES[name]
 
 
 def coverage_penalty(coverage: torch.Tensor, src_mask: torch.Tensor, beta: float) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Greedy search, random sampling and the entry point to every search mode, for every model family:
 :func:`generate` runs beam search (:mod:`mtkit.decoding.beam`), greedy search (``beam`` 1) or random
-sampling, which share the set-up and "all done?" check of :mod:`mtkit.decoding.search_base`. The decode
-config is checked where it is loaded or assembled (:meth:`mtkit.config.DecodeConfig.check_for_search`).
+sampling, which share the set-up and "all done?" check of :mod:`mtkit.decoding.search_base`.
 
 Scores: ``Hypothesis.log_prob`` is the sum of the token log-probs (EOS included) under the model -- for
 an ensemble, the log of the mean of the models' probabilities -- exactly what teacher forcing gives;

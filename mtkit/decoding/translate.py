@@ -3,9 +3,8 @@
 Input is read in buffers of ``buffer_lines`` lines, each encoded with the source sentencepiece model,
 sorted by length, cut into batches (sentences or a source-token budget), decoded, and written back in
 input order as soon as a prefix of lines is complete: a large file never sits in memory, and every
-input line gives exactly one output line (``nbest``: one or more lines
-``id ||| hypothesis ||| F0= log-prob ||| score``, the Moses/Marian form that rerankers read; empty input
-lines give empty output).
+input line gives exactly one output line (``nbest``: one or more lines in the Moses/Marian form that
+rerankers read, ``id ||| hypothesis ||| F0= log-prob ||| score``; empty input lines give empty output).
 
 Piped or typed input is read by a background thread: once no new line has come for ``inputs.PAUSE_S``
 seconds, the lines read so far are translated and written, so a person typing, a script waiting for
@@ -32,10 +31,9 @@ from mtkit.config import DecodeConfig
 from mtkit.data.batching import collate_source, length_sorted_batches
 from mtkit.data.subword import SubwordModel
 from mtkit.data.text import display_name, iter_lines, open_binary, open_output
-from mtkit.decoding import output, search
+from mtkit.decoding import inputs, output, search
 from mtkit.decoding.ct2_engine import CT2Decoder, CT2Engine
-from mtkit.decoding.inputs import encode_source, is_stream, paced
-from mtkit.decoding.options import Options, make_options, resolve_decode_config, sampling_options
+from mtkit.decoding.inputs import Options, encode_source, sampling_options
 from mtkit.decoding.output import OUTPUT_FORMATS, Formatter, Record, prepare_resume
 from mtkit.decoding.search import SamplingOptions
 from mtkit.decoding.search_base import Hypothesis
@@ -48,6 +46,8 @@ from mtkit.utils import progress
 logger = logging.getLogger("mtkit.translate")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the counters a run returns, at zero (each run counts in its own copy)
+ZERO_STATS = {"lines": 0, "translated": 0, "skipped": 0, "truncated": 0, "src_tokens": 0, "tgt_tokens": 0}
 
 
 @dataclass
@@ -78,11 +78,11 @@ class Translator:
             raise MtkitError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
         if dtype == "float16" and device.type == "cpu":
             raise MtkitError("--dtype float16 needs a CUDA device; on a CPU use bfloat16")
-        models, first, limits = [], None, []
+        models, limits = [], []
         for path in model_paths:
             model, cfg, src_spm, tgt_spm = load_model(path, device)
             model.to(DTYPES[dtype])  # log-probs and search scores stay float32
-            if first is None:
+            if not models:
                 first = (path, cfg, src_spm, tgt_spm)
             elif (src_spm.sha256, tgt_spm.sha256) != (first[2].sha256, first[3].sha256):
                 raise MtkitError(f"ensemble checkpoints {first[0]} and {path} have different vocabularies")
@@ -91,7 +91,6 @@ class Translator:
                 limits.append(cfg.data.max_src_len)
             if model.max_positions() is not None:
                 limits.append(int(model.max_positions()))
-        assert first is not None
         _, cfg, src_spm, tgt_spm = first
         return cls(models, src_spm, tgt_spm, cfg.decode, min(limits) if limits else None, device)
 
@@ -104,20 +103,17 @@ class Translator:
         :class:`Options` (``batch_size``, ``max_tokens``, ``sampling``, ``seed``, ...)."""
         decode_keys = {f.name for f in dataclasses.fields(DecodeConfig)} - {"batch_size", "max_tokens"}
         overrides = {k: options.pop(k) for k in list(options) if k in decode_keys and options[k] is not None}
-        opts = make_options({**options, "decode_overrides": {**overrides, "nbest": nbest}})
-        cfg = resolve_decode_config(self.cfg, None, opts)
+        opts = inputs.make_options({**options, "decode_overrides": {**overrides, "nbest": nbest}})
+        cfg = inputs.resolve_decode_config(self.cfg, None, opts)
         decoder = OomSplittingBatchDecoder(self, cfg, sampling_options(opts, self.device), attention=False)
         fmt = Formatter(self.tgt_spm, "text", opts.output_units, "none")
-        stats = new_stats()
+        stats = dict(ZERO_STATS)
         out: list[Any] = []
-        for start in range(0, len(sentences), opts.buffer_lines):
-            buffer = [(i, encode_source(line, i + 1, self.src_spm, self.max_src_len, opts.input_format, "input", stats))
-                      for i, line in enumerate(sentences[start : start + opts.buffer_lines], start)]
-            for rec in _translate_buffer(buffer, cfg, decoder, stats):
-                if nbest > 1:
-                    out.append([(fmt.hyp_text(h), h.score) for h in rec.hyps])
-                else:
-                    out.append(fmt.hyp_text(rec.hyps[0]) if rec.hyps else "")
+        for rec in _records(iter(sentences), "input", 0, self, cfg, opts, decoder, stats):
+            if nbest > 1:
+                out.append([(fmt.hyp_text(h), h.score) for h in rec.hyps])
+            else:
+                out.append(fmt.hyp_text(rec.hyps[0]) if rec.hyps else "")
         return out
 
 
@@ -159,7 +155,7 @@ def translate_file(
 ) -> dict[str, Any]:
     """Translate ``input_path`` into ``output_path`` (``-``: stdin / stdout); returns stats.
     ``options`` are the fields of :class:`Options`."""
-    opts = make_options(options)  # checked before loading any model
+    opts = inputs.make_options(options)  # checked before loading any model
     if output_format not in OUTPUT_FORMATS:
         raise MtkitError(f"unknown output format '{output_format}'; valid: {', '.join(OUTPUT_FORMATS)}")
     if resume and str(output_path) == "-":
@@ -167,7 +163,7 @@ def translate_file(
     if opts.plot_attention:
         output.check_available()
     tr, engine = _load_translator(model_paths, device, opts)
-    cfg = resolve_decode_config(tr.cfg, decode_cfg, opts)
+    cfg = inputs.resolve_decode_config(tr.cfg, decode_cfg, opts)
     attention = bool(opts.plot_attention) or (output_format == "jsonl" and opts.alignment != "none")
     decoder = (CT2Decoder(engine, cfg, attention) if engine is not None
                else OomSplittingBatchDecoder(tr, cfg, sampling_options(opts, tr.device), attention))
@@ -176,9 +172,12 @@ def translate_file(
     if str(input_path) != "-":
         open_binary(input_path).close()  # a missing or unreadable input fails before any output exists
     skip = prepare_resume(Path(output_path), output_format) if resume else 0
-    stats = {**new_stats(), "skipped": skip}
+    stats = {**ZERO_STATS, "skipped": skip}
+    lines: Iterator[str | None] = iter_lines(input_path, errors=opts.errors)
+    if inputs.is_stream(input_path):
+        lines = inputs.paced(lines)  # type: ignore[arg-type]
     start = time.monotonic()
-    records = _records(input_path, skip, tr, cfg, opts, decoder, stats)
+    records = _records(lines, display_name(input_path), skip, tr, cfg, opts, decoder, stats)
     plot = (lambda rec: _plot_attention(tr, opts.plot_attention, rec)) if opts.plot_attention else None
     _write_records(records, output_path, fmt, skip, resume, plot)
     seconds = time.monotonic() - start
@@ -264,23 +263,14 @@ def _plot_attention(tr: Translator, folder: str, rec: Record) -> None:
     )
 
 
-def new_stats() -> dict[str, Any]:
-    """The counters a run returns, at zero."""
-    return {"lines": 0, "translated": 0, "skipped": 0, "truncated": 0, "src_tokens": 0, "tgt_tokens": 0}
-
-
 def _records(
-    input_path: str | Path, skip: int, tr: Translator, cfg: DecodeConfig, opts: Options, decoder: OomSplittingBatchDecoder,
-    stats: dict[str, Any],
+    lines: Iterator[str | None], name: str, skip: int, tr: Translator, cfg: DecodeConfig, opts: Options,
+    decoder: OomSplittingBatchDecoder, stats: dict[str, Any],
 ) -> Iterator[Record]:
-    """Yield one :class:`Record` per input line (after ``skip``), in input order. Buffers of
+    """Yield one :class:`Record` per line of input ``name`` (after ``skip``), in input order. Buffers of
     ``opts.buffer_lines`` count from the first input line, also when resuming: the buffer holding line
     ``skip`` is translated whole and only its lines from ``skip`` on are yielded, so every sentence is
     decoded in the very batch an uninterrupted run decodes it in, and a resumed output is byte-identical."""
-    name = display_name(input_path)
-    lines: Iterator[str | None] = iter_lines(input_path, errors=opts.errors)
-    if is_stream(input_path):
-        lines = paced(lines)  # type: ignore[arg-type]
     lineno = 0
 
     def too_short() -> MtkitError:
@@ -313,7 +303,7 @@ def _records(
 
 
 def _translate_buffer(
-    buffer: list[tuple[int, list[int]]], cfg: DecodeConfig, decoder: OomSplittingBatchDecoder, stats: dict[str, Any], skip: int = 0
+    buffer: list[tuple[int, list[int]]], cfg: DecodeConfig, decoder: OomSplittingBatchDecoder, stats: dict[str, Any], skip: int
 ) -> Iterator[Record]:
     """Translate a buffer in length-sorted batches; yield its records in order from input line ``skip``."""
     todo = [i for i, (_, ids) in enumerate(buffer) if ids]
