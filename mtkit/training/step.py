@@ -117,8 +117,7 @@ class UpdateStep:
         collate: builders.Collator, train_cfg: TrainConfig, ranks: RankGroup,
     ):
         self.model, self.ddp, self.optimizer, self.scheduler = model, ddp, optimizer, scheduler
-        # the module the forward runs through: the DDP wrapper on several ranks
-        self.step_model: torch.nn.Module = ddp if ddp is not None else model
+        self.step_model: torch.nn.Module = ddp if ddp is not None else model  # what the forward runs through
         self.autocast_dtype = autocast_dtype
         self.scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None  # fp16 only
         self.collate, self.train_cfg, self.ranks = collate, train_cfg, ranks
