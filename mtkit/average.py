@@ -32,13 +32,8 @@ LOSS_KEYS = ("valid_loss", "loss")
 
 
 def _metric(metrics: Any, keys: Sequence[str]) -> float | None:
-    if not isinstance(metrics, dict):
-        return None
-    for key in keys:
-        value = metrics.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+    values = [metrics.get(key) for key in keys] if isinstance(metrics, dict) else []
+    return next((float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
 
 
 def select_checkpoints(
@@ -172,9 +167,8 @@ class _Reference:
                 continue
             shape, is_float = self.shapes[k]
             if tuple(v.shape) != shape:
-                raise MtkitError(
-                    f"cannot average: weight '{k}' has shape {list(v.shape)} in {path} but {list(shape)} in {self.path}"
-                )
+                raise MtkitError(f"cannot average: weight '{k}' has shape {list(v.shape)} in {path} "
+                                 f"but {list(shape)} in {self.path}")
             if v.is_floating_point() != is_float:
                 raise MtkitError(f"cannot average: weight '{k}' is floating-point in only one of {self.path} and {path}")
         if _aliases(state) != self.aliases:
@@ -183,17 +177,6 @@ class _Reference:
 
 def _is_float(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.is_floating_point()
-
-
-def _accumulate(sums: dict[str, torch.Tensor], state: dict[str, Any], aliases: dict[str, str]) -> None:
-    """Add a state dict's floating-point tensors (tied aliases skipped) to the float32 ``sums``."""
-    for k, v in state.items():
-        if k in aliases or not _is_float(v):
-            continue
-        if k in sums:
-            sums[k].add_(v.to(torch.float32))
-        else:
-            sums[k] = v.to(torch.float32, copy=True)
 
 
 def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> None:
@@ -216,7 +199,13 @@ def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> No
             ref.check(path, payload)
         update = payload.get("update")
         updates.append(update if isinstance(update, int) else None)
-        _accumulate(sums, payload["model"], ref.aliases)
+        for k, v in payload["model"].items():  # float32 sums of the float weights, aliases skipped
+            if k in ref.aliases or not _is_float(v):
+                continue
+            if k in sums:
+                sums[k].add_(v.to(torch.float32))
+            else:
+                sums[k] = v.to(torch.float32, copy=True)
         order = (update if isinstance(update, int) else -1, i)
         if order > newest_key:
             newest_key = order

@@ -122,7 +122,16 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     payload = dict(payload)
     payload.setdefault("format_version", FORMAT_VERSION)
     payload.setdefault("mtkit_version", __version__)
-    _remove_stale_temps(path)
+    for old in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):  # temp files of writers killed mid-write
+        pid = old.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process
+            old.unlink(missing_ok=True)
+        except PermissionError:  # somebody else's process
+            pass
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(MAGIC + b"\0" * 32)
@@ -134,7 +143,12 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             os.fsync(f.fileno())
     except OSError as exc:
         raise MtkitError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):  # make the rename durable, where the platform allows it
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def numbered_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
@@ -163,12 +177,10 @@ def write_checkpoints(save_dir: Path, payload: dict[str, Any], update: int, numb
     also as ``checkpoint_best.pt`` when ``best``; then keep the ``keep_last`` newest numbered ones."""
     save_dir.mkdir(parents=True, exist_ok=True)
     last = save_dir / LAST
+    first = save_dir / f"checkpoint_{update}.pt" if numbered else last
+    save_checkpoint(first, payload)
     if numbered:
-        path = save_dir / f"checkpoint_{update}.pt"
-        save_checkpoint(path, payload)
-        link_or_copy(path, last)
-    else:
-        save_checkpoint(last, payload)
+        link_or_copy(first, last)
     if best:
         link_or_copy(last, save_dir / BEST)
     rotate(save_dir, keep_last)
@@ -179,30 +191,6 @@ def rotate(save_dir: Path, keep_last: int) -> None:
     numbered = numbered_checkpoints(save_dir)
     for _, p in numbered[: max(len(numbered) - keep_last, 0)]:
         p.unlink()
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete ``<name>.tmp-<pid>`` files left by writers that no longer run (killed mid-write)."""
-    for old in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
-        pid = old.name.rsplit("-", 1)[1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:  # no such process
-            old.unlink(missing_ok=True)
-        except PermissionError:  # somebody else's process
-            pass
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable, where the platform allows it."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -250,10 +238,9 @@ def build_from_checkpoint(
     except RuntimeError as exc:  # shape mismatch
         raise MtkitError(f"checkpoint {path} does not match its model config: {str(exc).splitlines()[0]}") from None
     if missing or unexpected:
-        names = (missing or unexpected)[:3]
         raise MtkitError(
             f"checkpoint {path} does not match model '{cfg.model.arch}' "
-            f"({'missing' if missing else 'unexpected'} weights: {', '.join(names)})"
+            f"({'missing' if missing else 'unexpected'} weights: {', '.join((missing or unexpected)[:3])})"
         )
     model.eval()
     return model, cfg, src_spm, tgt_spm

@@ -24,7 +24,7 @@ from mtkit.errors import MtkitError
 from mtkit.training import builders
 from mtkit.training import step as update_step
 from mtkit.training import trainer as T
-from mtkit.training.loss import projected_nll
+from mtkit.training.step import projected_nll
 
 V = 32
 

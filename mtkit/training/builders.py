@@ -84,9 +84,8 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
                            "where bf16 is several times slower than float32; training in float32")
             return None
         return torch.bfloat16
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
+    return torch.bfloat16 if bf16 else torch.float16
 
 
 def length_limits(model: torch.nn.Module, data_cfg: DataConfig) -> tuple[int, int]:
@@ -110,9 +109,8 @@ def build_batches(
     if batches.skipped:
         warn("skipping %d training pairs longer than %d/%d tokens", batches.skipped, max_src, max_tgt)
     if len(batches) == 0:
-        raise MtkitError(
-            f"the training data makes fewer batches than the {world_size} ranks: lower train.max_tokens ({train_cfg.max_tokens})"
-        )
+        raise MtkitError(f"the training data makes fewer batches than the {world_size} ranks: "
+                         f"lower train.max_tokens ({train_cfg.max_tokens})")
     return batches
 
 

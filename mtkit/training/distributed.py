@@ -124,11 +124,10 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
     """``model`` in DistributedDataParallel (which copies rank 0's weights to every rank)."""
     ddp = torch.nn.parallel.DistributedDataParallel
     # the models' buffers are constants (e.g. position tables): no re-broadcast on each forward
-    no_buffer_sync = (
-        {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-        else {"broadcast_buffers": False}
-    )
-    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+    sync = "forward_sync_buffers"
+    if sync not in inspect.signature(ddp).parameters:
+        sync = "broadcast_buffers"
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{sync: False})
 
 
 class RankGroup:

@@ -203,9 +203,8 @@ class Trainer:
             return every == 0 if epoch_end else every > 0 and self.update % every == 0
 
         due_save = due(self.train_cfg.save_interval_updates)
-        best = False
-        if due(self.train_cfg.validate_interval_updates) and self.data.valid is not None:
-            best = self._validate_and_track()
+        validate = due(self.train_cfg.validate_interval_updates) and self.data.valid is not None
+        best = validate and self._validate_and_track()
         if due_save or best:
             self.save(numbered=due_save, best=best)
 
@@ -252,9 +251,8 @@ class Trainer:
         self.step.discard()
         self.bad_in_row += 1
         self.bad_total += 1
-        self._warn(
-            "update %d: non-finite loss %s / grad norm %s, skipped (%d in a row)", self.update + 1, loss, gnorm, self.bad_in_row
-        )
+        self._warn("update %d: non-finite loss %s / grad norm %s, skipped (%d in a row)", self.update + 1,
+                   loss, gnorm, self.bad_in_row)
         if self.bad_in_row >= self.train_cfg.max_bad_updates:
             if self.update > self.saved_at:  # keep the good updates made since the last save
                 self.save(numbered=False)
