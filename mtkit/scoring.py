@@ -113,8 +113,9 @@ def score_systems(
     if sentence:
         results = _sentence_scores(names, texts, build, width)
     elif paired:  # one test per metric when BLEU reads other text than the rest
-        per_metric = bleu_texts is not None
-        results = scoring_metrics.paired_scores(names, systems, texts, build, paired, paired_n, width, per_metric)
+        results = scoring_metrics.paired_scores(
+            names, systems, texts, build, paired, paired_n, width, bleu_texts is not None
+        )
     else:
         results = _corpus_scores(names, systems, texts, build, width)
     tok = scoring_metrics.bleu_tokenization(tokenize, split_compounds)
