@@ -16,9 +16,7 @@ NO_CUDA_FOR_TRAINING = "--device cuda requested but no CUDA device is available"
 
 
 def check_device_name(
-    device: str,
-    cuda_device_count: Callable[[], int] | None = None,
-    no_cuda: str = NO_CUDA,
+    device: str, cuda_device_count: Callable[[], int] | None = None, no_cuda: str = NO_CUDA,
     allow_index: bool = True,
 ) -> str:
     """Check ``device`` and resolve ``auto``: returns ``cpu``, ``cuda`` or (with ``allow_index``)

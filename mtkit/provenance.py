@@ -44,9 +44,8 @@ def versions() -> dict[str, str]:
 def gpu_names() -> list[str]:
     import torch
 
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [torch.cuda.get_device_name(i) for i in range(n)]
 
 
 def manifest_info(data_dir: str | Path | None) -> dict[str, Any]:

@@ -29,23 +29,10 @@ from typing import Any
 
 from sacrebleu.metrics.base import Metric, Score
 
+from mtkit import scoring_metrics
 from mtkit.data.text import display_name, iter_lines
 from mtkit.errors import MtkitError
-from mtkit.scoring_metrics import (
-    PAIRED_TESTS,
-    TOKENIZERS,
-    MetricFor,
-    Systems,
-    TextsFor,
-    bleu_text,
-    bleu_tokenization,
-    corpus_score_chunked,
-    language_of,
-    make_metric,
-    paired_scores,
-    parse_metrics,
-    relabel_bleu,
-)
+from mtkit.scoring_metrics import PAIRED_TESTS, TOKENIZERS, MetricFor, Systems, TextsFor
 
 # --- reading --------------------------------------------------------------------------------
 
@@ -105,10 +92,10 @@ def score_systems(
     Results come system by system, metrics in the given order (sentence mode: metric by metric,
     sentence by sentence). ``paired_n`` 0: sacrebleu's default (1000 / 10000). ``tokenize="moses"``
     needs ``lang``, the references' language; see the module docstring for the rest."""
-    names = parse_metrics(metrics)
+    names = scoring_metrics.parse_metrics(metrics)
     _check_request(systems, references, paired, sentence, tokenize, split_compounds)
     refs = [list(r) for r in references]
-    prepare = bleu_text(tokenize, split_compounds, lang) if "bleu" in names else None
+    prepare = scoring_metrics.bleu_text(tokenize, split_compounds, lang) if "bleu" in names else None
     bleu_texts = None
     if prepare is not None:  # BLEU reads its own copy of the text; chrF and TER the original
         bleu_texts = ([(n, list(map(prepare, h))) for n, h in systems], [list(map(prepare, r)) for r in refs])
@@ -118,7 +105,7 @@ def score_systems(
 
     def build(name: str, with_refs: bool = True) -> Metric:
         own = name == "bleu" and bleu_texts is not None
-        return make_metric(
+        return scoring_metrics.make_metric(
             name, texts(name)[1] if with_refs else None, "none" if own and tokenize == "moses" else tokenize,
             lowercase, force or own, chrf_word_order, sentence, ter_case_sensitive,
         )
@@ -126,11 +113,13 @@ def score_systems(
     if sentence:
         results = _sentence_scores(names, texts, build, width)
     elif paired:  # one test per metric when BLEU reads other text than the rest
-        results = paired_scores(names, systems, texts, build, paired, paired_n, width, bleu_texts is not None)
+        results = scoring_metrics.paired_scores(
+            names, systems, texts, build, paired, paired_n, width, bleu_texts is not None
+        )
     else:
         results = _corpus_scores(names, systems, texts, build, width)
-    tok = bleu_tokenization(tokenize, split_compounds)
-    return [relabel_bleu(d, tok) if tok and d["name"] == "BLEU" else d for d in results]
+    tok = scoring_metrics.bleu_tokenization(tokenize, split_compounds)
+    return [scoring_metrics.relabel_bleu(d, tok) if tok and d["name"] == "BLEU" else d for d in results]
 
 
 def _check_request(
@@ -180,7 +169,7 @@ def _corpus_scores(
     for i, (sys_name, _) in enumerate(systems):
         for name in names:
             metric = build(name, with_refs=False)
-            score = corpus_score_chunked(metric, texts(name)[0][i][1], texts(name)[1])
+            score = scoring_metrics.corpus_score_chunked(metric, texts(name)[0][i][1], texts(name)[1])
             results.append(_score_dict(score, metric.get_signature().format(), width, sys_name))
     return results
 
@@ -204,14 +193,14 @@ def score_files(
     ``detok_spm`` (a sentencepiece model or a checkpoint) detokenises piece-segmented hypotheses.
     ``tokenize="moses"`` takes the language from ``lang``, else from the first reference's name
     (``ref.de``). Other options and the results: :func:`score_systems` and the module docstring."""
-    names = parse_metrics(metrics)  # fail on a bad metric before reading anything
+    names = scoring_metrics.parse_metrics(metrics)  # fail on a bad metric before reading anything
     paths = ([hyp_path] if hyp_path is not None else []) + list(systems)
     if not paths:
         raise MtkitError("no hypothesis file given")
     if not ref_paths:
         raise MtkitError("no reference file given (-r REF)")
     if tokenize == "moses" and not lang and "bleu" in names:
-        lang = language_of(ref_paths[0])
+        lang = scoring_metrics.language_of(ref_paths[0])
         if lang is None:
             raise MtkitError(
                 f"cannot tell the language of {display_name(ref_paths[0])} from its name "

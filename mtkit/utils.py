@@ -21,6 +21,9 @@ T = TypeVar("T")
 SPEED_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 logger = logging.getLogger("mtkit")
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
+LEVELS = {"quiet": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+ONEDNN_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+_libc = None  # glibc, loaded on first use (False where unavailable)
 
 
 def rss_gib() -> float:
@@ -30,9 +33,6 @@ def rss_gib() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     except (OSError, ValueError, IndexError):
         return 0.0
-
-
-ONEDNN_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 
 
 def limit_onednn_caches(entries: int = 64) -> None:
@@ -87,12 +87,6 @@ def release_free_memory() -> bool:
     return bool(_libc) and bool(_libc.malloc_trim(0))
 
 
-_libc = None
-
-
-LEVELS = {"quiet": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
-
-
 def setup_logging(verbosity: int = 0) -> None:
     """verbosity: -1 quiet (warnings only), 0 info, 1 debug. Logs always go to stderr.
     Without -q/-v the ``MTKIT_LOG_LEVEL`` environment variable (debug, info, warning) decides."""
@@ -137,7 +131,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -38,7 +38,6 @@ class SplitFiles:
 
 
 def shard_dtype(vocab_size: int) -> str:
-    """The id type of the shards for a vocabulary of ``vocab_size`` pieces."""
     return "uint16" if vocab_size < UINT16_LIMIT else "int32"
 
 

@@ -36,6 +36,7 @@ logger = logging.getLogger("mtkit.data.catalog")
 
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
 FORMATS = ("text", "iwslt_tags", "iwslt_xml")
+SIDES = ("src", "ref")
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,6 @@ def data_dirs(data_dir: DataDirs = None) -> list[Path]:
 
 
 def cache_dir() -> Path:
-    """``MTKIT_CACHE`` or ``~/.cache/mtkit``."""
     env = os.environ.get("MTKIT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mtkit"
 
@@ -214,9 +214,6 @@ def resolve_file(
             f"could not download {split.source(lang)} ({reason}); offline? {where_to_place([(split, lang)], dirs)}"
         ) from None
     return dest
-
-
-SIDES = ("src", "ref")
 
 
 def test_set_file(

@@ -81,8 +81,7 @@ class ParallelDataset:
             if len(self._offsets[side]) != n + 1:
                 got = len(self._offsets[side]) - 1
                 raise MtkitError(f"{self._files[side][1]} holds {got} sentences, manifest.json says {n}")
-        self.src_lens = np.diff(self._offsets["src"])
-        self.tgt_lens = np.diff(self._offsets["tgt"])
+        self.src_lens, self.tgt_lens = np.diff(self._offsets["src"]), np.diff(self._offsets["tgt"])
         self._data: dict[str, np.ndarray] | None = None
 
     def _path(self, lang: str, ext: str) -> Path:

@@ -22,8 +22,6 @@ from mtkit.utils import atomic_path, progress
 logger = logging.getLogger("mtkit.data.catalog")
 
 CHUNK = 1 << 20
-
-
 DOWNLOAD_ATTEMPTS = 3  # a connection that drops mid-file is tried again this many times in all
 
 

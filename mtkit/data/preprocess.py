@@ -101,21 +101,14 @@ def _write_data(
     seconds = {"spm": t_encode - t_spm, "encode": t_end - t_encode, "total": t_end - t0}
     # what the trainer and the dataset loader read back
     manifest = {
-        "mtkit_version": __version__,
-        "format": DATA_FORMAT,
+        "mtkit_version": __version__, "format": DATA_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "src_lang": src_lang,
-        "tgt_lang": tgt_lang,
-        "joint": joint,
-        "spm": spm_info,
+        "src_lang": src_lang, "tgt_lang": tgt_lang, "joint": joint, "spm": spm_info,
         "vocab": {
             "src_size": src_spm.size, "tgt_size": tgt_spm.size,
             "pad": src_spm.pad, "bos": src_spm.bos, "eos": src_spm.eos, "unk": src_spm.unk,
         },
-        "dtype": dtypes,
-        "splits": split_stats,
-        "filters": filters,
-        "options": options,
+        "dtype": dtypes, "splits": split_stats, "filters": filters, "options": options,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

@@ -24,7 +24,10 @@ from mtkit.utils import progress
 if TYPE_CHECKING:
     from mtkit.data.binarize import SplitFiles
 
+logger = logging.getLogger("mtkit.preprocess")
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPM_TRAIN_SENTENCES = 1_000_000  # at most this many sentences (per model) train sentencepiece
 
 
 class SubwordModel:
@@ -119,11 +122,6 @@ def _training_error(text: str, vocab_size: int) -> str:
 
 # --- the models of a preprocessed data dir ---------------------------------------------------
 
-logger = logging.getLogger("mtkit.preprocess")
-
-SPM_TRAIN_SENTENCES = 1_000_000  # at most this many sentences (per model) train sentencepiece
-
-
 def load_models(paths: Sequence[str | Path]) -> tuple[SubwordModel, SubwordModel]:
     """The (source, target) models from one file (joint) or two; they must agree on special ids."""
     models = [SubwordModel.from_file(p) for p in paths]
@@ -148,10 +146,8 @@ class Reservoir:
         self.seen += 1
         if len(self.items) < self.size:
             self.items.append(item)
-        else:
-            j = self.rng.randrange(self.seen)
-            if j < self.size:
-                self.items[j] = item
+        elif (j := self.rng.randrange(self.seen)) < self.size:
+            self.items[j] = item
 
 
 def train_models(

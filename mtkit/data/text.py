@@ -77,8 +77,7 @@ def open_output(path: str | Path | None, append: bool = False) -> io.TextIOBase:
 
 def resolve_corpus_file(prefix: str | Path, lang: str) -> Path:
     """The file holding ``lang`` for ``prefix``: ``PREFIX.LANG`` or else ``PREFIX.LANG.gz``."""
-    plain = Path(f"{prefix}.{lang}")
-    gz = Path(f"{prefix}.{lang}.gz")
+    plain, gz = Path(f"{prefix}.{lang}"), Path(f"{prefix}.{lang}.gz")
     for candidate in (plain, gz):
         if candidate.is_file():
             return candidate
