@@ -42,8 +42,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(exc, Interrupted):
                 _fail(exc.message, exc.exit_code)
             if isinstance(exc, OSError):
-                where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-                _fail(f"{exc.strerror or exc}{':' if where else ''}{where}")
+                _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
             _fail(str(exc))
 
     return wrapper
@@ -414,8 +413,7 @@ def data_get(test_set: str, langpair: str, side: str, data_dir: str | None) -> N
     from mtkit.data.text import iter_lines
 
     out = click.get_text_stream("stdout", encoding="utf-8")
-    for line in iter_lines(test_set_file(test_set, langpair, side, data_dir)):
-        out.write(line + "\n")
+    out.writelines(line + "\n" for line in iter_lines(test_set_file(test_set, langpair, side, data_dir)))
     out.flush()
 
 

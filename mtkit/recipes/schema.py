@@ -347,13 +347,10 @@ def check_recipe(
     files = [(ref, lang) for ref in recipe.data_refs() for lang in (recipe.src_lang, recipe.tgt_lang)]
     rep = recipe.raw["reproduces"]
     return {
-        "recipe": recipe.name,
-        "ok": True,
-        "arch": recipe.config.model.arch,
+        "recipe": recipe.name, "ok": True, "arch": recipe.config.model.arch,
         "preset": recipe.raw.get("preset"),
         "reproduces": f"{rep['paper']}, {rep['table']}: {rep.get('value')} {rep['metric']} on {rep['test_set']}",
-        "tests": [t.name for t in recipe.tests],
-        "data": resolution_plan(files, data_dir, catalog),
+        "tests": [t.name for t in recipe.tests], "data": resolution_plan(files, data_dir, catalog),
     }
 
 
