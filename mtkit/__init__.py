@@ -9,6 +9,7 @@ The names are imported on first use, so ``import mtkit`` stays light."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
@@ -19,7 +20,5 @@ _LAZY = {"Translator": "mtkit.decoding.translate", "score": "mtkit.scoring"}
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mtkit' has no attribute {name!r}")

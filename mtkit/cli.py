@@ -42,8 +42,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(exc, Interrupted):
                 _fail(exc.message, exc.exit_code)
             if isinstance(exc, OSError):
-                where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-                _fail(f"{exc.strerror or exc}{':' if where else ''}{where}")
+                _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
             _fail(str(exc))
 
     return wrapper
@@ -339,7 +338,7 @@ def recipe() -> None:
 @handle_errors
 def recipe_list() -> None:
     """The shipped recipes: languages, model family and the number each cites."""
-    from mtkit.recipes.load import format_recipe_list, list_recipes
+    from mtkit.recipes.schema import format_recipe_list, list_recipes
 
     click.echo(format_recipe_list(list_recipes()))
 
@@ -388,7 +387,7 @@ def recipe_run(recipe_file: str, workdir: str, stages: tuple[str, ...], override
 @handle_errors
 def recipe_check(recipe_file: str, overrides: tuple[str, ...], data_dir: str | None, smoke: bool) -> None:
     """Validate a recipe (name or YAML file) without running it; show where each data file would come from."""
-    from mtkit.recipes.load import check_recipe
+    from mtkit.recipes.schema import check_recipe
 
     click.echo(json.dumps(check_recipe(recipe_file, overrides, data_dir=data_dir, smoke=smoke), indent=1))
 
@@ -414,8 +413,7 @@ def data_get(test_set: str, langpair: str, side: str, data_dir: str | None) -> N
     from mtkit.data.text import iter_lines
 
     out = click.get_text_stream("stdout", encoding="utf-8")
-    for line in iter_lines(test_set_file(test_set, langpair, side, data_dir)):
-        out.write(line + "\n")
+    out.writelines(line + "\n" for line in iter_lines(test_set_file(test_set, langpair, side, data_dir)))
     out.flush()
 
 

@@ -2,10 +2,9 @@
 
 The YAML sections mirror the dataclasses (``data``, ``model``, ``train``, ``decode``); ``model`` is
 checked against the family named by ``model.arch`` (each ``models/<family>.py`` defines its own
-``Config`` subclass of :class:`ModelConfig`). An unknown key anywhere is an error naming the closest
-valid key. Field rules (:mod:`mtkit.config_fields`) and each section's ``check()`` apply when a
-section is loaded (:func:`build_section`): a bad value is one ``error:`` line naming the key, the
-value and what is allowed, before any work."""
+``Config`` subclass of :class:`ModelConfig`). An unknown key (with the closest valid one) or a value
+that breaks its field's rule (:mod:`mtkit.config_fields`) or its section's ``check()`` is one
+``error:`` line naming the key, before any work."""
 
 from __future__ import annotations
 
@@ -109,8 +108,7 @@ class DecodeConfig(Section):
 
     def check_for_search(self, sampling: bool = False) -> DecodeConfig:
         """Check a decode config assembled from a checkpoint and overrides, once before decoding:
-        every field's rule, then what joins it to the search mode (beam search returns at most
-        ``beam`` hypotheses; sampling draws ``nbest`` samples of any number). Returns it."""
+        every field's rule, then ``nbest`` <= ``beam`` unless ``sampling`` (any number of samples)."""
         check_section(self, "decode")
         if not sampling and self.nbest > self.beam:
             raise MtkitError(f"nbest ({self.nbest}) cannot exceed the beam size ({self.beam})")
@@ -165,9 +163,7 @@ def _type_check(value: Any, tp: Any, key: str) -> Any:
         return [_type_check(v, arg, key) for v in value]
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
+    if tp is float and (isinstance(value, str) or isinstance(value, int) and not isinstance(value, bool)):
         try:  # YAML 1.1 reads "5e-4" as a string
             return float(value)
         except ValueError:
@@ -201,8 +197,7 @@ def check_values(cls: type, values: dict[str, Any], section: str) -> None:
     """Check some keys of a section on their own (command-line options, before any loading)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
-        value = _checked_value(cls, key, value, section)
-        check_field(fields[key], value, f"{section}.{key}")
+        check_field(fields[key], _checked_value(cls, key, value, section), f"{section}.{key}")
 
 
 def check_section(obj: Any, section: str) -> Any:

@@ -8,6 +8,7 @@ difference, and beside our sacreBLEU; every figure carries its signature. It tak
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,12 +30,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(obj, dict):
-                    events.append(obj)
+                with contextlib.suppress(json.JSONDecodeError):
+                    if isinstance(obj := json.loads(line), dict):
+                        events.append(obj)
     except FileNotFoundError:
         return []
     return events
@@ -83,23 +81,17 @@ def plot_curves(metrics_file: str | Path, out_png: str | Path, title: str = "") 
 
 
 def compare(reference: dict[str, Any], tests: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One published number beside ours by the same metric on the same test set, with the difference;
-    ``tests[name]["metrics"]`` holds our output's score by each metric (``{metric: {score,
-    signature}}``); our sacreBLEU is always set beside it."""
+    """One published number beside our score by its metric on its test set (``tests[name]["metrics"]``:
+    ``{metric: {score, signature}}``), with the difference and, always, our sacreBLEU."""
     by_metric = (tests.get(reference["test_set"]) or {}).get("metrics") or {}
     ours = by_metric.get(reference["metric"]) or {}
     sacre = by_metric.get(OUR_METRIC) or {}
     value = ours.get("score")
     diff = round(value - reference["value"], 2) if _finite(value) and _finite(reference.get("value")) else None
     return {
-        **reference,
-        "ours": value,
-        "our_metric": reference["metric"],
-        "our_signature": ours.get("signature"),
-        "sacrebleu": sacre.get("score"),
-        "sacrebleu_signature": sacre.get("signature"),
-        "difference": diff,
-        "comparable": value is not None,
+        **reference, "ours": value, "our_metric": reference["metric"],
+        "our_signature": ours.get("signature"), "sacrebleu": sacre.get("score"),
+        "sacrebleu_signature": sacre.get("signature"), "difference": diff, "comparable": value is not None,
         "caveat": None if value is not None else (
             f"our output was not scored with {reference['metric']} on {reference['test_set']}, so there is "
             "no difference to give"
@@ -138,8 +130,7 @@ def build_results(
     for name, result in scores.items():
         b = next((s for s in result if str(s.get("name", "")).lower().startswith("bleu")), None) or {}
         tests[name] = {"bleu": b.get("score"), "signature": b.get("signature"), "scores": result,
-                       "metrics": (metric_scores or {}).get(name, {}),
-                       "lines": run.test_lines.get(name)}
+                       "metrics": (metric_scores or {}).get(name, {}), "lines": run.test_lines.get(name)}
     return {
         **{k: getattr(run, k) for k in ("recipe", "recipe_file", "smoke", "src_lang", "tgt_lang")},
         "tests": tests,
@@ -157,9 +148,7 @@ def build_results(
 def _fmt(x: Any, nd: int = 2) -> str:
     if x is None:
         return "-"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
 def render_markdown(res: dict[str, Any]) -> str:
@@ -201,8 +190,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     if any(text for _, text in notes):
         lines += [""] + [f"- {paper}: {text.strip()}" for paper, text in notes if text]
     lines += ["", "## Stages", "", "| stage | seconds |", "| --- | --- |"]
-    for stage, secs in res["stage_seconds"].items():
-        lines.append(f"| {stage} | {_fmt(secs, 1)} |")
+    lines += [f"| {stage} | {_fmt(secs, 1)} |" for stage, secs in res["stage_seconds"].items()]
     if res.get("curves"):
         lines += ["", f"![training curves]({Path(res['curves']).name})"]
     return "\n".join(lines) + "\n"

@@ -1,9 +1,7 @@
-"""The ``--smoke`` variant of a recipe: a small model, a few updates, a small vocabulary and the
-first few hundred lines of each corpus (generated text where no local copy exists), so that every
-stage runs in seconds without a download. The small model is a preset: the recipe's
-``smoke.preset`` where it names one, else the small counterpart of the recipe's preset in
-:data:`SMOKE_PRESETS`, else its model family's in :data:`FAMILY_SMOKE_PRESETS`. A recipe's
-``smoke:`` block may override any part of the variant."""
+"""The ``--smoke`` variant of a recipe: a small preset's model (:func:`smoke_preset`), a few updates,
+a small vocabulary and the first few hundred lines of each corpus (generated text where no local copy
+exists), so that every stage runs in seconds without a download. The recipe's ``smoke:`` block
+(``smoke.preset`` first of all) may override any part of it."""
 
 from __future__ import annotations
 
@@ -64,9 +62,7 @@ def smoke_variant(raw: dict[str, Any]) -> dict[str, Any]:
     tiny = load_raw_config(preset)
     model = dict(tiny.get("model") or {})  # the small preset's model
     if model.get("arch", arch) == arch:  # same family: keep the recipe's choices (strings, flags), not sizes
-        for key, value in (raw.get("model") or {}).items():
-            if isinstance(value, (str, bool)):
-                model[key] = value
+        model.update({k: v for k, v in (raw.get("model") or {}).items() if isinstance(v, (str, bool))})
     model.update(smoke.get("model") or {})
     train = deep_merge(dict(tiny.get("train") or {}), SMOKE_TRAIN)
     train.update(smoke.get("train") or {})

@@ -202,37 +202,31 @@ def stage_score(ctx: RunContext, resume: bool) -> dict[str, Any]:
     return write_run_report(ctx, scores, metric_scores)
 
 
-def count_parameters(checkpoint: str | Path) -> int | None:
-    """Number of model parameters in a checkpoint (``None`` if it cannot be read)."""
-    from mtkit.checkpoint import load_model
-    from mtkit.models.base import num_parameters
-
-    try:
-        model = load_model(checkpoint)[0]
-    except (MtkitError, OSError, RuntimeError) as exc:
-        logger.warning("could not count parameters of %s: %s", checkpoint, exc)
-        return None
-    return num_parameters(model)
-
-
 def write_run_report(
     ctx: RunContext, scores: dict[str, list[dict[str, Any]]],
     metric_scores: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Have :mod:`mtkit.report` write results.json, report.md and the curves of this run, given
     the run as the report takes it: the recipe's published numbers, what the stages did."""
+    from mtkit.checkpoint import load_model
+    from mtkit.models.base import num_parameters
     from mtkit.provenance import manifest_info
 
     r = ctx.recipe
     ckpt = (ctx.outputs.get("translate") or {}).get("checkpoint")
+    parameters = None
+    if ckpt:
+        try:
+            parameters = num_parameters(load_model(ckpt)[0])
+        except (MtkitError, OSError, RuntimeError) as exc:
+            logger.warning("could not count parameters of %s: %s", ckpt, exc)
     run = RecipeRun(
         recipe=r.name, recipe_file=str(r.path), smoke=r.smoke, src_lang=r.src_lang, tgt_lang=r.tgt_lang,
         reproduces=r.raw["reproduces"], see_also=list(r.raw.get("see_also") or []),
         test_lines=(ctx.outputs.get("prepare") or {}).get("lines", {}),
         training=ctx.outputs.get("train") or {},
-        model={"arch": r.config.model.arch, "preset": r.raw.get("preset"),
-               "parameters": count_parameters(ckpt) if ckpt else None, "checkpoint": ckpt,
-               "averaged_from": (ctx.outputs.get("average") or {}).get("from")},
+        model={"arch": r.config.model.arch, "preset": r.raw.get("preset"), "parameters": parameters,
+               "checkpoint": ckpt, "averaged_from": (ctx.outputs.get("average") or {}).get("from")},
         decode={k: getattr(r.config.decode, k) for k in ("beam", "length_penalty", "alpha")},
         stage_seconds=Markers(ctx.workdir).stage_seconds(),
         provenance={**ctx.provenance, "data": manifest_info(ctx.data_path)},
