@@ -46,17 +46,14 @@ def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, post
 def fast_path(
     x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
 ) -> bool:
-    """Whether ``x @ weight.T`` goes to oneDNN: oneDNN present, CPU tensors of one dtype among ``dtypes``
-    (float32 unless given), no autocast."""
+    """Whether ``x @ weight.T`` goes to oneDNN (CPU tensors of one dtype among ``dtypes``, no autocast)."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
             and not torch.is_autocast_enabled("cpu"))
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b.T (+ bias)`` for 2-D a (M, K), b (N, K), without autograd (oneDNN when it applies)."""
-    if fast_path(a, b):
-        return _nt(a, b, bias)
-    return F.linear(a, b, bias)
+    return _nt(a, b, bias) if fast_path(a, b) else F.linear(a, b, bias)
 
 
 def grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -135,9 +132,8 @@ def packed_param(module: nn.Module, name: str) -> torch.Tensor | None:
 def _packed_linear(
     x: torch.Tensor, module: nn.Module, name: str, bias: torch.Tensor | None, post_op: str = "none"
 ) -> torch.Tensor | None:
-    """``x @ module.<name>^T + bias`` (then ``post_op``) with the prepacked weight: in eval mode under
-    ``torch.inference_mode`` for non-empty float32 or bfloat16 CPU tensors of one dtype, no autocast;
-    None where it does not apply."""
+    """``x @ module.<name>^T + bias`` (then ``post_op``) with the prepacked weight; None where that does not
+    apply (see the module docstring)."""
     w = getattr(module, name)
     if (module.training or not torch.is_inference_mode_enabled() or x.numel() == 0
             or not fast_path(x, w, (torch.float32, torch.bfloat16))):
@@ -164,14 +160,13 @@ class Linear(nn.Linear):
         """The weight in oneDNN's layout (see :func:`packed_param`)."""
         return packed_param(self, "weight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _packed_linear(x, self, "weight", self.bias)
-        return linear(x, self.weight, self.bias) if y is None else y
+    def forward(self, x: torch.Tensor, post_op: str = "none") -> torch.Tensor:
+        y = _packed_linear(x, self, "weight", self.bias, post_op)
+        return linear(x, self.weight, self.bias, post_op) if y is None else y
 
     def relu(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(self(x))``, in one oneDNN call on the prepacked path."""
-        y = _packed_linear(x, self, "weight", self.bias, "relu")
-        return linear(x, self.weight, self.bias, "relu") if y is None else y
+        return self(x, "relu")
 
     def activated(self, x: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``activation(self(x))``; a ReLU is fused into the matmul (:meth:`relu`)."""
