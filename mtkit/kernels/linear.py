@@ -3,12 +3,11 @@
 PyTorch sends float32 ``F.linear`` / ``@`` on a CPU to its BLAS (MKL in the x86 wheels), bfloat16 to
 oneDNN. On some CPUs (e.g. AMD EPYC, where MKL takes a generic code path) oneDNN's float32 GEMM is the
 faster one for these models' shapes, forward and backward, with the same float32 results up to rounding
-(relative differences ~1e-6). The fast path covers float32 CPU tensors outside autocast; everything else
-(CUDA, bfloat16, autocast, builds without oneDNN) uses ``F.linear`` unchanged. ``MTKIT_ONEDNN=0`` turns it
-off. Under ``torch.inference_mode`` (decoding) a :class:`Linear` in eval mode multiplies float32 or
-bfloat16 inputs by a copy of its weight prepacked into oneDNN's blocked layout, made once and redone only
-when the weight changes: the same results up to rounding, without re-laying out the weight on every call
-(``benchmarks/decode_speed.py`` measures it).
+(relative differences ~1e-6). Everything else (CUDA, bfloat16, autocast, builds without oneDNN, or
+``MTKIT_ONEDNN=0``) uses ``F.linear`` unchanged. Under ``torch.inference_mode`` (decoding) a :class:`Linear`
+in eval mode multiplies float32 or bfloat16 inputs by a copy of its weight prepacked into oneDNN's blocked
+layout, made once and redone only when the weight changes: the same results up to rounding, without
+re-laying out the weight on every call (``benchmarks/decode_speed.py`` measures it).
 """
 
 from __future__ import annotations
@@ -43,9 +42,8 @@ def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, post
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, post_op, [], "")
 
 
-def fast_path(
-    x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
-) -> bool:
+def fast_path(x: torch.Tensor, weight: torch.Tensor,
+              dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
     """Whether ``x @ weight.T`` goes to oneDNN (CPU tensors of one dtype among ``dtypes``, no autocast)."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
             and not torch.is_autocast_enabled("cpu"))
@@ -59,8 +57,7 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 def grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad^T @ x`` (the weight gradient of a linear layer) for 2-D grad (N, out), x (N, in). oneDNN reads
     its left operand row-major, so the smaller operand is laid out again: with out > in this is
-    ``(x^T @ grad)^T``, returned as a transposed view. Without the oneDNN path (CUDA, bfloat16): a plain
-    matmul."""
+    ``(x^T @ grad)^T``, returned as a transposed view."""
     if not fast_path(grad, x):
         return grad.t() @ x
     if grad.size(1) > x.size(1):
@@ -153,8 +150,8 @@ def step_linear(x: torch.Tensor, module: nn.Module, name: str, bias: torch.Tenso
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state dict) computed by :func:`linear`; in eval mode
-    under ``torch.inference_mode`` with a prepacked weight (see the module docstring)."""
+    """``nn.Linear`` (same parameters and state dict) computed by :func:`linear` or with a prepacked
+    weight (see the module docstring); ``post_op="relu"`` fuses a ReLU into the matmul."""
 
     def packed_weight(self) -> torch.Tensor | None:
         """The weight in oneDNN's layout (see :func:`packed_param`)."""

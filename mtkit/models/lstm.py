@@ -90,8 +90,7 @@ def output_of(state: Hidden) -> torch.Tensor:
 
 
 def gates_of(x: torch.Tensor, rnn: nn.Module, kind: str = "ih", layer: int | None = None) -> torch.Tensor:
-    """``x W^T + b`` with the weights ``kind`` of ``rnn`` (see :func:`cell_step`): "ih" gives the input's
-    share of the gates, "hh" the recurrent one."""
+    """``x W^T + b`` with ``rnn``'s weights ``kind`` ("ih" input, "hh" recurrent; see :func:`cell_step`)."""
     sfx = "" if layer is None else f"_l{layer}"
     return step_linear(x, rnn, f"weight_{kind}{sfx}", getattr(rnn, f"bias_{kind}{sfx}"))
 
@@ -101,8 +100,7 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
     share of the gates ``gx = x W_ih^T + b_ih`` (B, 4H or 3H; torch's gate order), computed by the caller
     (for a whole sequence at once where the input does not depend on the recurrence). The recurrent
     weights are those of an ``nn.LSTMCell``/``nn.GRUCell`` ``rnn`` (``layer`` None) or of layer ``layer``
-    of an ``nn.LSTM``/``nn.GRU``, multiplied through :func:`mtkit.kernels.linear.step_linear` (a prepacked
-    oneDNN weight when decoding on a CPU)."""
+    of an ``nn.LSTM``/``nn.GRU``."""
     h = output_of(state)
     gh = gates_of(h, rnn, "hh", layer)
     n_hidden = h.size(1)
