@@ -35,9 +35,7 @@ def _cpu_mask_applies(x: torch.Tensor, p: float, training: bool) -> bool:
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)``, with the cheaper mask on a CPU."""
-    if not _cpu_mask_applies(x, p, training):
-        return F.dropout(x, p, training)
-    return x * _scaled_mask(x, p, x.dtype)
+    return x * _scaled_mask(x, p, x.dtype) if _cpu_mask_applies(x, p, training) else F.dropout(x, p, training)
 
 
 def add_dropout(x: torch.Tensor, y: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

@@ -3,12 +3,11 @@
 PyTorch sends float32 ``F.linear`` / ``@`` on a CPU to its BLAS (MKL in the x86 wheels), bfloat16 to
 oneDNN. On some CPUs (e.g. AMD EPYC, where MKL takes a generic code path) oneDNN's float32 GEMM is the
 faster one for these models' shapes, forward and backward, with the same float32 results up to rounding
-(relative differences ~1e-6). The fast path covers float32 CPU tensors outside autocast; everything else
-(CUDA, bfloat16, autocast, builds without oneDNN) uses ``F.linear`` unchanged. ``MTKIT_ONEDNN=0`` turns it
-off. Under ``torch.inference_mode`` (decoding) a :class:`Linear` in eval mode multiplies float32 or
-bfloat16 inputs by a copy of its weight prepacked into oneDNN's blocked layout, made once and redone only
-when the weight changes: the same results up to rounding, without re-laying out the weight on every call
-(``benchmarks/decode_speed.py`` measures it).
+(relative differences ~1e-6). Everything else (CUDA, bfloat16, autocast, builds without oneDNN, or
+``MTKIT_ONEDNN=0``) uses ``F.linear`` unchanged. Under ``torch.inference_mode`` (decoding) a :class:`Linear`
+in eval mode multiplies float32 or bfloat16 inputs by a copy of its weight prepacked into oneDNN's blocked
+layout, made once and redone only when the weight changes: the same results up to rounding, without
+re-laying out the weight on every call (``benchmarks/decode_speed.py`` measures it).
 """
 
 from __future__ import annotations
@@ -43,27 +42,22 @@ def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, post
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, post_op, [], "")
 
 
-def fast_path(
-    x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
-) -> bool:
-    """Whether ``x @ weight.T`` goes to oneDNN: oneDNN present, CPU tensors of one dtype among ``dtypes``
-    (float32 unless given), no autocast."""
+def fast_path(x: torch.Tensor, weight: torch.Tensor,
+              dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether ``x @ weight.T`` goes to oneDNN (CPU tensors of one dtype among ``dtypes``, no autocast)."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes
             and not torch.is_autocast_enabled("cpu"))
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b.T (+ bias)`` for 2-D a (M, K), b (N, K), without autograd (oneDNN when it applies)."""
-    if fast_path(a, b):
-        return _nt(a, b, bias)
-    return F.linear(a, b, bias)
+    return _nt(a, b, bias) if fast_path(a, b) else F.linear(a, b, bias)
 
 
 def grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad^T @ x`` (the weight gradient of a linear layer) for 2-D grad (N, out), x (N, in). oneDNN reads
     its left operand row-major, so the smaller operand is laid out again: with out > in this is
-    ``(x^T @ grad)^T``, returned as a transposed view. Without the oneDNN path (CUDA, bfloat16): a plain
-    matmul."""
+    ``(x^T @ grad)^T``, returned as a transposed view."""
     if not fast_path(grad, x):
         return grad.t() @ x
     if grad.size(1) > x.size(1):
@@ -135,9 +129,8 @@ def packed_param(module: nn.Module, name: str) -> torch.Tensor | None:
 def _packed_linear(
     x: torch.Tensor, module: nn.Module, name: str, bias: torch.Tensor | None, post_op: str = "none"
 ) -> torch.Tensor | None:
-    """``x @ module.<name>^T + bias`` (then ``post_op``) with the prepacked weight: in eval mode under
-    ``torch.inference_mode`` for non-empty float32 or bfloat16 CPU tensors of one dtype, no autocast;
-    None where it does not apply."""
+    """``x @ module.<name>^T + bias`` (then ``post_op``) with the prepacked weight; None where that does not
+    apply (see the module docstring)."""
     w = getattr(module, name)
     if (module.training or not torch.is_inference_mode_enabled() or x.numel() == 0
             or not fast_path(x, w, (torch.float32, torch.bfloat16))):
@@ -157,21 +150,20 @@ def step_linear(x: torch.Tensor, module: nn.Module, name: str, bias: torch.Tenso
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state dict) computed by :func:`linear`; in eval mode
-    under ``torch.inference_mode`` with a prepacked weight (see the module docstring)."""
+    """``nn.Linear`` (same parameters and state dict) computed by :func:`linear` or with a prepacked
+    weight (see the module docstring); ``post_op="relu"`` fuses a ReLU into the matmul."""
 
     def packed_weight(self) -> torch.Tensor | None:
         """The weight in oneDNN's layout (see :func:`packed_param`)."""
         return packed_param(self, "weight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _packed_linear(x, self, "weight", self.bias)
-        return linear(x, self.weight, self.bias) if y is None else y
+    def forward(self, x: torch.Tensor, post_op: str = "none") -> torch.Tensor:
+        y = _packed_linear(x, self, "weight", self.bias, post_op)
+        return linear(x, self.weight, self.bias, post_op) if y is None else y
 
     def relu(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(self(x))``, in one oneDNN call on the prepacked path."""
-        y = _packed_linear(x, self, "weight", self.bias, "relu")
-        return linear(x, self.weight, self.bias, "relu") if y is None else y
+        return self(x, "relu")
 
     def activated(self, x: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``activation(self(x))``; a ReLU is fused into the matmul (:meth:`relu`)."""

@@ -9,9 +9,8 @@ weights are renormalised and still sum to 1 (the paper multiplies after the soft
 
 Padding is masked in every variant: weights are exactly zero on padding and sum to 1 per row. The projected
 memory (``keys``) depends only on the source, so :meth:`Attention.precompute` computes it once per sentence,
-kept in the encoder output. Queries are (B, Hq) for one decoder step or (B, T, Hq) for T target positions
-at once (a decoder whose queries do not depend on earlier contexts attends over the whole target in one
-batched score); scores and window biases are always computed as (B, T, S).
+kept in the encoder output. A decoder whose queries do not depend on earlier contexts attends over the whole
+target in one batched score: (B, T, Hq) queries; scores and window biases are always (B, T, S).
 """
 
 from __future__ import annotations

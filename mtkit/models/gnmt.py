@@ -36,8 +36,8 @@ from mtkit.models.lstm import (
     RecurrentConfig,
     cell_step,
     embedding_gates,
+    gates_of,
     initial_state,
-    input_gates,
     layers_state,
     output_of,
     run_cell,
@@ -68,11 +68,6 @@ class Config(RecurrentConfig):
         self.check_tied_sizes(section, "hidden_dim", self.hidden_dim, "embed_dim")
 
 
-def residual_layers(n: int, start: int) -> list[bool]:
-    """Which of ``n`` layers (0-based list) add their input to their output."""
-    return [i + 1 >= start for i in range(n)]
-
-
 class GNMTEncoder(nn.Module):
     def __init__(self, cfg: Config, vocab: int, pad_id: int):
         super().__init__()
@@ -82,7 +77,7 @@ class GNMTEncoder(nn.Module):
         layers = [rnn(cfg.embed_dim, h, batch_first=True, bidirectional=True)]  # -> 2H
         layers += [rnn(2 * h if i == 1 else h, h, batch_first=True) for i in range(1, cfg.encoder_layers)]
         self.layers = nn.ModuleList(layers)
-        self.residual = residual_layers(cfg.encoder_layers, cfg.residual_start)
+        self.residual = [i + 1 >= cfg.residual_start for i in range(cfg.encoder_layers)]
         self.out_dim = h if cfg.encoder_layers > 1 else 2 * h
 
     def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -94,9 +89,7 @@ class GNMTEncoder(nn.Module):
             out, final = layer(packed._replace(data=self.dropout(packed.data)))  # .data is (tokens, H)
             packed = out._replace(data=out.data + packed.data) if residual else out
         memory, _ = pad_packed_sequence(packed, batch_first=True, total_length=src.size(1))
-        # the top layer's final state: (B, directions, H) -> (B, 1, directions*H)
-        last = {name: t.reshape(t.size(0), 1, -1) for name, t in to_state(final).items()}
-        return memory, last
+        return memory, to_state(final, 1)  # the top layer's final state
 
 
 class GNMTDecoder(nn.Module):
@@ -109,7 +102,7 @@ class GNMTDecoder(nn.Module):
         self.cells = nn.ModuleList(
             [cell((cfg.embed_dim if i == 0 else h) + memory_dim, h) for i in range(cfg.decoder_layers)]
         )
-        self.residual = residual_layers(cfg.decoder_layers, cfg.residual_start)
+        self.residual = [i + 1 >= cfg.residual_start for i in range(cfg.decoder_layers)]
         self.dropout = Dropout(cfg.dropout)
 
     def init_state(self, enc: State) -> State:
@@ -123,7 +116,7 @@ class GNMTDecoder(nn.Module):
         return state
 
     def _cell(self, i: int, inp: torch.Tensor, state: Hidden) -> Hidden:
-        return cell_step(input_gates(inp, self.cells[i]), state, self.cells[i])
+        return cell_step(gates_of(inp, self.cells[i]), state, self.cells[i])
 
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One step: emb (B, E) -> output (B, H)."""

@@ -30,19 +30,17 @@ def init_weights(module: nn.Module, scale: float, forget_bias: float) -> None:
     """Uniform(-scale, scale) for every parameter (the papers' init; 0 keeps torch's defaults), then
     every LSTM forget gate at ``forget_bias`` (bias_ih; bias_hh's part at 0): the cell keeps its memory
     from the first update instead of halving it at every step."""
-    if scale > 0:
-        for p in module.parameters():
-            nn.init.uniform_(p, -scale, scale)
+    with torch.no_grad():
+        if scale > 0:
+            for p in module.parameters():
+                nn.init.uniform_(p, -scale, scale)
         for m in module.modules():
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
-    for m in module.modules():
-        if isinstance(m, (nn.LSTM, nn.LSTMCell)):
-            for name, p in m.named_parameters():
-                if name.startswith("bias_"):
-                    h = p.numel() // 4  # gates i, f, g, o
-                    with torch.no_grad():
+            if scale > 0 and isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+            if isinstance(m, (nn.LSTM, nn.LSTMCell)):
+                for name, p in m.named_parameters():
+                    if name.startswith("bias_"):
+                        h = p.numel() // 4  # gates i, f, g, o
                         p[h : 2 * h].fill_(forget_bias if name.startswith("bias_ih") else 0.0)
 
 
@@ -91,8 +89,8 @@ def output_of(state: Hidden) -> torch.Tensor:
     return state[0] if isinstance(state, tuple) else state
 
 
-def _gates(x: torch.Tensor, rnn: nn.Module, kind: str, layer: int | None) -> torch.Tensor:
-    """``x W^T + b`` with the weights ``kind`` ("ih" or "hh") of ``rnn`` (see :func:`cell_step`)."""
+def gates_of(x: torch.Tensor, rnn: nn.Module, kind: str = "ih", layer: int | None = None) -> torch.Tensor:
+    """``x W^T + b`` with ``rnn``'s weights ``kind`` ("ih" input, "hh" recurrent; see :func:`cell_step`)."""
     sfx = "" if layer is None else f"_l{layer}"
     return step_linear(x, rnn, f"weight_{kind}{sfx}", getattr(rnn, f"bias_{kind}{sfx}"))
 
@@ -102,10 +100,9 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
     share of the gates ``gx = x W_ih^T + b_ih`` (B, 4H or 3H; torch's gate order), computed by the caller
     (for a whole sequence at once where the input does not depend on the recurrence). The recurrent
     weights are those of an ``nn.LSTMCell``/``nn.GRUCell`` ``rnn`` (``layer`` None) or of layer ``layer``
-    of an ``nn.LSTM``/``nn.GRU``, multiplied through :func:`mtkit.kernels.linear.step_linear` (a prepacked
-    oneDNN weight when decoding on a CPU)."""
+    of an ``nn.LSTM``/``nn.GRU``."""
     h = output_of(state)
-    gh = _gates(h, rnn, "hh", layer)
+    gh = gates_of(h, rnn, "hh", layer)
     n_hidden = h.size(1)
     if isinstance(state, tuple):
         gates = gx + gh
@@ -115,11 +112,6 @@ def cell_step(gx: torch.Tensor, state: Hidden, rnn: nn.Module, layer: int | None
     r, z = torch.sigmoid(gx[:, : 2 * n_hidden] + gh[:, : 2 * n_hidden]).chunk(2, 1)
     n = torch.tanh(torch.addcmul(gx[:, 2 * n_hidden :], r, gh[:, 2 * n_hidden :]))
     return torch.lerp(n, h, z)  # (1 - z) n + z h
-
-
-def input_gates(x: torch.Tensor, rnn: nn.Module, layer: int | None = None) -> torch.Tensor:
-    """``x W_ih^T + b_ih``: the input's share of the gates of ``rnn`` (as in :func:`cell_step`)."""
-    return _gates(x, rnn, "ih", layer)
 
 
 def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
@@ -132,7 +124,7 @@ def rnn_step(rnn: nn.RNNBase, x: torch.Tensor | None, hidden: list, gx0: torch.T
     for layer, state in enumerate(hidden):
         if layer and rnn.dropout and rnn.training:
             x = dropout(x, rnn.dropout)
-        gx = gx0 if layer == 0 and gx0 is not None else input_gates(x, rnn, layer)
+        gx = gx0 if layer == 0 and gx0 is not None else gates_of(x, rnn, "ih", layer)
         state = cell_step(gx, state, rnn, layer)
         x = output_of(state)
         new.append(state)
@@ -161,10 +153,11 @@ def layers_state(layers: list) -> State:
     return {"h": torch.stack(layers, 1)}
 
 
-def to_state(hidden: Hidden) -> State:
-    """torch RNN state (layers, B, H) [+ cell] -> {"h": (B, layers, H)[, "c": ...]}."""
+def to_state(hidden: Hidden, layers: int) -> State:
+    """torch RNN state (layers*dirs, B, H) [+ cell] -> {"h": (B, layers, dirs*H)[, "c": ...]}: ``layers``
+    layers, each with its directions concatenated."""
     parts = hidden if isinstance(hidden, tuple) else (hidden,)
-    return {name: t.transpose(0, 1) for name, t in zip("hc", parts)}
+    return {name: t.transpose(0, 1).reshape(t.size(1), layers, -1) for name, t in zip("hc", parts)}
 
 
 def from_state(state: State) -> Hidden:
@@ -210,7 +203,6 @@ class RNNEncoder(nn.Module):
         self.embed = Embedding(vocab, embed_dim, padding_idx=pad_id)
         self.dropout = Dropout(dropout)
         self.rnn = stacked_rnn(cell, embed_dim, hidden, layers, dropout, bidirectional)
-        self.layers = layers
         self.out_dim = (2 if bidirectional else 1) * hidden
 
     def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -218,9 +210,7 @@ class RNNEncoder(nn.Module):
         packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
         out, hidden = self.rnn(packed)
         memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, dirs*H)
-        # (B, layers*dirs, H) -> (B, layers, dirs*H)
-        final = {k: t.reshape(t.size(0), self.layers, self.out_dim) for k, t in to_state(hidden).items()}
-        return self.dropout(memory), final
+        return self.dropout(memory), to_state(hidden, self.rnn.num_layers)
 
 
 class RecurrentConfig(ModelConfig):
@@ -287,7 +277,7 @@ class LSTMSeq2Seq(Seq2Seq):
     def _decode(self, tgt_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         x = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
         out, hidden = self.decoder(x, from_state(state))  # (B, T, H)
-        return self.dropout(out), to_state(hidden)  # features before the output projection
+        return self.dropout(out), to_state(hidden, self.cfg.layers)  # features before the output projection
 
     def output_projection(self) -> nn.Linear:
         return self.out

@@ -9,9 +9,7 @@ turns its final states into the decoder's initial ones. With ``tie_embeddings`` 
 target embedding (and the source one with a joint vocabulary). Teacher forcing loops over target positions
 only for what depends on the recurrence: Luong without input feeding is one RNN call, one batched score and
 one combine layer; RNNsearch's maxout readout runs over all positions after its loop, and the embedding's
-share of the bottom layer's gates is one matrix product over all positions before it. Per step, the stacked
-RNN runs on the module's own weights through :func:`mtkit.models.lstm.rnn_step`. :class:`AttentionalRNN`,
-the model base shared with GNMT, lives here too.
+share of the bottom layer's gates is one matrix product over all positions before it.
 """
 
 from __future__ import annotations

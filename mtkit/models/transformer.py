@@ -95,7 +95,6 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.heads, self.dh = cfg.heads, d // cfg.heads
-        self.self_attn = self_attn
         if self_attn:
             self.qkv = Linear(d, 3 * d)
         else:
@@ -333,10 +332,8 @@ class Transformer(Seq2Seq):
     def init_state(self, enc: State) -> State:
         B = enc["src_mask"].size(0)  # per sentence: search expands it
         state: State = {"pos": torch.zeros(B, dtype=torch.long, device=enc["src_mask"].device)}
-        for i in range(len(self.decoder)):
-            empty = enc["cross_k0"].new_zeros(B, self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
-            state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
-        return state
+        empty = enc["cross_k0"].new_zeros(B, self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
+        return state | {f"self_{kv}{i}": empty for i in range(len(self.decoder)) for kv in "kv"}
 
     def attention_label(self) -> str:
         return f"cross-attention of decoder layer {self.cfg.decoder_layers} (the last), mean of {self.cfg.heads} heads"
@@ -351,6 +348,5 @@ class Transformer(Seq2Seq):
         h, caches, attn = self.decode(prev_tokens[:, None], pos[:, None], enc, caches, need_weights=need_attn)
         log_probs = F.log_softmax(self.output(h[:, -1]).float(), dim=-1)  # last position only
         new_state: State = {"pos": pos + 1}
-        for i, (k, v) in enumerate(caches):
-            new_state[f"self_k{i}"], new_state[f"self_v{i}"] = k, v
+        new_state |= {f"self_{kv}{i}": t for i, cache in enumerate(caches) for kv, t in zip("kv", cache)}
         return log_probs, new_state, None if attn is None else attn[:, -1]
