@@ -338,7 +338,7 @@ def recipe() -> None:
 @handle_errors
 def recipe_list() -> None:
     """The shipped recipes: languages, model family and the number each cites."""
-    from mtkit.recipes.schema import format_recipe_list, list_recipes
+    from mtkit.recipes.load import format_recipe_list, list_recipes
 
     click.echo(format_recipe_list(list_recipes()))
 
@@ -387,7 +387,7 @@ def recipe_run(recipe_file: str, workdir: str, stages: tuple[str, ...], override
 @handle_errors
 def recipe_check(recipe_file: str, overrides: tuple[str, ...], data_dir: str | None, smoke: bool) -> None:
     """Validate a recipe (name or YAML file) without running it; show where each data file would come from."""
-    from mtkit.recipes.schema import check_recipe
+    from mtkit.recipes.load import check_recipe
 
     click.echo(json.dumps(check_recipe(recipe_file, overrides, data_dir=data_dir, smoke=smoke), indent=1))
 

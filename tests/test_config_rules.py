@@ -26,7 +26,8 @@ from mtkit.config import (
 )
 from mtkit.config_fields import field_rule
 from mtkit.models import MODELS
-from mtkit.recipes.schema import BLEU_TOKENIZERS, RECIPE_SECTIONS, config_raw, recipe_paths
+from mtkit.recipes.load import recipe_paths
+from mtkit.recipes.schema import BLEU_TOKENIZERS, RECIPE_SECTIONS, config_raw
 from tests.helpers import cli, error_line
 
 RECIPES = recipe_paths()

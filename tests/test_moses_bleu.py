@@ -271,7 +271,7 @@ def test_multi30k_lines_agree_with_sacremoses_and_sacrebleu(tmp_path):
 def test_recipe_report_scores_our_output_with_the_papers_metric(tmp_path, monkeypatch):
     """The score stage of the WMT14 En-De recipe on a made-up output: no training needed."""
     from mtkit.recipes.context import RunContext
-    from mtkit.recipes.schema import load_recipe, recipe_paths
+    from mtkit.recipes.load import load_recipe, recipe_paths
     from mtkit.recipes.stages import stage_score
 
     monkeypatch.setenv("MTKIT_CACHE", str(tmp_path / "cache"))

@@ -16,8 +16,8 @@ from mtkit.cli import main
 from mtkit.errors import MtkitError
 from mtkit.recipes import schema, stages
 from mtkit.recipes.context import STAGES
+from mtkit.recipes.load import check_recipe, load_recipe, recipe_paths
 from mtkit.recipes.runner import parse_stages, run_recipe
-from mtkit.recipes.schema import check_recipe, load_recipe, recipe_paths
 from mtkit.recipes.smoke import SMOKE_PREPROCESS, SMOKE_TRAIN
 
 RECIPES = recipe_paths()

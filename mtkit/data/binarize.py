@@ -11,30 +11,19 @@ import multiprocessing as mp
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mtkit.data.subword import SubwordModel
-from mtkit.data.text import iter_parallel
+from mtkit.data.text import SplitFiles, iter_parallel
 from mtkit.utils import progress
 
 logger = logging.getLogger("mtkit.preprocess")
 
 CHUNK_PAIRS = 5_000  # pairs per unit of work sent to an encoding process
 UINT16_LIMIT = 1 << 16
-
-
-@dataclass
-class SplitFiles:
-    """One split of the corpus being preprocessed: its name and its source and target files."""
-
-    name: str
-    src: Path
-    tgt: Path
-    pairs: int | None = None  # line count, when a previous pass has counted it
 
 
 def shard_dtype(vocab_size: int) -> str:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from mtkit import __version__
-from mtkit.data.binarize import EncoderPool, SplitFiles, binarize_split, shard_dtype
+from mtkit.data.binarize import EncoderPool, binarize_split, shard_dtype
 from mtkit.data.dataset import DATA_FORMAT
 from mtkit.data.subword import load_models, train_models, write_models
-from mtkit.data.text import display_name, iter_parallel, resolve_corpus_file
+from mtkit.data.text import SplitFiles, display_name, iter_parallel, resolve_corpus_file
 from mtkit.errors import MtkitError
 
 logger = logging.getLogger("mtkit.preprocess")

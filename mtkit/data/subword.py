@@ -13,16 +13,12 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
-from mtkit.data.text import display_name, iter_parallel
+from mtkit.data.text import SplitFiles, display_name, iter_parallel
 from mtkit.errors import MtkitError
 from mtkit.utils import progress
-
-if TYPE_CHECKING:
-    from mtkit.data.binarize import SplitFiles
 
 logger = logging.getLogger("mtkit.preprocess")
 

@@ -7,10 +7,21 @@ import io
 import itertools
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from mtkit.errors import MtkitError
+
+
+@dataclass
+class SplitFiles:
+    """One split of the corpus being preprocessed: its name and its source and target files."""
+
+    name: str
+    src: Path
+    tgt: Path
+    pairs: int | None = None  # line count, when a previous pass has counted it
 
 
 def display_name(path: str | Path) -> str:

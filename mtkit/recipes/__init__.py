@@ -3,7 +3,7 @@ stages, each a small function over a run context::
 
     prepare -> preprocess -> train -> average -> translate -> score
 
-The modules, bottom up: ``schema`` (the recipe's keys, validation; finding, loading, listing
-recipes), ``smoke`` (the ``--smoke`` variant), ``context`` (the run context, stage markers),
-``stages`` (the six stages, the generated text of smoke runs; the score stage hands plain data to
-:mod:`mtkit.report`) and ``runner`` (the resumable stage loop)."""
+The modules, bottom up: ``schema`` (the recipe's keys, validation), ``smoke`` (the ``--smoke``
+variant), ``load`` (finding, loading, listing recipes), ``context`` (the run context, stage
+markers), ``stages`` (the six stages, the generated text of smoke runs; the score stage hands plain
+data to :mod:`mtkit.report`) and ``runner`` (the resumable stage loop)."""

@@ -23,7 +23,8 @@ from mtkit import provenance
 from mtkit.data.catalog import load_catalog
 from mtkit.errors import MtkitError, unknown_name
 from mtkit.recipes.context import STAGES, Markers, RunContext, short_hash
-from mtkit.recipes.schema import Recipe, load_recipe
+from mtkit.recipes.load import load_recipe
+from mtkit.recipes.schema import Recipe
 from mtkit.recipes.stages import STAGE_FUNCS
 
 logger = logging.getLogger("mtkit.recipes")
