@@ -67,12 +67,25 @@ class Trainer:
         if cfg.train.tensorboard_dir:
             tensorboard_writer_class()  # a missing package fails before any work
         self.save_dir = Path(save_dir)
-        self.device = device = training_device(device)
+        self.device = training_device(device)
         self.ranks = RankGroup(rank, world_size, self.device)  # world_size > 1: the process group is joined
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         if self.train_cfg.num_threads > 0:
             torch.set_num_threads(self.train_cfg.num_threads)
-        # the model (and its DDP wrapper), optimizer, scheduler, mixed precision, batches and update step
+        self._build()
+        self.metrics = MetricsLog(self.save_dir / "metrics.jsonl", enabled=self.is_main)
+        self.validator = Validator(self.model, data.valid, data.tgt_spm, cfg, self.collate, self.step.autocast,
+                                   self.step.loss, self.ranks, self.metrics)
+        self.early_stopping = self.validator.early_stopping
+        self.update = self.bad_in_row = self.bad_total = 0  # updates made; non-finite ones skipped in a row, in all
+        self.elapsed = 0.0  # seconds spent in training steps (validation and saving excluded)
+        self.last_valid: dict[str, Any] = {}
+        self.saved_at = -1
+
+    def _build(self) -> None:
+        """The model (and its DDP wrapper), optimizer, scheduler, mixed precision, batches and the
+        update step over them."""
+        data, cfg, device, rank, world_size = self.data, self.cfg, self.device, self.rank, self.world_size
         self.model, self.ddp = builders.build_seeded_model(cfg, data.src_spm.size, data.tgt_spm.size,
                                                            data.tgt_spm.pad, device, rank, world_size)
         self.optimizer = builders.build_optimizer(self.model, cfg.train, device)
@@ -88,14 +101,6 @@ class Trainer:
         self.step = UpdateStep(self.model, self.ddp, self.optimizer, self.scheduler, self.autocast_dtype,
                                self.collate, cfg.train, self.ranks)
         self.scaler = self.step.scaler
-        self.metrics = MetricsLog(self.save_dir / "metrics.jsonl", enabled=self.is_main)
-        self.validator = Validator(self.model, data.valid, data.tgt_spm, cfg, self.collate, self.step.autocast,
-                                   self.step.loss, self.ranks, self.metrics)
-        self.early_stopping = self.validator.early_stopping
-        self.update = self.bad_in_row = self.bad_total = 0  # updates made; non-finite ones skipped in a row, in all
-        self.elapsed = 0.0  # seconds spent in training steps (validation and saving excluded)
-        self.last_valid: dict[str, Any] = {}
-        self.saved_at = -1
 
     def _warn(self, *args: Any) -> None:
         """A warning every rank would give alike: said once, by rank 0."""
@@ -105,21 +110,10 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train (resuming from ``checkpoint_last.pt`` with ``resume``) and return the summary; rank 0
         keeps the run's records in the save dir: ``train.log`` (appended) and the resolved ``config.yaml``."""
-        # rank 0's view: a save dir must be shared by all nodes
-        found = self.ranks.agree((self.save_dir / LAST).exists())
-        if found and not resume:
-            raise MtkitError(f"{self.save_dir} already holds checkpoints: pass --resume to continue, "
-                             "or use another --save-dir")
+        found = self._check_save_dir(resume)
         with self._run_records():
             self._resume_or_start(found, resume)
-            n, train_cfg = self.world_size, self.train_cfg  # the run's first log line: model, data, device
-            ranks = (f" per rank; {n} ranks, an update takes up to {n} x {train_cfg.update_freq} x "
-                     f"{train_cfg.max_tokens} tokens" if self.ranks.distributed else "")
-            logger.info(
-                "model %s: %d parameters; %d training pairs, %d batches per epoch%s; device %s%s",
-                self.cfg.model.arch, num_parameters(self.model), len(self.data.train), len(self.batches),
-                ranks, self.device, f" ({self.autocast_dtype})" if self.autocast_dtype else "",
-            )
+            self._log_start()
             reason = self._train_until_stop()
             self._final_validation_and_save()
             logger.info("stopped at update %d: %s", self.update, reason)
@@ -136,6 +130,26 @@ class Trainer:
             "metrics_file": str(self.metrics.path),
             "world_size": self.world_size,
         }
+
+    def _check_save_dir(self, resume: bool) -> bool:
+        """Whether the save dir holds a run to resume (rank 0's view: a save dir must be shared by all
+        nodes); one without ``--resume`` is an error."""
+        found = self.ranks.agree((self.save_dir / LAST).exists())
+        if found and not resume:
+            raise MtkitError(f"{self.save_dir} already holds checkpoints: pass --resume to continue, "
+                             "or use another --save-dir")
+        return found
+
+    def _log_start(self) -> None:
+        """The run's first log line: model, data, device."""
+        n, train_cfg = self.world_size, self.train_cfg
+        ranks = (f" per rank; {n} ranks, an update takes up to {n} x {train_cfg.update_freq} x "
+                 f"{train_cfg.max_tokens} tokens" if self.ranks.distributed else "")
+        logger.info(
+            "model %s: %d parameters; %d training pairs, %d batches per epoch%s; device %s%s",
+            self.cfg.model.arch, num_parameters(self.model), len(self.data.train), len(self.batches),
+            ranks, self.device, f" ({self.autocast_dtype})" if self.autocast_dtype else "",
+        )
 
     def _run_records(self) -> contextlib.ExitStack:
         """On rank 0: ``train.log`` (provenance first) and the TensorBoard writer, open for the run."""
