@@ -1,4 +1,4 @@
-"""The one training loop shared by every model family, and the ``mtkit train`` command.
+"""The one training loop shared by every model family.
 
 ``train(data_dir, cfg, save_dir)`` runs :class:`Trainer` on a preprocessed data dir: label-smoothed
 cross entropy, token-budget batches with ``update_freq`` accumulation, mixed precision, gradient
