@@ -70,7 +70,10 @@ def select_checkpoints(
         elif all(s[3] is not None for s in scored):
             what, ranked = "valid loss", sorted(scored, key=lambda s: (-s[3], s[0]), reverse=True)
         else:
-            missing = next(s[1] for s in scored if s[2] is None and s[3] is None)
+            missing = next((s[1] for s in scored if s[2] is None and s[3] is None), None)
+            if missing is None:
+                raise MtkitError(f"the checkpoints in {path} do not all record the same validation metric "
+                                 "(some only BLEU, some only loss); use --last or a list")
             raise MtkitError(f"checkpoint {missing} records no validation BLEU or loss; use --last or a list")
         chosen = sorted(ranked[:best])
     if len(chosen) < (last or best):

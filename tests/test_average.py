@@ -143,6 +143,14 @@ def test_select_best_by_bleu_then_loss(ckpt_dir):
         select_checkpoints(ckpt_dir, best=2)
 
 
+def test_select_best_refuses_mixed_metrics(tmp_path):
+    # one checkpoint records only BLEU, the other only loss: no metric ranks them all
+    write(tmp_path / "checkpoint_100.pt", make_payload(1, 100, bleu=30.0, loss=None))
+    write(tmp_path / "checkpoint_200.pt", make_payload(2, 200, bleu=None, loss=2.0))
+    with pytest.raises(MtkitError, match="do not all record the same validation metric"):
+        select_checkpoints(tmp_path, best=1)
+
+
 def test_selection_refusals(tmp_path, ckpt_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
