@@ -182,6 +182,27 @@ def _is_float(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.is_floating_point()
 
 
+def _accumulate(sums: dict[str, torch.Tensor], state: dict[str, Any], aliases: dict[str, str]) -> None:
+    """Add ``state``'s float weights to their float32 ``sums`` (tied aliases skipped). A function of
+    its own, so no reference to the checkpoint's tensors outlives the call."""
+    for k, v in state.items():
+        if k in aliases or not _is_float(v):
+            continue
+        if k in sums:
+            sums[k].add_(v.to(torch.float32))
+        else:
+            sums[k] = v.to(torch.float32, copy=True)
+
+
+def _averaged_state(
+    sums: dict[str, torch.Tensor], n: int, newest: dict[str, Any], aliases: dict[str, str]
+) -> dict[str, Any]:
+    """The averaged state dict in the newest input's key order and dtypes (``newest`` maps each key to
+    a dtype, or to the tensor itself where it is not averaged), tied aliases restored."""
+    model = {k: sums.pop(k).div_(n).to(v) if k in sums else v for k, v in newest.items() if k not in aliases}
+    return {k: model[aliases.get(k, k)] for k in newest}
+
+
 def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> None:
     """Average the weights of ``paths`` into a new checkpoint ``out_path`` (see the module doc)."""
     paths = [Path(p) for p in paths]
@@ -202,13 +223,7 @@ def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> No
             ref.check(path, payload)
         update = payload.get("update")
         updates.append(update if isinstance(update, int) else None)
-        for k, v in payload["model"].items():  # float32 sums of the float weights, aliases skipped
-            if k in ref.aliases or not _is_float(v):
-                continue
-            if k in sums:
-                sums[k].add_(v.to(torch.float32))
-            else:
-                sums[k] = v.to(torch.float32, copy=True)
+        _accumulate(sums, payload["model"], ref.aliases)
         order = (update if isinstance(update, int) else -1, i)
         if order > newest_key:
             newest_key = order
@@ -219,10 +234,7 @@ def average_checkpoints(paths: Sequence[str | Path], out_path: str | Path) -> No
 
     assert ref is not None
     n = len(paths)
-    # the averaged state dict in the newest input's key order and dtypes, tied aliases restored
-    model = {k: sums.pop(k).div_(n).to(v) if k in sums else v for k, v in newest["model"].items()
-             if k not in ref.aliases}
-    model = {k: model[ref.aliases.get(k, k)] for k in newest["model"]}
+    model = _averaged_state(sums, n, newest["model"], ref.aliases)
     metrics = {"averaged": True, "averaged_updates": updates, "averaged_checkpoints": [str(p) for p in paths]}
     save_checkpoint(out_path, build_payload(newest["config"], model, spm=newest["spm"], vocab=newest["vocab"],
                                             update=newest["update"], epoch=newest["epoch"], metrics=metrics))
