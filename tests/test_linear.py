@@ -216,3 +216,16 @@ def test_activated_applies_the_activation(activation):
     layer, x = L.Linear(8, 16), torch.randn(5, 8)
     torch.testing.assert_close(layer.activated(x, activation), activation(F.linear(x, layer.weight, layer.bias)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_prepacked_weight_gives_the_same_products_and_only_where_onednn_applies():
+    torch.manual_seed(0)
+    w, x, b = torch.randn(37, 16), torch.randn(5, 16), torch.randn(37)
+    packed = L.prepacked(w)
+    if L.ONEDNN:
+        assert packed is not w and packed.is_mkldnn
+    else:
+        assert packed is w
+    torch.testing.assert_close(L.matmul_nt(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    bf16 = w.to(torch.bfloat16)
+    assert L.prepacked(bf16) is bf16  # oneDNN's float32 layout only

@@ -118,12 +118,22 @@ def packed_param(module: nn.Module, name: str) -> torch.Tensor | None:
     slots = _PACKED.setdefault(module, {})
     cached = slots.get(name)
     if cached is None or cached[0] != key:
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
-        except (AttributeError, RuntimeError):
-            packed = None
-        cached = slots[name] = (key, packed)
+        cached = slots[name] = (key, _reordered(w))
     return cached[1]
+
+
+def _reordered(weight: torch.Tensor) -> torch.Tensor | None:
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def prepacked(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (N, K) laid out for many :func:`matmul_nt` calls with it: in oneDNN's layout where that
+    applies (float32 on a CPU), else ``weight`` itself. Not differentiable."""
+    packed = _reordered(weight) if fast_path(weight, weight) else None
+    return weight if packed is None else packed
 
 
 def _packed_linear(

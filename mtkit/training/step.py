@@ -22,47 +22,61 @@ import numpy as np
 import torch
 
 from mtkit.config import TrainConfig
-from mtkit.kernels.linear import grad_weight, matmul_nt
+from mtkit.kernels.linear import grad_weight, matmul_nt, prepacked
 from mtkit.training import builders
 from mtkit.training.distributed import RankGroup
 from mtkit.training.schedule import Scheduler
 
 
 class _ProjectedNLL(torch.autograd.Function):
-    """Output projection and label-smoothed loss in one pass over row chunks: each chunk's logits
-    are made, turned into loss terms and into the gradient ``softmax(z) - q`` in place, and
-    multiplied straight into the gradients of the hidden states and of the projection. No (N, V)
-    tensor outlives its chunk; backward only scales the stored gradients by the incoming one."""
+    """Output projection and label-smoothed loss in one pass over row chunks of non-pad rows: each
+    chunk's logits are made, turned into loss terms and into the gradient ``softmax(z) - q`` in place,
+    and multiplied straight into the gradients of the hidden states and of the projection. No (N, V)
+    tensor outlives its chunk; backward only scales the stored gradients by the incoming one.
+
+    What is the same for every vocabulary entry is taken out of the chunks: ``sum_v z_v`` is one
+    matrix-vector product (``x . sum_v W_v + sum_v b_v``), and the ``eps / V`` share of ``q`` adds a
+    rank-one term to each gradient after the loop, so a chunk is read only by the softmax, the
+    exponential and the two gradient products."""
 
     @staticmethod
-    def forward(ctx: Any, hidden, weight, bias, target, keep, eps: float, dtype: torch.dtype, chunk: int, need_grad: bool):
+    def forward(ctx: Any, hidden, weight, bias, target, eps: float, dtype: torch.dtype, chunk: int, need_grad: bool):
         N, V = hidden.size(0), weight.size(0)
         h, w = hidden.to(dtype), weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        loss, nll = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
+        w_packed = prepacked(w)  # laid out once for the chunks' forward products
+        w_sum = w.float().sum(0)  # (H,)
+        z_sum = h.float() @ w_sum + (0.0 if b is None else b.float().sum())  # (N,) sum_v z_v
+        lse, lp_y = torch.empty(N, device=h.device), torch.empty(N, device=h.device)
         grad_h = torch.empty(N, hidden.size(1), dtype=torch.float32, device=hidden.device) if need_grad else None
         grad_w = torch.zeros(V, weight.size(1), dtype=torch.float32, device=weight.device) if need_grad else None
         grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_grad and bias is not None else None
         for s in range(0, N, chunk):
-            x, y, k = h[s : s + chunk], target[s : s + chunk], keep[s : s + chunk]
-            logp = torch.log_softmax(matmul_nt(x, w, b).float(), -1)  # (n, V)
-            lp_y, lp_sum = logp.gather(-1, y[:, None]).squeeze(-1), logp.sum(-1)
-            nll -= (lp_y * k).sum()
-            loss -= (((1.0 - eps) * lp_y + (eps / V) * lp_sum) * k).sum()
+            x, y = h[s : s + chunk], target[s : s + chunk, None]
+            z = matmul_nt(x, w_packed, b).float()  # (n, V)
+            logp = torch.log_softmax(z, -1)
+            lp_y[s : s + chunk] = logp.gather(-1, y).squeeze(-1)
+            lse[s : s + chunk] = z.gather(-1, y).squeeze(-1) - lp_y[s : s + chunk]
             if not need_grad:
                 continue
-            z = logp.exp_()  # softmax, then minus the smoothed target: the gradient of the loss
-            if eps > 0.0:
-                z.sub_(eps / V)
-            z.scatter_add_(-1, y[:, None], z.new_full((z.size(0), 1), -(1.0 - eps)))
-            z.mul_(k[:, None])
-            g = z.to(dtype)
-            grad_h[s : s + chunk] = matmul_nt(g, w.t())  # g @ w
-            grad_w += grad_weight(g, x)  # g^T @ x
+            g = logp.exp_().scatter_add_(-1, y, logp.new_full(y.shape, -(1.0 - eps)))  # softmax - (1-eps) onehot
             if grad_b is not None:
-                grad_b += z.sum(0)
+                grad_b += g.sum(0)
+            g = g.to(dtype)
+            grad_h[s : s + chunk] = g @ w
+            grad_w += grad_weight(g, x)  # g^T @ x
+        # sum_v log p(v) = sum_v z_v - V * lse, in float64: V * lse is large next to the terms' spread
+        lp_sum = z_sum.double() - V * lse.double()
+        nll = -lp_y.double().sum()
+        loss = ((1.0 - eps) * nll - (eps / V) * lp_sum.sum()).float()
+        if need_grad and eps > 0.0:  # the eps / V share of q, the same in every column (rank one)
+            grad_h -= (eps / V) * w_sum
+            grad_w -= (eps / V) * h.float().sum(0)
+            if grad_b is not None:
+                grad_b -= eps / V * N
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype)
+        nll = nll.float()
         ctx.mark_non_differentiable(nll)
         return loss, nll
 
@@ -74,7 +88,7 @@ class _ProjectedNLL(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         grad_h, grad_w = (grad_h * grad_loss).to(h_dtype), (grad_w * grad_loss).to(w_dtype)
         grad_b = None if grad_b is None else (grad_b * grad_loss).to(w_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def projected_nll(
@@ -84,18 +98,22 @@ def projected_nll(
     """(label-smoothed loss sum, nll sum, non-pad tokens) of ``layer(hidden)`` against ``target``.
 
     hidden (..., H): the model's features before its output projection ``layer`` (a Linear to V
-    classes, bias or not). Matmuls run in ``dtype`` (default: the weight's, e.g. bfloat16 under
-    autocast), softmax and sums in float32; ``chunk`` rows per pass (default: about 4M logits on a
-    CPU, more on a GPU). The values and gradients of projecting, then taking the loss, in less time
-    and without the (..., V) logits, a training step's largest tensors."""
+    classes, bias or not). Pad positions are left out before projecting. Matmuls run in ``dtype``
+    (default: the weight's, e.g. bfloat16 under autocast), softmax and sums in float32; ``chunk`` rows
+    per pass (default: about 4M logits on a CPU, more on a GPU). The values and gradients of projecting,
+    then taking the loss, in less time and without the (..., V) logits, a training step's largest tensors."""
     flat, target = hidden.reshape(-1, hidden.size(-1)), target.reshape(-1)
     keep = target != pad
+    n = int(keep.sum())
+    if n < target.numel():
+        rows = keep.nonzero().squeeze(1)
+        flat, target = flat.index_select(0, rows), target.index_select(0, rows)
     chunk = chunk or max(1, (2**22 if flat.device.type == "cpu" else 2**27) // layer.weight.size(0))
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or layer.weight.requires_grad)
     loss, nll = _ProjectedNLL.apply(
-        flat, layer.weight, layer.bias, target, keep.float(), float(eps), dtype or layer.weight.dtype, chunk, need_grad
+        flat, layer.weight, layer.bias, target, float(eps), dtype or layer.weight.dtype, chunk, need_grad
     )
-    return loss, nll.detach(), int(keep.sum())
+    return loss, nll.detach(), n
 
 
 def split_batch(dataset: Any, batch: np.ndarray, pass_tokens: int) -> list[np.ndarray]:
