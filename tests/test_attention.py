@@ -12,6 +12,7 @@ from mtkit.models.attention import (
     SCORES,
     WINDOWS,
     AdditiveScore,
+    AttentionLoop,
     ConcatScore,
     DotScore,
     GeneralScore,
@@ -188,6 +189,44 @@ def test_one_step_and_all_positions_queries_agree(score, window):
             assert ctx.shape == (B, H) and w.shape == (B, S)
             torch.testing.assert_close(w, w_all[:, i])
             torch.testing.assert_close(ctx, ctx_all[:, i])
+
+
+@pytest.mark.parametrize("window", list(WINDOWS))
+@pytest.mark.parametrize("score", list(SCORES))
+def test_a_loop_of_steps_gets_the_same_values_and_gradients_with_its_memory_gradients_deferred(score, window):
+    torch.manual_seed(3)
+    B, T, S, H = 3, 5, 6, 4
+    attn = build_attention(score, H, H, 5, window, window_size=2)
+    src_len = torch.tensor([6, 3, 1])
+    mask = padding_mask(src_len, S)
+    memory0, queries0 = torch.randn(B, S, H), torch.randn(B, T, H)
+
+    def run(loop: AttentionLoop | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        attn.zero_grad()
+        memory, queries = memory0.clone().requires_grad_(), queries0.clone().requires_grad_()
+        enc = {"memory": memory, "keys": attn.precompute(memory)}
+        if loop is not None:
+            enc = loop.wrap(enc)
+        feed, outs = torch.zeros(B, H), []
+        for i in range(T):  # each query depends on the previous context, as with input feeding
+            ctx, _ = attn(queries[:, i] + feed, enc["memory"], enc["keys"], mask, src_len, torch.full((B,), i), loop)
+            feed = torch.tanh(ctx)
+            outs.append(feed)
+        out = torch.stack(outs, 1)
+        (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), [memory.grad, queries.grad] + [p.grad for p in attn.parameters()]
+
+    out_plain, grads_plain = run(None)
+    loop = AttentionLoop()
+    out_loop, grads_loop = run(loop)
+    assert loop.wrapped and len(loop.steps["memory"]) == T  # the deferred path was taken
+    assert len(loop.steps["keys"]) == (T if score in ("dot", "general") else 0)
+    torch.testing.assert_close(out_loop, out_plain)
+    assert len(grads_loop) == len(grads_plain)
+    for got, want in zip(grads_loop, grads_plain):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # no gradients: nothing to defer, the plain path runs
+        assert AttentionLoop().wrap({"memory": memory0, "keys": memory0})["memory"] is memory0
 
 
 # --- every score and window: weights, padding, gradients -------------------------------------

@@ -15,6 +15,8 @@ target in one batched score: (B, T, Hq) queries; scores and window biases are al
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -136,6 +138,96 @@ WINDOWS: dict[str, type[nn.Module]] = {
 }
 
 
+class AttentionLoop:
+    """The memory gradients of a decoder loop that attends one step at a time, in two batched products.
+
+    Autograd would give each step's context ``w_t . memory`` (and dot-product score ``keys . q_t``) a
+    (B, S, Hm) outer-product gradient and sum them, step after step. Here a step's backward keeps only
+    ``dL/dcontext_t`` (``dL/dscore_t``), and the node through which :meth:`wrap` passes the encoder
+    tensors, which autograd reaches after every step that uses them, adds ``sum_t w_t dC_t``
+    (``sum_t dS_t q_t``) as one batched product each: the same gradients up to rounding. It applies
+    where gradients are enabled, to float32 tensors outside autocast; elsewhere nothing changes."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[list[torch.Tensor | None]]] = {"keys": [], "memory": []}
+        self.wrapped = False  # steps defer only once the encoder tensors pass through the node
+
+    @staticmethod
+    def applies(query: torch.Tensor, memory: torch.Tensor) -> bool:
+        return (torch.is_grad_enabled() and query.dtype == memory.dtype == torch.float32
+                and not torch.is_autocast_enabled(query.device.type))
+
+    def wrap(self, enc: dict) -> dict:
+        """``enc`` with "keys" and "memory" passed through the node that adds the steps' gradients."""
+        if not self.applies(enc["memory"], enc["memory"]):
+            return enc
+        keys, memory = _LoopStart.apply(enc["keys"], enc["memory"], self)
+        self.wrapped = True
+        return {**enc, "keys": keys, "memory": memory}
+
+    def add_step(self, kind: str, left: torch.Tensor | None, right: torch.Tensor | None) -> list:
+        """A step's factors (B, S) and (B, H) of its ``kind`` gradient ``left^T right``; the one that
+        backward gives is None until then (the returned slot is where it goes)."""
+        slot = [left, right]
+        self.steps[kind].append(slot)
+        return slot
+
+    def total(self, kind: str) -> torch.Tensor | None:
+        """sum_t left_t^T right_t -> (B, S, H) over the steps backward reached; None if none did."""
+        pairs = [(left, right) for left, right in self.steps[kind] if left is not None and right is not None]
+        if not pairs:
+            return None
+        return torch.bmm(torch.stack([left for left, _ in pairs], 2), torch.stack([right for _, right in pairs], 1))
+
+
+class _LoopStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, keys: torch.Tensor, memory: torch.Tensor, loop: AttentionLoop):
+        ctx.loop = loop
+        return keys.view_as(keys), memory.view_as(memory)
+
+    @staticmethod
+    def backward(ctx: Any, grad_keys: torch.Tensor, grad_memory: torch.Tensor):
+        extra_keys, extra_memory = ctx.loop.total("keys"), ctx.loop.total("memory")
+        if extra_keys is not None:
+            grad_keys = grad_keys + extra_keys
+        if extra_memory is not None:
+            grad_memory = grad_memory + extra_memory
+        return grad_keys, grad_memory, None
+
+
+class _LoopScore(torch.autograd.Function):
+    """Dot-product scores ``keys . q`` (B, S) of one step; the keys' gradient is left to the loop."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, keys: torch.Tensor, loop: AttentionLoop):
+        ctx.slot = loop.add_step("keys", None, query.detach())
+        ctx.save_for_backward(keys)
+        return torch.bmm(query.unsqueeze(1), keys.transpose(1, 2)).squeeze(1)  # a row times a matrix: fast
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        (keys,) = ctx.saved_tensors
+        ctx.slot[0] = grad
+        return torch.bmm(grad.unsqueeze(1), keys).squeeze(1), None, None
+
+
+class _LoopContext(torch.autograd.Function):
+    """The context ``w . memory`` (B, Hm) of one step; the memory's gradient is left to the loop."""
+
+    @staticmethod
+    def forward(ctx: Any, weights: torch.Tensor, memory: torch.Tensor, loop: AttentionLoop):
+        ctx.slot = loop.add_step("memory", weights.detach(), None)
+        ctx.save_for_backward(memory)
+        return torch.bmm(weights.unsqueeze(1), memory).squeeze(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        (memory,) = ctx.saved_tensors
+        ctx.slot[1] = grad
+        return torch.bmm(grad.unsqueeze(1), memory.transpose(1, 2)).squeeze(1), None, None
+
+
 class Attention(nn.Module):
     """A score plus a window. ``forward`` returns (context (B, Hm), weights (B, S)) for a (B, Hq)
     query, or (context (B, T, Hm), weights (B, T, S)) for (B, T, Hq) queries."""
@@ -155,16 +247,23 @@ class Attention(nn.Module):
         mask: torch.Tensor,  # (B, S) True on real tokens
         src_len: torch.Tensor,  # (B,)
         t: torch.Tensor | None = None,  # (B,) or (B, T) decoder positions (local-m needs them)
+        loop: AttentionLoop | None = None,  # a training loop's one-step calls (see AttentionLoop)
     ) -> tuple[torch.Tensor, torch.Tensor]:
         one_step = query.dim() == 2
+        loop = loop if one_step and loop is not None and loop.wrapped and loop.applies(query, memory) else None
         if one_step:
             query = query.unsqueeze(1)  # (B, 1, Hq)
             t = None if t is None else t.unsqueeze(1)
-        scores = self.score(query, keys)  # (B, T, S)
+        if loop is not None and isinstance(self.score, DotScore):
+            scores = _LoopScore.apply(query.squeeze(1), keys, loop).unsqueeze(1)
+        else:
+            scores = self.score(query, keys)  # (B, T, S)
         bias = self.window(query, src_len, t, memory.size(1))
         if bias is not None:
             scores = scores + bias
         weights = masked_softmax(scores, mask.unsqueeze(1))  # (B, T, S), float32
+        if loop is not None:
+            return _LoopContext.apply(weights.squeeze(1), memory, loop), weights.squeeze(1)
         context = torch.bmm(weights.to(memory.dtype), memory)  # (B, T, Hm)
         if one_step:
             return context.squeeze(1), weights.squeeze(1)

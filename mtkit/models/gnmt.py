@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mtkit.config_fields import any_value, choice, number
 from mtkit.kernels.dropout import Dropout
-from mtkit.models.attention import Attention, build_attention
+from mtkit.models.attention import Attention, AttentionLoop, build_attention
 from mtkit.models.base import State
 from mtkit.models.lstm import (
     CELL_CLASSES,
@@ -137,11 +137,12 @@ class GNMTDecoder(nn.Module):
         layers = list(zip(h, state["c"].transpose(0, 1))) if self.has_cell_state else list(h)
         bottom, ctx, bottom_cell = layers[0], state["ctx"], self.cells[0]
         gx_emb, w_ctx = embedding_gates(emb, bottom_cell.weight_ih, bottom_cell.bias_ih)
-        bottoms, ctxs = [], []
+        bottoms, ctxs, loop = [], [], AttentionLoop()
+        enc = loop.wrap(enc)
         for gx in gx_emb.unbind(1):  # (B, 4H) per position
             bottom = cell_step(gx + F.linear(ctx, w_ctx), bottom, bottom_cell)
             hb = output_of(bottom)
-            ctx, _ = self.attention(hb, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+            ctx, _ = self.attention(hb, enc["memory"], enc["keys"], enc["mask"], enc["src_len"], loop=loop)
             bottoms.append(hb)
             ctxs.append(ctx)
         x, context = torch.stack(bottoms, dim=1), torch.stack(ctxs, dim=1)  # (B, T, H), (B, T, Hm)

@@ -24,7 +24,7 @@ from mtkit.config_fields import any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.kernels.dropout import Dropout
 from mtkit.kernels.linear import Linear
-from mtkit.models.attention import Attention, build_attention
+from mtkit.models.attention import Attention, AttentionLoop, build_attention
 from mtkit.models.base import Seq2Seq, State
 from mtkit.models.lstm import (
     Embedding,
@@ -166,9 +166,10 @@ class BahdanauDecoder(nn.Module):
     def init_state(self, enc: State) -> State:
         return {**initial_state(enc), "t": torch.zeros_like(enc["src_len"])}
 
-    def attend(self, hidden: list, enc: State) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, hidden: list, enc: State, loop: AttentionLoop | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The context c_i (B, Hm) and weights from s_{i-1}, the top layer of ``hidden``."""
-        return self.attention(output_of(hidden[-1]), enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
+        return self.attention(output_of(hidden[-1]), enc["memory"], enc["keys"], enc["mask"], enc["src_len"],
+                              loop=loop)
 
     def maxout(self, s: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Maxout over [s_i; c_i; E y_{i-1}], for one step (B, ...) or all positions (B, T, ...)."""
@@ -184,9 +185,10 @@ class BahdanauDecoder(nn.Module):
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
         hidden = state_layers(state)  # per-layer (B, H) states for the whole loop
         gx_emb, w_ctx = embedding_gates(emb, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
-        states, contexts = [], []
+        states, contexts, loop = [], [], AttentionLoop()
+        enc = loop.wrap(enc)
         for gx in gx_emb.unbind(1):
-            ctx, _ = self.attend(hidden, enc)
+            ctx, _ = self.attend(hidden, enc, loop)
             s, hidden = rnn_step(self.rnn, None, hidden, gx + F.linear(ctx, w_ctx))
             states.append(s)
             contexts.append(ctx)
@@ -214,9 +216,11 @@ class LuongDecoder(nn.Module):
             state["feed"] = enc["memory"].new_zeros(enc["memory"].size(0), self.out_dim)
         return state
 
-    def attend(self, h: torch.Tensor, enc: State, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(
+        self, h: torch.Tensor, enc: State, t: torch.Tensor, loop: AttentionLoop | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h~ = tanh(W_c [c; h]) for one step (B, H) or all positions (B, T, H); (h~, weights)."""
-        ctx, weights = self.attention(h, enc["memory"], enc["keys"], enc["mask"], enc["src_len"], t)
+        ctx, weights = self.attention(h, enc["memory"], enc["keys"], enc["mask"], enc["src_len"], t, loop)
         return self.dropout(torch.tanh(self.combine(torch.cat([ctx, h], dim=-1)))), weights
 
     def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
@@ -233,11 +237,12 @@ class LuongDecoder(nn.Module):
         if not self.input_feed:  # one RNN call, one batched score, one combine layer
             out, _ = self.rnn(emb, from_state(state))  # (B, T, H)
             return self.attend(out, enc, state["t"].unsqueeze(1) + steps)[0]  # (B, T, H)
-        hidden, feed, outs = state_layers(state), state["feed"], []
+        hidden, feed, outs, loop = state_layers(state), state["feed"], [], AttentionLoop()
         gx_emb, w_feed = embedding_gates(emb, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
+        enc = loop.wrap(enc)
         for i, gx in enumerate(gx_emb.unbind(1)):  # h~_{t-1} feeds step t: sequential by nature
             out, hidden = rnn_step(self.rnn, None, hidden, gx + F.linear(feed, w_feed))
-            feed, _ = self.attend(out, enc, state["t"] + i)
+            feed, _ = self.attend(out, enc, state["t"] + i, loop)
             outs.append(feed)
         return torch.stack(outs, dim=1)  # (B, T, H)
 
