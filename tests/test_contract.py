@@ -12,6 +12,7 @@ from mtkit.config import PRESET_DIR, load_config
 from mtkit.data.subword import train_sentencepiece
 from mtkit.models import MODELS, build_model
 from mtkit.models.base import expand_state, reorder_state
+from mtkit.models.lstm import decoding_input_gates
 
 TINY = sorted(PRESET_DIR.glob("*_tiny.yaml"))
 V, PAD = 40, 0
@@ -63,13 +64,20 @@ def test_registered(preset):
     assert MODELS[cfg.model.arch].Config is type(cfg.model)
 
 
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("preset", TINY, ids=lambda p: p.stem)
-@torch.no_grad()
-def test_step_equals_forward(preset):
+def test_step_equals_forward(preset, grad_off):
+    """Under ``torch.inference_mode`` (decoding) the recurrent decoders read their bottom layer's
+    embedding gates from a table and multiply by prepacked weights: the same log-probs."""
     model, _ = make_model(preset)
     src, src_len, tgt = batch()
-    full = model(src, src_len, tgt).log_softmax(-1)
-    inc = incremental(model, src, src_len, tgt)
+    with torch.no_grad():
+        full = model(src, src_len, tgt).log_softmax(-1)
+    with grad_off():
+        inc = incremental(model, src, src_len, tgt).clone()
+    if grad_off is torch.inference_mode and hasattr(model.decoder, "bottom_input"):
+        with torch.inference_mode():  # the table path applies
+            assert decoding_input_gates(tgt[:, 0], model.tgt_embed, *model.decoder.bottom_input()) is not None
     assert inc.shape == full.shape == (3, 6, V)
     keep = tgt != PAD
     assert torch.allclose(inc[keep], full[keep], atol=1e-5), (inc - full)[keep].abs().max()

@@ -114,11 +114,15 @@ def packed_param(module: nn.Module, name: str) -> torch.Tensor | None:
     w = getattr(module, name)
     if w.is_inference():
         return None
-    key = (w.data_ptr(), w._version, w.shape)
+    return cached_layout(module, name, (w.data_ptr(), w._version, w.shape), lambda: _reordered(w))
+
+
+def cached_layout(module: nn.Module, name: str, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, kept with ``module`` under ``name`` until ``key`` changes or :func:`release_packed`."""
     slots = _PACKED.setdefault(module, {})
     cached = slots.get(name)
     if cached is None or cached[0] != key:
-        cached = slots[name] = (key, _reordered(w))
+        cached = slots[name] = (key, make())
     return cached[1]
 
 

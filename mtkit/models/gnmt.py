@@ -42,6 +42,7 @@ from mtkit.models.lstm import (
     output_of,
     run_cell,
     state_layers,
+    step_input_gates,
     to_state,
 )
 from mtkit.models.rnn_attention import AttentionalRNN, Bridge
@@ -118,10 +119,19 @@ class GNMTDecoder(nn.Module):
     def _cell(self, i: int, inp: torch.Tensor, state: Hidden) -> Hidden:
         return cell_step(gates_of(inp, self.cells[i]), state, self.cells[i])
 
-    def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+    def bottom_input(self) -> tuple[nn.Module, str, str]:
+        """The bottom cell and its input weight and bias names (see :func:`decoding_input_gates`)."""
+        return self.cells[0], "weight_ih", "bias_ih"
+
+    def forward(
+        self, emb: torch.Tensor, enc: State, state: State, table_gates: tuple | None = None
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One step: emb (B, E) -> output (B, H)."""
         layers = state_layers(state)
-        new = [self._cell(0, torch.cat([emb, state["ctx"]], dim=-1), layers[0])]
+        if table_gates is None:
+            new = [self._cell(0, torch.cat([emb, state["ctx"]], dim=-1), layers[0])]
+        else:
+            new = [cell_step(step_input_gates(table_gates, state["ctx"]), layers[0], self.cells[0])]
         x = output_of(new[0])  # the bottom layer's output (B, H)
         ctx, weights = self.attention(x, enc["memory"], enc["keys"], enc["mask"], enc["src_len"])
         for i in range(1, len(self.cells)):  # the context enters every layer

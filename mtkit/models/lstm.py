@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from mtkit.config_fields import ModelConfig, any_value, choice, number
 from mtkit.errors import MtkitError
 from mtkit.kernels.dropout import Dropout, dropout
-from mtkit.kernels.linear import Linear, linear, step_linear
+from mtkit.kernels.linear import Linear, cached_layout, linear, matmul_nt, prepacked, step_linear
 from mtkit.kernels.lstm_cell import lstm_pointwise
 from mtkit.models.base import Seq2Seq, State
 
@@ -140,6 +140,37 @@ def embedding_gates(emb: torch.Tensor, w_ih: torch.Tensor, b_ih: torch.Tensor) -
     3H), ``b_ih`` included) and the contiguous columns of ``w_ih`` that read x_t."""
     first = emb.size(-1)
     return linear(emb, w_ih[:, :first].contiguous(), b_ih), w_ih[:, first:].contiguous()
+
+
+GATE_TABLE_LIMIT = 1 << 24  # entries of a table (64 MB in float32); larger vocabularies multiply step by step
+
+
+def decoding_input_gates(
+    tokens: torch.Tensor, embed: Embedding, cell: nn.Module, weight: str, bias: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Decoding with a bottom layer that reads ``[embedding; x_t]``: the embedding's share of its gates
+    for ``tokens`` (B,) as rows of a table ``E W_e^T + b`` (V, 4H) made once per weight version, and the
+    columns of ``W`` that read x_t (laid out for :func:`matmul_nt`), so that a step multiplies x_t only.
+    None where that does not apply (training, outside ``torch.inference_mode``, too large a table)."""
+    w, b = getattr(cell, weight), getattr(cell, bias)
+    if (cell.training or embed.training or not torch.is_inference_mode_enabled() or w.is_inference()
+            or embed.weight.is_inference() or embed.num_embeddings * w.size(0) > GATE_TABLE_LIMIT):
+        return None
+    first = embed.embedding_dim
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        return linear(embed.weight * embed.scale, w[:, :first].contiguous(), b), prepacked(w[:, first:].contiguous())
+
+    key = (embed.weight.data_ptr(), embed.weight._version, w.data_ptr(), w._version, b.data_ptr(), b._version,
+           embed.scale)
+    table, rest = cached_layout(cell, f"gate_table_{weight}", key, make)
+    return table.index_select(0, tokens), rest
+
+
+def step_input_gates(table_gates: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor | None) -> torch.Tensor:
+    """The bottom layer's ``gx`` for one step from :func:`decoding_input_gates` and x_t (B, I), if any."""
+    gates, rest = table_gates
+    return gates if x is None else gates.add_(matmul_nt(x, rest))
 
 
 def state_layers(state: State) -> list:

@@ -30,6 +30,7 @@ from mtkit.models.lstm import (
     Embedding,
     RecurrentConfig,
     RNNEncoder,
+    decoding_input_gates,
     embedding_gates,
     from_state,
     init_weights,
@@ -40,6 +41,7 @@ from mtkit.models.lstm import (
     rnn_step,
     stacked_rnn,
     state_layers,
+    step_input_gates,
     tie_embeddings,
 )
 
@@ -146,7 +148,8 @@ class AttentionalRNN(Seq2Seq):
         self, prev_tokens: torch.Tensor, enc: State, state: State, need_attn: bool = True
     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         emb = self.dropout(self.tgt_embed(prev_tokens))  # (B, E)
-        o, state, weights = self.decoder(emb, enc, state)
+        table_gates = decoding_input_gates(prev_tokens, self.tgt_embed, *self.decoder.bottom_input())
+        o, state, weights = self.decoder(emb, enc, state, table_gates)
         return torch.log_softmax(self.out(o).float(), dim=-1), state, weights
 
 
@@ -176,10 +179,19 @@ class BahdanauDecoder(nn.Module):
         r = self.readout(torch.cat([s, ctx, emb], dim=-1))  # (..., 2R)
         return self.dropout(r.view(*r.shape[:-1], self.readout_dim, 2).amax(-1))  # (..., R)
 
-    def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+    def bottom_input(self) -> tuple[nn.Module, str, str]:
+        """The bottom layer's module and input weight and bias names (see :func:`decoding_input_gates`)."""
+        return self.rnn, "weight_ih_l0", "bias_ih_l0"
+
+    def forward(
+        self, emb: torch.Tensor, enc: State, state: State, table_gates: tuple | None = None
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
         hidden = state_layers(state)
         ctx, weights = self.attend(hidden, enc)
-        s, hidden = rnn_step(self.rnn, torch.cat([emb, ctx], dim=-1), hidden)  # (B, H)
+        if table_gates is None:
+            s, hidden = rnn_step(self.rnn, torch.cat([emb, ctx], dim=-1), hidden)  # (B, H)
+        else:
+            s, hidden = rnn_step(self.rnn, None, hidden, step_input_gates(table_gates, ctx))
         return self.maxout(s, ctx, emb), {**layers_state(hidden), "t": state["t"] + 1}, weights
 
     def sequence(self, emb: torch.Tensor, enc: State, state: State) -> torch.Tensor:
@@ -223,9 +235,17 @@ class LuongDecoder(nn.Module):
         ctx, weights = self.attention(h, enc["memory"], enc["keys"], enc["mask"], enc["src_len"], t, loop)
         return self.dropout(torch.tanh(self.combine(torch.cat([ctx, h], dim=-1)))), weights
 
-    def forward(self, emb: torch.Tensor, enc: State, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
-        x = torch.cat([emb, state["feed"]], dim=-1) if self.input_feed else emb
-        out, hidden = rnn_step(self.rnn, x, state_layers(state))
+    bottom_input = BahdanauDecoder.bottom_input
+
+    def forward(
+        self, emb: torch.Tensor, enc: State, state: State, table_gates: tuple | None = None
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        if table_gates is not None:
+            gx = step_input_gates(table_gates, state["feed"] if self.input_feed else None)
+            out, hidden = rnn_step(self.rnn, None, state_layers(state), gx)
+        else:
+            x = torch.cat([emb, state["feed"]], dim=-1) if self.input_feed else emb
+            out, hidden = rnn_step(self.rnn, x, state_layers(state))
         h_tilde, weights = self.attend(out, enc, state["t"])  # (B, H)
         new_state = {**layers_state(hidden), "t": state["t"] + 1}
         if self.input_feed:
