@@ -36,8 +36,9 @@ class _ProjectedNLL(torch.autograd.Function):
 
     What is the same for every vocabulary entry is taken out of the chunks: ``sum_v z_v`` is one
     matrix-vector product (``x . sum_v W_v + sum_v b_v``), and the ``eps / V`` share of ``q`` adds a
-    rank-one term to each gradient after the loop, so a chunk is read only by the softmax, the
-    exponential and the two gradient products."""
+    rank-one term to each gradient after the loop. A chunk's softmax is made in place (max, exponential
+    and its sum, one scaling), and the weight's gradient accumulates inside its product where the
+    dtypes allow it."""
 
     @staticmethod
     def forward(ctx: Any, hidden, weight, bias, target, eps: float, dtype: torch.dtype, chunk: int, need_grad: bool):
@@ -54,17 +55,22 @@ class _ProjectedNLL(torch.autograd.Function):
         for s in range(0, N, chunk):
             x, y = h[s : s + chunk], target[s : s + chunk, None]
             z = matmul_nt(x, w_packed, b).float()  # (n, V)
-            logp = torch.log_softmax(z, -1)
-            lp_y[s : s + chunk] = logp.gather(-1, y).squeeze(-1)
-            lse[s : s + chunk] = z.gather(-1, y).squeeze(-1) - lp_y[s : s + chunk]
+            z_y = z.gather(-1, y).squeeze(-1)
+            z_max = z.amax(-1, keepdim=True)
+            sum_exp = z.sub_(z_max).exp_().sum(-1, keepdim=True)  # z holds exp(z - max) from here
+            lse[s : s + chunk] = (z_max + sum_exp.log()).squeeze(-1)
+            lp_y[s : s + chunk] = z_y - lse[s : s + chunk]
             if not need_grad:
                 continue
-            g = logp.exp_().scatter_add_(-1, y, logp.new_full(y.shape, -(1.0 - eps)))  # softmax - (1-eps) onehot
+            g = z.mul_(sum_exp.reciprocal_()).scatter_add_(-1, y, z.new_full(y.shape, -(1.0 - eps)))  # p - (1-eps) 1_y
             if grad_b is not None:
                 grad_b += g.sum(0)
             g = g.to(dtype)
             grad_h[s : s + chunk] = g @ w
-            grad_w += grad_weight(g, x)  # g^T @ x
+            if g.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), x)  # += g^T @ x, accumulated by the product itself
+            else:
+                grad_w += grad_weight(g, x)
         # sum_v log p(v) = sum_v z_v - V * lse, in float64: V * lse is large next to the terms' spread
         lp_sum = z_sum.double() - V * lse.double()
         nll = -lp_y.double().sum()
