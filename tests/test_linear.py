@@ -13,11 +13,15 @@ import torch.nn.functional as F
 from mtkit.kernels import linear as L
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
 @pytest.mark.parametrize("shape", [(37, 64), (3, 11, 64), (0, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("out_dim", [96, 40])  # weight gradient: either operand is the one laid out again
 @pytest.mark.parametrize("relu", [False, True])
-def test_linear_equals_torch_forward_and_backward(shape, bias, out_dim, relu):
+def test_linear_equals_torch_forward_and_backward(shape, bias, out_dim, relu, onednn, monkeypatch):
+    if onednn and not L.ONEDNN:
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(L, "_TRAINS", [onednn])  # whichever library this CPU's timing would pick
     torch.manual_seed(0)
     layer = L.Linear(64, out_dim, bias=bias)
     x = torch.randn(*shape, requires_grad=True)
@@ -47,6 +51,23 @@ def test_grad_weight_is_grad_t_at_x(dtype, out_dim):
     g, x = torch.randn(50, out_dim, dtype=dtype), torch.randn(50, 64, dtype=dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(L.grad_weight(g, x).float(), g.float().t() @ x.float(), rtol=tol, atol=tol * 10)
+
+
+def test_training_library_follows_the_environment_then_the_timing(monkeypatch):
+    timing = L._onednn_is_faster
+    for setting, want in (("1", L.ONEDNN), ("0", False)):
+        monkeypatch.setenv("MTKIT_ONEDNN", setting)
+        monkeypatch.setattr(L, "_TRAINS", [])
+        monkeypatch.setattr(L, "_onednn_is_faster", lambda: pytest.fail("timed despite MTKIT_ONEDNN"))
+        assert L.onednn_trains() is want
+    monkeypatch.delenv("MTKIT_ONEDNN")
+    for faster in (True, False):
+        monkeypatch.setattr(L, "_TRAINS", [])
+        monkeypatch.setattr(L, "_onednn_is_faster", lambda faster=faster: faster)
+        assert L.onednn_trains() is (faster and L.ONEDNN)
+        assert L.onednn_trains() is (faster and L.ONEDNN)  # decided once
+    if L.ONEDNN:
+        assert timing() in (True, False)  # the timing itself runs
 
 
 def test_fast_path_only_for_float32_cpu_outside_autocast():
@@ -172,6 +193,7 @@ def test_onednn_shape_caches_stay_small():
     from mtkit.utils import ONEDNN_CACHES
 
     env = {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES}  # as a fresh shell has it
+    env["MTKIT_ONEDNN"] = "1"  # training's products through oneDNN, whose caches are the point
 
     def held_mib(mode: str, **extra: str) -> float:
         run = subprocess.run([sys.executable, "-c", _CACHE_PROBE, mode], env={**env, **extra}, capture_output=True,

@@ -1,18 +1,23 @@
-"""Linear layers whose float32 CPU matmuls run through oneDNN.
+"""Linear layers whose float32 CPU matmuls run through oneDNN where it is the faster library.
 
 PyTorch sends float32 ``F.linear`` / ``@`` on a CPU to its BLAS (MKL in the x86 wheels), bfloat16 to
-oneDNN. On some CPUs (e.g. AMD EPYC, where MKL takes a generic code path) oneDNN's float32 GEMM is the
-faster one for these models' shapes, forward and backward, with the same float32 results up to rounding
-(relative differences ~1e-6). Everything else (CUDA, bfloat16, autocast, builds without oneDNN, or
-``MTKIT_ONEDNN=0``) uses ``F.linear`` unchanged. Under ``torch.inference_mode`` (decoding) a :class:`Linear`
-in eval mode multiplies float32 or bfloat16 inputs by a copy of its weight prepacked into oneDNN's blocked
-layout, made once and redone only when the weight changes: the same results up to rounding, without
-re-laying out the weight on every call (``benchmarks/decode_speed.py`` measures it).
+oneDNN. Which float32 GEMM is faster for these models' shapes depends on the CPU and the library builds
+(on one AMD EPYC, oneDNN's was about 2x MKL's with an older torch; on another, with torch 2.13, MKL's is
+faster for training's products), so training's :func:`linear` takes the faster of the two on this machine,
+timed once per process (:func:`onednn_trains`; ``MTKIT_ONEDNN=1`` forces oneDNN, ``MTKIT_ONEDNN=0`` keeps
+torch's choice everywhere). Both give the same float32 results up to rounding (relative differences ~1e-6).
+CUDA, bfloat16, autocast and builds without oneDNN use ``F.linear`` unchanged. Under
+``torch.inference_mode`` (decoding) a :class:`Linear` in eval mode multiplies float32 or bfloat16 inputs by
+a copy of its weight prepacked into oneDNN's blocked layout, made once and redone only when the weight
+changes: the same results up to rounding, without re-laying out the weight on every call, and faster than
+either library's unpacked product (``benchmarks/decode_speed.py`` measures it).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -85,10 +90,35 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+_TRAINS: list[bool] = []  # onednn_trains()'s answer, once known
+
+
+def onednn_trains() -> bool:
+    """Whether :func:`linear` multiplies float32 through oneDNN: ``MTKIT_ONEDNN=1`` yes, ``0`` no;
+    otherwise whether oneDNN is the faster here, timed on first use over a layer-sized product's
+    forward, input-gradient and weight-gradient matmuls, alternating the two libraries (about 30 ms)."""
+    if not _TRAINS:
+        setting = os.environ.get("MTKIT_ONEDNN", "auto")
+        _TRAINS.append(ONEDNN and (setting == "1" or (setting != "0" and _onednn_is_faster())))
+    return _TRAINS[0]
+
+
+def _onednn_is_faster() -> bool:
+    x, w, g = torch.randn(256, 512), torch.randn(1024, 512), torch.randn(256, 1024)
+    runs = {True: lambda: (_nt(x, w), _nt(g, w.t()), grad_weight(g, x)), False: lambda: (x @ w.t(), g @ w, g.t() @ x)}
+    best = {True: math.inf, False: math.inf}
+    for _ in range(4):
+        for onednn, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[onednn] = min(best[onednn], time.perf_counter() - start)
+    return best[True] < best[False]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, post_op: str = "none") -> torch.Tensor:
     """``F.linear`` (then ReLU with ``post_op="relu"``) with float32 CPU matmuls, forward and
-    backward, through oneDNN (the ReLU fused into the matmul)."""
-    if not fast_path(x, weight) or x.numel() == 0:
+    backward, through oneDNN (the ReLU fused into the matmul) where :func:`onednn_trains`."""
+    if not fast_path(x, weight) or x.numel() == 0 or not onednn_trains():
         y = F.linear(x, weight, bias)
         return F.relu(y) if post_op == "relu" else y
     flat = x.reshape(-1, x.size(-1))
