@@ -166,6 +166,8 @@ class _Reference:
             what = f"extra weight '{extra[0]}'" if extra else f"missing weight '{missing[0]}'"
             raise MtkitError(f"cannot average: {path} has {what} compared with {self.path}")
         for k, v in state.items():
+            if isinstance(v, torch.Tensor) != (k in self.shapes):
+                raise MtkitError(f"cannot average: '{k}' is a tensor in only one of {self.path} and {path}")
             if not isinstance(v, torch.Tensor):
                 continue
             shape, is_float = self.shapes[k]

@@ -195,6 +195,9 @@ def _mutations():
     def untied(p):
         p["model"]["out.weight"] = p["model"]["out.weight"].clone()
 
+    def not_a_tensor(p):
+        p["model"]["layer.bias"] = [0.0, 1.0, 2.0, 3.0]
+
     return {
         "arch": (arch, "different architectures"),
         "model_cfg": (model_cfg, "model.d_model differs"),
@@ -204,15 +207,20 @@ def _mutations():
         "spm": (spm, "tgt sentencepiece models"),
         "vocab": (vocab, "vocab.tgt_size differs"),
         "untied": (untied, "ties weights differently"),
+        "not_a_tensor": (not_a_tensor, "'layer.bias' is a tensor in only one of"),
     }
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["second_differs", "first_differs"])
 @pytest.mark.parametrize("name", list(_mutations()))
-def test_average_refuses_incompatible(tmp_path, name):
+def test_average_refuses_incompatible(tmp_path, name, first):
     mutate, message = _mutations()[name]
     a = make_payload(1, 100)
     b = copy.deepcopy(make_payload(2, 200))
-    mutate(b)
+    if first:  # the first checkpoint read is the reference: the other way round must fail as clearly
+        message = {"extra weight 'extra.weight'": "missing weight 'extra.weight'",
+                   "missing weight 'layer.bias'": "extra weight 'layer.bias'"}.get(message, message)
+    mutate(a if first else b)
     paths = [write(tmp_path / "a.pt", a), write(tmp_path / "b.pt", b)]
     out = tmp_path / "avg.pt"
     with pytest.raises(MtkitError, match=message) as err:
