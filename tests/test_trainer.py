@@ -437,6 +437,13 @@ def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_float32(spm, tmp_path
         t = T.Trainer(data(spm), tiny_cfg("train.max_updates=1", "train.amp=bf16"), tmp_path, device="cpu")
     assert t.autocast_dtype is None
     assert any("no bf16 matmul instructions" in r.getMessage() and "float32" in r.getMessage() for r in caplog.records)
+    said: list[str] = []  # the warning goes through the trainer's rank-0-only warn
+    assert builders.autocast_dtype("bf16", torch.device("cpu"), said.append) is None and len(said) == 1
+    passed = []
+    real = builders.autocast_dtype
+    monkeypatch.setattr(builders, "autocast_dtype", lambda amp, device, warn: passed.append(warn) or real(amp, device, warn))
+    t = T.Trainer(data(spm), tiny_cfg("train.max_updates=1", "train.amp=bf16"), tmp_path / "b", device="cpu")
+    assert passed == [t._warn]
 
 
 def test_cpu_has_native_bf16_reads_torch_or_the_cpu_flags(monkeypatch, tmp_path):

@@ -70,18 +70,20 @@ def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig, device: torc
     )
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(
+    amp: str, device: torch.device, warn: Callable[..., None] = logger.warning
+) -> torch.dtype | None:
     """The autocast dtype ``train.amp`` asks for on ``device``; ``None`` for float32. On a CPU, bf16 is
-    opt-in and used only where the CPU has bf16 matmul instructions; fp16 needs CUDA. On CUDA,
-    ``auto`` takes bf16 where supported, else fp16."""
+    opt-in and used only where the CPU has bf16 matmul instructions (else ``warn`` says so); fp16 needs
+    CUDA. On CUDA, ``auto`` takes bf16 where supported, else fp16."""
     if amp == "none" or (device.type != "cuda" and amp == "auto"):
         return None
     if device.type == "cpu":
         if amp == "fp16":
             raise MtkitError("train.amp fp16 needs a CUDA device (on a CPU use bf16 or none)")
         if not cpu_has_native_bf16():
-            logger.warning("train.amp bf16: this CPU has no bf16 matmul instructions (AVX512-BF16 or AMX), "
-                           "where bf16 is several times slower than float32; training in float32")
+            warn("train.amp bf16: this CPU has no bf16 matmul instructions (AVX512-BF16 or AMX), "
+                 "where bf16 is several times slower than float32; training in float32")
             return None
         return torch.bfloat16
     bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())

@@ -90,7 +90,7 @@ class Trainer:
                                                            data.tgt_spm.pad, device, rank, world_size)
         self.optimizer = builders.build_optimizer(self.model, cfg.train, device)
         self.scheduler = Scheduler(self.optimizer, cfg.train, cfg.model.width)
-        self.autocast_dtype = builders.autocast_dtype(cfg.train.amp, device)
+        self.autocast_dtype = builders.autocast_dtype(cfg.train.amp, device, self._warn)
         self.max_src, self.max_tgt = builders.length_limits(self.model, cfg.data)
         self.batches = builders.build_batches(data.train, cfg.train, self.max_src, self.max_tgt, rank,
                                               world_size, self._warn)
