@@ -53,14 +53,17 @@ def test_grad_weight_is_grad_t_at_x(dtype, out_dim):
     torch.testing.assert_close(L.grad_weight(g, x).float(), g.float().t() @ x.float(), rtol=tol, atol=tol * 10)
 
 
-def test_training_library_follows_the_environment_then_the_timing(monkeypatch):
+def test_training_library_follows_the_environment_and_auto_times_both(monkeypatch):
     timing = L._onednn_is_faster
-    for setting, want in (("1", L.ONEDNN), ("0", False)):
-        monkeypatch.setenv("MTKIT_ONEDNN", setting)
+    for setting, want in (("1", L.ONEDNN), ("0", False), (None, L.ONEDNN)):  # None: unset, the default
+        if setting is None:
+            monkeypatch.delenv("MTKIT_ONEDNN", raising=False)
+        else:
+            monkeypatch.setenv("MTKIT_ONEDNN", setting)
         monkeypatch.setattr(L, "_TRAINS", [])
-        monkeypatch.setattr(L, "_onednn_is_faster", lambda: pytest.fail("timed despite MTKIT_ONEDNN"))
+        monkeypatch.setattr(L, "_onednn_is_faster", lambda: pytest.fail("timed without MTKIT_ONEDNN=auto"))
         assert L.onednn_trains() is want
-    monkeypatch.delenv("MTKIT_ONEDNN")
+    monkeypatch.setenv("MTKIT_ONEDNN", "auto")
     for faster in (True, False):
         monkeypatch.setattr(L, "_TRAINS", [])
         monkeypatch.setattr(L, "_onednn_is_faster", lambda faster=faster: faster)

@@ -2,10 +2,12 @@
 
 PyTorch sends float32 ``F.linear`` / ``@`` on a CPU to its BLAS (MKL in the x86 wheels), bfloat16 to
 oneDNN. Which float32 GEMM is faster for these models' shapes depends on the CPU and the library builds
-(on one AMD EPYC, oneDNN's was about 2x MKL's with an older torch; on another, with torch 2.13, MKL's is
-faster for training's products), so training's :func:`linear` takes the faster of the two on this machine,
-timed once per process (:func:`onednn_trains`; ``MTKIT_ONEDNN=1`` forces oneDNN, ``MTKIT_ONEDNN=0`` keeps
-torch's choice everywhere). Both give the same float32 results up to rounding (relative differences ~1e-6).
+(on one AMD EPYC, oneDNN's was about 2x MKL's; on another, with torch 2.13, MKL's is faster for training's
+products). Training's :func:`linear` uses oneDNN unless ``MTKIT_ONEDNN=0`` (torch's choice everywhere);
+``MTKIT_ONEDNN=auto`` takes the faster of the two on this machine, timed once per process
+(:func:`onednn_trains`), at the price of runs that may multiply differently from one process to the next
+(rounding-level differences, which break bitwise-identical reruns and resumes). Both give the same float32
+results up to rounding (relative differences ~1e-6).
 CUDA, bfloat16, autocast and builds without oneDNN use ``F.linear`` unchanged. Under
 ``torch.inference_mode`` (decoding) a :class:`Linear` in eval mode multiplies float32 or bfloat16 inputs by
 a copy of its weight prepacked into oneDNN's blocked layout, made once and redone only when the weight
@@ -94,12 +96,13 @@ _TRAINS: list[bool] = []  # onednn_trains()'s answer, once known
 
 
 def onednn_trains() -> bool:
-    """Whether :func:`linear` multiplies float32 through oneDNN: ``MTKIT_ONEDNN=1`` yes, ``0`` no;
-    otherwise whether oneDNN is the faster here, timed on first use over a layer-sized product's
-    forward, input-gradient and weight-gradient matmuls, alternating the two libraries (about 30 ms)."""
+    """Whether :func:`linear` multiplies float32 through oneDNN: yes by default, no with
+    ``MTKIT_ONEDNN=0``; with ``MTKIT_ONEDNN=auto``, whether oneDNN is the faster here, timed on first use
+    over a layer-sized product's forward, input-gradient and weight-gradient matmuls, alternating the two
+    libraries (about 60 ms)."""
     if not _TRAINS:
-        setting = os.environ.get("MTKIT_ONEDNN", "auto")
-        _TRAINS.append(ONEDNN and (setting == "1" or (setting != "0" and _onednn_is_faster())))
+        setting = os.environ.get("MTKIT_ONEDNN", "1")
+        _TRAINS.append(ONEDNN and setting != "0" and (setting != "auto" or _onednn_is_faster()))
     return _TRAINS[0]
 
 
