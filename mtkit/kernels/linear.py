@@ -1,4 +1,4 @@
-"""Linear layers whose float32 CPU matmuls run through oneDNN where it is the faster library.
+"""Linear layers whose float32 CPU matmuls run through oneDNN.
 
 PyTorch sends float32 ``F.linear`` / ``@`` on a CPU to its BLAS (MKL in the x86 wheels), bfloat16 to
 oneDNN. Which float32 GEMM is faster for these models' shapes depends on the CPU and the library builds

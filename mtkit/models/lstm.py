@@ -161,8 +161,8 @@ def decoding_input_gates(
     def make() -> tuple[torch.Tensor, torch.Tensor]:
         return linear(embed.weight * embed.scale, w[:, :first].contiguous(), b), prepacked(w[:, first:].contiguous())
 
-    key = (embed.weight.data_ptr(), embed.weight._version, w.data_ptr(), w._version, b.data_ptr(), b._version,
-           embed.scale)
+    key = (embed.weight.data_ptr(), embed.weight._version, w.data_ptr(), w._version,
+           None if b is None else (b.data_ptr(), b._version), embed.scale)
     table, rest = cached_layout(cell, f"gate_table_{weight}", key, make)
     return table.index_select(0, tokens), rest
 
