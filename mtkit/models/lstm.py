@@ -156,10 +156,9 @@ def decoding_input_gates(
     if (cell.training or embed.training or not torch.is_inference_mode_enabled() or w.is_inference()
             or embed.weight.is_inference() or embed.num_embeddings * w.size(0) > GATE_TABLE_LIMIT):
         return None
-    first = embed.embedding_dim
-
     def make() -> tuple[torch.Tensor, torch.Tensor]:
-        return linear(embed.weight * embed.scale, w[:, :first].contiguous(), b), prepacked(w[:, first:].contiguous())
+        table, rest = embedding_gates(embed.weight * embed.scale, w, b)
+        return table, prepacked(rest)
 
     key = (embed.weight.data_ptr(), embed.weight._version, w.data_ptr(), w._version,
            None if b is None else (b.data_ptr(), b._version), embed.scale)
