@@ -1,7 +1,7 @@
 """Google's Neural Machine Translation system (Wu et al., 2016).
 
-Encoder: a bidirectional bottom layer (directions concatenated), then unidirectional layers, all over one
-packed sequence, so padding never enters; from layer ``residual_start`` (the third, 1-based) up every layer
+Encoder: a bidirectional bottom layer (directions concatenated), then unidirectional layers, all over
+length-sorted rows (:class:`~mtkit.models.lstm.SortedBatch`, as a packed sequence), so padding never enters; from layer ``residual_start`` (the third, 1-based) up every layer
 computes ``x + f(dropout(x))``, so the identity path is never dropped. Decoder: stacked LSTM (or GRU) cells;
 the bottom layer reads the previous word and the previous context, its output queries an additive attention
 over the encoder output, and the new context ``a_i`` joins the input of every layer above; residuals as in
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mtkit.config_fields import any_value, choice, number
 from mtkit.kernels.dropout import Dropout
@@ -34,6 +33,7 @@ from mtkit.models.lstm import (
     Embedding,
     Hidden,
     RecurrentConfig,
+    SortedBatch,
     cell_step,
     embedding_gates,
     gates_of,
@@ -84,13 +84,12 @@ class GNMTEncoder(nn.Module):
     def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[torch.Tensor, State]:
         """-> memory (B, S, Hm), zero on padding, and the top layer's final state
         {"h": (B, 1, H)[, "c": ...]} (both directions concatenated with a single layer)."""
-        x = self.embed(src)  # (B, S, E)
-        packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        rows = SortedBatch(src_len, src.size(1), src.device)
+        x = rows.enter(self.embed(src))  # (T, B, E), rows sorted by length
         for layer, residual in zip(self.layers, self.residual):
-            out, final = layer(packed._replace(data=self.dropout(packed.data)))  # .data is (tokens, H)
-            packed = out._replace(data=out.data + packed.data) if residual else out
-        memory, _ = pad_packed_sequence(packed, batch_first=True, total_length=src.size(1))
-        return memory, to_state(final, 1)  # the top layer's final state
+            out, final = rows.run(layer, self.dropout(x))
+            x = out + x if residual else out
+        return rows.leave(x), to_state(rows.final(final), 1)  # the top layer's final state
 
 
 class GNMTDecoder(nn.Module):

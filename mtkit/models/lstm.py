@@ -2,7 +2,7 @@
 the source, optionally reversed, and its final per-layer states initialise a stacked decoder of the same
 shape; no attention. Also the building blocks shared by the other recurrent families: the cell choice,
 conversion between torch's (layers, batch, hidden) states and mtkit's batch-first state dicts, source
-reversal, and a packed-sequence encoder.
+reversal, and an encoder over length-sorted rows (as over a packed sequence).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -18,6 +19,7 @@ from mtkit.errors import MtkitError
 from mtkit.kernels.dropout import Dropout, dropout
 from mtkit.kernels.linear import Linear, cached_layout, linear, matmul_nt, prepacked, step_linear
 from mtkit.kernels.lstm_cell import lstm_pointwise
+from mtkit.kernels.lstm_layer import lstm_layer
 from mtkit.models.base import Seq2Seq, State
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -226,8 +228,77 @@ def padding_mask(src_len: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=src_len.device).unsqueeze(0) < src_len.unsqueeze(1)
 
 
+class SortedBatch:
+    """A padded batch as length-sorted, time-major rows (longest first), over which RNN layers run as over a
+    packed sequence: padding never enters a recurrence, outputs are zero on it, and each row's final state
+    is the one after its last token. On a CPU an ``nn.LSTM`` runs as :func:`lstm_layer` (one node per layer
+    and one matmul for the input's share of the gates); elsewhere, and for a GRU, torch's packed RNN runs.
+    ``enter`` takes (B, S, F) batch-first tensors in, ``leave`` and ``final`` give results back in batch
+    order."""
+
+    def __init__(self, src_len: torch.Tensor, width: int, device: torch.device):
+        lens = src_len.cpu()
+        self.order = torch.argsort(lens, descending=True, stable=True)
+        self.lengths = lens[self.order]
+        self.steps, self.width, rows = int(self.lengths.max()) if lens.numel() else 0, width, lens.numel()
+        pos = torch.arange(self.steps).unsqueeze(1)  # (T, 1)
+        self.batch_sizes = (self.lengths.unsqueeze(0) > pos).sum(1).tolist()
+        ends = self.lengths.unsqueeze(0)
+        rev = torch.where(pos < ends, ends - 1 - pos, pos)  # (T, B): position t of the reversed row
+        self.rev_rows = (rev * rows + torch.arange(rows)).view(-1).to(device)
+        self.order_dev, self.inverse = self.order.to(device), torch.argsort(self.order).to(device)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, F) -> (T, B, F), rows sorted, T the longest length."""
+        return x.index_select(0, self.order_dev)[:, : self.steps].transpose(0, 1).contiguous()
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        """Each row of (T, B, F) reversed within its length (padding stays in place)."""
+        t, b, f = y.shape
+        return y.reshape(t * b, f).index_select(0, self.rev_rows).view(t, b, f)
+
+    def leave(self, y: torch.Tensor) -> torch.Tensor:
+        """(T, B, F) -> (B, S, F) in batch order, zero-padded to the batch's width."""
+        y = F.pad(y, (0, 0, 0, 0, 0, self.width - self.steps))
+        return y.transpose(0, 1).index_select(0, self.inverse)
+
+    def final(self, hidden: Hidden) -> Hidden:
+        """Final RNN states (layers*dirs, B, H) [+ cell] in batch order."""
+        if isinstance(hidden, tuple):
+            return tuple(x.index_select(1, self.inverse) for x in hidden)
+        return hidden.index_select(1, self.inverse)
+
+    def run(self, rnn: nn.RNNBase, x: torch.Tensor) -> tuple[torch.Tensor, Hidden]:
+        """``rnn`` over the (T, B, I) rows from :meth:`enter` -> (outputs (T, B, dirs*H), final states
+        (layers*dirs, B, H) [+ cell], sorted rows)."""
+        if (isinstance(rnn, nn.LSTM) and x.device.type == "cpu" and x.dtype == torch.float32 and rnn.bias
+                and not rnn.proj_size):
+            return self._lstm(rnn, x)
+        out, hidden = rnn(pack_padded_sequence(x, self.lengths))  # a packed sequence ignores batch_first
+        return pad_packed_sequence(out, total_length=self.steps)[0], hidden
+
+    def _lstm(self, rnn: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, Hidden]:
+        suffixes = ["", "_reverse"] if rnn.bidirectional else [""]
+        hs, cs = [], []
+        for layer in range(rnn.num_layers):
+            if layer and rnn.dropout and rnn.training:
+                x = dropout(x, rnn.dropout)
+            gx, w_hh = [], []
+            for d, sfx in enumerate(suffixes):
+                bias = getattr(rnn, f"bias_ih_l{layer}{sfx}") + getattr(rnn, f"bias_hh_l{layer}{sfx}")
+                gx.append(linear(self.reverse(x) if d else x, getattr(rnn, f"weight_ih_l{layer}{sfx}"), bias))
+                w_hh.append(getattr(rnn, f"weight_hh_l{layer}{sfx}"))
+            zeros = x.new_zeros(len(suffixes), x.size(1), rnn.hidden_size)
+            out, h, c = lstm_layer(torch.stack(gx), torch.stack(w_hh), zeros, zeros, self.batch_sizes)
+            x = torch.cat([out[0], self.reverse(out[1])], -1) if rnn.bidirectional else out[0]
+            hs.append(h)
+            cs.append(c)
+        return x, (torch.cat(hs), torch.cat(cs))
+
+
 class RNNEncoder(nn.Module):
-    """Embedding + stacked (optionally bidirectional) RNN over packed sequences -> the memory (B, S, dirs*H),
+    """Embedding + stacked (optionally bidirectional) RNN over length-sorted rows (:class:`SortedBatch`, as over
+    a packed sequence) -> the memory (B, S, dirs*H),
     zero on padding, and the final states {"h": (B, layers, dirs*H)[, "c": ...]} (directions concatenated)."""
 
     def __init__(self, cell: str, vocab: int, embed_dim: int, hidden: int, layers: int,
@@ -240,10 +311,10 @@ class RNNEncoder(nn.Module):
 
     def forward(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[torch.Tensor, State]:
         x = self.dropout(self.embed(src))  # (B, S, E)
-        packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
-        out, hidden = self.rnn(packed)
-        memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, dirs*H)
-        return self.dropout(memory), to_state(hidden, self.rnn.num_layers)
+        rows = SortedBatch(src_len, src.size(1), src.device)
+        out, hidden = rows.run(self.rnn, rows.enter(x))
+        memory = rows.leave(out)  # (B, S, dirs*H)
+        return self.dropout(memory), to_state(rows.final(hidden), self.rnn.num_layers)
 
 
 class RecurrentConfig(ModelConfig):
