@@ -1,8 +1,9 @@
 """Google's Neural Machine Translation system (Wu et al., 2016).
 
 Encoder: a bidirectional bottom layer (directions concatenated), then unidirectional layers, all over
-length-sorted rows (:class:`~mtkit.models.lstm.SortedBatch`, as a packed sequence), so padding never enters; from layer ``residual_start`` (the third, 1-based) up every layer
-computes ``x + f(dropout(x))``, so the identity path is never dropped. Decoder: stacked LSTM (or GRU) cells;
+length-sorted rows (:class:`~mtkit.models.lstm.SortedBatch`, as over a packed sequence), so padding never
+enters; from layer ``residual_start`` (the third, 1-based) up every layer computes ``x + f(dropout(x))``,
+so the identity path is never dropped. Decoder: stacked LSTM (or GRU) cells;
 the bottom layer reads the previous word and the previous context, its output queries an additive attention
 over the encoder output, and the new context ``a_i`` joins the input of every layer above; residuals as in
 the encoder; the top layer's output predicts the word. (The paper queries with the bottom layer's output of
