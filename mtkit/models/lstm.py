@@ -231,8 +231,9 @@ def padding_mask(src_len: torch.Tensor, width: int) -> torch.Tensor:
 class SortedBatch:
     """A padded batch as length-sorted, time-major rows (longest first), over which RNN layers run as over a
     packed sequence: padding never enters a recurrence, outputs are zero on it, and each row's final state
-    is the one after its last token. On a CPU an ``nn.LSTM`` runs as :func:`lstm_layer` (one node per layer
-    and one matmul for the input's share of the gates); elsewhere, and for a GRU, torch's packed RNN runs.
+    is the one after its last token. In training on a CPU an ``nn.LSTM`` runs as :func:`lstm_layer` (one
+    node per layer and one matmul for the input's share of the gates); without gradients (decoding, where
+    torch's packed LSTM is the faster), elsewhere, and for a GRU, torch's packed RNN runs.
     ``enter`` takes (B, S, F) batch-first tensors in, ``leave`` and ``final`` give results back in batch
     order."""
 
@@ -271,8 +272,8 @@ class SortedBatch:
     def run(self, rnn: nn.RNNBase, x: torch.Tensor) -> tuple[torch.Tensor, Hidden]:
         """``rnn`` over the (T, B, I) rows from :meth:`enter` -> (outputs (T, B, dirs*H), final states
         (layers*dirs, B, H) [+ cell], sorted rows)."""
-        if (isinstance(rnn, nn.LSTM) and x.device.type == "cpu" and x.dtype == torch.float32 and rnn.bias
-                and not rnn.proj_size):
+        if (isinstance(rnn, nn.LSTM) and torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype == torch.float32 and rnn.bias and not rnn.proj_size):
             return self._lstm(rnn, x)
         out, hidden = rnn(pack_padded_sequence(x, self.lengths))  # a packed sequence ignores batch_first
         return pad_packed_sequence(out, total_length=self.steps)[0], hidden
