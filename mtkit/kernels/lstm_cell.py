@@ -16,42 +16,49 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-def _forward(gx: torch.Tensor, gh: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(h, c, the four gates' sigmoids, tanh(c))."""
-    n = c_prev.size(1)
-    s = torch.add(gx, gh)
-    s[:, 2 * n : 3 * n] *= 2.0
-    i, f, g, o = s.sigmoid_().chunk(4, 1)  # g holds sigmoid(2 a_g): tanh(a_g) = 2 g - 1
+def cell_forward_(gates: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(h, c, the four gates' sigmoids, tanh(c)) from the pre-activations (..., 4H), turned into the
+    sigmoids in place, and c_{t-1} (..., H)."""
+    n = c_prev.size(-1)
+    gates[..., 2 * n : 3 * n] *= 2.0
+    i, f, g, o = gates.sigmoid_().chunk(4, -1)  # g holds sigmoid(2 a_g): tanh(a_g) = 2 g - 1
     c = torch.addcmul(f * c_prev - i, i, g, value=2.0)  # f c + i tanh(a_g)
     tanh_c = torch.sigmoid(2.0 * c).mul_(2.0).sub_(1.0)
-    return o * tanh_c, c, s, tanh_c
+    return o * tanh_c, c, gates, tanh_c
+
+
+def cell_backward(
+    grad_h: torch.Tensor, grad_c: torch.Tensor, s: torch.Tensor, c_prev: torch.Tensor, tanh_c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the gradients of h_t and c_t and what :func:`cell_forward_` gave: (the gradient of the gate
+    pre-activations (..., 4H), the gradient of c_{t-1})."""
+    i, f, g, o = s.chunk(4, -1)
+    grad_c = torch.addcmul(grad_c, grad_h * o, 1.0 - tanh_c * tanh_c)  # through h = o tanh(c) too
+    grad = torch.empty_like(s)
+    gi, gf, gg, go = grad.chunk(4, -1)
+    torch.mul(grad_c, g * 2.0 - 1.0, out=gi)
+    torch.mul(grad_c, c_prev, out=gf)
+    torch.mul(grad_c, i, out=gg).mul_(4.0)
+    torch.mul(grad_h, tanh_c, out=go)
+    return torch.ops.aten.sigmoid_backward(grad, s), grad_c * f
 
 
 class _LSTMPointwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gx: torch.Tensor, gh: torch.Tensor, c_prev: torch.Tensor):
-        h, c, s, tanh_c = _forward(gx, gh, c_prev)
+        h, c, s, tanh_c = cell_forward_(torch.add(gx, gh), c_prev)
         ctx.save_for_backward(s, c_prev, tanh_c)
         return h, c
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_h: torch.Tensor, grad_c: torch.Tensor):
-        s, c_prev, tanh_c = ctx.saved_tensors
-        i, f, g, o = s.chunk(4, 1)
-        grad_c = torch.addcmul(grad_c, grad_h * o, 1.0 - tanh_c * tanh_c)  # through h = o tanh(c) too
-        grad = torch.empty_like(s)
-        gi, gf, gg, go = grad.chunk(4, 1)
-        torch.mul(grad_c, g * 2.0 - 1.0, out=gi)
-        torch.mul(grad_c, c_prev, out=gf)
-        torch.mul(grad_c, i, out=gg).mul_(4.0)
-        torch.mul(grad_h, tanh_c, out=go)
-        grad = torch.ops.aten.sigmoid_backward(grad, s)
-        return grad, grad, grad_c * f
+        grad, grad_c_prev = cell_backward(grad_h, grad_c, *ctx.saved_tensors)
+        return grad, grad, grad_c_prev
 
 
 def lstm_pointwise(gx: torch.Tensor, gh: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h_t, c_t) from the input's and the recurrence's shares of the gates (B, 4H) and c_{t-1} (B, H)."""
     if torch.is_grad_enabled() and (gx.requires_grad or gh.requires_grad or c_prev.requires_grad):
         return _LSTMPointwise.apply(gx, gh, c_prev)
-    return _forward(gx, gh, c_prev)[:2]
+    return cell_forward_(torch.add(gx, gh), c_prev)[:2]

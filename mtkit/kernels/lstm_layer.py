@@ -4,7 +4,7 @@ torch's LSTM over a packed sequence runs, on a CPU, one unfused cell per time st
 matmul and about ten elementwise operations, each recorded by autograd with its own backward node. Here
 the input's share of the gates is one matmul over all positions (by the caller), and the recurrence of
 every direction runs in one loop, forward and backward, without autograd: per step one batched matmul
-(directions x active rows) and the cell's elementwise part (as :mod:`mtkit.kernels.lstm_cell`). The
+(directions x active rows) and the cell's elementwise part (that of :mod:`mtkit.kernels.lstm_cell`). The
 backward loop keeps only each step's gate gradients; the recurrent weights' gradient is then one batched
 product over all steps.
 
@@ -22,16 +22,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-
-def _cell(gates: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h, c, the gates' sigmoids, tanh(c)) from the pre-activations (D, n, 4H), updated in place, and
-    c_{t-1} (D, n, H); ``tanh(x) = 2 sigmoid(2x) - 1`` (one sigmoid call for the four gates)."""
-    n = c_prev.size(-1)
-    gates[..., 2 * n : 3 * n] *= 2.0
-    i, f, g, o = gates.sigmoid_().chunk(4, -1)
-    c = torch.addcmul(f * c_prev - i, i, g, value=2.0)  # f c + i tanh(a_g)
-    tanh_c = torch.sigmoid(2.0 * c).mul_(2.0).sub_(1.0)
-    return o * tanh_c, c, gates, tanh_c
+from mtkit.kernels.lstm_cell import cell_backward, cell_forward_
 
 
 def _zero_past_ends(x: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
@@ -51,7 +42,7 @@ def _run(gx: torch.Tensor, w_hh_t: torch.Tensor, h0: torch.Tensor, c0: torch.Ten
     h, c = h0.clone(), c0.clone()
     for t, n in enumerate(batch_sizes):
         gates = torch.baddbmm(gx[:, t, :n], h[:, :n], w_hh_t)  # (D, n, 4H)
-        h_t, c_t, s, tanh_c = _cell(gates, c[:, :n])
+        h_t, c_t, s, tanh_c = cell_forward_(gates, c[:, :n])
         out[:, t, :n] = h_t
         h[:, :n] = h_t
         c[:, :n] = c_t
@@ -82,18 +73,8 @@ class _LSTMLayer(torch.autograd.Function):
             n = batch_sizes[t]
             s, _, tanh_c = steps[t]
             c_prev = steps[t - 1][1][:, :n] if t else c0[:, :n]
-            i, f, g, o = s.chunk(4, -1)
-            dh_t = dh[:, :n] + grad_out[:, t, :n]
-            dc_t = torch.addcmul(dc[:, :n], dh_t * o, 1.0 - tanh_c * tanh_c)  # through h = o tanh(c) too
-            grad = torch.empty_like(s)
-            gi, gf, gg, go = grad.chunk(4, -1)
-            torch.mul(dc_t, g * 2.0 - 1.0, out=gi)
-            torch.mul(dc_t, c_prev, out=gf)
-            torch.mul(dc_t, i, out=gg).mul_(4.0)
-            torch.mul(dh_t, tanh_c, out=go)
-            grad = torch.ops.aten.sigmoid_backward(grad, s)
+            grad, dc[:, :n] = cell_backward(dh[:, :n] + grad_out[:, t, :n], dc[:, :n], s, c_prev, tanh_c)
             grad_gx[:, t, :n] = grad
-            dc[:, :n] = dc_t * f
             dh[:, :n] = torch.bmm(grad, w_hh)
         # h_{t-1} of the rows running at step t: the previous step's outputs (h0 at step 0)
         h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], 1).view(d, t_max * b, n_h)
