@@ -21,6 +21,9 @@
 #                 (once per MTKIT_STOPPING rule)                  } time only, target pieces/s, sacreBLEU
 #   train         the training parts REPEAT times (TRAIN_PEERS, then mtkit_train; order alternating) into OUT/train1, ...
 #   decode        onmt_decode and mtkit_decode REPEAT times (order alternating) into OUT/decode1, decode2, ...
+#   split         both decoders once more under torch's profiler (benchmarks/time_split.py, each toolkit with its
+#                 own interpreter): seconds in matrix products, fused RNN kernels, other operations and outside
+#                 any operation, into OUT/split_onmt.json and OUT/split_mtkit.json (profiled: slower than decode)
 #   table         benchmarks/rnn_peers_table.py: JSON with every figure and the mtkit / OpenNMT-py ratios
 #                 (training and decoding: medians over the repeats); also written to OUT/table.json
 #
@@ -342,6 +345,17 @@ PY
         python benchmarks/decode_speed.py "$ckpt" --only beam5:batch32 --threads "$THREADS" --lines "$LINES" \
             --decode length_penalty=average --decode stopping="$rule" | tee "$DOUT/mtkit_beam5_$rule.json"
       done ;;
+    split)
+      ckpt=${ONMT_CKPT:-$(sed -n 's/^checkpoint: //p' "$OUT/onmt_model.summary")}
+      W=$OUT/split; mkdir -p "$W"
+      head -n "$LINES" "$DATA/test.sp.en" > "$W/test.sp.en"
+      gunzip -c "$MTKIT_DATA/test_2016_flickr.en.gz" | head -n "$LINES" > "$W/test.en"
+      THREADS=$THREADS "$V/python" benchmarks/time_split.py onmt.bin.translate:main -- -model "$ckpt" -src "$W/test.sp.en" \
+          -output "$W/onmt.pieces" -beam_size 5 -batch_size 32 -batch_type sents -max_length 200 -length_penalty avg \
+          -gpu -1 2> "$W/onmt.log" | tee "$OUT/split_onmt.json"
+      THREADS=$THREADS python benchmarks/time_split.py mtkit.cli:main -- translate -m "${MTKIT_CKPT:-$OUT/mtkit_model/checkpoint_last.pt}" \
+          -i "$W/test.en" -o "$W/mtkit.out" --beam 5 --batch-size 32 --lenpen average --stopping first --device cpu \
+          2> "$W/mtkit.log" | tee "$OUT/split_mtkit.json" ;;
     table) python benchmarks/rnn_peers_table.py "$OUT" | tee "$OUT/table.json" ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
