@@ -10,11 +10,12 @@ mtkit's ``mtkit.cli:main -- translate -m ckpt.pt -i in -o out --beam 5 --batch-s
 with its own interpreter; the script needs only torch. The same operation classes are counted for both,
 so the split compares like with like (``benchmarks/compare_rnn_peers.sh split`` runs both decoders).
 
-The entry runs twice: under the profiler for the split (this run also pays the one-time costs: lazy
-imports, first-use set-ups), then unprofiled for ``wall_s`` (model loading included). The profiler's own
-cost inflates the many small operations, so ``outside_ops`` (``wall_s`` less the profiled operations) is
-an underestimate; the matrix-product seconds are the least affected. Self times are those of the calling thread: an operation's
-intra-op threads are inside it.
+The entry runs twice, so its command must be one that can: under the profiler for the split (this run also
+pays the one-time costs: lazy imports, first-use set-ups), then unprofiled for ``wall_s`` (model loading
+included). The profiler's own cost inflates the many small operations, so ``outside_ops`` (``wall_s`` less
+the profiled operations) is an underestimate; the matrix-product seconds are the least affected. Self
+times are those of the calling thread: an operation's intra-op threads are inside it. If either run
+fails, only its exit status is printed, and the script exits 1.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def main() -> None:
         start = time.perf_counter()
         status = row["exit"] = call(entry, argv)
         wall = time.perf_counter() - start
-        row.update(wall_s=round(wall, 3), profiled_wall_s=round(profiled_wall, 3), **split(prof.key_averages(), wall))
+        if not status:
+            row.update(wall_s=round(wall, 3), profiled_wall_s=round(profiled_wall, 3),
+                       **split(prof.key_averages(), wall))
     print(json.dumps(row), flush=True)
     if status:
         sys.exit(1)

@@ -1,6 +1,6 @@
 """benchmarks/time_split.py on entry points made here: its time classes add up to the unprofiled wall
 time, the matrix products and the other operations land in their own classes, and a failing entry's
-exit status is passed on without a split."""
+exit status (from either of its two runs) is passed on without a split."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ def products():
 
 def fails():
     sys.exit(3)
+
+RUNS = []
+
+def fails_second_time():  # as a command that refuses to overwrite what its first run made
+    RUNS.append(1)
+    torch.randn(8, 8) @ torch.randn(8, 8)
+    if len(RUNS) > 1:
+        sys.exit(2)
 '''
 
 
@@ -54,3 +62,9 @@ def test_failing_entry_passes_its_status_on(tmp_path: Path) -> None:
     code, row = run(tmp_path, "fails")
     assert code == 1 and row["exit"] == 3
     assert "gemm" not in row and "profiled_wall_s" not in row
+
+
+def test_second_run_failing_prints_no_split(tmp_path: Path) -> None:
+    code, row = run(tmp_path, "fails_second_time")
+    assert code == 1 and row["exit"] == 2
+    assert "gemm" not in row and "wall_s" not in row
