@@ -92,6 +92,11 @@ except Exception as e:
 PY
 }
 
+# onmt_translate's settings (decode and split parts): max_length 200 as in onmt.sh; OpenNMT-py also caps
+# at 1.25 x the batch's longest source + 5 (default)
+ONMT_DECODE=(-beam_size 5 -batch_size 32 -batch_type sents -max_length 200 -length_penalty avg -gpu -1)
+onmt_ckpt() { echo "${ONMT_CKPT:-$(sed -n 's/^checkpoint: //p' "$OUT/onmt_model.summary")}"; }
+
 mtkit_data() {
   [ -s "$OUT/mtkit_data/manifest.json" ] && return 0
   # the shared pieces: same spm model; no length/ratio filter (OpenNMT-py trains on all 29,000 pairs)
@@ -328,14 +333,12 @@ PY
           > "$OUT/mtkit_model.json" 2> "$OUT/mtkit_model.log" || { tail -20 "$OUT/mtkit_model.log"; exit 1; }
       cat "$OUT/mtkit_model.json" ;;
     onmt_decode)
-      ckpt=${ONMT_CKPT:-$(sed -n 's/^checkpoint: //p' "$OUT/onmt_model.summary")}
+      ckpt=$(onmt_ckpt)
       W=$DOUT/onmt; mkdir -p "$W"
       head -n "$LINES" "$DATA/test.sp.en" > "$W/test.sp.en"; head -n "$LINES" "$DATA/test.de" > "$W/test.de"
       out=$W/test.beam5
-      # max_length 200 as in onmt.sh; OpenNMT-py also caps at 1.25 x the batch's longest source + 5 (default)
       /usr/bin/time -v -o "$out.time" "$V/onmt_translate" -model "$ckpt" -src "$W/test.sp.en" -output "$out.pieces" \
-          -beam_size 5 -batch_size 32 -batch_type sents -max_length 200 -length_penalty avg -gpu -1 -report_time \
-          > "$out.log" 2>&1 || { tail -20 "$out.log"; exit 1; }
+          "${ONMT_DECODE[@]}" -report_time > "$out.log" 2>&1 || { tail -20 "$out.log"; exit 1; }
       { python3 "$PEERS/decode_stats.py" --log "$out.log" --time "$out.time" --hyp "$out.pieces" --n "$LINES"
         "$V/python" "$PEERS/score.py" --spm "$DATA/spm.model" --hyp "$out.pieces" --ref "$W/test.de" --out "$out.detok"
         echo "checkpoint: $ckpt"; } | tee "$out.summary" ;;
@@ -346,13 +349,12 @@ PY
             --decode length_penalty=average --decode stopping="$rule" | tee "$DOUT/mtkit_beam5_$rule.json"
       done ;;
     split)
-      ckpt=${ONMT_CKPT:-$(sed -n 's/^checkpoint: //p' "$OUT/onmt_model.summary")}
+      ckpt=$(onmt_ckpt)
       W=$OUT/split; mkdir -p "$W"
       head -n "$LINES" "$DATA/test.sp.en" > "$W/test.sp.en"
       gunzip -c "$MTKIT_DATA/test_2016_flickr.en.gz" | head -n "$LINES" > "$W/test.en"
       THREADS=$THREADS "$V/python" benchmarks/time_split.py onmt.bin.translate:main -- -model "$ckpt" -src "$W/test.sp.en" \
-          -output "$W/onmt.pieces" -beam_size 5 -batch_size 32 -batch_type sents -max_length 200 -length_penalty avg \
-          -gpu -1 2> "$W/onmt.log" | tee "$OUT/split_onmt.json"
+          -output "$W/onmt.pieces" "${ONMT_DECODE[@]}" 2> "$W/onmt.log" | tee "$OUT/split_onmt.json"
       THREADS=$THREADS python benchmarks/time_split.py mtkit.cli:main -- translate -m "${MTKIT_CKPT:-$OUT/mtkit_model/checkpoint_last.pt}" \
           -i "$W/test.en" -o "$W/mtkit.out" --beam 5 --batch-size 32 --lenpen average --stopping first --device cpu \
           2> "$W/mtkit.log" | tee "$OUT/split_mtkit.json" ;;

@@ -3,13 +3,13 @@
 Encoder: a bidirectional bottom layer (directions concatenated), then unidirectional layers, all over
 length-sorted rows (:class:`~mtkit.models.lstm.SortedBatch`, as over a packed sequence), so padding never
 enters; from layer ``residual_start`` (the third, 1-based) up every layer computes ``x + f(dropout(x))``,
-so the identity path is never dropped. Decoder: stacked LSTM (or GRU) cells;
-the bottom layer reads the previous word and the previous context, its output queries an additive attention
-over the encoder output, and the new context ``a_i`` joins the input of every layer above; residuals as in
-the encoder; the top layer's output predicts the word. (The paper queries with the bottom layer's output of
-the previous step; querying with the current one, as the reference GNMT implementation's "new attention"
-does, learns faster and gives the same structure: the bottom layer attends, every layer receives the
-context.) States start at zero, or with ``bridge`` from the top encoder layer's final state through a
+so the identity path is never dropped. Decoder: stacked LSTM (or GRU) cells; the bottom layer reads the
+previous word and the previous context, its output queries an additive attention over the encoder output,
+and the new context ``a_i`` joins the input of every layer above; residuals as in the encoder; the top
+layer's output predicts the word. (The paper queries with the bottom layer's output of the previous step;
+querying with the current one, as the reference GNMT implementation's "new attention" does, learns faster
+and gives the same structure: the bottom layer attends, every layer receives the context.) States start at
+zero, or with ``bridge`` from the top encoder layer's final state through a
 :class:`Bridge` (every decoder layer), as the reference implementation passes the encoder state on. With
 ``tie_embeddings`` the output layer shares the target embedding (and the source one with a joint
 vocabulary). Beam search applies GNMT's length normalisation and coverage penalty (``decode.alpha``,

@@ -298,9 +298,9 @@ class SortedBatch:
 
 
 class RNNEncoder(nn.Module):
-    """Embedding + stacked (optionally bidirectional) RNN over length-sorted rows (:class:`SortedBatch`, as over
-    a packed sequence) -> the memory (B, S, dirs*H),
-    zero on padding, and the final states {"h": (B, layers, dirs*H)[, "c": ...]} (directions concatenated)."""
+    """Embedding + stacked (optionally bidirectional) RNN over length-sorted rows (:class:`SortedBatch`, as
+    over a packed sequence) -> the memory (B, S, dirs*H), zero on padding, and the final states
+    {"h": (B, layers, dirs*H)[, "c": ...]} (directions concatenated)."""
 
     def __init__(self, cell: str, vocab: int, embed_dim: int, hidden: int, layers: int,
                  dropout: float, pad_id: int, bidirectional: bool = False):
